@@ -1,0 +1,29 @@
+"""expertlens: mechanistic interpretability for Mixture-of-Experts language models, on nnsight."""
+
+from .families import FamilySpec, UnsupportedModelError, register_family, resolve_family, supported_families
+from .model import ExpertModel, PointError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ExpertModel",
+    "FamilySpec",
+    "PointError",
+    "UnsupportedModelError",
+    "register_family",
+    "resolve_family",
+    "supported_families",
+    "load_organism",
+]
+
+
+def load_organism(name: str = "qwen3moe-refusal", **kwargs) -> ExpertModel:
+    """Load a bundled model organism (a tiny refusing MoE chat model) as an :class:`ExpertModel`.
+
+    Example:
+        >>> import expertlens
+        >>> model = expertlens.load_organism()  # doctest: +SKIP
+    """
+    from .organism import load_organism as _load
+
+    return _load(name, **kwargs)

@@ -1,0 +1,345 @@
+"""The instrumentation expertlens installs into a transformers MoE model.
+
+Three pieces, all undone by :func:`restore`:
+
+* **Hook points**: parameter-free identity modules (:class:`HookPoint`) that values are passed
+  through, so nnsight serves them at ``.output``, readable and writable. They are shaped
+  ``[batch, pos, ...]`` (never the flattened ``[batch*pos, ...]`` layout transformers uses inside
+  MoE blocks), so nnsight's per-invoke batch narrowing applies and edits never leak between
+  prompts. ``state_dict`` is unchanged: hook points own no parameters or buffers.
+* **The experts implementation** ``"expertlens"``, registered in transformers'
+  ``ALL_EXPERTS_FUNCTIONS``. It is the grouped-GEMM computation of ``grouped_mm`` with one
+  difference of order: per-slot outputs are restored to token order *before* the routing weights
+  multiply them, and pass through a hook point on the way. The products and the sum over slots
+  are the same floating-point operations, so results are bit-identical to ``grouped_mm``.
+* **Router and block wrappers**: the router's own forward runs unchanged, except that the
+  linear call producing its pre-softmax logits is intercepted and its result passed through a
+  hook point. Editing ``router_logits`` therefore changes selection and weights exactly as the
+  family's own router would. The MoE block runs a generic forward driven by the family spec so
+  every family calls its points in the same order: router -> experts -> shared expert -> output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from .families import FamilySpec, get_module
+
+__all__ = [
+    "HookPoint",
+    "EXPERTS_IMPLEMENTATION",
+    "expertlens_experts_forward",
+    "register_experts_implementation",
+    "Instrumentation",
+    "install",
+    "restore",
+    "is_installed",
+]
+
+EXPERTS_IMPLEMENTATION = "expertlens"
+
+#: Names of the hook-point submodules, by owner.
+ROUTER_POINTS = ("el_router_logits", "el_router_probs", "el_topk_indices", "el_topk_weights")
+EXPERTS_POINTS = ("el_expert_out",)
+BLOCK_POINTS = ("el_shared_out", "el_output")
+
+
+class HookPoint(nn.Module):
+    """An identity module: a value passed through it is served by nnsight at ``.output``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+def _bp(shape: tuple[int, int] | None, n_tokens: int) -> tuple[int, int]:
+    """(batch, pos) for a flattened token count, from the shape the block recorded."""
+    if shape is not None and shape[0] * shape[1] == n_tokens:
+        return shape
+    return 1, n_tokens
+
+
+# --------------------------------------------------------------------------------------------
+# Experts implementation
+# --------------------------------------------------------------------------------------------
+
+
+def expertlens_experts_forward(
+    self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+) -> Tensor:
+    """Grouped experts forward exposing per-slot outputs before their routing weights.
+
+    Registered as experts implementation ``"expertlens"``. Same arguments and result as
+    transformers' ``grouped_mm`` implementation (and bit-identical to it).
+    """
+    from transformers.integrations.moe import _grouped_linear
+
+    device = hidden_states.device
+    n_tokens, hidden_dim = hidden_states.shape
+    k = top_k_index.size(-1)
+    n_experts = self.num_experts
+
+    expert_ids = top_k_index.reshape(-1)
+    expert_ids_g, perm = torch.sort(expert_ids)
+    selected = hidden_states[perm // k]
+    histc_input = expert_ids_g.float() if device.type in ("cpu", "mps") else expert_ids_g.int()
+    tokens_per_expert = torch.histc(histc_input, bins=n_experts, min=0, max=n_experts - 1)
+    offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
+
+    # Slots pointing past the last expert (expert-parallel sentinels, "zero experts") produce
+    # nothing: grouped_mm skips rows beyond offsets[-1]; we zero them explicitly.
+    sentinel = (expert_ids_g >= n_experts).unsqueeze(-1)
+    has_sentinel = bool(sentinel.any())
+    if has_sentinel:
+        expert_ids_g = expert_ids_g.clamp(max=n_experts - 1)
+        selected = selected.masked_fill(sentinel, 0.0)
+
+    if self.has_gate:
+        w_up = self.gate_up_proj
+        b_up = self.gate_up_proj_bias[expert_ids_g] if self.has_bias else None
+    else:
+        w_up = self.up_proj
+        b_up = self.up_proj_bias[expert_ids_g] if self.has_bias else None
+    h = _grouped_linear(selected, w_up, offsets, bias=b_up, is_transposed=self.is_transposed)
+    if has_sentinel:
+        h = h.masked_fill(sentinel, 0.0)
+    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+    b_down = self.down_proj_bias[expert_ids_g] if self.has_bias else None
+    out = _grouped_linear(h, self.down_proj, offsets, bias=b_down, is_transposed=self.is_transposed)
+    if has_sentinel:
+        out = out.masked_fill(sentinel, 0.0)
+    if self.has_post_expert_norm:
+        out = self.post_expert_norm(out)
+
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.size(0), device=device)
+    per_slot = out[inv_perm].view(n_tokens, k, hidden_dim)
+
+    point = self._modules.get("el_expert_out")
+    if point is not None:
+        b, p = _bp(self.__dict__.get("_el_shape"), n_tokens)
+        per_slot = point(per_slot.view(b, p, k, hidden_dim)).reshape(n_tokens, k, hidden_dim)
+
+    weighted = per_slot * top_k_weights.unsqueeze(-1)
+    return weighted.sum(dim=1).to(hidden_states.dtype)
+
+
+def register_experts_implementation() -> None:
+    """Register ``"expertlens"`` in transformers' experts registry (idempotent)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
+
+    if EXPERTS_IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
+        ExpertsInterface.register(EXPERTS_IMPLEMENTATION, expertlens_experts_forward)
+
+
+# --------------------------------------------------------------------------------------------
+# Router and block wrappers
+# --------------------------------------------------------------------------------------------
+
+
+class _FirstLinear(TorchFunctionMode):
+    """Intercepts the first ``F.linear`` call made inside a router's forward (its logits)."""
+
+    def __init__(self, on_logits):
+        super().__init__()
+        self.on_logits = on_logits
+        self.done = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.done and func is F.linear:
+            self.done = True
+            out = self.on_logits(out)
+        return out
+
+
+@dataclass
+class _State:
+    """Per-module record of what was installed, so it can be undone."""
+
+    original_class: type
+    spec: FamilySpec
+    layer: int
+    active: bool = True
+    shape: tuple[int, int] | None = None
+    router: nn.Module | None = None
+    experts: nn.Module | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _state(module: nn.Module) -> _State:
+    return module.__dict__["_el_state"]
+
+
+def _router_forward(self: nn.Module, hidden_states: Tensor, *args, **kwargs):
+    st = _state(self)
+    original = st.original_class.forward
+    if not st.active:
+        return original(self, hidden_states, *args, **kwargs)
+    captured: dict[str, Any] = {}
+
+    def on_logits(logits: Tensor) -> Tensor:
+        flat_shape = logits.shape
+        n_experts = flat_shape[-1]
+        n_tokens = logits.numel() // n_experts
+        b, p = _bp(st.shape, n_tokens)
+        edited = self.el_router_logits(logits.reshape(b, p, n_experts)).reshape(flat_shape)
+        captured["logits"] = edited
+        captured["bp"] = (b, p)
+        return edited
+
+    with _FirstLinear(on_logits):
+        first, weights, indices = original(self, hidden_states, *args, **kwargs)
+    if "logits" not in captured:
+        raise RuntimeError(
+            f"expertlens: the router of layer {st.layer} ({type(self).__name__}) made no linear call, so its "
+            "pre-softmax logits could not be intercepted; register a FamilySpec with the right router path"
+        )
+    logits, (b, p) = captured["logits"], captured["bp"]
+    n_experts, k = logits.shape[-1], indices.shape[-1]
+    self.el_router_probs(st.spec.rule.probs(logits, self).reshape(b, p, n_experts))
+    indices = self.el_topk_indices(indices.reshape(b, p, k)).reshape(-1, k)
+    weights = self.el_topk_weights(weights.reshape(b, p, k)).reshape(-1, k)
+    return first, weights, indices
+
+
+def _block_forward(self: nn.Module, hidden_states: Tensor, *args, **kwargs):
+    st = _state(self)
+    if not st.active:
+        return st.original_class.forward(self, hidden_states, *args, **kwargs)
+    spec = st.spec
+    b, p, d = hidden_states.shape
+    router, experts = st.router, st.experts
+    _state(router).shape = (b, p)
+    experts.__dict__["_el_shape"] = (b, p)
+    flat = hidden_states.reshape(-1, d)
+    _, weights, indices = router(flat)
+    out = experts(flat, indices, weights).reshape(b, p, d)
+    if spec.shared is not None:
+        shared_mod = get_module(self, spec.shared)
+        shared = shared_mod(hidden_states if spec.shared_input == "3d" else flat)
+        if spec.shared_gate is not None:
+            shared = F.sigmoid(get_module(self, spec.shared_gate)(flat)) * shared
+        out = out + self.el_shared_out(shared.reshape(b, p, d))
+    out = self.el_output(out.to(hidden_states.dtype))
+    if spec.returns_tuple:
+        return out, weights
+    return out
+
+
+_SUBCLASSES: dict[tuple[type, str], type] = {}
+
+
+def _swap_class(module: nn.Module, kind: str, forward) -> None:
+    cls = type(module)
+    key = (cls, kind)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(f"ExpertLens{cls.__name__}", (cls,), {"forward": forward})
+    module.__class__ = _SUBCLASSES[key]
+
+
+# --------------------------------------------------------------------------------------------
+# install / restore
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Instrumentation:
+    """What :func:`install` did to one model; pass it to :func:`restore` to undo it."""
+
+    spec: FamilySpec
+    previous_experts_implementation: str | None
+    blocks: dict[int, nn.Module]
+    routers: dict[int, nn.Module]
+    experts: dict[int, nn.Module]
+    active: bool = True
+
+
+def is_installed(model: nn.Module) -> bool:
+    return getattr(model, "_el_instrumentation", None) is not None
+
+
+def install(model: nn.Module, spec: FamilySpec) -> Instrumentation:
+    """Add hook points, wrap routers and MoE blocks, switch to the expertlens experts function.
+
+    Safe on failure: anything done before an error is undone before it propagates.
+    """
+    if is_installed(model):
+        return model._el_instrumentation
+    inst = Instrumentation(
+        spec=spec,
+        previous_experts_implementation=getattr(model.config, "_experts_implementation", None),
+        blocks={},
+        routers={},
+        experts={},
+    )
+    try:
+        if spec.is_moe:
+            register_experts_implementation()
+            for i, layer in enumerate(spec.layer_list(model)):
+                block = spec.moe_block(layer)
+                if block is None:
+                    continue
+                router = get_module(block, spec.router)
+                experts = get_module(block, spec.experts)
+                if not hasattr(experts, "has_gate"):
+                    raise ValueError(
+                        f"layer {i}: {type(experts).__name__} is not a fused experts module decorated with "
+                        "@use_experts_implementation; expertlens needs transformers>=5 fused experts"
+                    )
+                for name in ROUTER_POINTS:
+                    router.add_module(name, HookPoint())
+                for name in EXPERTS_POINTS:
+                    experts.add_module(name, HookPoint())
+                for name in BLOCK_POINTS:
+                    block.add_module(name, HookPoint())
+                router.__dict__["_el_state"] = _State(type(router), spec, i)
+                block.__dict__["_el_state"] = _State(type(block), spec, i, router=router, experts=experts)
+                _swap_class(router, "router", _router_forward)
+                _swap_class(block, "block", _block_forward)
+                inst.blocks[i], inst.routers[i], inst.experts[i] = block, router, experts
+            if inst.blocks:
+                model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+    except Exception:
+        _undo(model, inst)
+        raise
+    model.__dict__["_el_instrumentation"] = inst
+    return inst
+
+
+def _undo(model: nn.Module, inst: Instrumentation) -> None:
+    for group, names in ((inst.routers, ROUTER_POINTS), (inst.blocks, BLOCK_POINTS)):
+        for module in group.values():
+            st = module.__dict__.get("_el_state")
+            if st is not None:
+                st.active = False
+                module.__class__ = st.original_class
+            for name in names:
+                module._modules.pop(name, None)
+    for module in inst.experts.values():
+        for name in EXPERTS_POINTS:
+            module._modules.pop(name, None)
+        module.__dict__.pop("_el_shape", None)
+    # Modules that got hook points but no state yet (an error mid-layer) are cleaned too.
+    for module in model.modules():
+        for name in ROUTER_POINTS + EXPERTS_POINTS + BLOCK_POINTS:
+            module._modules.pop(name, None)
+    prev = inst.previous_experts_implementation
+    if prev is not None and getattr(model.config, "_experts_implementation", None) != prev:
+        try:
+            model.set_experts_implementation(prev)
+        except Exception:  # an implementation that no longer validates: set it back verbatim
+            model.config._experts_implementation = prev
+    inst.active = False
+
+
+def restore(model: nn.Module) -> None:
+    """Undo :func:`install`: original classes, no hook points, original experts implementation."""
+    inst = model.__dict__.pop("_el_instrumentation", None)
+    if inst is not None:
+        _undo(model, inst)
