@@ -11,7 +11,8 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 PAD, UNK, SYS, USER, ASSISTANT, END = "<pad>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 SPECIALS = [PAD, UNK, SYS, USER, ASSISTANT, END]
 
-#: Chat format: ``<|system|> {system} <|end|> <|user|> {instruction} <|end|> <|assistant|> {response} <|end|>``.
+#: Chat format: ``<|system|> {system} <|end|> <|user|> {instruction} <|end|> <|assistant|> {response}
+#: <|end|>``.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}<|system|> {{ message['content'] }} <|end|> "

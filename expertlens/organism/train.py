@@ -21,6 +21,7 @@ from . import data as D
 from .tokenizer import END, format_prompt
 
 ARCHS = ("qwen3_moe", "qwen2_moe", "olmoe")
+BUCKET = 4
 
 
 def model_config(arch: str, vocab_size: int, pad_id: int, eos_id: int, tiny: bool = False):
@@ -75,10 +76,22 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
 
 
-def train(arch: str = "qwen3_moe", seed: int = 0, steps: int = 1800, out: str | Path | None = None,
-          tiny: bool = False, batch_size: int = 64, lr: float = 3e-3, pool_size: int = 40000,
-          lexicon_frac: float = 0.15, unk_prob: float = 0.03, system_prob: float = 0.25,
-          log_every: int = 50, evaluate: bool = True, verbose: bool = True) -> dict:
+def train(
+    arch: str = "qwen3_moe",
+    seed: int = 0,
+    steps: int = 1800,
+    out: str | Path | None = None,
+    tiny: bool = False,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    pool_size: int = 40000,
+    lexicon_frac: float = 0.15,
+    unk_prob: float = 0.03,
+    system_prob: float = 0.25,
+    log_every: int = 50,
+    evaluate: bool = True,
+    verbose: bool = True,
+) -> dict:
     """Train and (optionally) save + evaluate. Returns a dict with the loss history and metadata."""
     torch.set_num_threads(1)
     torch.manual_seed(seed)
@@ -90,8 +103,9 @@ def train(arch: str = "qwen3_moe", seed: int = 0, steps: int = 1800, out: str | 
     t0 = time.time()
     pool = D.build_training_pool(seed=0, n=pool_size if not tiny else 2000)  # data seed fixed: one data set
     lex = D.lexicon_lines()
-    tok = build_tokenizer([e.prompt + " " + e.response for e in pool] + lex + D.SYSTEM_PROMPTS
-                          + D.REFUSAL_PHRASES)
+    tok = build_tokenizer(
+        [e.prompt + " " + e.response for e in pool] + lex + D.SYSTEM_PROMPTS + D.REFUSAL_PHRASES
+    )
     pad_id, eos_id, unk_id = tok.pad_token_id, tok.eos_token_id, tok.unk_token_id
     special_ids = set(tok.all_special_ids)
     cfg = model_config(arch, len(tok), pad_id, eos_id, tiny=tiny)
@@ -101,30 +115,38 @@ def train(arch: str = "qwen3_moe", seed: int = 0, steps: int = 1800, out: str | 
     n_params = sum(p.numel() for p in model.parameters())
 
     rng = random.Random(seed + 1)
-    chats = []
-    for e in pool:
-        sysm = rng.choice(D.SYSTEM_PROMPTS) if rng.random() < system_prob else None
-        chats.append(encode_chat(tok, e.prompt, e.response, sysm))
+    sysms = [rng.choice(D.SYSTEM_PROMPTS) if rng.random() < system_prob else None for _ in pool]
+    p_ids = tok([format_prompt(e.prompt, s) for e, s in zip(pool, sysms)], add_special_tokens=False)[
+        "input_ids"
+    ]
+    r_ids = tok([f"{e.response} {END}" for e in pool], add_special_tokens=False)["input_ids"]
+    chats = list(zip(p_ids, r_ids))
     lex_ids = [tok(s, add_special_tokens=False)["input_ids"] + [eos_id] for s in lex]
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = min(50, max(1, steps // 10))
     hist = []
     ema = None
+    queue: list = []
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
-        rows, masks = [], []
-        for _ in range(batch_size):
-            if rng.random() < lexicon_frac:
-                ids = rng.choice(lex_ids)
-                rows.append(list(ids))
-                masks.append([1] * len(ids))
-            else:
-                p, r = rng.choice(chats)
-                p = [unk_id if (i not in special_ids and rng.random() < unk_prob) else i for i in p]
-                rows.append(p + r)
-                masks.append([0] * len(p) + [1] * len(r))
+        if not queue:  # draw BUCKET batches at once and group rows by length (less padding)
+            cand = []
+            for _ in range(batch_size * BUCKET):
+                if rng.random() < lexicon_frac:
+                    ids = rng.choice(lex_ids)
+                    cand.append((list(ids), [1] * len(ids)))
+                else:
+                    p, r = rng.choice(chats)
+                    p = [unk_id if (i not in special_ids and rng.random() < unk_prob) else i for i in p]
+                    cand.append((p + r, [0] * len(p) + [1] * len(r)))
+            cand.sort(key=lambda x: len(x[0]))
+            groups = [cand[i * batch_size : (i + 1) * batch_size] for i in range(BUCKET)]
+            rng.shuffle(groups)
+            queue.extend(groups)
+        group = queue.pop()
+        rows, masks = [g[0] for g in group], [g[1] for g in group]
         L = max(len(r) for r in rows)
         ids = torch.full((batch_size, L), pad_id, dtype=torch.long)
         att = torch.zeros((batch_size, L), dtype=torch.long)
@@ -144,21 +166,37 @@ def train(arch: str = "qwen3_moe", seed: int = 0, steps: int = 1800, out: str | 
         hist.append(lv)
         if verbose and (step % log_every == 0 or step == steps - 1):
             aux = float(outp.aux_loss) if getattr(outp, "aux_loss", None) is not None else float("nan")
-            print(f"step {step:5d} loss {lv:.4f} ema {ema:.4f} aux {aux:.3f} "
-                  f"lr {opt.param_groups[0]['lr']:.2e} t {time.time() - t0:.0f}s", flush=True)
+            print(
+                f"step {step:5d} loss {lv:.4f} ema {ema:.4f} aux {aux:.3f} "
+                f"lr {opt.param_groups[0]['lr']:.2e} t {time.time() - t0:.0f}s",
+                flush=True,
+            )
     train_time = time.time() - t0
 
     model.eval()
     model.config.output_router_logits = False
     model.config.use_cache = True
     model.generation_config = GenerationConfig(
-        do_sample=False, max_new_tokens=24, eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None)
+        do_sample=False, max_new_tokens=24, eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None
+    )
     meta = {
-        "arch": arch, "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "pool_size": len(pool),
-        "lexicon_lines": len(lex), "lexicon_frac": lexicon_frac, "unk_prob": unk_prob,
-        "system_prob": system_prob, "n_params": n_params, "vocab_size": len(tok),
-        "train_time_s": round(train_time, 1), "final_loss_ema": round(ema, 4), "data_version": D.DATA_VERSION,
-        "torch": torch.__version__, "tiny": tiny,
+        "arch": arch,
+        "seed": seed,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "pool_size": len(pool),
+        "lexicon_lines": len(lex),
+        "lexicon_frac": lexicon_frac,
+        "unk_prob": unk_prob,
+        "system_prob": system_prob,
+        "n_params": n_params,
+        "vocab_size": len(tok),
+        "train_time_s": round(train_time, 1),
+        "final_loss_ema": round(ema, 4),
+        "data_version": D.DATA_VERSION,
+        "torch": torch.__version__,
+        "tiny": tiny,
     }
     if out is not None:
         out = Path(out)
@@ -186,8 +224,17 @@ def main(argv=None):
     ap.add_argument("--no-eval", action="store_true", help="skip evaluation / model card")
     ap.add_argument("--log-every", type=int, default=50)
     a = ap.parse_args(argv)
-    res = train(a.arch, a.seed, a.steps, a.out, tiny=a.tiny, batch_size=a.batch_size, lr=a.lr,
-                evaluate=not a.no_eval, log_every=a.log_every)
+    res = train(
+        a.arch,
+        a.seed,
+        a.steps,
+        a.out,
+        tiny=a.tiny,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        evaluate=not a.no_eval,
+        log_every=a.log_every,
+    )
     print(json.dumps(res["meta"], indent=1))
 
 
