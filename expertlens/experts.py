@@ -51,10 +51,58 @@ BLOCK_POINTS = ("el_shared_out", "el_output")
 
 
 class HookPoint(nn.Module):
-    """An identity module: a value passed through it is served by nnsight at ``.output``."""
+    """An identity module: a value passed through it is served by nnsight at ``.output``.
+
+    Registered edits (``model.add_edit``) run inside it, so nnsight reads the edited value.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.edits: list = []
 
     def forward(self, x: Tensor) -> Tensor:
+        for edit in self.edits:
+            x = edit(x)
         return x
+
+
+def _editable_forward(self: nn.Module, *args, **kwargs):
+    """Forward of a module whose output expertlens may edit (only when edits are registered).
+
+    Output edits run *inside* the forward nnsight wraps, so a point read in a trace shows the
+    edited value, exactly as the next module receives it.
+    """
+    st = self.__dict__["_el_edit_state"]
+    out = st.original_class.forward(self, *args, **kwargs)
+    for edit in st.edits:
+        out = edit(out, args, kwargs)
+    return out
+
+
+@dataclass
+class _EditState:
+    original_class: type
+    edits: list = field(default_factory=list)
+
+
+def make_editable(module: nn.Module) -> None:
+    """Swap ``module`` to a subclass whose forward applies registered output edits."""
+    if "_el_state" in module.__dict__:
+        raise ValueError(f"{type(module).__name__} is already wrapped by expertlens")
+    st = module.__dict__.get("_el_edit_state")
+    if st is None:
+        module.__dict__["_el_edit_state"] = st = _EditState(type(module))
+    if type(module) is st.original_class:
+        _swap_class(module, "editable", _editable_forward)
+
+
+def undo_editable(module: nn.Module) -> None:
+    # The state stays: nnsight may hold _editable_forward as the module's body, and with no
+    # edits it is the original forward.
+    st = module.__dict__.get("_el_edit_state")
+    if st is not None:
+        st.edits.clear()
+        module.__class__ = st.original_class
 
 
 def _bp(shape: tuple[int, int] | None, n_tokens: int) -> tuple[int, int]:
@@ -257,6 +305,7 @@ class Instrumentation:
     blocks: dict[int, nn.Module]
     routers: dict[int, nn.Module]
     experts: dict[int, nn.Module]
+    editable: list[nn.Module] = field(default_factory=list)
     active: bool = True
 
 
@@ -264,7 +313,7 @@ def is_installed(model: nn.Module) -> bool:
     return getattr(model, "_el_instrumentation", None) is not None
 
 
-def install(model: nn.Module, spec: FamilySpec) -> Instrumentation:
+def install(model: nn.Module, spec: FamilySpec, editable: list[nn.Module] = ()) -> Instrumentation:
     """Add hook points, wrap routers and MoE blocks, switch to the expertlens experts function.
 
     Safe on failure: anything done before an error is undone before it propagates.
@@ -305,6 +354,10 @@ def install(model: nn.Module, spec: FamilySpec) -> Instrumentation:
                 inst.blocks[i], inst.routers[i], inst.experts[i] = block, router, experts
             if inst.blocks:
                 model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+        for module in editable:
+            if "_el_state" not in module.__dict__:
+                make_editable(module)
+                inst.editable.append(module)
     except Exception:
         _undo(model, inst)
         raise
@@ -313,6 +366,8 @@ def install(model: nn.Module, spec: FamilySpec) -> Instrumentation:
 
 
 def _undo(model: nn.Module, inst: Instrumentation) -> None:
+    for module in inst.editable:
+        undo_editable(module)
     for group, names in ((inst.routers, ROUTER_POINTS), (inst.blocks, BLOCK_POINTS)):
         for module in group.values():
             st = module.__dict__.get("_el_state")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -418,6 +419,63 @@ class _LayerList:
 
 
 # --------------------------------------------------------------------------------------------
+# Edits: functions applied at a point on every forward (the mechanism interventions use)
+# --------------------------------------------------------------------------------------------
+
+#: Points that ``ExpertModel.add_edit`` accepts. ``moe.router_probs`` is a read-out, not editable.
+EDITABLE_POINTS = (
+    "embed", "logits", "resid_pre", "resid_mid", "resid_post", "attn.output", "attn.z", "attn.head_out",
+    "attn_write", "mlp.output", "mlp_write", "moe.router_logits", "moe.topk_indices", "moe.topk_weights",
+    "moe.expert_out", "moe.shared_out", "moe.output",
+)
+_MODEL_POINTS = ("embed", "logits")
+
+
+@dataclass
+class EditContext:
+    """Where a forward pass is, for edits that depend on position or generation step.
+
+    Attributes:
+        step: 0 for a forward over the whole prompt (a trace, or generation's prefill); n for the
+            n-th decode step of a generation.
+        prompt_len: Padded prompt length: positions ``< prompt_len`` are prompt tokens (prompts are
+            left-padded, so the last prompt token of every row sits at ``prompt_len - 1``).
+        positions: ``[p]`` absolute (padded) positions of the tokens in this forward.
+        attention_mask: ``[b, total_len]`` mask so far (``None`` if the call passed none).
+    """
+
+    step: int = 0
+    prompt_len: int = 0
+    positions: Tensor | None = None
+    attention_mask: Tensor | None = None
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.step == 0
+
+    def token_mask(self) -> Bool[Tensor, "batch pos"] | None:
+        """``[b, p]`` True at real (non-pad) tokens of this forward; ``None`` without a mask."""
+        if self.attention_mask is None or self.positions is None:
+            return None
+        return self.attention_mask[:, self.positions].bool()
+
+
+class EditHandle:
+    """Returned by :meth:`ExpertModel.add_edit`; ``remove()`` takes the edit out (idempotent)."""
+
+    def __init__(self, lst: list, fn: Any):
+        self._list, self._fn = lst, fn
+
+    def remove(self) -> None:
+        if self._fn in self._list:
+            self._list.remove(self._fn)
+
+    @property
+    def active(self) -> bool:
+        return self._fn in self._list
+
+
+# --------------------------------------------------------------------------------------------
 # ExpertModel
 # --------------------------------------------------------------------------------------------
 
@@ -485,7 +543,8 @@ class ExpertModel(TransformersModel):
         if hasattr(hf_model.config, "output_router_logits"):
             # HF's auxiliary-loss path breaks generate() with a KV cache; analysis never needs it.
             hf_model.config.output_router_logits = False
-        _experts.install(hf_model, spec)
+        editable = _editable_modules(hf_model, spec, info)
+        _experts.install(hf_model, spec, editable)
         try:
             super().__init__(hf_model, tokenizer=tokenizer, **nnsight_kwargs)
         except Exception:
@@ -494,6 +553,9 @@ class ExpertModel(TransformersModel):
         object.__setattr__(self, "spec", spec)
         object.__setattr__(self, "_layer_info", info)
         object.__setattr__(self, "_point_cache", {})
+        object.__setattr__(self, "edit_context", EditContext())
+        object.__setattr__(self, "_pre_hooks", [])
+        hf_model.register_forward_pre_hook(self._track_context, with_kwargs=True)
         if validate is None:
             validate = sum(p.numel() for p in hf_model.parameters()) < 1_000_000_000
         if validate:
@@ -605,6 +667,201 @@ class ExpertModel(TransformersModel):
         """The Envoy of the final norm (its ``.input`` is the last residual stream)."""
         return _envoy(self, self.spec.final_norm)
 
+    # ---- edits --------------------------------------------------------------------------------
+    def _track_context(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        if ids is None:
+            return None
+        p = ids.shape[1]
+        mask = kwargs.get("attention_mask")
+        total = mask.shape[-1] if isinstance(mask, Tensor) and mask.dim() == 2 else p
+        ctx = self.edit_context
+        if total <= p:  # a fresh sequence: trace, or generation's prefill
+            ctx.step, ctx.prompt_len = 0, p
+        else:
+            ctx.step += 1
+        ctx.positions = torch.arange(total - p, total, device=ids.device)
+        ctx.attention_mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        return None
+
+    def add_edit(self, point: str, fn, layer: int | None = None) -> EditHandle:
+        """Apply ``fn(value, ctx) -> value`` at a point on every forward until removed.
+
+        ``value`` has the point's ``[b, p, ...]`` shape; ``ctx`` is the :class:`EditContext`.
+        Edits run inside the modules nnsight wraps, so reads of the point in a trace see the edited
+        value; they apply in traces, generation (every step, KV cache on) and plain calls.
+
+        Example:
+            >>> from expertlens.testing import tiny_model, tiny_tokenizer
+            >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+            >>> h = model.add_edit("resid_pre", lambda x, ctx: x * 0, layer=1)
+            >>> h.remove()
+        """
+        if point not in EDITABLE_POINTS:
+            raise PointError(f"unknown or read-only point {point!r}; editable points are {EDITABLE_POINTS}")
+        if point in _MODEL_POINTS:
+            if layer is not None:
+                raise PointError(f"point {point!r} is model-level; do not pass a layer")
+        else:
+            if layer is None:
+                raise PointError(f"point {point!r} needs a layer (0..{self.n_layers - 1})")
+            self.layers[layer]  # range check with a clear error
+            layer = layer % self.n_layers
+        ctx = self.edit_context
+        info = self._layer_info[layer] if layer is not None else None
+        mod = lambda path: self._module.get_submodule(path)  # noqa: E731
+
+        def out_edit(path: str, pick=None):
+            """Register an output edit on a module made editable at wrap time."""
+            st = mod(path).__dict__.get("_el_edit_state")
+            if st is None:
+                raise PointError(f"{path} is not editable on this model (was it restored?)")
+
+            def edit(out, args, kwargs):
+                if isinstance(out, tuple):
+                    return (fn(out[0], ctx), *out[1:])
+                return fn(out, ctx)
+
+            st.edits.append(edit)
+            return EditHandle(st.edits, edit)
+
+        def hook_point_edit(path: str):
+            hp = mod(path)
+            edit = lambda x: fn(x, ctx)  # noqa: E731
+            hp.edits.append(edit)
+            return EditHandle(hp.edits, edit)
+
+        def pre_edit(path: str, in_place: bool = False, view=None):
+            module = mod(path)
+
+            def hook(m, args, kwargs):
+                if args:
+                    x, rest = args[0], args[1:]
+                else:
+                    key = next(iter(kwargs))
+                    x = kwargs[key]
+                shaped = view(x) if view else x
+                new = fn(shaped, ctx).reshape(x.shape).to(x.dtype)
+                if in_place:
+                    with torch.no_grad() if not x.requires_grad else _nullcontext():
+                        x.copy_(new)
+                    return None
+                if args:
+                    return (new, *rest), kwargs
+                kwargs = dict(kwargs)
+                kwargs[key] = new
+                return args, kwargs
+
+            h = module.register_forward_pre_hook(hook, with_kwargs=True)
+            handle = EditHandle([hook], hook)
+            handle.remove = lambda: (h.remove(), handle._list.clear())  # type: ignore[method-assign]
+            return handle
+
+        if point == "embed":
+            return out_edit(self.spec.embed)
+        if point == "logits":
+            return out_edit(self.spec.lm_head)
+        if point == "resid_pre":
+            return pre_edit(info["path"])
+        if point == "resid_mid":
+            return pre_edit(info["mid"], in_place=True)
+        if point == "resid_post":
+            return out_edit(info["path"])
+        if point in ("attn.output",) or (point == "attn_write" and info["attn_write"] is None):
+            return out_edit(info["attn"])
+        if point == "attn_write":
+            return out_edit(info["attn_write"])
+        if point in ("attn.z", "attn.head_out"):
+            if info["o_proj"] is None:
+                raise PointError(f"layer {layer}: attention has no linear output projection to split by head")
+            h, dh = info["n_heads"], info["d_head"]
+            if point == "attn.z":
+                return pre_edit(info["o_proj"], view=lambda x: x.view(*x.shape[:-1], h, dh))
+            o_proj = mod(info["o_proj"])
+            st = o_proj.__dict__["_el_edit_state"]
+
+            def head_edit(out, args, kwargs):
+                z = args[0] if args else next(iter(kwargs.values()))
+                z = z.view(*z.shape[:-1], h, dh)
+                w = o_proj.weight.view(o_proj.weight.shape[0], h, dh).to(z.dtype)
+                heads = fn(torch.einsum("bphk,dhk->bphd", z, w), ctx)
+                total = heads.sum(dim=-2)
+                return total + o_proj.bias if o_proj.bias is not None else total
+
+            st.edits.append(head_edit)
+            return EditHandle(st.edits, head_edit)
+        is_moe_layer = info["block"] is not None
+        if point == "mlp_write" and info["ffn_write"] is not None:
+            return out_edit(info["ffn_write"])
+        if point in ("mlp.output", "mlp_write"):
+            if is_moe_layer:
+                return hook_point_edit(f"{info['block']}.el_output")
+            return out_edit(info["mlp"])
+        # MoE points
+        if not is_moe_layer:
+            self.layers[layer].moe  # raises the dense-layer PointError
+        if point == "moe.router_logits":
+            return hook_point_edit(f"{info['router']}.el_router_logits")
+        if point == "moe.topk_indices":
+            return hook_point_edit(f"{info['router']}.el_topk_indices")
+        if point == "moe.topk_weights":
+            return hook_point_edit(f"{info['router']}.el_topk_weights")
+        if point == "moe.expert_out":
+            return hook_point_edit(f"{info['experts']}.el_expert_out")
+        if point == "moe.shared_out":
+            if self.spec.shared is None:
+                raise PointError(f"family {self.family!r} has no shared expert")
+            return hook_point_edit(f"{info['block']}.el_shared_out")
+        return hook_point_edit(f"{info['block']}.el_output")
+
+    def intervene(self, *interventions):
+        """Attach interventions for a ``with`` block, around traces, generation or plain calls.
+
+        Every edit is removed on exit, also when the block raises.
+
+        Example:
+            >>> import torch
+            >>> from expertlens.testing import tiny_model, tiny_tokenizer
+            >>> from expertlens.interventions import Compose
+            >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+            >>> with model.intervene(Compose()):
+            ...     with model.trace("hi"):
+            ...         out = model.logits.save()
+        """
+        from .interventions.base import intervene
+
+        return intervene(self, *interventions)
+
+    def clear_edits(self) -> None:
+        """Remove every registered edit."""
+        for module in self._module.modules():
+            if isinstance(module, _experts.HookPoint):
+                module.edits.clear()
+            st = module.__dict__.get("_el_edit_state")
+            if st is not None:
+                st.edits.clear()
+            for key, hook in list(module._forward_pre_hooks.items()):
+                if getattr(hook, "__qualname__", "").startswith("ExpertModel.add_edit"):
+                    del module._forward_pre_hooks[key]
+                    module._forward_pre_hooks_with_kwargs.pop(key, None)
+
+    def n_edits(self) -> int:
+        """How many edits are registered (0 when the model is clean)."""
+        n = 0
+        for module in self._module.modules():
+            if isinstance(module, _experts.HookPoint):
+                n += len(module.edits)
+            st = module.__dict__.get("_el_edit_state")
+            if st is not None:
+                n += len(st.edits)
+            n += sum(
+                1 for hook in module._forward_pre_hooks.values()
+                if getattr(hook, "__qualname__", "").startswith("ExpertModel.add_edit")
+            )
+        return n
+
     # ---- lifecycle ----------------------------------------------------------------------------
     def restore(self) -> None:
         """Undo the instrumentation: original router/block classes, no hook points, and the
@@ -648,6 +905,31 @@ def _load_pretrained(name: str, tokenizer: Any, trust_remote_code: bool, kwargs:
     else:
         tokenizer = copy.deepcopy(tokenizer)
     return model, tokenizer
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return None
+
+
+def _editable_modules(model: nn.Module, spec: FamilySpec, info: list[dict[str, Any]]) -> list[nn.Module]:
+    """Modules whose outputs edits may change: layers, attention, o_proj, dense MLPs, writes, ends."""
+    paths = [spec.embed, spec.lm_head]
+    for row in info:
+        paths += [row["path"], row["attn"], row["o_proj"], row["attn_write"], row["ffn_write"]]
+        if row["block"] is None:
+            paths.append(row["mlp"])
+    mods = []
+    for path in paths:
+        if path is None:
+            continue
+        module = get_module(model, path)
+        if module is not None and module not in mods:
+            mods.append(module)
+    return mods
 
 
 def _heads(attn: nn.Module, in_features: int, config) -> tuple[int, int]:
