@@ -1,0 +1,294 @@
+"""One self-contained HTML page of titled sections: text, tables and plotly figures.
+
+The page embeds plotly.js once (inline, no CDN), so it opens offline. Input is generic: a list of
+:class:`Section` (or a single one), or any object with a ``.sections()`` method returning them (e.g. a study
+result object).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import math
+import numbers
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+
+__all__ = ["Section", "HasSections", "report", "render_html", "table_html", "figure_div_id"]
+
+TableLike = Mapping[str, Any] | Sequence[Mapping[str, Any]]
+
+
+@dataclass
+class Section:
+    """One titled section of a report.
+
+    Attributes:
+        title: section heading.
+        figures: plotly figures, shown in order after the text.
+        tables: tables, shown after the figures. Each is a ``dict`` (``{column: list}`` with equal-length
+            list values becomes a column table, any other dict a two-column key/value table), a list of
+            row dicts (columns = union of keys, in first-seen order), an object with ``to_dict("records")``
+            (e.g. a pandas DataFrame), or a ``(caption, table)`` pair.
+        text: paragraphs of plain text (blank lines separate paragraphs; HTML is escaped).
+
+    Example:
+        >>> import plotly.graph_objects as go
+        >>> from expertlens.report import Section
+        >>> s = Section("Routing", figures=[go.Figure(go.Bar(y=[1, 2]))], tables=[{"layer": 3, "kl": 0.1}])
+        >>> s.title
+        'Routing'
+    """
+
+    title: str
+    figures: list[go.Figure] = field(default_factory=list)
+    tables: list[Any] = field(default_factory=list)
+    text: str = ""
+
+
+@runtime_checkable
+class HasSections(Protocol):
+    """Anything that can describe itself as report sections (e.g. a study result)."""
+
+    def sections(self) -> Iterable[Section]: ...
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def _fmt(v: Any) -> str:
+    """Format one table cell as escaped HTML text."""
+    if hasattr(v, "detach") and hasattr(v, "numel"):  # torch tensor
+        v = v.detach().cpu()
+        v = v.item() if v.numel() == 1 else v.tolist()
+    elif isinstance(v, np.ndarray):
+        v = v.item() if v.size == 1 else v.tolist()
+    elif isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, bool) or v is None:
+        return html.escape(str(v))
+    if isinstance(v, numbers.Integral):
+        return str(int(v))
+    if isinstance(v, numbers.Real):
+        f = float(v)
+        if math.isnan(f):
+            return "NaN"
+        if f != 0 and (abs(f) >= 1e5 or abs(f) < 1e-3):
+            return f"{f:.4e}"
+        return f"{f:.4g}"
+    if isinstance(v, (list, tuple)):
+        return html.escape("[" + ", ".join(_fmt_plain(x) for x in v) + "]")
+    return html.escape(str(v))
+
+
+def _fmt_plain(v: Any) -> str:
+    return html.unescape(_fmt(v))
+
+
+def _rows(table: Any) -> tuple[list[str], list[list[Any]]]:
+    """Normalise a table-like object to (columns, rows)."""
+    if hasattr(table, "to_dict") and not isinstance(table, Mapping):
+        table = table.to_dict("records")
+    if isinstance(table, Mapping):
+        vals = list(table.values())
+        columnar = (
+            bool(vals)
+            and all(isinstance(v, (list, tuple, np.ndarray)) or hasattr(v, "tolist") for v in vals)
+            and len({len(v) for v in vals}) == 1
+            and all(not isinstance(v, (str, bytes)) for v in vals)
+        )
+        if columnar:
+            cols = [str(k) for k in table]
+            return cols, [list(r) for r in zip(*[list(v) for v in vals])]
+        return ["key", "value"], [[k, v] for k, v in table.items()]
+    rows = list(table)
+    cols: list[str] = []
+    for r in rows:
+        if not isinstance(r, Mapping):
+            raise TypeError(f"table rows must be dicts, got {type(r).__name__}")
+        for k in r:
+            if str(k) not in cols:
+                cols.append(str(k))
+    return cols, [[{str(k): v for k, v in r.items()}.get(c, "") for c in cols] for r in rows]
+
+
+def table_html(table: TableLike | Any, caption: str | None = None) -> str:
+    """Render a table (dict, list of row dicts, or DataFrame-like) as an HTML ``<table>``.
+
+    Args:
+        table: ``{column: values}`` (equal-length sequences), ``{key: value}``, a list of row dicts, or an
+            object with ``to_dict("records")``.
+        caption: optional caption.
+
+    Returns:
+        The HTML of the table (``class="el-table"``).
+
+    Example:
+        >>> from expertlens.report import table_html
+        >>> print(table_html([{"layer": 3, "kl": 0.0123}], caption="best"))  # doctest: +ELLIPSIS
+        <table class="el-table"><caption>best</caption><thead><tr><th>layer</th><th>kl</th></tr>...
+    """
+    cols, rows = _rows(table)
+    numeric = [all(isinstance(r[i], numbers.Number) for r in rows) and bool(rows) for i in range(len(cols))]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td{' class=num' if numeric[i] else ''}>{_fmt(v)}</td>" for i, v in enumerate(r))
+        + "</tr>"
+        for r in rows
+    )
+    cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    return f'<table class="el-table">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+# ------------------------------------------------------------------------------------------------ page
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 0 auto;
+       max-width: 1500px; padding: 1.5em 2em; color: #222; }
+h1 { border-bottom: 2px solid #ddd; padding-bottom: .3em; }
+h2 { margin-top: 2em; border-bottom: 1px solid #eee; padding-bottom: .2em; }
+nav ol { columns: 2; }
+.el-meta { color: #777; font-size: .9em; }
+.el-figure { margin: 1em 0; overflow-x: auto; }
+.el-table { border-collapse: collapse; margin: 1em 0; font-size: .92em; }
+.el-table caption { text-align: left; font-weight: 600; padding-bottom: .3em; }
+.el-table th, .el-table td { border: 1px solid #ddd; padding: .25em .6em; }
+.el-table th { background: #f4f4f4; text-align: left; }
+.el-table td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.el-table tbody tr:nth-child(even) { background: #fafafa; }
+"""
+
+
+def _slug(text: str, used: set[str]) -> str:
+    base = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "section"
+    slug, i = base, 2
+    while slug in used:
+        slug, i = f"{base}-{i}", i + 1
+    used.add(slug)
+    return slug
+
+
+def _as_sections(obj: Any) -> list[Section]:
+    if isinstance(obj, Section):
+        return [obj]
+    if isinstance(obj, go.Figure):
+        return [Section(title=obj.layout.title.text or "Figure", figures=[obj])]
+    if isinstance(obj, HasSections) and not isinstance(obj, (list, tuple)):
+        return _as_sections(list(obj.sections()))
+    if isinstance(obj, Iterable) and not isinstance(obj, (str, bytes, Mapping)):
+        out: list[Section] = []
+        for item in obj:
+            if isinstance(item, (Section, go.Figure)):
+                out.extend(_as_sections(item))
+            else:
+                raise TypeError(f"report items must be Section or plotly Figure, got {type(item).__name__}")
+        return out
+    raise TypeError(
+        "report() needs a Section, a list of Sections or an object with .sections(), "
+        f"got {type(obj).__name__}"
+    )
+
+
+def figure_div_id(section_index: int, figure_index: int) -> str:
+    """The HTML ``id`` of figure ``figure_index`` of section ``section_index`` in a report page."""
+    return f"el-fig-{section_index}-{figure_index}"
+
+
+def render_html(sections: Any, title: str = "expertlens report") -> str:
+    """Render sections to one self-contained HTML page (plotly.js embedded once, inline).
+
+    Args:
+        sections: a :class:`Section`, a list of sections (plotly figures are accepted as one-figure
+            sections), or an object with a ``.sections()`` method.
+        title: page title and top heading.
+
+    Returns:
+        The HTML text. Figure ``j`` of section ``i`` lives in ``<div id="el-fig-{i}-{j}">``.
+
+    Example:
+        >>> import plotly.graph_objects as go
+        >>> from expertlens.report import Section, render_html
+        >>> page = render_html([Section("A", figures=[go.Figure(go.Bar(y=[1]))])])
+        >>> 'id="el-fig-0-0"' in page
+        True
+    """
+    secs = _as_sections(sections)
+    used: set[str] = set()
+    slugs = [_slug(s.title, used) for s in secs]
+    nav = "".join(f'<li><a href="#{slug}">{html.escape(s.title)}</a></li>' for s, slug in zip(secs, slugs))
+    parts = []
+    for i, (sec, slug) in enumerate(zip(secs, slugs)):
+        parts.append(f'<section id="{slug}">\n<h2>{html.escape(sec.title)}</h2>')
+        for para in (p.strip() for p in re.split(r"\n\s*\n", sec.text or "")):
+            if para:
+                parts.append(f"<p>{html.escape(para)}</p>")
+        for j, fig in enumerate(sec.figures):
+            if not isinstance(fig, go.Figure):
+                raise TypeError(f"section {sec.title!r}: figures must be plotly Figures, got {type(fig)}")
+            div = fig.to_html(
+                full_html=False,
+                include_plotlyjs=False,
+                div_id=figure_div_id(i, j),
+                config={"responsive": True, "displaylogo": False},
+            )
+            parts.append(f'<div class="el-figure">{div}</div>')
+        for tab in sec.tables:
+            caption = None
+            if isinstance(tab, tuple) and len(tab) == 2 and isinstance(tab[0], str):
+                caption, tab = tab
+            parts.append(table_html(tab, caption))
+        parts.append("</section>")
+    stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en">',
+            "<head>",
+            '<meta charset="utf-8">',
+            f"<title>{html.escape(title)}</title>",
+            f"<style>{_CSS}</style>",
+            f'<script type="text/javascript">{get_plotlyjs()}</script>',
+            "</head>",
+            "<body>",
+            f"<h1>{html.escape(title)}</h1>",
+            f'<p class="el-meta">generated by expertlens on {stamp}</p>',
+            f"<nav><ol>{nav}</ol></nav>" if len(secs) > 1 else "",
+            *parts,
+            "</body>",
+            "</html>",
+        ]
+    )
+
+
+def report(sections: Any, path: str | Path, *, title: str = "expertlens report") -> Path:
+    """Write one self-contained HTML page with titled sections of text, figures and tables.
+
+    plotly.js is embedded once, inline, so the page works offline without a CDN.
+
+    Args:
+        sections: a :class:`Section`, a list of sections (plotly figures are accepted as one-figure
+            sections), or an object with a ``.sections()`` method (e.g. a study result).
+        path: output file (parent folders are created).
+        title: page title and top heading.
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> import torch
+        >>> from expertlens.plot import routing_heatmap
+        >>> from expertlens.report import Section, report
+        >>> sec = Section("Routing", figures=[routing_heatmap(torch.rand(4, 8), torch.rand(4, 8))],
+        ...               tables=[[{"layer": 2, "expert": 5, "delta_pp": 12.5}]], text="Harmful vs harmless.")
+        >>> report([sec], "report.html")  # doctest: +SKIP
+        PosixPath('report.html')
+    """
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_html(sections, title=title), encoding="utf-8")
+    return out
