@@ -1,11 +1,13 @@
 """expertlens: mechanistic interpretability for Mixture-of-Experts language models, on nnsight."""
 
+from .direction import Direction
 from .families import FamilySpec, UnsupportedModelError, register_family, resolve_family, supported_families
 from .model import ExpertModel, PointError
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Direction",
     "ExpertModel",
     "FamilySpec",
     "PointError",

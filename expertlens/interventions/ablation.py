@@ -1,0 +1,246 @@
+"""Directional ablation (Arditi et al.): as activation edits, and as the equivalent weight edit."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from ..direction import Direction
+from ..families import get_module
+from .base import Intervention
+from .selectors import LayerSpec, Positions, apply_masked, check_vector, resolve_layers, token_selection
+
+if TYPE_CHECKING:
+    from ..model import EditHandle, ExpertModel
+
+__all__ = ["AblateDirection", "OrthogonalizeWeights", "WeightEditHandle", "WRITES"]
+
+#: Residual-stream writes ``AblateDirection`` can edit, and the point each one edits.
+WRITES = {"embed": "embed", "resid_pre": "resid_pre", "attn": "attn_write", "mlp": "mlp_write"}
+
+
+def _unit(model: ExpertModel, direction: Direction | Tensor, what: str) -> Tensor:
+    v = check_vector(model, direction, (model.d_model,), what).float()
+    n = v.norm()
+    if n == 0:
+        raise ValueError(f"{what}: the direction is the zero vector; a non-zero [d_model] vector is accepted")
+    return v / n
+
+
+@dataclass(frozen=True, eq=False)
+class AblateDirection(Intervention):
+    """Directional ablation: ``x ← x − r̂ r̂ᵀ x`` at every write into the residual stream.
+
+    ``r̂ = r/‖r‖``. With the default ``writes=("resid_pre", "attn", "mlp")`` the component along
+    ``r̂`` is removed from the input of every selected layer, from each attention write
+    (``attn_write``) and each MLP/MoE write (``mlp_write``), at every position, so no component
+    along ``r̂`` can be written or read anywhere (Arditi et al., 2024). ``"embed"`` also edits the
+    token embeddings. Pathway ablations restrict the writes: ``writes=("attn",)`` (attention
+    only) or ``writes=("mlp",)`` (MoE/MLP only). This is the activation-space twin of
+    :class:`OrthogonalizeWeights` (equal logits for pre-norm families).
+
+    Example:
+        >>> import torch
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> from expertlens.interventions import AblateDirection
+        >>> model = ExpertModel(tiny_model("qwen2_moe"), tiny_tokenizer())
+        >>> r = torch.randn(64)
+        >>> with model.intervene(AblateDirection(r, writes=("mlp",))), model.trace("hi"):
+        ...     w = model.layers[0].mlp_write.save()
+        >>> bool((w @ (r / r.norm())).abs().max() < 1e-5)
+        True
+    """
+
+    direction: Direction | Tensor
+    writes: Sequence[str] = ("resid_pre", "attn", "mlp")
+    layers: LayerSpec = None
+    positions: Positions | str | Sequence[int] | None = None
+    rows: Any = None
+
+    def _writes(self) -> tuple[str, ...]:
+        writes = (self.writes,) if isinstance(self.writes, str) else tuple(self.writes)
+        bad = [w for w in writes if w not in WRITES]
+        if bad or not writes:
+            raise ValueError(
+                f"AblateDirection: unknown writes {bad or writes!r}; accepted are {tuple(WRITES)}"
+            )
+        return writes
+
+    def validate(self, model: ExpertModel) -> None:
+        self._writes()
+        _unit(model, self.direction, "AblateDirection")
+        resolve_layers(model, self.layers, what="AblateDirection: ")
+        Positions.coerce(self.positions)
+
+    def attach(self, model: ExpertModel) -> list[EditHandle]:
+        r = _unit(model, self.direction, "AblateDirection")
+        pos, rows = Positions.coerce(self.positions), self.rows
+
+        def edit(x, ctx):
+            rr = r.to(x.dtype)
+            new = x - (x @ rr).unsqueeze(-1) * rr
+            return apply_masked(x, new, token_selection(pos, rows, ctx, x))
+
+        handles = []
+        writes = self._writes()
+        if "embed" in writes:
+            handles.append(model.add_edit("embed", edit))
+        for layer in resolve_layers(model, self.layers):
+            for w in ("resid_pre", "attn", "mlp"):
+                if w in writes:
+                    handles.append(model.add_edit(WRITES[w], edit, layer=layer))
+        return handles
+
+
+class WeightEditHandle:
+    """Restores weights changed by :class:`OrthogonalizeWeights` (bit-identical); ``remove()``
+    is idempotent, so the handle works with ``model.intervene``."""
+
+    def __init__(self, saved: list[tuple[nn.Parameter, Tensor]]):
+        self._saved = saved
+        self.active = True
+
+    def remove(self) -> None:
+        if not self.active:
+            return
+        with torch.no_grad():
+            for param, original in reversed(self._saved):
+                param.copy_(original)
+        self.active = False
+
+    restore = remove
+
+
+_DOWN_NAMES = ("down_proj", "w2", "fc2", "c_proj", "dense_4h_to_h", "output_linear")
+
+
+def _down_linear(module: nn.Module, what: str) -> nn.Linear:
+    for name in _DOWN_NAMES:
+        sub = getattr(module, name, None)
+        if isinstance(sub, nn.Linear):
+            return sub
+    raise ValueError(
+        f"OrthogonalizeWeights: cannot find the output projection of {what} "
+        f"({type(module).__name__}); looked for {_DOWN_NAMES}"
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class OrthogonalizeWeights(Intervention):
+    """The weight-space twin of :class:`AblateDirection`: every matrix writing into the residual
+    stream is projected off ``r̂``, ``W_out ← W_out − r̂ r̂ᵀ W_out`` (and biases
+    ``b ← b − r̂ r̂ᵀ b``), and the embedding rows ``E[t] ← E[t] − r̂ r̂ᵀ E[t]``.
+
+    Covered: token embeddings, attention output projections (and bias), dense MLP down
+    projections, fused 3-D expert ``down_proj`` (``[E, d, I]``, or ``[E, I, d]`` for
+    ``is_transposed`` layouts such as gpt_oss) with ``down_proj_bias`` ``[E, d]``, and shared
+    experts. Supported for pre-norm families and granitemoe (its residual multipliers are plain
+    scalars, so orthogonality survives them). Refused with the reason for post-norm families
+    (flex_olmo: each write passes through a norm, which is not linear) and minimax (its residual
+    branch is the *normed* stream, so an orthogonal input does not stay orthogonal), and for tied
+    embeddings (editing the embedding would also edit the unembedding).
+
+    ``apply(model)`` edits in place and returns a :class:`WeightEditHandle` whose ``remove()``
+    restores the original weights bit for bit; used in ``model.intervene`` it is restored on exit.
+
+    Example:
+        >>> import torch
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> from expertlens.interventions import OrthogonalizeWeights
+        >>> model = ExpertModel(tiny_model("gpt_oss"), tiny_tokenizer())
+        >>> handle = OrthogonalizeWeights(torch.randn(64)).apply(model)
+        >>> handle.remove()  # original weights back
+    """
+
+    direction: Direction | Tensor
+
+    def validate(self, model: ExpertModel) -> None:
+        _unit(model, self.direction, "OrthogonalizeWeights")
+        spec = model.spec
+        if spec.residual == "post_norm":
+            raise ValueError(
+                f"OrthogonalizeWeights: {model.family} is post-norm (x + norm(f(x))); the norm after each "
+                "sublayer is not linear, so no weight edit equals directional ablation. Use AblateDirection"
+            )
+        if spec.residual == "scaled" and model.family != "granitemoe":
+            raise ValueError(
+                f"OrthogonalizeWeights: {model.family} scales a normed residual branch, so weight "
+                "orthogonalisation does not equal directional ablation. Use AblateDirection"
+            )
+        hf = model.hf_model
+        if hf.get_output_embeddings().weight is hf.get_input_embeddings().weight:
+            raise ValueError(
+                "OrthogonalizeWeights: the embeddings are tied to the unembedding; untie them first"
+            )
+        self._targets(model)
+
+    def _targets(self, model: ExpertModel) -> list[tuple[nn.Parameter, str]]:
+        """(parameter, how) pairs: how = "rows" (d last), "out" ([..., d, in]) or "bias"."""
+        hf, spec = model.hf_model, model.spec
+        out: list[tuple[nn.Parameter, str]] = [(hf.get_input_embeddings().weight, "rows")]
+
+        def linear(mod: nn.Linear) -> None:
+            out.append((mod.weight, "out"))
+            if mod.bias is not None:
+                out.append((mod.bias, "rows"))
+
+        for i, row in enumerate(model._layer_info):
+            if row["o_proj"] is None:
+                raise ValueError(
+                    f"OrthogonalizeWeights: layer {i}'s attention has no linear output projection"
+                )
+            linear(hf.get_submodule(row["o_proj"]))
+            if row["block"] is None:
+                linear(_down_linear(hf.get_submodule(row["mlp"]), f"layer {i}'s MLP"))
+                continue
+            block = hf.get_submodule(row["block"])
+            experts = hf.get_submodule(row["experts"])
+            if getattr(experts, "has_post_expert_norm", False):
+                raise ValueError(f"OrthogonalizeWeights: layer {i}'s experts apply a norm after down_proj")
+            out.append((experts.down_proj, "rows" if experts.is_transposed else "out"))
+            if getattr(experts, "has_bias", False) and getattr(experts, "down_proj_bias", None) is not None:
+                out.append((experts.down_proj_bias, "rows"))
+            if spec.shared is not None:
+                shared = get_module(block, spec.shared)
+                if shared is not None:
+                    linear(_down_linear(shared, f"layer {i}'s shared expert"))
+        d = model.d_model
+        for param, how in out:
+            dim = -1 if how == "rows" else -2
+            if param.shape[dim] != d:
+                raise ValueError(
+                    f"OrthogonalizeWeights: unexpected shape {tuple(param.shape)} for a residual write"
+                )
+        return out
+
+    def apply(self, model: ExpertModel) -> WeightEditHandle:
+        """Validate, then edit the weights in place; returns the restoring handle."""
+        self.validate(model)
+        r = _unit(model, self.direction, "OrthogonalizeWeights")
+        saved: list[tuple[nn.Parameter, Tensor]] = []
+        try:
+            with torch.no_grad():
+                for param, how in self._targets(model):
+                    if any(param is p for p, _ in saved):
+                        continue
+                    saved.append((param, param.detach().clone()))
+                    w = param.detach().float()
+                    rr = r.to(w.device)
+                    if how == "rows":  # [..., d]: w - (w·r) r
+                        new = w - (w @ rr).unsqueeze(-1) * rr
+                    else:  # [..., d, in]: w - r (rᵀ w)
+                        new = w - rr.unsqueeze(-1) * (rr @ w).unsqueeze(-2)
+                    param.copy_(new.to(param.dtype))
+        except BaseException:
+            WeightEditHandle(saved).remove()
+            raise
+        return WeightEditHandle(saved)
+
+    def attach(self, model: ExpertModel) -> list[Any]:
+        return [self.apply(model)]

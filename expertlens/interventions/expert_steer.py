@@ -1,0 +1,167 @@
+"""Expert-weighted steering of the MoE output (method B)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..direction import Direction
+from ..model import EditHandle
+from .base import Intervention
+from .selectors import Positions, check_scalar, check_vector, resolve_experts, token_selection
+
+if TYPE_CHECKING:
+    from ..model import ExpertModel
+
+__all__ = ["ExpertSteer", "AllExpertsSteer", "WEIGHTINGS"]
+
+WEIGHTINGS = ("router_prob", "routed_only", "constant")
+
+
+def _tap_router_probs(model: ExpertModel, layer: int, stash: dict) -> EditHandle:
+    """Identity edit on the (read-only) ``router_probs`` hook point: stash the family's scores
+    computed from the final, possibly edited, router logits."""
+    hp = model.hf_model.get_submodule(f"{model._layer_info[layer]['router']}.el_router_probs")
+
+    def grab(probs):
+        stash["probs"] = probs
+        return probs
+
+    hp.edits.append(grab)
+    return EditHandle(hp.edits, grab)
+
+
+def _tap(model: ExpertModel, point: str, layer: int, stash: dict, key: str) -> EditHandle:
+    def grab(x, ctx):
+        stash[key] = x
+        return x
+
+    return model.add_edit(point, grab, layer=layer)
+
+
+def _masked_add(out: Tensor, delta: Tensor, sel: Tensor | None) -> Tensor:
+    if sel is not None:
+        delta = delta * sel.unsqueeze(-1).to(delta.dtype)
+    return out + delta.to(out.dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class ExpertSteer(Intervention):
+    """Steer through one expert: ``moe.output ← moe.output + coeff · π_e(t) · d``.
+
+    ``weighting`` sets ``π_e(t)``:
+
+    * ``"router_prob"`` — the router's score for expert ``e`` at token ``t`` over *all* experts
+      (``router_probs[..., e]``: full softmax; sigmoid score for deepseek_v3/glm4_moe), whether
+      or not ``e`` is selected (the paper's method B).
+    * ``"routed_only"`` — ``w_e(t)``, the real routing weight where ``e`` is in the top-k, 0
+      elsewhere. Exactly equal to adding ``coeff·d`` to expert ``e``'s ``expert_out`` slot.
+    * ``"constant"`` — 1 everywhere (plain addition to the MoE output).
+
+    Scores are read from the final router logits of the same forward, so routing edits attached
+    before this one are taken into account.
+
+    Example:
+        >>> import torch
+        >>> from expertlens.interventions import ExpertSteer
+        >>> ExpertSteer(layer=1, expert=2, direction=torch.randn(64), coeff=4.0).weighting
+        'router_prob'
+    """
+
+    layer: int
+    expert: int
+    direction: Direction | Tensor
+    coeff: float = 1.0
+    weighting: str = "router_prob"
+    positions: Positions | str | Sequence[int] | None = None
+    rows: Any = None
+
+    def validate(self, model: ExpertModel) -> None:
+        resolve_experts(model, {self.layer: [self.expert]}, "ExpertSteer")
+        check_scalar(self.coeff, "ExpertSteer: coeff")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"ExpertSteer: weighting={self.weighting!r}; accepted are {WEIGHTINGS}")
+        check_vector(model, self.direction, (model.d_model,), "ExpertSteer")
+        Positions.coerce(self.positions)
+
+    def attach(self, model: ExpertModel) -> list[EditHandle]:
+        ((layer, _),) = resolve_experts(model, {self.layer: [self.expert]}, "ExpertSteer").items()
+        d = check_vector(model, self.direction, (model.d_model,), "ExpertSteer")
+        pos, rows, coeff, e = Positions.coerce(self.positions), self.rows, float(self.coeff), self.expert
+        stash: dict[str, Tensor] = {}
+        handles: list[EditHandle] = []
+        try:
+            if self.weighting == "router_prob":
+                handles.append(_tap_router_probs(model, layer, stash))
+            elif self.weighting == "routed_only":
+                handles.append(_tap(model, "moe.topk_indices", layer, stash, "idx"))
+                handles.append(_tap(model, "moe.topk_weights", layer, stash, "w"))
+
+            def steer(out, ctx):
+                if self.weighting == "router_prob":
+                    pi = stash.pop("probs")[..., e]
+                elif self.weighting == "routed_only":
+                    idx, w = stash.pop("idx"), stash.pop("w")
+                    pi = (w * (idx == e).to(w.dtype)).sum(-1)
+                else:
+                    pi = torch.ones(out.shape[:-1], dtype=out.dtype, device=out.device)
+                delta = (coeff * pi.to(out.dtype)).unsqueeze(-1) * d.to(out.dtype)
+                return _masked_add(out, delta, token_selection(pos, rows, ctx, out))
+
+            handles.append(model.add_edit("moe.output", steer, layer=layer))
+        except BaseException:
+            for h in handles:
+                h.remove()
+            raise
+        return handles
+
+
+@dataclass(frozen=True, eq=False)
+class AllExpertsSteer(Intervention):
+    """Router-probability-weighted steering with one direction per expert:
+    ``moe.output ← moe.output + coeff · Σ_e π_e(t) · d_e`` with ``π = router_probs``.
+
+    Example:
+        >>> import torch
+        >>> from expertlens.interventions import AllExpertsSteer
+        >>> s = AllExpertsSteer(layer=1, directions=torch.randn(8, 64), coeff=2.0)
+    """
+
+    layer: int
+    directions: Float[Tensor, "n_experts d_model"]
+    coeff: float = 1.0
+    positions: Positions | str | Sequence[int] | None = None
+    rows: Any = None
+
+    def validate(self, model: ExpertModel) -> None:
+        resolve_experts(model, {self.layer: []}, "AllExpertsSteer")
+        check_scalar(self.coeff, "AllExpertsSteer: coeff")
+        check_vector(
+            model, self.directions, (model.n_experts, model.d_model), "AllExpertsSteer", allow_last=False
+        )
+        Positions.coerce(self.positions)
+
+    def attach(self, model: ExpertModel) -> list[EditHandle]:
+        ((layer, _),) = resolve_experts(model, {self.layer: []}, "AllExpertsSteer").items()
+        D = check_vector(
+            model, self.directions, (model.n_experts, model.d_model), "AllExpertsSteer", allow_last=False
+        )
+        pos, rows, coeff = Positions.coerce(self.positions), self.rows, float(self.coeff)
+        stash: dict[str, Tensor] = {}
+        tap = _tap_router_probs(model, layer, stash)
+
+        def steer(out, ctx):
+            pi = stash.pop("probs").to(out.dtype)
+            delta = coeff * (pi @ D.to(out.dtype))
+            return _masked_add(out, delta, token_selection(pos, rows, ctx, out))
+
+        try:
+            return [tap, model.add_edit("moe.output", steer, layer=layer)]
+        except BaseException:
+            tap.remove()
+            raise

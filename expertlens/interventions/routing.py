@@ -1,0 +1,417 @@
+"""Routing edits through the router logits: masking, forcing, biasing, SteerMoE.
+
+All of them edit ``moe.router_logits``; the family's own router then turns the edited logits
+into a selection and weights, so renormalisation follows each family's rule automatically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..families import GroupLimitedSoftmax, SigmoidGroupTopK
+from .base import Intervention
+from .selectors import (
+    LayerSpec,
+    Positions,
+    apply_masked,
+    check_scalar,
+    resolve_experts,
+    resolve_layers,
+    token_selection,
+)
+
+if TYPE_CHECKING:
+    from ..model import EditHandle, ExpertModel
+
+__all__ = ["MaskExperts", "ForceExperts", "RouterBias", "SteerMoE", "calibrate_router_bias"]
+
+#: Logit given to masked experts. -inf is NaN-free for every supported family (tested).
+MASK_VALUE = float("-inf")
+
+
+def _router(model: ExpertModel, layer: int):
+    return model.hf_model.get_submodule(model._layer_info[layer]["router"])
+
+
+def _n_groups(model: ExpertModel, layer: int) -> tuple[int, int] | None:
+    rule, router = model.spec.rule, _router(model, layer)
+    if isinstance(rule, SigmoidGroupTopK) or (
+        isinstance(rule, GroupLimitedSoftmax) and getattr(router, "topk_method", "") == "group_limited_greedy"
+    ):
+        return int(router.num_group), int(router.topk_group)
+    return None
+
+
+@dataclass(frozen=True, eq=False)
+class MaskExperts(Intervention):
+    """Never route to some experts: their router logits become ``−inf`` before the family's router.
+
+    With ``ℓ_e = −inf`` the expert's softmax probability (or sigmoid score) is exactly 0 and it
+    loses every top-k comparison; the remaining weights are renormalised by the family's own rule
+    (e.g. Mixtral: ``w_i = p_i / Σ_{j∈topk} p_j`` over the unmasked softmax). At least ``top_k``
+    experts per layer must stay unmasked.
+
+    Example:
+        >>> from expertlens.interventions import MaskExperts
+        >>> MaskExperts({1: [0, 3]})
+        MaskExperts(experts={1: [0, 3]}, positions=None, rows=None)
+    """
+
+    experts: dict[int, Sequence[int]]
+    positions: Positions | str | Sequence[int] | None = None
+    rows: Any = None
+
+    def validate(self, model: ExpertModel) -> None:
+        table = resolve_experts(model, self.experts, "MaskExperts")
+        for layer, ex in table.items():
+            if model.n_experts - len(ex) < model.top_k:
+                raise ValueError(
+                    f"MaskExperts: masking {len(ex)} of {model.n_experts} experts at layer {layer} leaves "
+                    f"fewer "
+                    f"than top_k={model.top_k}; at most {model.n_experts - model.top_k} can be masked"
+                )
+        Positions.coerce(self.positions)
+
+    def attach(self, model: ExpertModel) -> list[EditHandle]:
+        pos, rows = Positions.coerce(self.positions), self.rows
+        handles = []
+        for layer, ex in resolve_experts(model, self.experts, "MaskExperts").items():
+            idx = torch.tensor(ex, device=model.device)
+
+            def edit(logits, ctx, idx=idx):
+                new = logits.clone()
+                new[..., idx] = MASK_VALUE
+                return apply_masked(logits, new, token_selection(pos, rows, ctx, logits))
+
+            handles.append(model.add_edit("moe.router_logits", edit, layer=layer))
+        return handles
+
+
+def _force_logits(model: ExpertModel, layer: int, logits: Tensor, forced: Tensor, margin: float) -> Tensor:
+    """Raise the forced experts' logits so the family's selection score ranks them first."""
+    rule, router = model.spec.rule, _router(model, layer)
+    new = logits.clone()
+    E = logits.shape[-1]
+    others = torch.ones(E, dtype=torch.bool, device=logits.device)
+    others[forced] = False
+    groups = _n_groups(model, layer)
+    if isinstance(rule, SigmoidGroupTopK):
+        # Selection score s = sigmoid(l) + bias. Forced experts need s_f > max over others.
+        bias = router.e_score_correction_bias.to(torch.float32)
+        score = logits.float().sigmoid() + bias
+        best_other = score[..., others].max(dim=-1, keepdim=True).values
+        need = (best_other + margin - bias[forced]).clamp(1e-6, 1 - 1e-6)
+        target = torch.logit(need).to(logits.dtype)
+        new[..., forced] = torch.maximum(logits[..., forced], target)
+        if bool((best_other + margin - bias[forced] >= 1).any()):
+            new[..., forced] = torch.finfo(logits.dtype).max / 4  # saturate: score = 1 + bias
+    else:
+        top = logits[..., others].max(dim=-1, keepdim=True).values
+        new[..., forced] = torch.maximum(logits[..., forced], top + margin)
+    if groups is not None:
+        n_group, topk_group = groups
+        size = E // n_group
+        forced_groups = sorted({int(e) // size for e in forced.tolist()})
+        if len(forced_groups) == topk_group:
+            # Only the forced experts' groups can be chosen: the rest cannot win any slot, so masking
+            # them changes nothing but makes the group choice certain.
+            keep = torch.zeros(E, dtype=torch.bool, device=logits.device)
+            for g in forced_groups:
+                keep[g * size : (g + 1) * size] = True
+            new[..., ~keep] = MASK_VALUE
+    return new
+
+
+@dataclass(frozen=True, eq=False)
+class ForceExperts(Intervention):
+    """Always route to some experts: their logits are raised just above the competition.
+
+    For softmax / logit-top-k families the forced logit becomes ``max(ℓ_f, max_{j∉F} ℓ_j + margin)``;
+    for sigmoid + correction-bias families (deepseek_v3, glm4_moe) the logit is raised until the
+    *selection score* ``σ(ℓ_f) + b_f`` exceeds every other expert's by ``margin``; for
+    group-limited routers whose forced experts fill all ``topk_group`` groups, experts in other
+    groups are masked (they could not be chosen anyway). The family's router then computes the
+    weights from the edited logits (its own renormalisation). Forcing more than ``top_k``
+    experts, or experts in more groups than ``topk_group``, is an error.
+
+    Example:
+        >>> from expertlens.interventions import ForceExperts
+        >>> ForceExperts({0: [5]})
+        ForceExperts(experts={0: [5]}, margin=1.0, positions=None, rows=None)
+    """
+
+    experts: dict[int, Sequence[int]]
+    margin: float = 1.0
+    positions: Positions | str | Sequence[int] | None = None
+    rows: Any = None
+
+    def validate(self, model: ExpertModel) -> None:
+        table = resolve_experts(model, self.experts, "ForceExperts")
+        margin = check_scalar(self.margin, "ForceExperts: margin")
+        if margin <= 0:
+            raise ValueError(f"ForceExperts: margin must be > 0, got {margin}")
+        for layer, ex in table.items():
+            if len(ex) > model.top_k:
+                raise ValueError(
+                    f"ForceExperts: {len(ex)} experts forced at layer {layer} but the router picks only "
+                    f"top_k={model.top_k}; force at most {model.top_k}"
+                )
+            groups = _n_groups(model, layer)
+            if groups is not None:
+                size = model.n_experts // groups[0]
+                used = {e // size for e in ex}
+                if len(used) > groups[1]:
+                    raise ValueError(
+                        f"ForceExperts: experts {ex} at layer {layer} span groups {sorted(used)} "
+                        "but the router "
+                        f"picks only topk_group={groups[1]} of {groups[0]} groups (size {size})"
+                    )
+        Positions.coerce(self.positions)
+
+    def attach(self, model: ExpertModel) -> list[EditHandle]:
+        pos, rows, margin = Positions.coerce(self.positions), self.rows, float(self.margin)
+        handles = []
+        for layer, ex in resolve_experts(model, self.experts, "ForceExperts").items():
+            idx = torch.tensor(ex, device=model.device)
+
+            def edit(logits, ctx, idx=idx, layer=layer):
+                new = _force_logits(model, layer, logits, idx, margin)
+                return apply_masked(logits, new, token_selection(pos, rows, ctx, logits))
+
+            handles.append(model.add_edit("moe.router_logits", edit, layer=layer))
+        return handles
+
+
+@dataclass(frozen=True, eq=False)
+class RouterBias(Intervention):
+    """Add a bias to the pre-softmax router logits: ``ℓ_l ← ℓ_l + β_l`` (method A).
+
+    ``bias`` is an ``[n_layers, E]`` tensor (rows of dense layers must be zero), an
+    ``[len(moe_layers), E]`` tensor (one row per MoE layer, in order) or a dict
+    ``{layer: [E] tensor}``. A positive ``β_{l,e}`` of the size of the router-logit range
+    (:func:`calibrate_router_bias`) makes expert ``e`` win at layer ``l``; a negative one
+    removes it. Selection and weights follow from the edited logits by the family's rule.
+
+    Example:
+        >>> import torch
+        >>> from expertlens.interventions import RouterBias
+        >>> b = torch.zeros(8); b[3] = 5.0
+        >>> RouterBias({1: b}).bias[1][3].item()
+        5.0
+    """
+
+    bias: Float[Tensor, "layers n_experts"] | dict[int, Tensor]
+    positions: Positions | str | Sequence[int] | None = None
+    rows: Any = None
+
+    @staticmethod
+    def promote(
+        experts: dict[int, Sequence[int]],
+        magnitude: dict[int, float] | float,
+        n_experts: int,
+        sign: float = 1.0,
+    ) -> RouterBias:
+        """A bias of ``sign·magnitude[l]`` on the given experts of each layer (0 elsewhere).
+
+        Example:
+            >>> RouterBias.promote({1: [2]}, {1: 3.5}, n_experts=8).bias[1].tolist()[2]
+            3.5
+        """
+        table = {}
+        for layer, ex in experts.items():
+            m = magnitude[layer] if isinstance(magnitude, dict) else magnitude
+            b = torch.zeros(n_experts)
+            b[list(ex)] = sign * float(m)
+            table[int(layer)] = b
+        return RouterBias(table)
+
+    def _table(self, model: ExpertModel) -> dict[int, Tensor]:
+        E, moe = model.n_experts, model.moe_layers
+        if isinstance(self.bias, dict):
+            rows = {}
+            for layer, b in self.bias.items():
+                (lay,) = resolve_layers(model, int(layer), moe_only=True, what="RouterBias: ")
+                rows[lay] = torch.as_tensor(b)
+        elif isinstance(self.bias, Tensor):
+            b = self.bias
+            if b.dim() != 2 or b.shape[1] != E or b.shape[0] not in (model.n_layers, len(moe)):
+                raise ValueError(
+                    f"RouterBias: bias has shape {tuple(b.shape)}; accepted are [{model.n_layers}, {E}] "
+                    f"(n_layers, E), [{len(moe)}, {E}] (one row per MoE layer {moe}) "
+                    f"or a dict {{layer: [{E}]}}"
+                )
+            if b.shape[0] == len(moe):
+                rows = {layer: b[i] for i, layer in enumerate(moe)}
+            else:
+                dense = [i for i in range(model.n_layers) if i not in moe and bool(b[i].ne(0).any())]
+                if dense:
+                    raise ValueError(
+                        f"RouterBias: rows {dense} are dense layers (no router) but are non-zero"
+                    )
+                rows = {layer: b[layer] for layer in moe}
+        else:
+            raise TypeError("RouterBias: bias must be an [L, E] tensor or a dict {layer: [E] tensor}")
+        out = {}
+        for layer, b in rows.items():
+            if b.shape != (E,):
+                raise ValueError(
+                    f"RouterBias: layer {layer} bias has shape {tuple(b.shape)}; accepted is ({E},)"
+                )
+            if not bool(torch.isfinite(b).all()):
+                raise ValueError(
+                    f"RouterBias: layer {layer} bias has NaN/inf; only finite values are accepted"
+                )
+            out[layer] = b.detach().to(device=model.device, dtype=torch.float32)
+        return out
+
+    def validate(self, model: ExpertModel) -> None:
+        self._table(model)
+        Positions.coerce(self.positions)
+
+    def attach(self, model: ExpertModel) -> list[EditHandle]:
+        pos, rows = Positions.coerce(self.positions), self.rows
+        handles = []
+        for layer, b in self._table(model).items():
+
+            def edit(logits, ctx, b=b):
+                return apply_masked(
+                    logits, logits + b.to(logits.dtype), token_selection(pos, rows, ctx, logits)
+                )
+
+            handles.append(model.add_edit("moe.router_logits", edit, layer=layer))
+        return handles
+
+
+def calibrate_router_bias(
+    model: ExpertModel,
+    layers: LayerSpec = None,
+    eps: float = 0.01,
+    *,
+    prompts: str | list[str] | None = None,
+    reduce: str = "mean",
+    seed: int = 0,
+) -> dict[int, float]:
+    """Bias magnitude per MoE layer: the router-logit range ``max_e ℓ_e − min_e ℓ_e`` plus ``eps``.
+
+    Without ``prompts`` (the paper's recipe) the range comes from one random hidden vector
+    ``h ~ N(0, I)`` passed through layer ``l``'s router. With ``prompts`` it is the per-token
+    range over the real tokens of those prompts, reduced by ``"mean"`` or ``"max"``.
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+        >>> mags = calibrate_router_bias(model)
+        >>> sorted(mags) == model.moe_layers and all(m > 0 for m in mags.values())
+        True
+    """
+    check_scalar(eps, "calibrate_router_bias: eps")
+    if reduce not in ("mean", "max"):
+        raise ValueError(f"calibrate_router_bias: reduce={reduce!r}; accepted are 'mean' and 'max'")
+    lays = resolve_layers(model, layers, moe_only=True, what="calibrate_router_bias: ")
+    seen: dict[int, Tensor] = {}
+    handles = []
+    for layer in lays:
+
+        def rec(logits, ctx, layer=layer):
+            seen[layer] = logits.detach().float()
+            return logits
+
+        handles.append(model.add_edit("moe.router_logits", rec, layer=layer))
+    try:
+        with torch.no_grad():
+            if prompts is None:
+                gen = torch.Generator().manual_seed(seed)
+                h = torch.randn(1, model.d_model, generator=gen).to(device=model.device, dtype=model.dtype)
+                for layer in lays:
+                    _router(model, layer)(h)
+            else:
+                enc = model.tokenize(prompts if isinstance(prompts, list) else [prompts])
+                model.hf_model(**enc, use_cache=False)
+                real = enc["attention_mask"].bool()
+    finally:
+        for hd in handles:
+            hd.remove()
+    out = {}
+    for layer in lays:
+        logits = seen[layer].reshape(-1, model.n_experts)
+        rng = logits.max(-1).values - logits.min(-1).values
+        if prompts is not None:
+            rng = rng[real.reshape(-1)]
+        out[layer] = float(rng.mean() if reduce == "mean" else rng.max()) + float(eps)
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class SteerMoE(Intervention):
+    """SteerMoE's router rewrite: ``s = log_softmax(ℓ)``; activated experts ``s_e ← max(s) + ε``,
+    deactivated ``s_e ← min(s) − ε``; the rewritten ``s`` replaces the logits.
+
+    ``activate`` / ``deactivate`` are ``{layer: [experts]}``; at most ``top_k`` activated per
+    layer, and an expert cannot be both.
+
+    Example:
+        >>> from expertlens.interventions import SteerMoE
+        >>> SteerMoE(activate={1: [2]}, deactivate={1: [5, 6]})
+        SteerMoE(activate={1: [2]}, deactivate={1: [5, 6]}, eps=0.01, positions=None, rows=None)
+    """
+
+    activate: dict[int, Sequence[int]] | None = None
+    deactivate: dict[int, Sequence[int]] | None = None
+    eps: float = 0.01
+    positions: Positions | str | Sequence[int] | None = None
+    rows: Any = None
+
+    def _tables(self, model: ExpertModel):
+        act = resolve_experts(model, self.activate or {}, "SteerMoE(activate)")
+        deact = resolve_experts(model, self.deactivate or {}, "SteerMoE(deactivate)")
+        for layer, ex in act.items():
+            if len(ex) > model.top_k:
+                raise ValueError(
+                    f"SteerMoE: {len(ex)} experts activated at layer {layer}; at most "
+                    f"top_k={model.top_k} can be"
+                )
+            both = set(ex) & set(deact.get(layer, []))
+            if both:
+                raise ValueError(
+                    f"SteerMoE: experts {sorted(both)} at layer {layer} are both activated and deactivated"
+                )
+        for layer, ex in deact.items():
+            if model.n_experts - len(ex) < model.top_k:
+                raise ValueError(
+                    f"SteerMoE: deactivating {len(ex)} experts at layer {layer} leaves fewer than "
+                    f"top_k={model.top_k}"
+                )
+        return act, deact
+
+    def validate(self, model: ExpertModel) -> None:
+        check_scalar(self.eps, "SteerMoE: eps")
+        self._tables(model)
+        Positions.coerce(self.positions)
+
+    def attach(self, model: ExpertModel) -> list[EditHandle]:
+        act, deact = self._tables(model)
+        pos, rows, eps = Positions.coerce(self.positions), self.rows, float(self.eps)
+        handles = []
+        for layer in sorted(set(act) | set(deact)):
+            a = torch.tensor(act.get(layer, []), dtype=torch.long, device=model.device)
+            d = torch.tensor(deact.get(layer, []), dtype=torch.long, device=model.device)
+
+            def edit(logits, ctx, a=a, d=d):
+                s = torch.log_softmax(logits.float(), dim=-1)
+                hi = s.max(dim=-1, keepdim=True).values + eps
+                lo = s.min(dim=-1, keepdim=True).values - eps
+                if len(a):
+                    s[..., a] = hi.expand(*s.shape[:-1], len(a))
+                if len(d):
+                    s[..., d] = lo.expand(*s.shape[:-1], len(d))
+                return apply_masked(logits, s.to(logits.dtype), token_selection(pos, rows, ctx, logits))
+
+            handles.append(model.add_edit("moe.router_logits", edit, layer=layer))
+        return handles

@@ -1,0 +1,324 @@
+"""Selectors shared by all interventions: layers, token positions and batch rows.
+
+* Layers: an ``int``, a list of ints, a ``slice``, or ``"all"``.
+* Positions (:class:`Positions`): evaluated on every forward from the
+  :class:`~expertlens.model.EditContext`, giving a ``[p]`` or ``[b, p]`` boolean mask for the
+  tokens of *this* forward (the whole prompt in a trace or prefill, one token per decode step).
+* Rows: ``None`` (all), an ``int``, a list of ints, or a ``[b]`` boolean tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Bool
+from torch import Tensor
+
+from ..direction import Direction, as_tensor
+from ..model import EDITABLE_POINTS, PointError
+
+if TYPE_CHECKING:
+    from ..model import EditContext, ExpertModel
+
+__all__ = ["Positions", "LayerSpec", "resolve_layers", "resolve_experts", "point_shape", "check_vector"]
+
+LayerSpec = int | Sequence[int] | slice | str | None
+
+
+def resolve_layers(
+    model: ExpertModel, layers: LayerSpec, *, moe_only: bool = False, what: str = ""
+) -> list[int]:
+    """Layer selector -> sorted list of layer indices (``moe_only``: "all" means the MoE layers).
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("deepseek_v3"), tiny_tokenizer())
+        >>> resolve_layers(model, "all"), resolve_layers(model, "all", moe_only=True)
+        ([0, 1], [1])
+        >>> resolve_layers(model, -1)
+        [1]
+    """
+    n = model.n_layers
+    pool = model.moe_layers if moe_only else list(range(n))
+    if layers is None or (isinstance(layers, str) and layers == "all"):
+        return list(pool)
+    if isinstance(layers, str):
+        raise ValueError(f"{what}layers={layers!r}: accepted are an int, a list of ints, a slice or 'all'")
+    if isinstance(layers, slice):
+        out = list(range(n))[layers]
+    elif isinstance(layers, (int, torch.SymInt)) and not isinstance(layers, bool):
+        out = [int(layers)]
+    elif isinstance(layers, Sequence) or isinstance(layers, Tensor):
+        out = [int(x) for x in layers]
+    else:
+        raise TypeError(f"{what}layers={layers!r}: accepted are an int, a list of ints, a slice or 'all'")
+    res = []
+    for layer in out:
+        if not -n <= layer < n:
+            raise PointError(f"{what}layer {layer} out of range: the model has {n} layers (0..{n - 1})")
+        layer %= n
+        if moe_only and layer not in model.moe_layers:
+            raise PointError(
+                f"{what}layer {layer} is a dense layer of this {model.family} model; MoE layers are "
+                f"{model.moe_layers}"
+            )
+        if layer not in res:
+            res.append(layer)
+    return sorted(res)
+
+
+def resolve_experts(
+    model: ExpertModel, table: dict[int, Sequence[int] | int], what: str
+) -> dict[int, list[int]]:
+    """``{layer: experts}`` -> normalised, range-checked ``{layer: [experts]}`` on MoE layers."""
+    if not isinstance(table, dict):
+        raise TypeError(f"{what}: expected a dict {{layer: [experts]}}, got {type(table).__name__}")
+    out: dict[int, list[int]] = {}
+    for layer, experts in table.items():
+        (lay,) = resolve_layers(model, int(layer), moe_only=True, what=f"{what}: ")
+        ex = [experts] if isinstance(experts, int) else list(experts)
+        n = model.n_experts
+        for e in ex:
+            if not isinstance(e, int) or isinstance(e, bool) or not 0 <= e < n:
+                raise PointError(f"{what}: expert {e!r} out of range at layer {lay}: experts are 0..{n - 1}")
+        out[lay] = sorted(set(out.get(lay, []) + ex))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Positions
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Positions:
+    """Which token positions an edit applies to, evaluated on each forward.
+
+    Positions are *absolute padded* positions: prompts are left-padded to ``prompt_len`` tokens,
+    so prompt tokens sit at ``0..prompt_len-1`` (the last one at ``prompt_len-1`` for every row)
+    and generated tokens at ``prompt_len, prompt_len+1, ...``.
+
+    Constructors: :meth:`all`, :meth:`prompt`, :meth:`generated`, :meth:`last`,
+    :meth:`indices`, :meth:`mask`.
+
+    Example:
+        >>> from expertlens.interventions import Positions
+        >>> Positions.last(2)
+        Positions(kind='last', arg=2)
+    """
+
+    kind: str = "all"
+    arg: Any = None
+
+    def __repr__(self) -> str:
+        return (
+            f"Positions(kind={self.kind!r}, arg={self.arg!r})"
+            if self.arg is not None
+            else (f"Positions(kind={self.kind!r})")
+        )
+
+    @staticmethod
+    def all() -> Positions:
+        """Every token of every forward."""
+        return Positions("all")
+
+    @staticmethod
+    def prompt() -> Positions:
+        """Prompt tokens only (no generated token)."""
+        return Positions("prompt")
+
+    @staticmethod
+    def generated() -> Positions:
+        """Generated tokens only (nothing in a trace or the prefill)."""
+        return Positions("generated")
+
+    @staticmethod
+    def last(n: int = 1) -> Positions:
+        """The last ``n`` prompt tokens (positions ``prompt_len-n .. prompt_len-1``)."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"Positions.last(n): n must be a positive int, got {n!r}")
+        return Positions("last", n)
+
+    @staticmethod
+    def indices(idx: Sequence[int] | int) -> Positions:
+        """Explicit absolute padded positions; negative ones count from the end of the prompt."""
+        idx = [idx] if isinstance(idx, int) else [int(i) for i in idx]
+        return Positions("indices", tuple(idx))
+
+    @staticmethod
+    def mask(mask: Bool[Tensor, ...]) -> Positions:
+        """A boolean mask over absolute positions: ``[total]`` or ``[b, total]`` (missing = False)."""
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() not in (1, 2):
+            raise TypeError("Positions.mask expects a [total] or [batch, total] boolean tensor")
+        return Positions("mask", mask)
+
+    @staticmethod
+    def coerce(value: Positions | str | Sequence[int] | Tensor | None) -> Positions:
+        """Accept a :class:`Positions`, ``"all"``/``"prompt"``/``"generated"``, ints or a bool mask."""
+        if value is None:
+            return Positions.all()
+        if isinstance(value, Positions):
+            return value
+        if isinstance(value, str):
+            if value in ("all", "prompt", "generated"):
+                return getattr(Positions, value)()
+            raise ValueError(f"positions={value!r}: accepted strings are 'all', 'prompt', 'generated'")
+        if isinstance(value, Tensor) and value.dtype == torch.bool:
+            return Positions.mask(value)
+        if isinstance(value, (int, Sequence, Tensor)):
+            return Positions.indices(value if isinstance(value, int) else [int(i) for i in value])
+        raise TypeError(
+            f"positions={value!r}: accepted are a Positions, 'all'/'prompt'/'generated', "
+            "a list of ints or a boolean mask"
+        )
+
+    def select(self, ctx: EditContext, p: int, device: torch.device) -> Tensor | None:
+        """``[p]`` or ``[b, p]`` mask for this forward, or ``None`` meaning every position."""
+        if self.kind == "all":
+            return None
+        pos = ctx.positions
+        if pos is None or len(pos) != p:
+            pos = torch.arange(p, device=device)
+        pos = pos.to(device)
+        plen = ctx.prompt_len if ctx.prompt_len else p
+        if self.kind == "prompt":
+            return pos < plen
+        if self.kind == "generated":
+            return pos >= plen
+        if self.kind == "last":
+            return (pos >= plen - self.arg) & (pos < plen)
+        if self.kind == "indices":
+            idx = torch.tensor([i + plen if i < 0 else i for i in self.arg], device=device)
+            return torch.isin(pos, idx)
+        if self.kind == "mask":
+            m = self.arg.to(device)
+            total = m.shape[-1]
+            inside = pos < total
+            picked = m[..., pos.clamp(max=total - 1)]
+            return picked & inside
+        raise ValueError(f"unknown Positions kind {self.kind!r}")
+
+
+def rows_mask(rows: Any, b: int, device: torch.device) -> Tensor | None:
+    """Batch-row selector -> ``[b]`` mask (``None``: all rows)."""
+    if rows is None:
+        return None
+    if isinstance(rows, Tensor) and rows.dtype == torch.bool:
+        if rows.shape != (b,):
+            raise ValueError(f"rows mask has shape {tuple(rows.shape)}, the batch has {b} rows")
+        return rows.to(device)
+    idx = [rows] if isinstance(rows, int) else [int(r) for r in rows]
+    for r in idx:
+        if not -b <= r < b:
+            raise ValueError(f"row {r} out of range for a batch of {b}")
+    m = torch.zeros(b, dtype=torch.bool, device=device)
+    m[torch.tensor(idx, dtype=torch.long, device=device)] = True
+    return m
+
+
+def token_selection(positions: Positions, rows: Any, ctx: EditContext, x: Tensor) -> Tensor | None:
+    """Combined ``[b, p]`` mask of positions and rows for a ``[b, p, ...]`` value (``None``: all)."""
+    b, p = x.shape[0], x.shape[1]
+    pm = positions.select(ctx, p, x.device)
+    rm = rows_mask(rows, b, x.device)
+    if pm is None and rm is None:
+        return None
+    m = torch.ones(b, p, dtype=torch.bool, device=x.device)
+    if pm is not None:
+        m = m & (pm if pm.dim() == 2 else pm.unsqueeze(0))
+    if rm is not None:
+        m = m & rm.unsqueeze(1)
+    return m
+
+
+def apply_masked(x: Tensor, new: Tensor, sel: Tensor | None) -> Tensor:
+    """``new`` where ``sel`` ([b, p]) is True, ``x`` elsewhere (exactly ``new`` when ``sel`` is None)."""
+    if sel is None:
+        return new
+    shape = sel.shape + (1,) * (x.dim() - 2)
+    return torch.where(sel.view(shape), new, x)
+
+
+# --------------------------------------------------------------------------------------------
+# Points and vectors
+# --------------------------------------------------------------------------------------------
+
+MODEL_POINTS = ("embed", "logits")
+
+
+def check_point(point: str, what: str) -> None:
+    if point not in EDITABLE_POINTS:
+        raise PointError(
+            f"{what}: unknown or read-only point {point!r}; accepted points are {EDITABLE_POINTS}"
+        )
+
+
+def point_shape(model: ExpertModel, point: str, layer: int | None = None) -> tuple[int, ...]:
+    """Trailing shape (after ``[b, p]``) of a point's value.
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+        >>> point_shape(model, "moe.expert_out", 0)
+        (2, 64)
+    """
+    d = model.d_model
+    if point == "logits":
+        return (model.vocab_size,)
+    if point == "attn.z":
+        info = model._layer_info[layer]
+        return (info["n_heads"], info["d_head"])
+    if point == "attn.head_out":
+        return (model._layer_info[layer]["n_heads"], d)
+    if point == "moe.router_logits":
+        return (model.n_experts,)
+    if point in ("moe.topk_indices", "moe.topk_weights"):
+        return (model.top_k,)
+    if point == "moe.expert_out":
+        return (model.top_k, d)
+    return (d,)
+
+
+def check_vector(
+    model: ExpertModel,
+    vector: Direction | Tensor,
+    shape: tuple[int, ...],
+    what: str,
+    *,
+    allow_last: bool = True,
+) -> Tensor:
+    """Validate a vector for a point: size (error), finiteness (error); dtype/device converted.
+
+    ``shape`` is the point's trailing shape; a vector of the full trailing shape or (with
+    ``allow_last``) of its last dimension (broadcast) is accepted.
+    """
+    try:
+        v = as_tensor(vector)
+    except TypeError as exc:
+        raise TypeError(f"{what}: {exc}") from None
+    if not v.is_floating_point() and not v.is_complex():
+        v = v.float()
+    accepted = [tuple(shape)] + ([tuple(shape[-1:])] if allow_last and len(shape) > 1 else [])
+    if tuple(v.shape) not in accepted:
+        raise ValueError(
+            f"{what}: vector has shape {tuple(v.shape)}; accepted shapes are "
+            f"{' or '.join(str(s) for s in accepted)} for this {model.family} model"
+        )
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError(f"{what}: vector contains NaN or inf values; only finite vectors are accepted")
+    return v.detach().to(device=model.device, dtype=model.dtype)
+
+
+def check_scalar(value: Any, what: str) -> float:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{what} must be a real number, got {value!r}") from None
+    if f != f or f in (float("inf"), float("-inf")):
+        raise ValueError(f"{what} must be finite, got {value!r}")
+    return f
