@@ -46,7 +46,7 @@ EXPERTS_IMPLEMENTATION = "expertlens"
 
 #: Names of the hook-point submodules, by owner.
 ROUTER_POINTS = ("el_router_logits", "el_router_probs", "el_topk_indices", "el_topk_weights")
-EXPERTS_POINTS = ("el_expert_out",)
+EXPERTS_POINTS = ("el_expert_view", "el_expert_out")
 BLOCK_POINTS = ("el_shared_out", "el_output")
 
 
@@ -60,7 +60,7 @@ class HookPoint(nn.Module):
         super().__init__()
         self.edits: list = []
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x):
         for edit in self.edits:
             x = edit(x)
         return x
@@ -171,7 +171,10 @@ def expertlens_experts_forward(
     point = self._modules.get("el_expert_out")
     if point is not None:
         b, p = _bp(self.__dict__.get("_el_shape"), n_tokens)
-        per_slot = point(per_slot.view(b, p, k, hidden_dim)).reshape(n_tokens, k, hidden_dim)
+        per_slot = per_slot.view(b, p, k, hidden_dim)
+        # (indices, outputs) together, for single-expert reads: one value nnsight may re-read.
+        self.el_expert_view((top_k_index.view(b, p, k), per_slot))
+        per_slot = point(per_slot).reshape(n_tokens, k, hidden_dim)
 
     weighted = per_slot * top_k_weights.unsqueeze(-1)
     return weighted.sum(dim=1).to(hidden_states.dtype)

@@ -377,6 +377,8 @@ def resolve_family(model_or_type: nn.Module | str) -> FamilySpec:
             register one.
     """
     if isinstance(model_or_type, str):
+        if model_or_type in _REGISTRY:
+            return _REGISTRY[model_or_type]
         model_type = model_or_type
     else:
         config = getattr(model_or_type, "config", None)

@@ -171,7 +171,9 @@ class ExpertPoint:
 
     ``output`` is ``[n, d]`` — the expert's outputs (before routing weights) at every
     (batch, pos, slot) where it was in the top-k, in that order; ``[0, d]`` where it never
-    fired. Reading it reads ``topk_indices`` then ``expert_out``.
+    fired. Several experts of a layer can be read in one trace, in any order, but before that
+    layer's ``expert_out`` (``experts[e]`` is served just before it). Assigning ``output``
+    writes those slots in place.
     """
 
     def __init__(self, moe: MoEPoints, expert: int):
@@ -179,18 +181,23 @@ class ExpertPoint:
 
     @property
     def slot_mask(self) -> Bool[Tensor, "batch pos k"]:
-        return self._moe.topk_indices == self.expert
+        """``[b, p, k]`` True at the slots where this expert was selected."""
+        return self._moe._expert_view[0] == self.expert
+
+    @property
+    def mask(self) -> Bool[Tensor, "batch pos"]:
+        """``[b, p]`` True at tokens routed to this expert."""
+        return self.slot_mask.any(-1)
 
     @property
     def output(self) -> Float[Tensor, "n d_model"]:
-        mask = self.slot_mask
-        return self._moe.expert_out[mask]
+        indices, out = self._moe._expert_view
+        return out[indices == self.expert]
 
     @output.setter
     def output(self, value: Tensor) -> None:
-        mask = self.slot_mask
-        out = self._moe.expert_out
-        out[mask] = value.to(out.dtype)
+        indices, out = self._moe._expert_view
+        out[indices == self.expert] = value.to(out.dtype)
 
 
 class MoEPoints:
@@ -208,6 +215,16 @@ class MoEPoints:
 
     def _get(self, path: str):
         return _envoy(self._model, path)
+
+    @property
+    def _expert_view(self) -> tuple[Tensor, Tensor]:
+        """(topk_indices, expert_out) of this forward, as one value that can be read repeatedly."""
+        return self._get(f"{self._experts_path}.el_expert_view").output
+
+    @property
+    def input(self) -> Float[Tensor, "batch pos d_model"]:
+        """The MoE block's input (the normalised residual stream the router and experts read)."""
+        return self._get(self._block_path).input
 
     # router ---------------------------------------------------------------------------------
     @property
@@ -445,6 +462,7 @@ class EditContext:
     """
 
     step: int = 0
+    forward_id: int = 0
     prompt_len: int = 0
     positions: Tensor | None = None
     attention_mask: Tensor | None = None
@@ -554,14 +572,18 @@ class ExpertModel(TransformersModel):
         object.__setattr__(self, "_layer_info", info)
         object.__setattr__(self, "_point_cache", {})
         object.__setattr__(self, "edit_context", EditContext())
-        object.__setattr__(self, "_pre_hooks", [])
-        hf_model.register_forward_pre_hook(self._track_context, with_kwargs=True)
+        tracker = hf_model.register_forward_pre_hook(self._track_context, with_kwargs=True)
+        object.__setattr__(self, "_tracker", tracker)
         if validate is None:
             validate = sum(p.numel() for p in hf_model.parameters()) < 1_000_000_000
         if validate:
             from .checks import check_model
 
-            check_model(self)
+            try:
+                check_model(self)
+            except Exception:
+                self.restore()
+                raise
 
     # ---- identity ---------------------------------------------------------------------------
     @property
@@ -678,6 +700,7 @@ class ExpertModel(TransformersModel):
         mask = kwargs.get("attention_mask")
         total = mask.shape[-1] if isinstance(mask, Tensor) and mask.dim() == 2 else p
         ctx = self.edit_context
+        ctx.forward_id += 1
         if total <= p:  # a fresh sequence: trace, or generation's prefill
             ctx.step, ctx.prompt_len = 0, p
         else:
@@ -707,7 +730,7 @@ class ExpertModel(TransformersModel):
         else:
             if layer is None:
                 raise PointError(f"point {point!r} needs a layer (0..{self.n_layers - 1})")
-            self.layers[layer]  # range check with a clear error
+            _ = self.layers[layer]  # range check with a clear error
             layer = layer % self.n_layers
         ctx = self.edit_context
         info = self._layer_info[layer] if layer is not None else None
@@ -801,7 +824,7 @@ class ExpertModel(TransformersModel):
             return out_edit(info["mlp"])
         # MoE points
         if not is_moe_layer:
-            self.layers[layer].moe  # raises the dense-layer PointError
+            _ = self.layers[layer].moe  # raises the dense-layer PointError
         if point == "moe.router_logits":
             return hook_point_edit(f"{info['router']}.el_router_logits")
         if point == "moe.topk_indices":
@@ -867,6 +890,7 @@ class ExpertModel(TransformersModel):
         """Undo the instrumentation: original router/block classes, no hook points, and the
         original experts implementation. MoE points are unavailable afterwards."""
         _experts.restore(self._module)
+        self._tracker.remove()
 
     def __enter__(self) -> ExpertModel:
         return self

@@ -12,7 +12,9 @@ import copy
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
-__all__ = ["TINY_CONFIGS", "tiny_config", "tiny_model", "tiny_tokenizer", "MOE_FAMILIES", "DENSE_FAMILIES"]
+__all__ = [
+    "TINY_CONFIGS", "tiny_config", "tiny_model", "tiny_tokenizer", "expert_forward", "MOE_FAMILIES", "DENSE_FAMILIES",
+]
 
 _COMMON = dict(
     bos_token_id=1, eos_token_id=2, pad_token_id=0, vocab_size=256, hidden_size=64, intermediate_size=128,
@@ -113,3 +115,30 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
         "{% if add_generation_prompt %}A:{% endif %}"
     )
     return tok
+
+
+def expert_forward(experts: torch.nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
+    """One routed expert applied to ``x`` [n, d] straight from the fused weights (a reference).
+
+    Follows the experts module's own layout flags (``has_gate``, ``has_bias``, ``is_transposed``,
+    ``_apply_gate``), so it is an independent hand computation of what the experts function does.
+    """
+    import torch.nn.functional as F
+
+    def lin(inp, w, b):
+        out = inp @ w if experts.is_transposed else F.linear(inp, w)
+        return out + b if b is not None else out
+
+    if experts.has_gate:
+        w_up = experts.gate_up_proj[expert]
+        b_up = experts.gate_up_proj_bias[expert] if experts.has_bias else None
+    else:
+        w_up = experts.up_proj[expert]
+        b_up = experts.up_proj_bias[expert] if experts.has_bias else None
+    h = lin(x, w_up, b_up)
+    h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+    b_down = experts.down_proj_bias[expert] if experts.has_bias else None
+    out = lin(h, experts.down_proj[expert], b_down)
+    if experts.has_post_expert_norm:
+        out = experts.post_expert_norm(out)
+    return out
