@@ -319,8 +319,7 @@ def token_expert_strip(
             name="routing weight",
             colorbar={"title": {"text": "weight"}},
             hovertemplate=(
-                "pos %{x}: %{customdata[0]}<br>expert %{y}"
-                "<br>weight = %{z:.6g} %{customdata[1]}<extra></extra>"
+                "pos %{x}: %{customdata[0]}<br>expert %{y}<br>weight = %{z:.6g} %{customdata[1]}<extra></extra>"
             ),
         )
     )
@@ -569,10 +568,19 @@ def attribution_bar(
         )
     )
     longest = max((len(n) for n in names_o), default=4)
+    finite = vals[np.isfinite(vals)]
+    lo, hi = (min(0.0, float(finite.min())), max(0.0, float(finite.max()))) if finite.size else (0.0, 1.0)
+    pad = 0.18 * ((hi - lo) or 1.0)  # room for the value labels outside the bars
     fig.update_layout(
         title={"text": title},
         template=_TEMPLATE,
-        xaxis={"title": {"text": value_label}, "zeroline": True, "zerolinecolor": "#444", "zerolinewidth": 1},
+        xaxis={
+            "title": {"text": value_label},
+            "range": [lo - (pad if lo < 0 else 0), hi + (pad if hi > 0 else 0)],
+            "zeroline": True,
+            "zerolinecolor": "#444",
+            "zerolinewidth": 1,
+        },
         yaxis={"title": {"text": "component"}, "autorange": "reversed", "type": "category"},
         width=720,
         height=int(np.clip(140 + 24 * len(vals), 320, 1000)),
@@ -740,12 +748,25 @@ def direction_selection_curves(
                     annotation_position="top left",
                 )
             elif k in styles:
+                on_kl = k == "kl"
+                if on_kl and kls is None:
+                    raise ValueError("a 'kl' threshold needs kl values")
                 fig.add_hline(
                     y=float(val),
                     line={"dash": "dash", "color": styles[k], "width": 1},
-                    annotation_text=f"{'KL' if k == 'kl' else k} threshold {val:g}",
-                    annotation_position="bottom right" if k == "kl" else "top right",
-                    secondary_y=(k == "kl") if kls is not None else None,
+                    secondary_y=on_kl if kls is not None else None,
+                )
+                fig.add_annotation(  # add_hline's own annotation ignores secondary_y
+                    x=0.01 if on_kl else 0.99,
+                    xref="x domain",
+                    xanchor="left" if on_kl else "right",
+                    y=float(val),
+                    yref="y2" if on_kl else "y",
+                    yanchor="bottom",
+                    text=f"{'KL' if on_kl else k} threshold {val:g}",
+                    showarrow=False,
+                    font={"size": 11, "color": "#555"},
+                    bgcolor="rgba(255,255,255,0.75)",
                 )
             else:
                 raise ValueError(f"unknown threshold {key!r}; use 'bypass', 'induce', 'kl' or 'layer'")
@@ -782,15 +803,27 @@ def direction_selection_curves(
         title={"text": title},
         template=_TEMPLATE,
         width=1000,
-        height=520,
-        legend={"orientation": "v", "x": 1.08, "xanchor": "left", "y": 1, "font": {"size": 11}},
+        legend={
+            "orientation": "h",
+            "x": 0,
+            "xanchor": "left",
+            "y": -0.16,
+            "yanchor": "top",
+            "font": {"size": 11},
+            "entrywidth": 0 if one_d else 120,
+        },
         hovermode="closest",
+        height=560 + 22 * (((len(fig.data) + 6) // 7) - 1),
     )
     fig.update_xaxes(title={"text": "layer"})
     fig.update_yaxes(title={"text": score_label}, secondary_y=False)
     if kls is not None:
         fig.update_yaxes(
-            title={"text": "KL divergence"}, secondary_y=True, showgrid=False, rangemode="tozero"
+            title={"text": "KL divergence"},
+            secondary_y=True,
+            showgrid=False,
+            rangemode="tozero",
+            tickmode="auto",
         )
     return fig
 
@@ -896,7 +929,11 @@ def steering_sweep(
     fig.update_yaxes(**yaxis, secondary_y=False)
     if has_kl:
         fig.update_yaxes(
-            title={"text": "KL divergence"}, secondary_y=True, showgrid=False, rangemode="tozero"
+            title={"text": "KL divergence"},
+            secondary_y=True,
+            showgrid=False,
+            rangemode="tozero",
+            tickmode="auto",
         )
     fig.update_xaxes(title={"text": x_label})
     fig.update_layout(
