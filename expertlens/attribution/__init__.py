@@ -14,6 +14,8 @@ Every method returns an :class:`AttributionTable` (or :class:`RoutingChange`): p
 
 from ._table import COMPONENT_KINDS, AttributionTable, Component
 from .direct import DirectAttribution, LogitDiff, direct_attribution
+from .patching import PATCH_KINDS, ComponentAblation, activation_patching, attribution_patching
+from .routing import RoutingChange, routing_change
 
 __all__ = [
     "AttributionTable",
@@ -22,4 +24,10 @@ __all__ = [
     "DirectAttribution",
     "LogitDiff",
     "direct_attribution",
+    "PATCH_KINDS",
+    "attribution_patching",
+    "activation_patching",
+    "ComponentAblation",
+    "RoutingChange",
+    "routing_change",
 ]

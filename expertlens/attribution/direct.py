@@ -151,7 +151,7 @@ class _Recorder:
         self.records, self.current = [], None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DirectAttribution(Intervention):
     """An intervention that records, on each forward, what every component writes toward a target.
 
