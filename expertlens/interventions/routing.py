@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..families import GroupLimitedSoftmax, SigmoidGroupTopK
+from ..families import BiasedSoftmaxTopK, GroupLimitedSoftmax, SigmoidGroupTopK
 from .base import Intervention
 from .selectors import (
     LayerSpec,
@@ -48,6 +48,88 @@ def _n_groups(model: ExpertModel, layer: int) -> tuple[int, int] | None:
     return None
 
 
+def _biased_selection(model: ExpertModel) -> bool:
+    """Families that choose on ``score + correction bias``: a logit edit alone cannot always win."""
+    return isinstance(model.spec.rule, (SigmoidGroupTopK, BiasedSoftmaxTopK))
+
+
+def _reroute(
+    model: ExpertModel, layer: int, logits: Tensor, masked: Tensor | None, forced: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The family's routing of ``logits`` [T, E] with the *selection score* of masked experts set to
+    −inf and of forced experts to +inf; weights by the family's rule from the chosen experts."""
+    rule, router, k = model.spec.rule, _router(model, layer), model.top_k
+
+    def adjust(choice: Tensor) -> Tensor:
+        if masked is not None and len(masked):
+            choice[:, masked] = float("-inf")
+        if forced is not None and len(forced):
+            choice[:, forced] = float("inf")
+        return choice
+
+    if isinstance(rule, SigmoidGroupTopK):
+        scores = logits.float().sigmoid()
+        choice = adjust(scores + router.e_score_correction_bias.float())
+        n_group, E = int(router.num_group), scores.shape[-1]
+        group_scores = choice.view(-1, n_group, E // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=int(router.topk_group), dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, E // n_group).reshape(-1, E)
+        choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+        idx = torch.topk(choice, k=k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, idx)
+        if router.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * router.routed_scaling_factor, idx
+    probs = torch.softmax(logits.float(), dim=-1, dtype=torch.float)
+    idx = torch.topk(adjust(router.moe_statics(probs)), k, dim=-1)[1]
+    weights = torch.gather(probs, dim=-1, index=idx)
+    return weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=router.norm_min), idx
+
+
+def _guarantee(
+    model: ExpertModel, layer: int, masked: Tensor | None, forced: Tensor | None, pos, rows
+) -> list[EditHandle]:
+    """For biased-selection families: re-route (by the family's rule) the tokens where the edited
+    logits still selected a masked expert or missed a forced one. Returns the edit handles."""
+    if not _biased_selection(model):
+        return []
+    stash: dict[str, Any] = {}
+
+    def grab_logits(logits, ctx):
+        stash["logits"] = logits
+        return logits
+
+    def fix_indices(idx, ctx):
+        bad = torch.zeros(idx.shape[:-1], dtype=torch.bool, device=idx.device)
+        if masked is not None and len(masked):
+            bad |= torch.isin(idx, masked).any(-1)
+        if forced is not None and len(forced):
+            bad |= ~(idx.unsqueeze(-1) == forced).any(-2).all(-1)
+        sel = token_selection(pos, rows, ctx, idx)
+        if sel is not None:
+            bad &= sel
+        stash["bad"] = bad
+        if not bool(bad.any()):
+            return idx
+        logits = stash["logits"]
+        w, new = _reroute(model, layer, logits.reshape(-1, logits.shape[-1]), masked, forced)
+        stash["w"] = w.reshape(*idx.shape)
+        return torch.where(bad.unsqueeze(-1), new.reshape(idx.shape).to(idx.dtype), idx)
+
+    def fix_weights(w, ctx):
+        bad = stash.pop("bad")
+        if not bool(bad.any()):
+            return w
+        return torch.where(bad.unsqueeze(-1), stash.pop("w").to(w.dtype), w)
+
+    return [
+        model.add_edit("moe.router_logits", grab_logits, layer=layer),
+        model.add_edit("moe.topk_indices", fix_indices, layer=layer),
+        model.add_edit("moe.topk_weights", fix_weights, layer=layer),
+    ]
+
+
 @dataclass(frozen=True, eq=False)
 class MaskExperts(Intervention):
     """Never route to some experts: their router logits become ``−inf`` before the family's router.
@@ -55,7 +137,10 @@ class MaskExperts(Intervention):
     With ``ℓ_e = −inf`` the expert's softmax probability (or sigmoid score) is exactly 0 and it
     loses every top-k comparison; the remaining weights are renormalised by the family's own rule
     (e.g. Mixtral: ``w_i = p_i / Σ_{j∈topk} p_j`` over the unmasked softmax). At least ``top_k``
-    experts per layer must stay unmasked.
+    experts per layer must stay unmasked. Families that choose on ``score + correction bias``
+    (deepseek_v3, glm4_moe, ernie4_5_moe) can still pick a zero-score expert with a large bias;
+    there, tokens that did are re-routed by the family's rule with that expert's selection score
+    at −inf (the weights come from the family's scores of the experts actually chosen).
 
     Example:
         >>> from expertlens.interventions import MaskExperts
@@ -90,6 +175,7 @@ class MaskExperts(Intervention):
                 return apply_masked(logits, new, token_selection(pos, rows, ctx, logits))
 
             handles.append(model.add_edit("moe.router_logits", edit, layer=layer))
+            handles += _guarantee(model, layer, idx, None, pos, rows)
         return handles
 
 
@@ -137,7 +223,9 @@ class ForceExperts(Intervention):
     *selection score* ``σ(ℓ_f) + b_f`` exceeds every other expert's by ``margin``; for
     group-limited routers whose forced experts fill all ``topk_group`` groups, experts in other
     groups are masked (they could not be chosen anyway). The family's router then computes the
-    weights from the edited logits (its own renormalisation). Forcing more than ``top_k``
+    weights from the edited logits (its own renormalisation). For correction-bias families any
+    token that still misses a forced expert is re-routed by the family's rule with the forced
+    selection scores at +inf. Forcing more than ``top_k``
     experts, or experts in more groups than ``topk_group``, is an error.
 
     Example:
@@ -185,6 +273,7 @@ class ForceExperts(Intervention):
                 return apply_masked(logits, new, token_selection(pos, rows, ctx, logits))
 
             handles.append(model.add_edit("moe.router_logits", edit, layer=layer))
+            handles += _guarantee(model, layer, None, idx, pos, rows)
         return handles
 
 
@@ -251,22 +340,16 @@ class RouterBias(Intervention):
             else:
                 dense = [i for i in range(model.n_layers) if i not in moe and bool(b[i].ne(0).any())]
                 if dense:
-                    raise ValueError(
-                        f"RouterBias: rows {dense} are dense layers (no router) but are non-zero"
-                    )
+                    raise ValueError(f"RouterBias: rows {dense} are dense layers (no router) but are non-zero")
                 rows = {layer: b[layer] for layer in moe}
         else:
             raise TypeError("RouterBias: bias must be an [L, E] tensor or a dict {layer: [E] tensor}")
         out = {}
         for layer, b in rows.items():
             if b.shape != (E,):
-                raise ValueError(
-                    f"RouterBias: layer {layer} bias has shape {tuple(b.shape)}; accepted is ({E},)"
-                )
+                raise ValueError(f"RouterBias: layer {layer} bias has shape {tuple(b.shape)}; accepted is ({E},)")
             if not bool(torch.isfinite(b).all()):
-                raise ValueError(
-                    f"RouterBias: layer {layer} bias has NaN/inf; only finite values are accepted"
-                )
+                raise ValueError(f"RouterBias: layer {layer} bias has NaN/inf; only finite values are accepted")
             out[layer] = b.detach().to(device=model.device, dtype=torch.float32)
         return out
 
@@ -280,9 +363,7 @@ class RouterBias(Intervention):
         for layer, b in self._table(model).items():
 
             def edit(logits, ctx, b=b):
-                return apply_masked(
-                    logits, logits + b.to(logits.dtype), token_selection(pos, rows, ctx, logits)
-                )
+                return apply_masked(logits, logits + b.to(logits.dtype), token_selection(pos, rows, ctx, logits))
 
             handles.append(model.add_edit("moe.router_logits", edit, layer=layer))
         return handles
@@ -374,8 +455,7 @@ class SteerMoE(Intervention):
         for layer, ex in act.items():
             if len(ex) > model.top_k:
                 raise ValueError(
-                    f"SteerMoE: {len(ex)} experts activated at layer {layer}; at most "
-                    f"top_k={model.top_k} can be"
+                    f"SteerMoE: {len(ex)} experts activated at layer {layer}; at most top_k={model.top_k} can be"
                 )
             both = set(ex) & set(deact.get(layer, []))
             if both:
@@ -385,8 +465,7 @@ class SteerMoE(Intervention):
         for layer, ex in deact.items():
             if model.n_experts - len(ex) < model.top_k:
                 raise ValueError(
-                    f"SteerMoE: deactivating {len(ex)} experts at layer {layer} leaves fewer than "
-                    f"top_k={model.top_k}"
+                    f"SteerMoE: deactivating {len(ex)} experts at layer {layer} leaves fewer than top_k={model.top_k}"
                 )
         return act, deact
 
