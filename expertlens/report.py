@@ -86,6 +86,19 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
+def _is_number(v: Any) -> bool:
+    if hasattr(v, "numel") and hasattr(v, "item"):
+        return v.numel() == 1 and not isinstance(v.item(), bool)
+    if isinstance(v, (np.ndarray, np.generic)):
+        return v.size == 1 and v.dtype.kind in "iuf"
+    return isinstance(v, numbers.Number) and not isinstance(v, bool)
+
+
+def _cell(v: Any) -> str:
+    """One ``<td>``; numbers are right-aligned (``class=num``)."""
+    return f"<td class=num>{_fmt(v)}</td>" if _is_number(v) else f"<td>{_fmt(v)}</td>"
+
+
 def _fmt_plain(v: Any) -> str:
     return html.unescape(_fmt(v))
 
@@ -134,14 +147,8 @@ def table_html(table: TableLike | Any, caption: str | None = None) -> str:
         <table class="el-table"><caption>best</caption><thead><tr><th>layer</th><th>kl</th></tr>...
     """
     cols, rows = _rows(table)
-    numeric = [all(isinstance(r[i], numbers.Number) for r in rows) and bool(rows) for i in range(len(cols))]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join(
-        "<tr>"
-        + "".join(f"<td{' class=num' if numeric[i] else ''}>{_fmt(v)}</td>" for i, v in enumerate(r))
-        + "</tr>"
-        for r in rows
-    )
+    body = "".join("<tr>" + "".join(_cell(v) for v in r) + "</tr>" for r in rows)
     cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
     return f'<table class="el-table">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
@@ -189,8 +196,7 @@ def _as_sections(obj: Any) -> list[Section]:
                 raise TypeError(f"report items must be Section or plotly Figure, got {type(item).__name__}")
         return out
     raise TypeError(
-        "report() needs a Section, a list of Sections or an object with .sections(), "
-        f"got {type(obj).__name__}"
+        f"report() needs a Section, a list of Sections or an object with .sections(), got {type(obj).__name__}"
     )
 
 
