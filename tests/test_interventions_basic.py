@@ -223,7 +223,7 @@ def test_runtime_errors_and_exceptions_clean_up():
     assert clean(model)
     with pytest.raises(RuntimeError, match="boom"):
         with model.intervene(AddVector("resid_pre", vec(1), layers=1), MaskExperts({1: [2]})):
-            assert model.n_edits() == 2
+            assert model.n_edits() >= 2
             raise RuntimeError("boom")
     assert clean(model)
 
