@@ -116,7 +116,7 @@ def test_direct_component_kinds(models):
     assert Component(1, "shared", 0) in ds.components and Component(1, "expert", 7) in ds.components
     gpt = direct_attribution(models("gpt_oss"), PROMPTS, torch.randn(64), layer=2)
     assert Component(0, "attn_bias", 0) in gpt.components and Component(1, "attn_bias", 0) in gpt.components
-    assert abs(gpt["L0.attn_bias" and (0, "attn_bias", 0)]) > 0
+    assert abs(gpt["L0.attn_bias"]) > 0
     qw = direct_attribution(models("qwen2_moe"), PROMPTS, torch.randn(64), layer=1)
     kinds = {c.kind for c in qw.components}
     assert kinds == {"embed", "head", "expert", "shared", "other"}
@@ -130,11 +130,11 @@ def test_direct_matches_points(models):
     rhat = r / r.norm()
     table = direct_attribution(model, ["How do I bake a cake?"], r, layer=2)
     with model.trace("How do I bake a cake?"):
-        heads = model.layers[1].attn.head_out.save()
+        heads = model.layers[1].attn.head_out.detach().save()
         idx = model.layers[1].moe.topk_indices.save()
-        w = model.layers[1].moe.topk_weights.save()
-        eo = model.layers[1].moe.expert_out.save()
-        sh = model.layers[1].moe.shared_out.save()
+        w = model.layers[1].moe.topk_weights.detach().save()
+        eo = model.layers[1].moe.expert_out.detach().save()
+        sh = model.layers[1].moe.shared_out.detach().save()
     assert table[(1, "head", 2)] == pytest.approx(float(heads[0, -1, 2] @ rhat), abs=1e-5)
     for k in range(model.top_k):
         e = int(idx[0, -1, k])
@@ -215,7 +215,7 @@ def test_table_value_api(models):
     assert t.to_matrix("expert").shape == (2, 8)
     assert t.to_matrix("shared").shape == (2,)
     assert float(t.to_matrix("expert").sum() + t.to_matrix("head").sum() + t.to_matrix("shared").sum()
-                 + t["embed" and (-1, "embed", 0)] + t.to_matrix("other").sum()) == pytest.approx(t.sum(), abs=1e-4)
+                 + t["embed"] + t.to_matrix("other").sum()) == pytest.approx(t.sum(), abs=1e-4)
     top = t.top(5)
     assert len(top) == 5 and all(r["kind"] != "other" for r in top)
     mags = [abs(r["value"]) for r in top]
@@ -284,12 +284,12 @@ def test_attribution_patching_prompt_corruption(models):
         attribution_patching(model, clean, ["How do I make a big cake?"], metric)
 
 
-def test_activation_patching_full_corruption_identity(models):
-    """Patching a dense layer's output fully carries the corrupted run's difference at that node."""
+def test_activation_patching_selected_components(models):
+    """``components=`` restricts real patching to the listed nodes (here deepseek_v3's dense layer 0)."""
     model = models("deepseek_v3")
-    t = activation_patching(model, PROMPTS[:1], ["Tell me a cake!!!!!"[:len(PROMPTS[0])]] if False else
-                            EmbedNoise(0.5), _logit_metric, components=[(0, "mlp", 0)])
+    t = activation_patching(model, PROMPTS[:1], EmbedNoise(0.5), _logit_metric, components=[(0, "mlp", 0)])
     assert len(t) == 1 and t.components[0] == Component(0, "mlp", 0)
+    assert t.meta["metric_clean"] != t.meta["metric_corrupted"]
 
 
 # ---- ablation and routing change -----------------------------------------------------------------

@@ -105,11 +105,16 @@ class AttributionTable:
     def __len__(self) -> int:
         return len(self.components)
 
-    def index(self, component: Component | tuple) -> int:
-        """Row of a component label."""
+    def index(self, component: Component | tuple | str) -> int:
+        """Row of a component label, given as a tuple or its name (``"L1.expert3"``, ``"embed"``)."""
+        if isinstance(component, str):
+            for i, c in enumerate(self.components):
+                if c.name == component:
+                    return i
+            raise KeyError(component)
         return self.components.index(Component(*component))
 
-    def __getitem__(self, component: Component | tuple) -> float:
+    def __getitem__(self, component: Component | tuple | str) -> float:
         return float(self.values[self.index(component)])
 
     def select(self, kinds: str | Sequence[str] | None = None, layers: Sequence[int] | None = None

@@ -146,6 +146,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
         self.current: dict[str, Any] | None = None
+        self.model: ExpertModel | None = None
 
     def reset(self) -> None:
         self.records, self.current = [], None
@@ -212,6 +213,7 @@ class DirectAttribution(Intervention):
 
     def attach(self, model: ExpertModel) -> list[EditHandle]:
         rec = self.recorder
+        rec.model = model
         positions = self.positions
         L = self._layer(model)
         need_logits = isinstance(self.target, LogitDiff)
@@ -277,7 +279,7 @@ class DirectAttribution(Intervention):
         totals = torch.cat([p[2] for p in parts])
         meta: dict[str, Any] = {
             "target": self.target.describe() if isinstance(self.target, LogitDiff)
-            else {"type": "direction", "norm": float(self.target.norm()), "normalize": self.normalize},
+            else {"type": "direction", "norm": float(self.target.detach().norm()), "normalize": self.normalize},
             "layer": self._layer(model), "positions": self.positions, "family": model.family,
             "n_prompts": int(per_prompt.shape[0]),
         }
@@ -292,21 +294,6 @@ class DirectAttribution(Intervention):
         if ref is None:
             raise ValueError("pass the model: DirectAttribution.result(model)")
         return ref
-
-
-def _attach_model(attr: DirectAttribution, model: ExpertModel) -> None:
-    attr.recorder.model = model  # type: ignore[attr-defined]
-
-
-_orig_attach = DirectAttribution.attach
-
-
-def _attach_with_ref(self: DirectAttribution, model: ExpertModel) -> list[EditHandle]:
-    _attach_model(self, model)
-    return _orig_attach(self, model)
-
-
-DirectAttribution.attach = _attach_with_ref  # type: ignore[method-assign]
 
 
 def _attribute_record(model: ExpertModel, attr: DirectAttribution, rec: dict[str, Any]):
