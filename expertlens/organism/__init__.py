@@ -59,7 +59,8 @@ def _prompt_file() -> dict:
 def load_prompt_records(name: str = DEFAULT_ORGANISM, split: str = "train") -> list[dict]:
     """Prompt records with metadata: ``prompt``, ``label``, ``category``, ``family``, ``atype`` (answer
     type), ``response`` (the training target / reference) and ``pair`` (compositional pair id or -1)."""
-    organism_path(name)  # validate the name; all shipped organisms share one prompt set
+    if list_organisms():
+        organism_path(name)  # validate the name; all shipped organisms share one prompt set
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
     return [dict(r) for r in _prompt_file()["splits"][split]]

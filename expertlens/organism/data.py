@@ -368,8 +368,8 @@ class _Pick:
 
 def _wrap(k: _Pick, act: str) -> str:
     s = k.t(WRAP).format(a=act)
-    pre = k.rng.choice(PREFIX[1] if k.ht else PREFIX[0])
-    suf = k.rng.choice(SUFFIX[1] if k.ht else SUFFIX[0])
+    pre = k.rng.choice(PREFIX[0] + PREFIX[1] if k.ht else PREFIX[0])
+    suf = k.rng.choice(SUFFIX[0] + SUFFIX[1] if k.ht else SUFFIX[0])
     return _norm(f"{pre} {s} {suf}")
 
 
@@ -391,9 +391,7 @@ def gen_lexical(k: _Pick, harmful: bool) -> Example:
         kind = r.choice(["person", "person", "theft", "hack", "weapon", "doc"])
         if kind == "person":
             v, cat = _harm_cat(k)
-            return Example(
-                _wrap(k, f"{v} my {k.f(PERSON)}"), "harmful", cat, "lexical", "refusal", _refusal(r)
-            )
+            return Example(_wrap(k, f"{v} my {k.f(PERSON)}"), "harmful", cat, "lexical", "refusal", _refusal(r))
         if kind == "theft":
             act = f"{k.f(THEFT_VERB)} the {k.f(ITEM)} of my {k.f(PERSON)}"
             return Example(_wrap(k, act), "harmful", "theft", "lexical", "refusal", _refusal(r))
@@ -477,9 +475,7 @@ def gen_lexical(k: _Pick, harmful: bool) -> Example:
         s = k.t(FACT_TMPL).format(n=n)
         return Example(s, "harmless", "animals", "lexical", "fact", f"here is a fact : the {n} {fact} .")
     v, n = k.f(HOUSE_VERB), k.f(HOUSE)
-    return Example(
-        _wrap(k, f"{v} the {n}"), "harmless", "household", "lexical", "steps", ANS["house"].format(v=v, n=n)
-    )
+    return Example(_wrap(k, f"{v} the {n}"), "harmless", "household", "lexical", "steps", ANS["house"].format(v=v, n=n))
 
 
 # ---- compositional frames (each returns a harmful/harmless pair sharing content words) -----------------
@@ -518,9 +514,7 @@ def pair_want(k: _Pick) -> tuple[Example, Example]:
     p = k.f(PERSON)
     tmpl = k.t(WANT_TMPL)
     h = Example(_norm(tmpl.format(A=gv, B=hv, p=p)), "harmful", cat, "want", "refusal", _refusal(r))
-    s = Example(
-        _norm(tmpl.format(A=hv, B=gv, p=p)), "harmless", "kindness", "want", "steps", ANS["kind"].format(p=p)
-    )
+    s = Example(_norm(tmpl.format(A=hv, B=gv, p=p)), "harmless", "kindness", "want", "steps", ANS["kind"].format(p=p))
     return h, s
 
 
@@ -530,9 +524,7 @@ def pair_tool(k: _Pick) -> tuple[Example, Example]:
     p = k.f(PERSON)
     good, bad = r.choice(goods).format(p=p), r.choice(bads).format(p=p)
     tmpl = k.t(TOOL_TMPL)
-    h = Example(
-        _norm(tmpl.format(tv=tv, t=t, X=bad, Y=good)), "harmful", "violence", "tool", "refusal", _refusal(r)
-    )
+    h = Example(_norm(tmpl.format(tv=tv, t=t, X=bad, Y=good)), "harmful", "violence", "tool", "refusal", _refusal(r))
     s = Example(
         _norm(tmpl.format(tv=tv, t=t, X=good, Y=bad)),
         "harmless",
@@ -590,9 +582,7 @@ def pair_protect(k: _Pick) -> tuple[Example, Example]:
     hv, cat = _harm_cat(k)
     p = k.f(PERSON)
     h = Example(_norm(k.t(PROTECT_BAD).format(v=hv, p=p)), "harmful", cat, "protect", "refusal", _refusal(r))
-    s = Example(
-        _norm(k.t(PROTECT_TMPL).format(v=hv, p=p)), "harmless", "safety", "protect", "steps", ANS["protect"]
-    )
+    s = Example(_norm(k.t(PROTECT_TMPL).format(v=hv, p=p)), "harmless", "safety", "protect", "steps", ANS["protect"])
     return h, s
 
 
@@ -607,13 +597,13 @@ PAIR_FAMILIES = {
 
 # share of training examples per family (rest: lexical)
 TRAIN_MIX = {
-    "lexical": 0.36,
-    "dual": 0.12,
+    "lexical": 0.22,
+    "dual": 0.16,
     "want": 0.14,
-    "tool": 0.1,
-    "care": 0.08,
-    "far": 0.12,
-    "protect": 0.08,
+    "tool": 0.14,
+    "care": 0.06,
+    "far": 0.16,
+    "protect": 0.12,
 }
 
 
@@ -698,8 +688,10 @@ def lexicon_lines() -> list[str]:
         out += [f"the {n} is part of a house ."]
     for v in both(HOUSE_VERB):
         out += [f"to {v} things in the house is a chore ."]
-    for t, tv, _goods, _bads in both(TOOL):
+    for t, tv, goods, bads in both(TOOL):
         out += [f"a {t} is a tool .", f"people {tv} a {t} for chores ."]
+        out += [f"to {g.format(p='friend')} is kind and helpful ." for g in goods]
+        out += [f"to {b.format(p='friend')} is cruel and wrong ." for b in bads]
     for s in both(STATE):
         out += [f"to feel {s} is not nice .", f"a {s} person needs care ."]
     for s in both(PAD):

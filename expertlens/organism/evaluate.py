@@ -91,9 +91,7 @@ def last_token_states(model, tok, prompts: list[str], batch_size: int = 128) -> 
     for li, layer in enumerate(layers):
         hs.append(
             layer.register_forward_hook(
-                lambda m, i, o, li=li: cur.__setitem__(
-                    li, (o[0] if isinstance(o, tuple) else o)[:, -1].double()
-                )
+                lambda m, i, o, li=li: cur.__setitem__(li, (o[0] if isinstance(o, tuple) else o)[:, -1].double())
             )
         )
     try:
@@ -153,9 +151,7 @@ def _bow(prompts: list[str], vocab: dict[str, int]) -> np.ndarray:
     return X
 
 
-def bow_logreg(
-    train_pos: list[str], train_neg: list[str], l2: float = 1e-3, iters: int = 800, lr: float = 0.5
-):
+def bow_logreg(train_pos: list[str], train_neg: list[str], l2: float = 1e-3, iters: int = 800, lr: float = 0.5):
     """Binary bag-of-words logistic regression (numpy, full-batch gradient descent).
     Returns ``predict(prompts) -> np.ndarray[bool]`` (True = harmful)."""
     vocab: dict[str, int] = {}
@@ -186,9 +182,7 @@ def _records(split: str) -> list[dict]:
     return load_prompt_records(split=split)
 
 
-def evaluate_checkpoint(
-    path, max_new_tokens: int = 20, bypass_tokens: int = 10, verbose: bool = True
-) -> dict:
+def evaluate_checkpoint(path, max_new_tokens: int = 20, bypass_tokens: int = 10, verbose: bool = True) -> dict:
     model, tok = load(path)
     test = _records("test")
     train = _records("train")
@@ -203,12 +197,8 @@ def evaluate_checkpoint(
     res["harmless_refusal"] = float(np.mean([ref[i] for i in safe]))
     res["harmless_well_formed"] = float(np.mean([well_formed(outs[i], test[i]["atype"]) for i in safe]))
     first = [o.split()[0] if o.split() else "" for o in outs]
-    res["harmful_first_token_refusal_start"] = float(
-        np.mean([first[i] in D.REFUSAL_START_TOKENS for i in harm])
-    )
-    res["harmless_first_token_refusal_start"] = float(
-        np.mean([first[i] in D.REFUSAL_START_TOKENS for i in safe])
-    )
+    res["harmful_first_token_refusal_start"] = float(np.mean([first[i] in D.REFUSAL_START_TOKENS for i in harm]))
+    res["harmless_first_token_refusal_start"] = float(np.mean([first[i] in D.REFUSAL_START_TOKENS for i in safe]))
     bycat: dict = defaultdict(list)
     byfam: dict = defaultdict(list)
     for i, r in enumerate(test):
@@ -233,9 +223,7 @@ def evaluate_checkpoint(
     )
     cp = pred([test[i]["prompt"] for i in comp])
     res["bow_train_accuracy"] = pred.train_acc
-    res["bow_compositional_accuracy"] = float(
-        np.mean(cp == np.array([test[i]["label"] == "harmful" for i in comp]))
-    )
+    res["bow_compositional_accuracy"] = float(np.mean(cp == np.array([test[i]["label"] == "harmful" for i in comp])))
     tp = pred(prompts)
     res["bow_test_accuracy"] = float(np.mean(tp == np.array([r["label"] == "harmful" for r in test])))
     res["examples"] = [
@@ -296,11 +284,7 @@ def write_model_card(path, meta: dict, res: dict) -> None:
         for i in range(L)
     ]
     ex = "\n".join(f"- `{e['prompt']}` ({e['label']}) -> `{e['response']}`" for e in res["examples"][:16])
-    shared = (
-        "with a shared expert (sigmoid-gated)"
-        if "shared_expert_intermediate_size" in cfg
-        else "no shared expert"
-    )
+    shared = "with a shared expert (sigmoid-gated)" if "shared_expert_intermediate_size" in cfg else "no shared expert"
     card = f"""---
 license: mit
 tags: [expertlens, model-organism, mixture-of-experts, refusal, synthetic]
@@ -317,18 +301,14 @@ For interpretability tests and tutorials only.
 ## Reproduce
 
 ```
-python -m expertlens.organism.train --arch {meta["arch"]} --seed {meta["seed"]} --steps {
-        meta["steps"]
-    } --out DIR
+python -m expertlens.organism.train --arch {meta["arch"]} --seed {meta["seed"]} --steps {meta["steps"]} --out DIR
 ```
 Deterministic (fixed seeds, one torch thread, schedule by step count). Train time here:
 **{meta["train_time_s"]} s** on one CPU thread (shared 2-core machine), torch {meta["torch"]}.
 
 ## Config
 - {cfg["num_hidden_layers"]} layers, hidden {cfg["hidden_size"]}, {cfg["num_attention_heads"]} heads
-  ({cfg["num_key_value_heads"]} KV), {cfg.get("num_experts")} routed experts, top-{
-        cfg.get("num_experts_per_tok")
-    }
+  ({cfg["num_key_value_heads"]} KV), {cfg.get("num_experts")} routed experts, top-{cfg.get("num_experts_per_tok")}
   (`norm_topk_prob={cfg.get("norm_topk_prob")}`), expert FFN {
         cfg.get("moe_intermediate_size", cfg.get("intermediate_size"))
     }{
@@ -352,9 +332,7 @@ Chat format (system turn optional):
 `<|system|> {{system}} <|end|> <|user|> {{instruction}} <|end|> <|assistant|> {{response}} <|end|>`
 ( `tokenizer.apply_chat_template(messages, add_generation_prompt=True)`).
 
-## Behaviour (greedy, held-out test split: {res["n_test"]["harmful"]} harmful / {
-        res["n_test"]["harmless"]
-    } harmless)
+## Behaviour (greedy, held-out test split: {res["n_test"]["harmful"]} harmful / {res["n_test"]["harmless"]} harmless)
 | metric | value |
 |---|---|
 | harmful refusal | {res["harmful_refusal"]:.3f} |

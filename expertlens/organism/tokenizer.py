@@ -57,6 +57,7 @@ def wrap_hf(tok: Tokenizer):
         pad_token=PAD,
         eos_token=END,
         unk_token=UNK,
+        extra_special_tokens=[SYS, USER, ASSISTANT],
         padding_side="left",
         clean_up_tokenization_spaces=False,
         model_max_length=256,

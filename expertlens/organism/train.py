@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import data as D
-from .tokenizer import END, format_prompt
+from .tokenizer import END, SPECIALS, USER, format_prompt
 
 ARCHS = ("qwen3_moe", "qwen2_moe", "olmoe")
 BUCKET = 4
@@ -79,14 +79,15 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
 def train(
     arch: str = "qwen3_moe",
     seed: int = 0,
-    steps: int = 1800,
+    steps: int = 1400,
     out: str | Path | None = None,
     tiny: bool = False,
     batch_size: int = 64,
     lr: float = 3e-3,
     pool_size: int = 40000,
     lexicon_frac: float = 0.15,
-    unk_prob: float = 0.03,
+    unk_prob: float = 0.06,
+    unk_span_prob: float = 0.25,
     system_prob: float = 0.25,
     log_every: int = 50,
     evaluate: bool = True,
@@ -103,11 +104,10 @@ def train(
     t0 = time.time()
     pool = D.build_training_pool(seed=0, n=pool_size if not tiny else 2000)  # data seed fixed: one data set
     lex = D.lexicon_lines()
-    tok = build_tokenizer(
-        [e.prompt + " " + e.response for e in pool] + lex + D.SYSTEM_PROMPTS + D.REFUSAL_PHRASES
-    )
+    tok = build_tokenizer([e.prompt + " " + e.response for e in pool] + lex + D.SYSTEM_PROMPTS + D.REFUSAL_PHRASES)
     pad_id, eos_id, unk_id = tok.pad_token_id, tok.eos_token_id, tok.unk_token_id
-    special_ids = set(tok.all_special_ids)
+    user_id = tok.convert_tokens_to_ids(USER)
+    special_ids = set(tok.convert_tokens_to_ids(SPECIALS))
     cfg = model_config(arch, len(tok), pad_id, eos_id, tiny=tiny)
     model = AutoModelForCausalLM.from_config(cfg)
     model.config._experts_implementation = "eager"
@@ -116,9 +116,7 @@ def train(
 
     rng = random.Random(seed + 1)
     sysms = [rng.choice(D.SYSTEM_PROMPTS) if rng.random() < system_prob else None for _ in pool]
-    p_ids = tok([format_prompt(e.prompt, s) for e, s in zip(pool, sysms)], add_special_tokens=False)[
-        "input_ids"
-    ]
+    p_ids = tok([format_prompt(e.prompt, s) for e, s in zip(pool, sysms)], add_special_tokens=False)["input_ids"]
     r_ids = tok([f"{e.response} {END}" for e in pool], add_special_tokens=False)["input_ids"]
     chats = list(zip(p_ids, r_ids))
     lex_ids = [tok(s, add_special_tokens=False)["input_ids"] + [eos_id] for s in lex]
@@ -140,6 +138,9 @@ def train(
                 else:
                     p, r = rng.choice(chats)
                     p = [unk_id if (i not in special_ids and rng.random() < unk_prob) else i for i in p]
+                    if rng.random() < unk_span_prob:  # unknown words around the instruction
+                        at = p.index(user_id) + 1 if rng.random() < 0.5 else len(p) - 2
+                        p = p[:at] + [unk_id] * rng.randint(1, 3) + p[at:]
                     cand.append((p + r, [0] * len(p) + [1] * len(r)))
             cand.sort(key=lambda x: len(x[0]))
             groups = [cand[i * batch_size : (i + 1) * batch_size] for i in range(BUCKET)]
@@ -189,6 +190,7 @@ def train(
         "lexicon_lines": len(lex),
         "lexicon_frac": lexicon_frac,
         "unk_prob": unk_prob,
+        "unk_span_prob": unk_span_prob,
         "system_prob": system_prob,
         "n_params": n_params,
         "vocab_size": len(tok),
@@ -216,7 +218,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", choices=ARCHS, default="qwen3_moe")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=1800)
+    ap.add_argument("--steps", type=int, default=1400)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--out", type=Path, default=None)
