@@ -35,6 +35,7 @@ __all__ = [
     "HookPoint",
     "EXPERTS_IMPLEMENTATION",
     "expertlens_experts_forward",
+    "expert_forward",
     "register_experts_implementation",
     "Instrumentation",
     "install",
@@ -186,6 +187,31 @@ def register_experts_implementation() -> None:
 
     if EXPERTS_IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
         ExpertsInterface.register(EXPERTS_IMPLEMENTATION, expertlens_experts_forward)
+
+
+def expert_forward(experts: torch.nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
+    """One routed expert applied to ``x`` [n, d] straight from the fused weights (a reference).
+
+    Follows the experts module's own layout flags (``has_gate``, ``has_bias``, ``is_transposed``,
+    ``_apply_gate``), so it is an independent hand computation of what the experts function does.
+    """
+    def lin(inp, w, b):
+        out = inp @ w if experts.is_transposed else F.linear(inp, w)
+        return out + b if b is not None else out
+
+    if experts.has_gate:
+        w_up = experts.gate_up_proj[expert]
+        b_up = experts.gate_up_proj_bias[expert] if experts.has_bias else None
+    else:
+        w_up = experts.up_proj[expert]
+        b_up = experts.up_proj_bias[expert] if experts.has_bias else None
+    h = lin(x, w_up, b_up)
+    h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+    b_down = experts.down_proj_bias[expert] if experts.has_bias else None
+    out = lin(h, experts.down_proj[expert], b_down)
+    if experts.has_post_expert_norm:
+        out = experts.post_expert_norm(out)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,71 @@
+"""The refusal study of "Expert-Aware Refusal Steering" (Marbut, Wheeler, Olson 2026) as a library.
+
+Example:
+    >>> from expertlens.refusal import RefusalConfig
+    >>> RefusalConfig().n_positions
+    5
+"""
+
+from .controls import PATHWAYS, PathwayResult, pathway_ablation, pathway_shares
+from .data import ChatTemplateError, RefusalData, format_chat, load_benchmark, load_prompt_file, post_instruction_len
+from .directions import candidate_directions, mean_activations
+from .evaluate import mean_kl, mean_refusal_score, refusal_rate
+from .methods import (
+    ExpertSearch,
+    expert_directions,
+    expert_output_means,
+    expert_search,
+    method_a_intervention,
+    routing_edit_experts,
+)
+from .routing import RoutingStats, routing_statistics
+from .scores import (
+    REFUSAL_SUBSTRINGS,
+    Judge,
+    SubstringJudge,
+    is_refusal,
+    kl_divergence,
+    refusal_score,
+    refusal_token_ids,
+)
+from .selection import Candidate, DirectionSelection, select_direction
+from .study import RefusalConfig, RefusalStudy, run_refusal_study
+
+__all__ = [
+    "RefusalConfig",
+    "RefusalStudy",
+    "run_refusal_study",
+    "RefusalData",
+    "ChatTemplateError",
+    "format_chat",
+    "post_instruction_len",
+    "load_prompt_file",
+    "load_benchmark",
+    "candidate_directions",
+    "mean_activations",
+    "select_direction",
+    "Candidate",
+    "DirectionSelection",
+    "routing_statistics",
+    "RoutingStats",
+    "method_a_intervention",
+    "routing_edit_experts",
+    "expert_directions",
+    "expert_output_means",
+    "expert_search",
+    "ExpertSearch",
+    "pathway_ablation",
+    "pathway_shares",
+    "PathwayResult",
+    "PATHWAYS",
+    "refusal_rate",
+    "mean_refusal_score",
+    "mean_kl",
+    "REFUSAL_SUBSTRINGS",
+    "Judge",
+    "SubstringJudge",
+    "is_refusal",
+    "kl_divergence",
+    "refusal_score",
+    "refusal_token_ids",
+]

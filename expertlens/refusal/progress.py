@@ -1,0 +1,33 @@
+"""Progress bars that stay quiet in tests and pipes unless asked."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from tqdm.auto import tqdm
+
+__all__ = ["progress", "set_progress"]
+
+_ENABLED: bool | None = None
+
+
+def set_progress(enabled: bool | None) -> None:
+    """Force progress bars on/off (``None``: on when stderr is a terminal or EXPERTLENS_PROGRESS=1)."""
+    global _ENABLED
+    _ENABLED = enabled
+
+
+def _enabled() -> bool:
+    if _ENABLED is not None:
+        return _ENABLED
+    if os.environ.get("EXPERTLENS_PROGRESS"):
+        return os.environ["EXPERTLENS_PROGRESS"] not in ("0", "false", "")
+    return sys.stderr.isatty()
+
+
+def progress(items, desc: str | None = None, **kwargs):
+    """``tqdm(items)`` when progress is enabled, else ``items`` unchanged."""
+    if not _enabled() or desc is None:
+        return items
+    return tqdm(items, desc=desc, leave=False, **kwargs)
