@@ -51,9 +51,9 @@ def resolve_positions(positions: Positions, p: int) -> list[int] | None:
 
 
 def pick(x: Tensor, idx: list[int] | None) -> Tensor:
-    """``x[:, idx]`` (a detached copy), or all of ``x``."""
+    """``x[:, idx]`` (a detached CPU copy), or all of ``x``."""
     x = x.detach()
-    return (x if idx is None else x[:, idx]).clone()
+    return (x if idx is None else x[:, idx]).to("cpu", copy=True)
 
 
 def original_call(module: nn.Module, x: Tensor) -> Tensor:
@@ -72,11 +72,21 @@ def frozen_norm(module: nn.Module, x: Tensor) -> tuple[Tensor, bool, Tensor | No
     all-ones input) give ``center=False, bias=None``; ``nn.LayerNorm`` gives ``center=True`` and its
     bias. Other norms raise ``NotImplementedError``.
     """
+    out = _frozen_norm(module, x.to(_module_device(module)))
+    return out[0].cpu(), out[1], None if out[2] is None else out[2].cpu()
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _frozen_norm(module: nn.Module, x: Tensor) -> tuple[Tensor, bool, Tensor | None]:
     xf = x.float()
     if isinstance(module, nn.LayerNorm):
         mu = xf.mean(-1, keepdim=True)
         var = (xf - mu).pow(2).mean(-1, keepdim=True)
-        w = module.weight.detach().float() if module.weight is not None else torch.ones(x.shape[-1])
+        w = module.weight.detach().float() if module.weight is not None else torch.ones_like(xf[0, 0])
         scale = torch.rsqrt(var + module.eps) * w
         bias = module.bias.detach().float() if module.bias is not None else None
         return scale, True, bias

@@ -129,10 +129,10 @@ class LogitDiff:
         """``(u, c)``: the logit difference is ``normed_resid · u + c``."""
         pos, neg = self.token_ids(model)
         head = get_module(model.hf_model, model.spec.lm_head)
-        w = head.weight.detach().float()
+        w = head.weight.detach().float().cpu()
         u = w[pos].mean(0) - w[neg].mean(0)
         b = getattr(head, "bias", None)
-        c = float(b[pos].float().mean() - b[neg].float().mean()) if b is not None else 0.0
+        c = float(b[pos].detach().float().mean() - b[neg].detach().float().mean()) if b is not None else 0.0
         return u, c
 
     def describe(self) -> dict[str, Any]:
@@ -317,7 +317,7 @@ def _attribute_record(model: ExpertModel, attr: DirectAttribution, rec: dict[str
         measured = attr.target.from_logits(model, rec["logits"].float())
         frozen_err = float(((final * D).sum(-1) + const - measured).abs().max())
     else:
-        r = attr.target.detach().float().to(final.device)
+        r = attr.target.detach().float().cpu()
         if attr.normalize:
             r = r / r.norm().clamp_min(1e-12)
         D = r.expand(b, n, d)
@@ -349,13 +349,13 @@ def _attribute_record(model: ExpertModel, attr: DirectAttribution, rec: dict[str
         # attention
         if info["o_proj"] is not None:
             z = rec[("z", li)].float()  # [b, n, h, dh]
-            w_o = model.layers[li].attn.o_weight.detach().float()  # [d, h, dh]
+            w_o = model.layers[li].attn.o_weight.detach().float().cpu()  # [d, h, dh]
             heads = torch.einsum("bnhk,dhk->bnhd", z, w_o)
             layer_cols += list((heads * Da[:, :, None, :]).sum(-1).unbind(-1))
             write_a = heads.sum(2)
             bias = model.layers[li].attn.o_bias
             if bias is not None:
-                bias = bias.detach().float()
+                bias = bias.detach().float().cpu()
                 layer_cols.append((bias * Da).sum(-1))
                 write_a = write_a + bias
         else:

@@ -124,7 +124,8 @@ def _expert_proj(acts: dict, layer: int, grad: Tensor, n_experts: int) -> Tensor
     """``[E]``: Σ over tokens of each expert's weighted output dotted with ``grad``."""
     w, idx, eo = acts[("topk_w", layer)], acts[("topk_i", layer)], acts[("expert_out", layer)]
     q = w.float() * (eo.float() * grad[:, :, None, :]).sum(-1)  # [b, p, k]
-    return torch.zeros(*q.shape[:2], n_experts).scatter_add_(-1, idx.long(), q).sum((0, 1))
+    zeros = torch.zeros(*q.shape[:2], n_experts, device=q.device)
+    return zeros.scatter_add_(-1, idx.long(), q).sum((0, 1))
 
 
 def _nodes(model: ExpertModel, kinds: Sequence[str]) -> list[Component]:
