@@ -23,7 +23,7 @@ from ..model import EDITABLE_POINTS, PointError
 if TYPE_CHECKING:
     from ..model import EditContext, ExpertModel
 
-__all__ = ["Positions", "LayerSpec", "resolve_layers", "resolve_experts", "point_shape", "check_vector"]
+__all__ = ["Positions", "LayerSpec", "resolve_layers", "point_shape"]
 
 LayerSpec = int | Sequence[int] | slice | str | None
 

@@ -29,7 +29,7 @@ from .selectors import (
 if TYPE_CHECKING:
     from ..model import EditHandle, ExpertModel
 
-__all__ = ["AddVector", "ZeroAblate", "MeanAblate", "ScaleExpert", "Patch", "cache_points", "point_layers"]
+__all__ = ["AddVector", "ZeroAblate", "MeanAblate", "ScaleExpert", "Patch", "cache_points"]
 
 
 def point_layers(model: ExpertModel, point: str, layers: LayerSpec, what: str) -> list[int | None]:
