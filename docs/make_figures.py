@@ -12,6 +12,8 @@ PNG export uses kaleido (``pip install kaleido``), which drives a local Chrome/C
 from __future__ import annotations
 
 import argparse
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +140,22 @@ def main() -> None:
         Section("Refusal direction", figures=[figs["direction_selection_curves"], figs["steering_sweep"]],
                 tables=[{"layer": 9, "pos": -1, "bypass": -3.1, "induce": 4.2, "kl": 0.05}]),
     ]  # fmt: skip
-    print("wrote", report(sections, args.report, title="expertlens demo report"))
+    page = report(sections, args.report, title="expertlens demo report")
+    print("wrote", page)
+    if not args.html_only:
+        screenshot(page, OUT / "report.png")
+
+
+def screenshot(page: Path, png: Path, size: str = "1400,2600") -> None:
+    """Screenshot the top of the HTML report with headless Chromium (skipped if none is installed)."""
+    browser = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if browser is None:
+        print("no Chromium found: skipping the report screenshot")
+        return
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={size}",
+           "--virtual-time-budget=10000", f"--screenshot={png}", page.resolve().as_uri()]  # fmt: skip
+    subprocess.run(cmd, capture_output=True, timeout=120, check=False)
+    print("wrote" if png.exists() else "failed to write", png)
 
 
 if __name__ == "__main__":

@@ -331,7 +331,7 @@ def token_expert_strip(
             "tickmode": "array",
             "tickvals": list(range(n_p)),
             "ticktext": shown,
-            "tickangle": -60 if n_p > 8 else 0,
+            "tickangle": -45 if n_p > 8 else 0,
             "showgrid": False,
         },
         yaxis={

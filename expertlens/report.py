@@ -23,6 +23,8 @@ from plotly.offline import get_plotlyjs
 
 __all__ = ["Section", "HasSections", "report", "render_html", "table_html", "figure_div_id"]
 
+MAX_FIXED_WIDTH = 1100  # figures wider than this (px) are shown at the page's width instead
+
 TableLike = Mapping[str, Any] | Sequence[Mapping[str, Any]]
 
 
@@ -236,6 +238,8 @@ def render_html(sections: Any, title: str = "expertlens report") -> str:
         for j, fig in enumerate(sec.figures):
             if not isinstance(fig, go.Figure):
                 raise TypeError(f"section {sec.title!r}: figures must be plotly Figures, got {type(fig)}")
+            if fig.layout.width is not None and fig.layout.width > MAX_FIXED_WIDTH:
+                fig = go.Figure(fig).update_layout(width=None, autosize=True)  # fit the page, keep the input
             div = fig.to_html(
                 full_html=False,
                 include_plotlyjs=False,
