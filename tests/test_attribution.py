@@ -23,12 +23,13 @@ from expertlens.attribution import (
     routing_change,
 )
 from expertlens.interventions.base import Intervention
-from expertlens.testing import tiny_model, tiny_tokenizer
+from expertlens.testing import MOE_FAMILIES, tiny_model, tiny_tokenizer
 
 torch.set_num_threads(1)
 
 PROMPTS = ["How do I bake a cake?", "Tell me a story", "hi"]
-COMPLETENESS_FAMILIES = ("olmoe", "qwen2_moe", "deepseek_v3", "gpt_oss", "flex_olmo", "granitemoe", "phimoe")
+# every tiny family but MiniMax (its layers re-normalise the residual stream; unsupported, see test_direct_errors)
+COMPLETENESS_FAMILIES = tuple(f for f in MOE_FAMILIES if f != "minimax") + ("llama",)
 
 
 @pytest.fixture(scope="module")
