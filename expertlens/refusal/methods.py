@@ -82,7 +82,8 @@ def method_a_intervention(
     """The routing intervention of method A: calibrated router bias (paper) or SteerMoE's rewrite."""
     force, suppress = routing_edit_experts(selected, mode)
     if kind == "steermoe":
-        return SteerMoE(activate=force, deactivate=suppress)
+        # SteerMoE activates at most top_k experts per layer: keep the largest |Δ| (lists are in |Δ| order).
+        return SteerMoE(activate={k: v[: model.top_k] for k, v in force.items()}, deactivate=suppress)
     if kind != "router_bias":
         raise ValueError(f"kind must be 'router_bias' or 'steermoe', got {kind!r}")
     magnitudes = magnitudes or calibrate_router_bias(model, eps=eps)
