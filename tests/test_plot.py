@@ -359,3 +359,13 @@ def test_report_screenshot(tmp_path: Path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     # a drawn bar chart compresses far worse than a blank page
     assert len(data) > 15_000
+
+
+def test_every_figure_writes_html(tmp_path: Path):
+    """Every figure serialises (as Jupyter rendering does) and ``fig.write_html`` works."""
+    for name, fig in _all_figures().items():
+        assert isinstance(fig, go.Figure)
+        fig.to_plotly_json()
+        out = tmp_path / f"{name}.html"
+        fig.write_html(out, include_plotlyjs=False)
+        assert fig.layout.title.text in out.read_text(encoding="utf-8")
