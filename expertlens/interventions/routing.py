@@ -195,8 +195,10 @@ def _force_logits(model: ExpertModel, layer: int, logits: Tensor, forced: Tensor
         need = (best_other + margin - bias[forced]).clamp(1e-6, 1 - 1e-6)
         target = torch.logit(need).to(logits.dtype)
         new[..., forced] = torch.maximum(logits[..., forced], target)
-        if bool((best_other + margin - bias[forced] >= 1).any()):
-            new[..., forced] = torch.finfo(logits.dtype).max / 4  # saturate: score = 1 + bias
+        # where even σ = 1 cannot win, saturate (score = 1 + bias; the re-route safety net does the rest)
+        saturate = best_other + margin - bias[forced] >= 1
+        big = torch.full_like(new[..., forced], torch.finfo(logits.dtype).max / 4)
+        new[..., forced] = torch.where(saturate, big, new[..., forced])
     else:
         top = logits[..., others].max(dim=-1, keepdim=True).values
         new[..., forced] = torch.maximum(logits[..., forced], top + margin)
