@@ -1,0 +1,103 @@
+"""Loading paths: local folders (from_pretrained), kwargs pass-through, multi-device maps, remote simulation."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from expertlens import ExpertModel
+from expertlens.testing import tiny_model, tiny_tokenizer
+
+from .conftest import make_ids
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    hf = tiny_model("qwen2_moe")
+    path = tmp_path_factory.mktemp("qwen2_moe")
+    hf.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    ids = make_ids()
+    from transformers import AutoModelForCausalLM
+
+    # The reference is the same folder loaded by plain transformers: a reloaded model's memory
+    # layout can move grouped GEMM results in the last bit relative to the in-memory original.
+    with torch.no_grad():
+        reference = AutoModelForCausalLM.from_pretrained(path)(ids).logits
+    return path, ids, reference
+
+
+def test_from_local_folder_offline(saved):
+    path, ids, reference = saved
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    model = ExpertModel(str(path))
+    assert model.family == "qwen2_moe" and model.tokenizer is not None
+    with torch.no_grad(), model.trace(ids):
+        out = model.logits.save()
+    assert torch.equal(out, reference)
+
+
+def test_loading_kwargs_pass_through_and_remote_code_stays_off(saved, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    path, ids, _ = saved
+    seen = {}
+    original = AutoModelForCausalLM.from_pretrained
+
+    def spy(name, **kwargs):
+        seen.update(kwargs)
+        return original(name, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    model = ExpertModel(str(path), dtype=torch.bfloat16)
+    assert seen["trust_remote_code"] is False and seen["dtype"] is torch.bfloat16
+    assert model.dtype == torch.bfloat16
+    with torch.no_grad(), model.trace(ids):
+        eo = model.layers[0].moe.expert_out.save()
+    assert eo.dtype == torch.bfloat16
+
+
+def test_layers_on_different_devices_still_resolve(saved, tmp_path):
+    """A device map that puts layer 1 on 'disk' (accelerate offload, weights moved in at forward)."""
+    path, ids, reference = saved
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.rotary_emb": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.norm": "cpu",
+        "lm_head": "cpu",
+    }
+    model = ExpertModel(str(path), device_map=device_map, offload_folder=str(tmp_path / "offload"))
+    assert hasattr(model.hf_model.model.layers[1], "_hf_hook")  # accelerate really dispatched it
+    with torch.no_grad(), model.trace(ids):
+        logits = model.layers[1].moe.router_logits.save()
+        w = model.layers[1].moe.topk_weights.save()
+        eo = model.layers[1].moe.expert_out.save()
+        shared = model.layers[1].moe.shared_out.save()
+        out_moe = model.layers[1].moe.output.save()
+        out = model.logits.save()
+    assert logits.shape == (2, 7, 8)
+    torch.testing.assert_close((eo * w.unsqueeze(-1)).sum(-2) + shared, out_moe, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+
+
+def test_kwargs_for_a_built_model_are_an_error():
+    with pytest.raises(TypeError, match="only apply when `model` is a name or path"):
+        ExpertModel(tiny_model("olmoe"), tiny_tokenizer(), dtype=torch.bfloat16)
+
+
+def test_points_work_through_nnsight_remote_simulation():
+    """nnsight's remote="local" serialises the trace as for NDIF and runs it with user modules hidden."""
+    model = ExpertModel(tiny_model("qwen2_moe"), tiny_tokenizer())
+    ids = make_ids(1, 7)
+    with torch.no_grad(), model.trace(ids):
+        reference = model.logits.save()
+    with torch.no_grad(), model.trace(ids, remote="local"):
+        resid = model.layers[0].resid_post.save()
+        logits = model.layers[1].moe.router_logits.save()
+        out = model.logits.save()
+    assert resid.shape == (1, 7, 64) and logits.shape == (1, 7, 8)
+    assert torch.equal(out, reference)
