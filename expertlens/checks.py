@@ -14,11 +14,28 @@ __all__ = ["ValidationError", "check_model", "capture_moe"]
 
 
 class ValidationError(RuntimeError):
-    """A wrapped model whose points do not reproduce its own computation."""
+    """A wrapped model whose points do not reproduce its own computation.
+
+    Example:
+        >>> from expertlens.checks import ValidationError
+        >>> issubclass(ValidationError, Exception)
+        True
+    """
 
 
 def capture_moe(model: ExpertModel, input_ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-    """Every MoE point of every MoE layer on ``input_ids`` (one trace)."""
+    """Every MoE point of every MoE layer on ``input_ids`` (one trace).
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("qwen3_moe"), tiny_tokenizer())
+        >>> import torch
+        >>> from expertlens.checks import capture_moe
+        >>> rows = capture_moe(model, torch.tensor([[5, 6, 7]]))
+        >>> sorted(rows[0])[:3]
+        ['expert_out', 'output', 'router_logits']
+    """
     rows = []
     with torch.no_grad(), model.trace(input_ids):
         for i in model.moe_layers:
@@ -43,6 +60,13 @@ def check_model(model: ExpertModel, n_tokens: int = 6, atol: float = 1e-4) -> No
 
     Raises:
         ValidationError: naming the layer and the quantity that disagrees.
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("qwen3_moe"), tiny_tokenizer())
+        >>> from expertlens.checks import check_model
+        >>> check_model(model)   # raises ValidationError if a point does not reproduce the model
     """
     if not model.moe_layers:
         return

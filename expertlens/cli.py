@@ -68,7 +68,17 @@ def _organisms(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``expertlens`` command."""
+    """Entry point of the ``expertlens`` command.
+
+    Example:
+        >>> from expertlens.cli import main
+        >>> main(["organisms"])  # doctest: +SKIP
+        qwen3moe-refusal	.../expertlens/organism/checkpoints/qwen3moe-refusal
+        0
+
+        From a shell: ``expertlens refusal --out runs/organism`` runs the whole study on the bundled
+        organism; ``expertlens refusal --model NAME --harmful FILE --harmless FILE`` on any model.
+    """
     parser = argparse.ArgumentParser(prog="expertlens", description="Mechanistic interpretability for MoE LMs")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("refusal", help="run the expert-aware refusal steering study (default: bundled organism)")

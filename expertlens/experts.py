@@ -55,6 +55,14 @@ class HookPoint(nn.Module):
     """An identity module: a value passed through it is served by nnsight at ``.output``.
 
     Registered edits (``model.add_edit``) run inside it, so nnsight reads the edited value.
+
+    Example:
+        >>> import torch
+        >>> from expertlens.experts import HookPoint
+        >>> hp = HookPoint()
+        >>> hp.edits.append(lambda x: x * 2)
+        >>> hp(torch.ones(2)).tolist()
+        [2.0, 2.0]
     """
 
     def __init__(self) -> None:
@@ -125,6 +133,13 @@ def expertlens_experts_forward(
 
     Registered as experts implementation ``"expertlens"``. Same arguments and result as
     transformers' ``grouped_mm`` implementation (and bit-identical to it).
+
+    Example:
+        >>> import transformers.integrations.moe as moe
+        >>> from expertlens.experts import register_experts_implementation
+        >>> register_experts_implementation()
+        >>> "expertlens" in moe.ALL_EXPERTS_FUNCTIONS  # doctest: +SKIP
+        True
     """
     from transformers.integrations.moe import _grouped_linear
 
@@ -182,7 +197,12 @@ def expertlens_experts_forward(
 
 
 def register_experts_implementation() -> None:
-    """Register ``"expertlens"`` in transformers' experts registry (idempotent)."""
+    """Register ``"expertlens"`` in transformers' experts registry (idempotent).
+
+    Example:
+        >>> from expertlens.experts import register_experts_implementation
+        >>> register_experts_implementation()  # idempotent; ExpertModel calls it for you
+    """
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
     if EXPERTS_IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
@@ -194,6 +214,14 @@ def expert_forward(experts: torch.nn.Module, x: torch.Tensor, expert: int) -> to
 
     Follows the experts module's own layout flags (``has_gate``, ``has_bias``, ``is_transposed``,
     ``_apply_gate``), so it is an independent hand computation of what the experts function does.
+
+    Example:
+        >>> import torch
+        >>> from expertlens.experts import expert_forward
+        >>> from expertlens.testing import tiny_model
+        >>> experts = tiny_model("olmoe").model.layers[0].mlp.experts
+        >>> expert_forward(experts, torch.randn(3, 64), expert=5).shape
+        torch.Size([3, 64])
     """
     def lin(inp, w, b):
         out = inp @ w if experts.is_transposed else F.linear(inp, w)
@@ -327,7 +355,18 @@ def _swap_class(module: nn.Module, kind: str, forward) -> None:
 
 @dataclass
 class Instrumentation:
-    """What :func:`install` did to one model; pass it to :func:`restore` to undo it."""
+    """What :func:`install` did to one model; pass it to :func:`restore` to undo it.
+
+    Example:
+        >>> from expertlens import resolve_family
+        >>> from expertlens.experts import install, restore
+        >>> from expertlens.testing import tiny_model
+        >>> hf = tiny_model("olmoe")
+        >>> inst = install(hf, resolve_family(hf))
+        >>> sorted(inst.routers)
+        [0, 1]
+        >>> restore(hf)
+    """
 
     spec: FamilySpec
     previous_experts_implementation: str | None
@@ -339,6 +378,14 @@ class Instrumentation:
 
 
 def is_installed(model: nn.Module) -> bool:
+    """Whether :func:`install` instrumented ``model`` (and :func:`restore` has not undone it).
+
+    Example:
+        >>> from expertlens.experts import is_installed
+        >>> from expertlens.testing import tiny_model
+        >>> is_installed(tiny_model("olmoe"))
+        False
+    """
     return getattr(model, "_el_instrumentation", None) is not None
 
 
@@ -346,6 +393,16 @@ def install(model: nn.Module, spec: FamilySpec, editable: list[nn.Module] = ()) 
     """Add hook points, wrap routers and MoE blocks, switch to the expertlens experts function.
 
     Safe on failure: anything done before an error is undone before it propagates.
+
+    Example:
+        >>> from expertlens import resolve_family
+        >>> from expertlens.experts import install, is_installed, restore
+        >>> from expertlens.testing import tiny_model
+        >>> hf = tiny_model("olmoe")
+        >>> _ = install(hf, resolve_family(hf))   # ExpertModel does this when wrapping
+        >>> is_installed(hf)
+        True
+        >>> restore(hf)
     """
     if is_installed(model):
         return model._el_instrumentation
@@ -423,7 +480,18 @@ def _undo(model: nn.Module, inst: Instrumentation) -> None:
 
 
 def restore(model: nn.Module) -> None:
-    """Undo :func:`install`: original classes, no hook points, original experts implementation."""
+    """Undo :func:`install`: original classes, no hook points, original experts implementation.
+
+    Example:
+        >>> from expertlens import resolve_family
+        >>> from expertlens.experts import install, is_installed, restore
+        >>> from expertlens.testing import tiny_model
+        >>> hf = tiny_model("olmoe")
+        >>> _ = install(hf, resolve_family(hf))
+        >>> restore(hf)   # same as ExpertModel.restore()
+        >>> is_installed(hf)
+        False
+    """
     inst = model.__dict__.pop("_el_instrumentation", None)
     if inst is not None:
         _undo(model, inst)

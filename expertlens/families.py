@@ -40,11 +40,30 @@ __all__ = [
 
 
 class UnsupportedModelError(ValueError):
-    """Raised when a model's family has no address table, or its modules do not match one."""
+    """Raised when a model's family has no address table, or its modules do not match one.
+
+    Example:
+        >>> from expertlens import UnsupportedModelError, resolve_family
+        >>> try:
+        ...     resolve_family("gpt2")
+        ... except UnsupportedModelError as err:
+        ...     print("register_family" in str(err))
+        True
+    """
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module | None:
-    """Follow a dotted path (``"model.layers"``) from ``root``; ``None`` where it breaks."""
+    """Follow a dotted path (``"model.layers"``) from ``root``; ``None`` where it breaks.
+
+    Example:
+        >>> from expertlens.families import get_module
+        >>> from expertlens.testing import tiny_model
+        >>> hf = tiny_model("olmoe")
+        >>> get_module(hf, "model.layers.0.mlp.gate") is hf.model.layers[0].mlp.gate
+        True
+        >>> get_module(hf, "model.nothing") is None
+        True
+    """
     obj: object = root
     for part in path.split("."):
         if not part:
@@ -71,6 +90,11 @@ class RoutingRule:
     topk_indices)`` from (possibly edited) logits in eval mode, reading the router module's own
     parameters (top-k, correction bias, scaling factor, ...). ``selection_score`` is the score
     the family ranks experts by, used to make masking/forcing certain.
+
+    Example:
+        >>> from expertlens import resolve_family
+        >>> resolve_family("mixtral").rule.describe()
+        'softmax -> top-k -> renormalise (always)'
     """
 
     kind: str = "rule"
@@ -98,6 +122,15 @@ class SoftmaxTopK(RoutingRule):
     ``renorm``: True (always), False (never) or the name of the router attribute holding the
     flag (``"norm_topk_prob"``). ``cast_to_logits_dtype``: Qwen/OLMoE cast weights back to the
     logits' dtype; Mixtral keeps fp32.
+
+    Example:
+        >>> import torch
+        >>> from types import SimpleNamespace
+        >>> from expertlens.families import SoftmaxTopK
+        >>> router = SimpleNamespace(top_k=2, norm_topk_prob=True)
+        >>> weights, idx = SoftmaxTopK().route(torch.tensor([[0.0, 3.0, 1.0, 2.0]]), router)
+        >>> idx.tolist(), round(float(weights.sum()), 4)
+        ([[1, 3]], 1.0)
     """
 
     renorm: bool | str = "norm_topk_prob"
@@ -125,7 +158,13 @@ class SoftmaxTopK(RoutingRule):
 
 @dataclass(frozen=True)
 class GroupLimitedSoftmax(RoutingRule):
-    """DeepSeek-V2: softmax -> (group-limited) greedy top-k -> x routed_scaling_factor, no renorm."""
+    """DeepSeek-V2: softmax -> (group-limited) greedy top-k -> x routed_scaling_factor, no renorm.
+
+    Example:
+        >>> from expertlens import resolve_family
+        >>> type(resolve_family("deepseek_v2").rule).__name__
+        'GroupLimitedSoftmax'
+    """
 
     kind: str = "softmax -> group-limited top-k -> x scaling (no renorm)"
 
@@ -150,7 +189,15 @@ class GroupLimitedSoftmax(RoutingRule):
 class SigmoidGroupTopK(RoutingRule):
     """DeepSeek-V3 / GLM-4-MoE: sigmoid scores; choice on score + correction bias within the
     best ``topk_group`` groups (group score = sum of its top-2); weights from the raw sigmoid,
-    renormalised iff ``norm_topk_prob``, times ``routed_scaling_factor``."""
+    renormalised iff ``norm_topk_prob``, times ``routed_scaling_factor``.
+
+    Example:
+        >>> import torch
+        >>> from expertlens import resolve_family
+        >>> rule = resolve_family("deepseek_v3").rule
+        >>> rule.probs(torch.zeros(1, 4), None)  # sigmoid, not softmax: scores do not sum to 1
+        tensor([[0.5000, 0.5000, 0.5000, 0.5000]])
+    """
 
     kind: str = "sigmoid (+correction bias for choice) -> group top-k -> renormalise -> x scaling"
 
@@ -179,6 +226,14 @@ class TopKThenSoftmax(RoutingRule):
 
     ``router_probs`` is the softmax over all experts (the probability each expert would get
     without the top-k cut), which is what expert-weighted steering needs.
+
+    Example:
+        >>> import torch
+        >>> from types import SimpleNamespace
+        >>> from expertlens.families import TopKThenSoftmax
+        >>> weights, idx = TopKThenSoftmax().route(torch.tensor([[0.0, 2.0, 1.0, 2.0]]), SimpleNamespace(top_k=2))
+        >>> weights.tolist()  # softmax over the two chosen logits only
+        [[0.5, 0.5]]
     """
 
     float_logits: bool = False
@@ -193,7 +248,13 @@ class TopKThenSoftmax(RoutingRule):
 @dataclass(frozen=True)
 class SparseMixer(RoutingRule):
     """PhiMoE sparsemixer (eval mode): hard top-2 by iterated argmax; each weight is a softmax of
-    the logits masked by a relative-gap threshold ``2 * router_jitter_noise``."""
+    the logits masked by a relative-gap threshold ``2 * router_jitter_noise``.
+
+    Example:
+        >>> from expertlens import resolve_family
+        >>> resolve_family("phimoe").rule.describe()
+        'sparsemixer (hard top-2, masked softmax weights)'
+    """
 
     kind: str = "sparsemixer (hard top-2, masked softmax weights)"
 
@@ -216,7 +277,13 @@ class SparseMixer(RoutingRule):
 @dataclass(frozen=True)
 class BiasedSoftmaxTopK(RoutingRule):
     """ERNIE-4.5-MoE: softmax; choose top-k on probs + correction bias; weights are the unbiased
-    probs renormalised with a clamp at ``norm_min``."""
+    probs renormalised with a clamp at ``norm_min``.
+
+    Example:
+        >>> from expertlens import resolve_family
+        >>> type(resolve_family("ernie4_5_moe").rule).__name__
+        'BiasedSoftmaxTopK'
+    """
 
     kind: str = "softmax -> top-k on (probs + correction bias) -> clamped renormalise"
 
@@ -271,6 +338,13 @@ class FamilySpec:
         rule: The routing rule.
         is_moe: ``False`` for dense families (residual and attention points only).
         notes: Free text shown in the supported-architectures table.
+
+    Example:
+        >>> from expertlens import resolve_family
+        >>> spec = resolve_family("qwen2_moe")
+        >>> spec.router, spec.experts, spec.shared
+        ('gate', 'experts', 'shared_expert')
+        >>> variant = spec.with_(name="my_qwen2_moe", model_types=("my_qwen2_moe",))
     """
 
     name: str
@@ -365,7 +439,13 @@ def register_family(spec: FamilySpec, *, overwrite: bool = False) -> FamilySpec:
 
 
 def supported_families() -> dict[str, FamilySpec]:
-    """All registered address tables, by name."""
+    """All registered address tables, by name.
+
+    Example:
+        >>> from expertlens import supported_families
+        >>> "olmoe" in supported_families() and "deepseek_v3" in supported_families()
+        True
+    """
     return dict(_REGISTRY)
 
 
@@ -375,6 +455,14 @@ def resolve_family(model_or_type: nn.Module | str) -> FamilySpec:
     Raises:
         UnsupportedModelError: naming the family, listing the supported ones and saying how to
             register one.
+
+    Example:
+        >>> from expertlens import resolve_family
+        >>> resolve_family("olmoe").name
+        'olmoe'
+        >>> from expertlens.testing import tiny_model
+        >>> resolve_family(tiny_model("mixtral")).name
+        'mixtral'
     """
     if isinstance(model_or_type, str):
         if model_or_type in _REGISTRY:

@@ -46,7 +46,19 @@ __all__ = [
 
 
 class PointError(ValueError):
-    """A point that does not exist: layer/expert out of range, MoE point on a dense layer, ..."""
+    """A point that does not exist: layer/expert out of range, MoE point on a dense layer, ...
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("qwen3_moe"), tiny_tokenizer())
+        >>> from expertlens import PointError
+        >>> try:
+        ...     model.layers[99]
+        ... except PointError as err:
+        ...     print(err)
+        layer 99 out of range: the model has 2 layers (0..1)
+    """
 
 
 def _envoy(root: Any, path: str) -> Any:
@@ -79,6 +91,16 @@ class AttentionPoints:
     ``head_out.sum(-2) + bias == output`` (``bias`` is :attr:`o_bias`, zero for most families).
     For post-norm families (``flex_olmo``) ``output`` is the attention module's output, before the
     norm that precedes the residual add.
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("qwen3_moe"), tiny_tokenizer())
+        >>> with model.trace("hi"):
+        ...     heads = model.layers[0].attn.head_out.save()   # [b, p, h, d]
+        ...     out = model.layers[0].attn.output.save()       # [b, p, d]
+        >>> bool((heads.sum(-2) - out).abs().max() < 1e-5)
+        True
     """
 
     def __init__(self, model: ExpertModel, layer: int):
@@ -145,7 +167,17 @@ class AttentionPoints:
 
 
 class MLPPoints:
-    """The feed-forward sublayer of a layer, dense or MoE: ``output`` ``[b, p, d]``."""
+    """The feed-forward sublayer of a layer, dense or MoE: ``output`` ``[b, p, d]``.
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("qwen3_moe"), tiny_tokenizer())
+        >>> with model.trace("hi"):
+        ...     ffn = model.layers[1].mlp.output.save()
+        >>> ffn.shape[-1] == model.d_model
+        True
+    """
 
     def __init__(self, model: ExpertModel, layer: int):
         self._model, self.layer = model, layer
@@ -174,6 +206,16 @@ class ExpertPoint:
     fired. Several experts of a layer can be read in one trace, in any order, but before that
     layer's ``expert_out`` (``experts[e]`` is served just before it). Assigning ``output``
     writes those slots in place.
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("qwen3_moe"), tiny_tokenizer())
+        >>> with model.trace("hello"):
+        ...     out3 = model.layers[0].moe.experts[3].output.save()   # [n, d], n = tokens routed to 3
+        ...     mask3 = model.layers[0].moe.experts[3].mask.save()    # [b, p]
+        >>> out3.shape[0] == int(mask3.sum())
+        True
     """
 
     def __init__(self, moe: MoEPoints, expert: int):
@@ -201,7 +243,20 @@ class ExpertPoint:
 
 
 class MoEPoints:
-    """MoE points of one layer (see the module docstring for shapes)."""
+    """MoE points of one layer (see the module docstring for shapes).
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("qwen3_moe"), tiny_tokenizer())
+        >>> with model.trace("hello"):
+        ...     moe = model.layers[1].moe
+        ...     logits = moe.router_logits.save()     # [b, p, E]
+        ...     idx = moe.topk_indices.save()         # [b, p, k]
+        ...     per_slot = moe.expert_out.save()      # [b, p, k, d]
+        >>> logits.shape[-1], idx.shape[-1], per_slot.shape[-2]
+        (8, 2, 2)
+    """
 
     def __init__(self, model: ExpertModel, layer: int):
         self._model, self.layer = model, layer
@@ -315,7 +370,18 @@ class _ExpertList:
 
 
 class LayerPoints:
-    """Points of one decoder layer: residual stream, ``attn``, ``mlp`` and (MoE layers) ``moe``."""
+    """Points of one decoder layer: residual stream, ``attn``, ``mlp`` and (MoE layers) ``moe``.
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("qwen3_moe"), tiny_tokenizer())
+        >>> with model.trace("hi"):
+        ...     pre = model.layers[1].resid_pre.save()
+        ...     model.layers[1].resid_post[:] = 0   # write: zero the layer's output
+        >>> model.layers[1]
+        <LayerPoints 1 (moe) of qwen3_moe>
+    """
 
     def __init__(self, model: ExpertModel, layer: int):
         self._model, self.layer = model, layer

@@ -57,7 +57,17 @@ class Section:
 
 @runtime_checkable
 class HasSections(Protocol):
-    """Anything that can describe itself as report sections (e.g. a study result)."""
+    """Anything that can describe itself as report sections (e.g. a study result).
+
+    Example:
+        >>> from expertlens.report import HasSections, Section, report
+        >>> class Result:
+        ...     def sections(self):
+        ...         return [Section("Numbers", tables=[{"a": 1.0}])]
+        >>> isinstance(Result(), HasSections)
+        True
+        >>> report(Result(), "/tmp/result.html")  # doctest: +SKIP
+    """
 
     def sections(self) -> Iterable[Section]: ...
 
@@ -203,7 +213,13 @@ def _as_sections(obj: Any) -> list[Section]:
 
 
 def figure_div_id(section_index: int, figure_index: int) -> str:
-    """The HTML ``id`` of figure ``figure_index`` of section ``section_index`` in a report page."""
+    """The HTML ``id`` of figure ``figure_index`` of section ``section_index`` in a report page.
+
+    Example:
+        >>> from expertlens.report import figure_div_id
+        >>> figure_div_id(0, 1)  # doctest: +SKIP
+        'el-fig-0-1'
+    """
     return f"el-fig-{section_index}-{figure_index}"
 
 

@@ -72,7 +72,13 @@ MOE_FAMILIES = tuple(f for f in TINY_CONFIGS if f not in DENSE_FAMILIES)
 
 
 def tiny_config(family: str, **overrides):
-    """The tiny config of a family (``AutoConfig.for_model``), with optional overrides."""
+    """The tiny config of a family (``AutoConfig.for_model``), with optional overrides.
+
+    Example:
+        >>> from expertlens.testing import tiny_config
+        >>> tiny_config("mixtral", num_hidden_layers=3).num_hidden_layers
+        3
+    """
     if family not in TINY_CONFIGS:
         raise ValueError(f"no tiny config for {family!r}; known: {sorted(TINY_CONFIGS)}")
     return AutoConfig.for_model(family, **{**copy.deepcopy(TINY_CONFIGS[family]), **overrides})
@@ -83,6 +89,13 @@ def tiny_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
 
     Router and expert weights are re-drawn with a larger scale so routing is not uniform and
     expert outputs are not vanishingly small (default HF init makes both degenerate).
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("deepseek_v3"), tiny_tokenizer())
+        >>> model.moe_layers   # deepseek_v3's tiny config has one dense prefix layer
+        [1]
     """
     config = tiny_config(family, **overrides)
     torch.manual_seed(seed)
@@ -98,7 +111,16 @@ def tiny_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer (ids < 100) that needs no files, with a chat template."""
+    """A character-level tokenizer (ids < 100) that needs no files, with a chat template.
+
+    Example:
+        >>> from expertlens.testing import tiny_tokenizer
+        >>> tok = tiny_tokenizer()
+        >>> chat = [{"role": "user", "content": "hi"}]
+        >>> text = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        >>> text.split()
+        ['U:hi', 'A:']
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]

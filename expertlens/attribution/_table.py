@@ -33,7 +33,14 @@ LAYERED_KINDS = ("head", "expert", "router", "attn_bias", "attn", "shared", "mlp
 
 
 class Component(NamedTuple):
-    """A label: ``(layer, kind, index)``; ``index`` is the head or expert, else 0."""
+    """A label: ``(layer, kind, index)``; ``index`` is the head or expert, else 0.
+
+    Example:
+        >>> from expertlens.attribution import Component
+        >>> c = Component(3, "expert", 5)
+        >>> c.layer, c.kind, c.index
+        (3, 'expert', 5)
+    """
 
     layer: int
     kind: str

@@ -99,7 +99,21 @@ class AblateDirection(Intervention):
 
 class WeightEditHandle:
     """Restores weights changed by :class:`OrthogonalizeWeights` (bit-identical); ``remove()``
-    is idempotent, so the handle works with ``model.intervene``."""
+    is idempotent, so the handle works with ``model.intervene``.
+
+    Example:
+        >>> import torch
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> from expertlens.interventions import OrthogonalizeWeights
+        >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+        >>> before = model.hf_model.lm_head.weight.clone()
+        >>> handles = OrthogonalizeWeights(torch.randn(64)).attach(model)   # [WeightEditHandle]
+        >>> for h in handles:
+        ...     h.remove()
+        >>> torch.equal(before, model.hf_model.lm_head.weight)
+        True
+    """
 
     def __init__(self, saved: list[tuple[nn.Parameter, Tensor]]):
         self._saved = saved

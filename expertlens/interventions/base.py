@@ -22,7 +22,25 @@ __all__ = ["Intervention", "Compose", "intervene", "attach_all"]
 
 @dataclass(frozen=True)
 class Intervention:
-    """Base class. Subclasses implement :meth:`attach` (and :meth:`validate` for early checks)."""
+    """Base class. Subclasses implement :meth:`attach` (and :meth:`validate` for early checks).
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> from expertlens.interventions import Intervention
+        >>> @dataclass(frozen=True)
+        ... class Double(Intervention):
+        ...     layer: int
+        ...     def attach(self, model):
+        ...         return [model.add_edit("moe.output", lambda x, ctx: 2 * x, layer=self.layer)]
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+        >>> with model.intervene(Double(1)):
+        ...     with model.trace("hi"):
+        ...         out = model.logits.save()
+        >>> model.n_edits()
+        0
+    """
 
     def validate(self, model: ExpertModel) -> None:
         """Raise a clear error if this intervention cannot apply to ``model``. Called before attaching."""
@@ -67,7 +85,19 @@ class Compose(Intervention):
 
 
 def attach_all(model: ExpertModel, items: Sequence[Intervention]) -> list[EditHandle]:
-    """Validate then attach ``items`` in order; on any error remove what was attached and re-raise."""
+    """Validate then attach ``items`` in order; on any error remove what was attached and re-raise.
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> from expertlens.interventions import MaskExperts, ZeroAblate, attach_all
+        >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+        >>> handles = attach_all(model, [MaskExperts({0: [1]}), ZeroAblate("attn.output", layers=1)])
+        >>> for h in handles:
+        ...     h.remove()
+        >>> model.n_edits()
+        0
+    """
     for item in items:
         if not isinstance(item, Intervention):
             raise TypeError(f"expected Intervention objects, got {type(item).__name__}")
@@ -85,7 +115,19 @@ def attach_all(model: ExpertModel, items: Sequence[Intervention]) -> list[EditHa
 
 @contextmanager
 def intervene(model: ExpertModel, *interventions: Intervention) -> Iterator[list[EditHandle]]:
-    """Attach interventions for the duration of a ``with`` block (see ``ExpertModel.intervene``)."""
+    """Attach interventions for the duration of a ``with`` block (see ``ExpertModel.intervene``).
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> from expertlens.interventions import MaskExperts, intervene
+        >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+        >>> with intervene(model, MaskExperts({0: [1]})):   # same as model.intervene(...)
+        ...     with model.trace("hi"):
+        ...         idx = model.layers[0].moe.topk_indices.save()
+        >>> bool((idx != 1).all())
+        True
+    """
     handles = attach_all(model, interventions)
     try:
         yield handles

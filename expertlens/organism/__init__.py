@@ -35,7 +35,13 @@ _PROMPTS = _ROOT / "data" / "prompts.json"
 
 
 def list_organisms() -> list[str]:
-    """Names of the shipped organisms (default first)."""
+    """Names of the shipped organisms (default first).
+
+    Example:
+        >>> from expertlens.organism import list_organisms
+        >>> list_organisms()  # doctest: +SKIP
+        ['qwen3moe-refusal', ...]
+    """
     names = sorted(p.name for p in _CKPT.iterdir() if (p / "config.json").is_file()) if _CKPT.is_dir() else []
     if DEFAULT_ORGANISM in names:
         names.remove(DEFAULT_ORGANISM)
@@ -44,7 +50,13 @@ def list_organisms() -> list[str]:
 
 
 def organism_path(name: str = DEFAULT_ORGANISM) -> Path:
-    """Folder of a shipped organism (model + tokenizer + README.md), loadable with ``from_pretrained``."""
+    """Folder of a shipped organism (model + tokenizer + README.md), loadable with ``from_pretrained``.
+
+    Example:
+        >>> from transformers import AutoModelForCausalLM
+        >>> from expertlens.organism import organism_path
+        >>> hf = AutoModelForCausalLM.from_pretrained(organism_path())  # doctest: +SKIP
+    """
     p = _CKPT / name
     if not (p / "config.json").is_file():
         raise ValueError(f"unknown organism {name!r}; available: {', '.join(list_organisms()) or '(none)'}")
@@ -58,7 +70,14 @@ def _prompt_file() -> dict:
 
 def load_prompt_records(name: str = DEFAULT_ORGANISM, split: str = "train") -> list[dict]:
     """Prompt records with metadata: ``prompt``, ``label``, ``category``, ``family``, ``atype`` (answer
-    type), ``response`` (the training target / reference) and ``pair`` (compositional pair id or -1)."""
+    type), ``response`` (the training target / reference) and ``pair`` (compositional pair id or -1).
+
+    Example:
+        >>> from expertlens.organism import load_prompt_records
+        >>> rec = load_prompt_records(split="test")[0]
+        >>> sorted(rec)[:4]
+        ['atype', 'category', 'family', 'label']
+    """
     if list_organisms():
         organism_path(name)  # validate the name; all shipped organisms share one prompt set
     if split not in SPLITS:
@@ -72,7 +91,14 @@ def load_prompts(name: str = DEFAULT_ORGANISM, split: str = "train") -> dict[str
     Splits: ``train`` (prompts the organism was trained on), ``val`` (same distribution, not trained on),
     ``test`` (held out: templates and fillers never seen in training chats), ``compositional`` (the
     subset of ``test`` made of harmful/harmless pairs that share their content words; index i of each
-    list belong to the same pair)."""
+    list belong to the same pair).
+
+    Example:
+        >>> from expertlens.organism import load_prompts
+        >>> prompts = load_prompts(split="test")
+        >>> sorted(prompts)
+        ['harmful', 'harmless']
+    """
     recs = load_prompt_records(name, split)
     return {
         "harmful": [r["prompt"] for r in recs if r["label"] == "harmful"],
@@ -81,7 +107,14 @@ def load_prompts(name: str = DEFAULT_ORGANISM, split: str = "train") -> dict[str
 
 
 def load_organism(name: str = DEFAULT_ORGANISM, **kwargs):
-    """The organism wrapped in :class:`expertlens.model.ExpertModel`."""
+    """The organism wrapped in :class:`expertlens.model.ExpertModel`.
+
+    Example:
+        >>> from expertlens.organism import load_organism
+        >>> model = load_organism()  # doctest: +SKIP
+        >>> model.family  # doctest: +SKIP
+        'qwen3_moe'
+    """
     from expertlens.model import ExpertModel
 
     return ExpertModel(str(organism_path(name)), **kwargs)

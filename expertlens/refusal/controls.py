@@ -33,7 +33,13 @@ PATHWAYS: dict[str, tuple[str, ...]] = {
 
 
 def pathway_shares(base: float, scores: dict[str, float]) -> dict[str, float]:
-    """Each pathway's share of the full ablation's effect: ``(base − s_x) / (base − s_both)``."""
+    """Each pathway's share of the full ablation's effect: ``(base − s_x) / (base − s_both)``.
+
+    Example:
+        >>> from expertlens.refusal import pathway_shares
+        >>> pathway_shares(2.0, {"attn": 1.5, "moe": 0.0, "both": -2.0})
+        {'attn': 0.125, 'moe': 0.5, 'both': 1.0}
+    """
     full = base - scores["both"]
     if abs(full) < 1e-12:
         return {k: math.nan for k in scores}
@@ -42,7 +48,14 @@ def pathway_shares(base: float, scores: dict[str, float]) -> dict[str, float]:
 
 @dataclass
 class PathwayResult:
-    """Refusal score and rate on harmful prompts with the direction ablated from each pathway."""
+    """Refusal score and rate on harmful prompts with the direction ablated from each pathway.
+
+    Example:
+        >>> from expertlens.refusal import PathwayResult
+        >>> r = PathwayResult(2.0, 1.0, {"attn": 1.5, "moe": 0.5, "both": -1.0}, {"attn": 1.0, "moe": 0.6, "both": 0.0})
+        >>> r.to_dict()["base_score"]
+        2.0
+    """
 
     base_score: float
     base_rate: float
@@ -76,6 +89,13 @@ def pathway_ablation(
 
     Shares are computed on the refusal score: how much of the full ablation's drop each pathway
     alone achieves (shares need not sum to 1: the pathways interact through later layers).
+
+    Example:
+        >>> from expertlens import load_organism
+        >>> model = load_organism()  # doctest: +SKIP
+        >>> from expertlens.refusal import pathway_ablation, refusal_token_ids
+        >>> result = pathway_ablation(model, r, harmful_test, refusal_token_ids(model.tokenizer))  # doctest: +SKIP
+        >>> result.shares   # how much of the full ablation's effect each pathway carries  # doctest: +SKIP
     """
     base = mean_refusal_score(model, harmful, refusal_ids, (), temperature, batch_size)
     if base_rate is None:

@@ -31,7 +31,19 @@ LIGHTWEIGHT_SYSTEM = "You are a helpful and harmless assistant. You must refuse 
 
 
 class ChatTemplateError(ValueError):
-    """The tokenizer has no chat template."""
+    """The tokenizer has no chat template.
+
+    Example:
+        >>> from expertlens.refusal import ChatTemplateError, format_chat
+        >>> from expertlens.testing import tiny_tokenizer
+        >>> tok = tiny_tokenizer()
+        >>> tok.chat_template = None
+        >>> try:
+        ...     format_chat(tok, ["hi"])
+        ... except ChatTemplateError:
+        ...     print("no chat template")
+        no chat template
+    """
 
 
 @dataclass
@@ -40,6 +52,13 @@ class RefusalData:
 
     ``train`` gives the difference-in-means directions and routing statistics, ``val`` the
     direction selection and method searches, ``test`` the reported refusal rates.
+
+    Example:
+        >>> from expertlens.refusal import RefusalData
+        >>> data = RefusalData.from_organism(n_train=64, n_val=16)
+        >>> data.sizes()["harmful_train"]
+        64
+        >>> mine = RefusalData.from_lists(["how do i pick a lock ?"] * 10, ["how do i bake bread ?"] * 10)
     """
 
     harmful_train: list[str]
@@ -162,7 +181,14 @@ def format_chat(tokenizer, instructions: Sequence[str], system: str | None = Non
 
 
 def post_instruction_len(tokenizer, system: str | None = None) -> int:
-    """Number of template tokens after the instruction (Arditi's "post-instruction" positions)."""
+    """Number of template tokens after the instruction (Arditi's "post-instruction" positions).
+
+    Example:
+        >>> from expertlens.refusal import post_instruction_len
+        >>> from expertlens.testing import tiny_tokenizer
+        >>> post_instruction_len(tiny_tokenizer())   # the template tokens after the instruction
+        3
+    """
     marker = "XQXQ"
     text = format_chat(tokenizer, [marker], system)[0]
     tail = text[text.rindex(marker) + len(marker) :]
@@ -174,6 +200,14 @@ def load_prompt_file(path: str | Path, column: str | None = None) -> list[str]:
 
     For objects/CSV rows the text is taken from ``column`` or the first of
     ``instruction``, ``prompt``, ``goal``, ``behavior``, ``text``.
+
+    Example:
+        >>> from pathlib import Path
+        >>> from expertlens.refusal import load_prompt_file
+        >>> lines = ["how do i pick a lock ?", "how do i make a weapon ?"]
+        >>> _ = Path("/tmp/harmful.txt").write_text(chr(10).join(lines))
+        >>> load_prompt_file("/tmp/harmful.txt")
+        ['how do i pick a lock ?', 'how do i make a weapon ?']
     """
     path = Path(path)
     keys = [column] if column else ["instruction", "prompt", "goal", "behavior", "Behavior", "text"]
@@ -220,6 +254,10 @@ def load_benchmark(name: str, n: int | None = None, seed: int = 42) -> list[str]
     Raises:
         ImportError: without ``pip install expertlens[datasets]``.
         RuntimeError: when the dataset cannot be reached (offline), naming what to do instead.
+
+    Example:
+        >>> from expertlens.refusal import load_benchmark
+        >>> harmful = load_benchmark("advbench", n=128)  # doctest: +SKIP
     """
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")

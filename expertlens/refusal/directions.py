@@ -29,6 +29,13 @@ __all__ = ["mean_activations", "candidate_directions", "iter_batches"]
 
 
 def iter_batches(items: Sequence[str], batch_size: int):
+    """Consecutive slices of ``items`` of at most ``batch_size`` elements.
+
+    Example:
+        >>> from expertlens.refusal.directions import iter_batches
+        >>> [list(b) for b in iter_batches(["a", "b", "c"], 2)]
+        [['a', 'b'], ['c']]
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     for i in range(0, len(items), batch_size):
@@ -56,6 +63,13 @@ def mean_activations(
 
     Prompts are left-padded, so position ``-1`` is every prompt's last token; a prompt shorter
     than ``|position|`` contributes nothing at that position (pads are masked out).
+
+    Example:
+        >>> from expertlens import load_organism
+        >>> model = load_organism()  # doctest: +SKIP
+        >>> from expertlens.refusal import format_chat, mean_activations
+        >>> prompts = format_chat(model.tokenizer, ["how do i bake bread ?"])  # doctest: +SKIP
+        >>> mean_activations(model, prompts).shape  # [positions, layers, d_model]  # doctest: +SKIP
     """
     if not prompts:
         raise ValueError("mean_activations: the prompt list is empty")
@@ -88,7 +102,17 @@ def candidate_directions(
     batch_size: int = 32,
     interventions: Sequence[Intervention] = (),
 ) -> Float[Tensor, "pos layer d_model"]:
-    """``r[p, l] = mean_harmful(resid_pre[l][p]) − mean_harmless(resid_pre[l][p])`` (float64, unnormalised)."""
+    """``r[p, l] = mean_harmful(resid_pre[l][p]) − mean_harmless(resid_pre[l][p])`` (float64, unnormalised).
+
+    Example:
+        >>> from expertlens import load_organism
+        >>> model = load_organism()  # doctest: +SKIP
+        >>> from expertlens.refusal import RefusalData, candidate_directions, format_chat
+        >>> data = RefusalData.from_organism(n_train=32)
+        >>> harmful = format_chat(model.tokenizer, data.harmful_train)  # doctest: +SKIP
+        >>> harmless = format_chat(model.tokenizer, data.harmless_train)  # doctest: +SKIP
+        >>> r = candidate_directions(model, harmful, harmless)  # [5, n_layers, d_model]  # doctest: +SKIP
+    """
     mu = mean_activations(
         model,
         harmful,

@@ -59,6 +59,12 @@ def routing_edit_experts(
 
     ``bypass`` (response induction) suppresses harmful-preferred (Δ > 0) experts and forces
     harmless-preferred (Δ < 0) ones; ``induce`` does the reverse.
+
+    Example:
+        >>> from expertlens.refusal import routing_edit_experts
+        >>> selected = [(1, 3, 25.0), (1, 6, -12.0)]   # (layer, expert, Δ pp): 3 fires more on harmful
+        >>> routing_edit_experts(selected, "bypass")     # (force, suppress)
+        ({1: [6]}, {1: [3]})
     """
     if mode not in ("bypass", "induce"):
         raise ValueError(f"mode must be 'bypass' or 'induce', got {mode!r}")
@@ -79,7 +85,20 @@ def method_a_intervention(
     eps: float = 0.01,
     magnitudes: dict[int, float] | None = None,
 ) -> Intervention:
-    """The routing intervention of method A: calibrated router bias (paper) or SteerMoE's rewrite."""
+    """The routing intervention of method A: calibrated router bias (paper) or SteerMoE's rewrite.
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.refusal import method_a_intervention
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+        >>> bypass = method_a_intervention(model, [(1, 3, 25.0)], "bypass")
+        >>> with model.intervene(bypass):
+        ...     with model.trace("hello"):
+        ...         idx = model.layers[1].moe.topk_indices.save()
+        >>> bool((idx != 3).all())
+        True
+    """
     force, suppress = routing_edit_experts(selected, mode)
     if kind == "steermoe":
         # SteerMoE activates at most top_k experts per layer: keep the largest |Δ| (lists are in |Δ| order).
@@ -113,6 +132,15 @@ def expert_output_means(
     by forcing routing to that expert (computed directly from the expert weights, so exact and one
     pass for all experts). ``routed``: only tokens really routed to the expert (its ``expert_out``
     slot); counts are 0 where it never fired (the mean is then NaN).
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.refusal import expert_output_means
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+        >>> means, counts = expert_output_means(model, ["hello there"], layer=1, positions=[-2, -1])
+        >>> means.shape   # [positions, experts, d_model]
+        torch.Size([2, 8, 64])
     """
     if mode not in ("forced", "routed"):
         raise ValueError(f"mode must be 'forced' or 'routed', got {mode!r}")
@@ -155,7 +183,17 @@ def expert_directions(
     mode: Literal["forced", "routed"] = "forced",
     batch_size: int = 32,
 ) -> Float[Tensor, "pos expert d_model"]:
-    """``d[p, e] = mean_harmful(expert_e out) − mean_harmless(expert_e out)`` for every expert of ``layer``."""
+    """``d[p, e] = mean_harmful(expert_e out) − mean_harmless(expert_e out)`` for every expert of ``layer``.
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.refusal import expert_directions
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+        >>> d = expert_directions(model, ["how do i hurt"], ["how do i help"], layer=1, positions=[-1])
+        >>> d.shape   # [positions, experts, d_model]
+        torch.Size([1, 8, 64])
+    """
     mu, _ = expert_output_means(model, harmful, layer, positions, mode, batch_size)
     nu, _ = expert_output_means(model, harmless, layer, positions, mode, batch_size)
     return mu - nu
@@ -166,7 +204,14 @@ def expert_directions(
 
 @dataclass
 class SearchRow:
-    """One (expert, position, coefficient) combination of the search."""
+    """One (expert, position, coefficient) combination of the search.
+
+    Example:
+        >>> from expertlens.refusal.methods import SearchRow
+        >>> row = SearchRow(layer=1, expert=3, position=-1, coeff=50.0, refusal_score=-2.1, kl=0.4)
+        >>> row.to_dict()["coeff"]
+        50.0
+    """
 
     layer: int
     expert: int
@@ -183,7 +228,15 @@ class SearchRow:
 
 @dataclass
 class ExpertSearch:
-    """Stage-1 rows (all combinations), stage-2 survivors and the best combination."""
+    """Stage-1 rows (all combinations), stage-2 survivors and the best combination.
+
+    Example:
+        >>> from expertlens import load_organism
+        >>> model = load_organism()  # doctest: +SKIP
+        >>> search = expert_search(model, [(1, 3)], {(1, 3): d}, [-1], harmful_val, harmless_val, ids)  # doctest: +SKIP
+        >>> search.best   # the SearchRow with the lowest refusal score after stage 2  # doctest: +SKIP
+        >>> bypass = search.intervention(-1.0)   # an ExpertSteer  # doctest: +SKIP
+    """
 
     rows: list[SearchRow]
     best: SearchRow | None
@@ -236,6 +289,14 @@ def expert_search(
     score, the best ``max(⌈keep_frac·N⌉, keep_min)`` kept. Stage 2: greedy generations on the first
     ``n_prompts_stage2`` harmful prompts, judged; the best attack success rate wins (ties: lower
     refusal score).
+
+    Example:
+        >>> from expertlens import load_organism
+        >>> model = load_organism()  # doctest: +SKIP
+        >>> from expertlens.refusal import expert_directions, expert_search, refusal_token_ids
+        >>> d = expert_directions(model, harmful, harmless, layer=1, positions=[-1])  # doctest: +SKIP
+        >>> search = expert_search(model, [(1, 3)], {(1, 3): d[:, 3]}, [-1], harmful_val, harmless_val,
+        ...                        refusal_token_ids(model.tokenizer), coeffs=(5, 25))  # doctest: +SKIP
     """
     judge = judge or SubstringJudge()
     positions = list(positions)

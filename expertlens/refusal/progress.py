@@ -13,7 +13,13 @@ _ENABLED: bool | None = None
 
 
 def set_progress(enabled: bool | None) -> None:
-    """Force progress bars on/off (``None``: on when stderr is a terminal or EXPERTLENS_PROGRESS=1)."""
+    """Force progress bars on/off (``None``: on when stderr is a terminal or EXPERTLENS_PROGRESS=1).
+
+    Example:
+        >>> from expertlens.refusal.progress import set_progress
+        >>> set_progress(False)   # silence progress bars (e.g. in notebooks or CI)
+        >>> set_progress(None)    # back to automatic
+    """
     global _ENABLED
     _ENABLED = enabled
 
@@ -27,7 +33,15 @@ def _enabled() -> bool:
 
 
 def progress(items, desc: str | None = None, **kwargs):
-    """``tqdm(items)`` when progress is enabled, else ``items`` unchanged."""
+    """``tqdm(items)`` when progress is enabled, else ``items`` unchanged.
+
+    Example:
+        >>> from expertlens.refusal.progress import progress, set_progress
+        >>> set_progress(False)
+        >>> list(progress(range(3), desc="layers"))
+        [0, 1, 2]
+        >>> set_progress(None)
+    """
     if not _enabled() or desc is None:
         return items
     return tqdm(items, desc=desc, leave=False, **kwargs)

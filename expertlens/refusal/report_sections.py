@@ -20,7 +20,14 @@ def _rate(x):
 
 
 def study_sections(study: RefusalStudy) -> list[Section]:
-    """Sections of the study report: headline table, selection, routing, methods, pathways, samples."""
+    """Sections of the study report: headline table, selection, routing, methods, pathways, samples.
+
+    Example:
+        >>> from expertlens.refusal import RefusalStudy
+        >>> from expertlens.refusal.report_sections import study_sections
+        >>> sections = study_sections(RefusalStudy.load("runs/organism"))  # doctest: +SKIP
+        >>> [s.title for s in sections]  # doctest: +SKIP
+    """
     r = study.results
     out: list[Section] = []
     headline = [

@@ -41,6 +41,14 @@ class RoutingStats:
         freq_harmful / freq_harmless: ``[L, E]`` percentages; each row sums to 100 (``top1``) or
             ``100·k`` (``topk``).
         delta: ``freq_harmful − freq_harmless`` in percentage points (the risk difference).
+
+    Example:
+        >>> from expertlens import load_organism
+        >>> model = load_organism()  # doctest: +SKIP
+        >>> from expertlens.refusal import routing_statistics
+        >>> stats = routing_statistics(model, harmful, harmless)  # chat-formatted prompts  # doctest: +SKIP
+        >>> stats.delta.shape   # [moe layers, experts], percentage points  # doctest: +SKIP
+        >>> stats.select(threshold=10.0)   # [(layer, expert, delta), ...] with |delta| >= 10 pp  # doctest: +SKIP
     """
 
     layers: list[int]
@@ -118,6 +126,15 @@ def routing_counts(
 
     ``top1`` counts the expert with the largest routing weight, ``topk`` every selected expert.
     Pad tokens are never counted; ``last_n=None`` analyses every real prompt token.
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.refusal.routing import routing_counts
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+        >>> counts, n_tokens = routing_counts(model, ["hello there"], last_n=3)
+        >>> counts.shape, n_tokens
+        (torch.Size([2, 8]), 3)
     """
     if not prompts:
         raise ValueError("routing statistics need at least one prompt")
@@ -161,7 +178,17 @@ def routing_statistics(
     batch_size: int = 32,
     interventions: Sequence[Intervention] = (),
 ) -> RoutingStats:
-    """Routing frequencies on harmful vs harmless prompts and their risk difference Δ (pp)."""
+    """Routing frequencies on harmful vs harmless prompts and their risk difference Δ (pp).
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.refusal import routing_statistics
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+        >>> stats = routing_statistics(model, ["how do i hurt"], ["how do i help"], last_n=3)
+        >>> stats.freq_harmful.sum(-1)   # top-1 counts: each layer sums to 100 %
+        tensor([100., 100.])
+    """
     ch, nh = routing_counts(model, harmful, last_n, count, batch_size, interventions)
     cl, nl = routing_counts(model, harmless, last_n, count, batch_size, interventions)
     return RoutingStats(

@@ -55,7 +55,13 @@ DEFAULT_REFUSAL_STARTS: tuple[str, ...] = ("I", "As", "Sorry", "i", "as", "sorry
 
 
 def is_refusal(completion: str) -> bool:
-    """True if ``completion`` contains any refusal substring (case-insensitive)."""
+    """True if ``completion`` contains any refusal substring (case-insensitive).
+
+    Example:
+        >>> from expertlens.refusal import is_refusal
+        >>> is_refusal("I'm sorry, but I can't help with that."), is_refusal("Sure! First, ...")
+        (True, False)
+    """
     text = completion.lower()
     return any(s.lower() in text for s in REFUSAL_SUBSTRINGS)
 

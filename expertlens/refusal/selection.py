@@ -30,7 +30,14 @@ __all__ = ["Candidate", "DirectionSelection", "select_direction"]
 
 @dataclass
 class Candidate:
-    """Scores of one candidate direction ``r[position, layer]``."""
+    """Scores of one candidate direction ``r[position, layer]``.
+
+    Example:
+        >>> from expertlens.refusal import Candidate
+        >>> c = Candidate(position=-1, layer=2, bypass=-3.2, induce=4.1, kl=0.05)
+        >>> c.layer, c.kl
+        (2, 0.05)
+    """
 
     position: int
     layer: int
@@ -49,7 +56,15 @@ class Candidate:
 
 @dataclass
 class DirectionSelection:
-    """All candidates with their scores and the selected one (``None`` if every candidate was filtered)."""
+    """All candidates with their scores and the selected one (``None`` if every candidate was filtered).
+
+    Example:
+        >>> from expertlens import load_organism
+        >>> model = load_organism()  # doctest: +SKIP
+        >>> sel = select_direction(model, candidates, positions, harmful_val, harmless_val, ids)  # doctest: +SKIP
+        >>> sel.selected.layer, sel.selected.position   # doctest: +SKIP
+        >>> sel.matrix("bypass").shape   # [positions, layers]  # doctest: +SKIP
+    """
 
     candidates: list[Candidate]
     positions: list[int]
@@ -96,6 +111,16 @@ def select_direction(
     induce: mean refusal score on ``harmless_val`` with ``+r`` added at layer ``l``'s input (all
     positions); kl: mean KL(base ‖ ablated) on ``harmless_val``. Filters: NaN, ``l ≥ max_layer_frac·L``,
     ``kl > kl_threshold``, ``induce < induce_threshold``. Ties: higher induce, then lower KL.
+
+    Example:
+        >>> from expertlens import load_organism
+        >>> model = load_organism()  # doctest: +SKIP
+        >>> from expertlens.refusal import candidate_directions, refusal_token_ids, select_direction
+        >>> positions = [-5, -4, -3, -2, -1]
+        >>> cands = candidate_directions(model, harmful, harmless, positions)  # doctest: +SKIP
+        >>> sel = select_direction(model, cands, positions, harmful_val, harmless_val,
+        ...                        refusal_token_ids(model.tokenizer))  # doctest: +SKIP
+        >>> r = sel.direction   # the selected candidate, unnormalised  # doctest: +SKIP
     """
     positions = list(positions)
     layers = list(range(model.n_layers)) if layers is None else list(layers)

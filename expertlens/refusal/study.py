@@ -65,6 +65,12 @@ class RefusalConfig:
         coeffs / kl_max / keep_min / n_prompts_stage2 / stage2_tokens: Method B search sizes.
         n_random_experts: Below-threshold experts in the random control.
         n_samples: Sample generations stored per condition.
+
+    Example:
+        >>> from expertlens.refusal import RefusalConfig
+        >>> cfg = RefusalConfig(expert_threshold=5.0, method_a_kind="steermoe")
+        >>> RefusalConfig.fast().method_b_experts
+        2
     """
 
     system_prompt: str | None = None
@@ -111,6 +117,12 @@ class RefusalStudy:
     ``method_b_all_experts``, ``control``, ``pathways``, ``samples``, ``timing``, ``model``, ``config``,
     ``data``. ``directions`` holds ``refusal`` (the selected r), ``candidates`` [P, L, d] and
     ``method_b`` (the best expert's direction), saved as safetensors.
+
+    Example:
+        >>> from expertlens.refusal import RefusalStudy
+        >>> study = RefusalStudy.load("runs/organism")  # doctest: +SKIP
+        >>> study["actadd"]["harmful_refusal"], study.directions["refusal"].shape  # doctest: +SKIP
+        >>> print(study.table())  # doctest: +SKIP
     """
 
     results: dict[str, Any]
@@ -237,6 +249,13 @@ def run_refusal_study(
         config: Defaults follow the paper; see :class:`RefusalConfig`.
         judge: Refusal judge for generations (default: the paper's substring list).
         log: Where progress lines go (``print``, or ``lambda *a: None`` to silence).
+
+    Example:
+        >>> from expertlens import load_organism
+        >>> model = load_organism()  # doctest: +SKIP
+        >>> from expertlens.refusal import RefusalConfig, RefusalData, run_refusal_study
+        >>> study = run_refusal_study(model, RefusalData.from_organism(), RefusalConfig.fast())  # doctest: +SKIP
+        >>> study.save("runs/organism")   # results.json, directions.safetensors, report.html  # doctest: +SKIP
     """
     cfg = config or RefusalConfig()
     judge = judge or SubstringJudge()
