@@ -43,7 +43,8 @@ def _refusal(args: argparse.Namespace) -> int:
             )
             return 2
         data = RefusalData.from_lists(load_prompt_file(args.harmful), load_prompt_file(args.harmless))
-    config = RefusalConfig.fast() if args.fast else RefusalConfig()
+    preset = args.preset or ("organism" if args.model is None else "paper")
+    config = getattr(RefusalConfig, preset)()
     if args.system_prompt:
         config.system_prompt = args.system_prompt
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
@@ -93,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-train", type=int, default=128)
     p.add_argument("--n-val", type=int, default=32)
     p.add_argument("--n-test", type=int, default=None)
-    p.add_argument("--fast", action="store_true", help="smaller method-B searches")
+    p.add_argument(
+        "--preset",
+        choices=["paper", "organism", "fast"],
+        help="search sizes: the paper's defaults, sized for the organism (default without --model), or fast",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
     p.add_argument("--no-report", action="store_true", help="skip report.html")

@@ -28,9 +28,9 @@ from ..experts import expert_forward
 from ..interventions import AllExpertsSteer, ExpertSteer, RouterBias, SteerMoE, calibrate_router_bias
 from ..interventions.base import Intervention
 from .directions import iter_batches
-from .evaluate import last_logits, mean_kl
+from .evaluate import last_logits
 from .progress import progress
-from .scores import Judge, SubstringJudge, refusal_score
+from .scores import Judge, SubstringJudge, kl_divergence, refusal_score
 
 if TYPE_CHECKING:
     from ..model import ExpertModel
@@ -300,7 +300,8 @@ def expert_search(
     """
     judge = judge or SubstringJudge()
     positions = list(positions)
-    base_harmless = last_logits(model, harmless_val, (), batch_size)
+    both, n_harmful = list(harmful_val) + list(harmless_val), len(harmful_val)
+    base_harmless = last_logits(model, both, (), batch_size)[n_harmful:]
     rows: list[SearchRow] = []
     grid = [(le, pi, c) for le in experts for pi in range(len(positions)) for c in coeffs]
     for (layer, expert), pi, c in progress(grid, desc="method B stage 1"):
@@ -308,10 +309,10 @@ def expert_search(
         if not torch.isfinite(d).all():
             continue
         steer = ExpertSteer(layer, expert, d.float(), coeff=-float(c), weighting=weighting)
-        score = float(
-            refusal_score(last_logits(model, harmful_val, [steer], batch_size), refusal_ids, temperature).mean()
-        )
-        kl = mean_kl(model, harmless_val, [steer], base_harmless, batch_size)
+        # one pass over harmful + harmless: refusal score on the first, KL on the second
+        steered = last_logits(model, both, [steer], batch_size)
+        score = float(refusal_score(steered[:n_harmful], refusal_ids, temperature).mean())
+        kl = float(kl_divergence(base_harmless, steered[n_harmful:]).mean())
         rows.append(SearchRow(layer, expert, positions[pi], float(c), score, kl))
     ok = sorted((r for r in rows if r.kl <= kl_max and not math.isnan(r.refusal_score)), key=lambda r: r.refusal_score)
     n_keep = max(math.ceil(keep_frac * len(rows)), keep_min)

@@ -18,9 +18,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..interventions import AblateDirection, AddVector
-from .evaluate import last_logits, mean_kl, mean_refusal_score
+from .evaluate import last_logits, mean_refusal_score
 from .progress import progress
-from .scores import refusal_score
+from .scores import kl_divergence, refusal_score
 
 if TYPE_CHECKING:
     from ..model import ExpertModel
@@ -128,7 +128,8 @@ def select_direction(
         raise ValueError(
             f"candidates have shape {tuple(candidates.shape)}; expected [{len(positions)}, {len(layers)}, d]"
         )
-    base_harmless = last_logits(model, harmless_val, (), batch_size)
+    both, n_harmful = list(harmful_val) + list(harmless_val), len(harmful_val)
+    base_harmless = last_logits(model, both, (), batch_size)[n_harmful:]
     base_bypass = float(refusal_score(last_logits(model, harmful_val, (), batch_size), refusal_ids, temperature).mean())
     max_layer = int(max_layer_frac * model.n_layers)
     scored: list[Candidate] = []
@@ -139,12 +140,13 @@ def select_direction(
         if not torch.isfinite(r).all() or r.norm() == 0:
             scored.append(Candidate(positions[pi], layer, math.nan, math.nan, math.nan, "nan or zero direction"))
             continue
-        ablate = AblateDirection(r)
-        bypass = mean_refusal_score(model, harmful_val, refusal_ids, [ablate], temperature, batch_size)
+        # one pass over harmful + harmless under ablation gives both the bypass score and the KL
+        ablated = last_logits(model, both, [AblateDirection(r)], batch_size)
+        bypass = float(refusal_score(ablated[:n_harmful], refusal_ids, temperature).mean())
+        kl = float(kl_divergence(base_harmless, ablated[n_harmful:]).mean())
         induce = mean_refusal_score(
             model, harmless_val, refusal_ids, [AddVector("resid_pre", r, layers=layer)], temperature, batch_size
         )
-        kl = mean_kl(model, harmless_val, [ablate], base_harmless, batch_size)
         reason = ""
         if any(math.isnan(v) for v in (bypass, induce, kl)):
             reason = "nan score"

@@ -100,6 +100,18 @@ class RefusalConfig:
     seed: int = 42
 
     @classmethod
+    def paper(cls) -> RefusalConfig:
+        """The paper's code defaults (the class defaults)."""
+        return cls()
+
+    @classmethod
+    def organism(cls) -> RefusalConfig:
+        """Sized for the bundled organisms: the paper's steps with smaller method-B grids (about a minute on CPU)."""
+        return cls(
+            method_b_experts=2, coeffs=(25, 50, 100, 200, 300, 400), keep_min=8, n_prompts_stage2=16, n_random_experts=2
+        )
+
+    @classmethod
     def fast(cls) -> RefusalConfig:
         """Smaller searches for tests and quick looks."""
         return cls(method_b_experts=2, coeffs=(1, 5, 25, 100), keep_min=4, n_prompts_stage2=8, n_random_experts=2)
