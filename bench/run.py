@@ -1,0 +1,315 @@
+"""Run the expertlens benchmarks: prints a table and writes JSON.
+
+    python bench/run.py                      # full run (~5 min on 2 shared cores), bench/results.json
+    python bench/run.py --quick              # smoke test on the tiny config, one round (seconds)
+    python bench/run.py --docs docs/performance.md   # also rewrite the table in the docs page
+
+Sections (each measured side by side in one process, interleaved rounds, medians):
+  1. forward      bare HF vs ExpertModel trace: nothing saved / full capture / one AddVector
+  2. generate     bare generate vs expertlens steered generate vs hooks without KV cache
+  3. extract      difference in means, expertlens vs plain torch hooks
+  4. memory       peak RSS of capturing expert_out (one subprocess per configuration)
+  5. e2e          `expertlens refusal` on the organism, wall time
+on the medium synthetic config and on the organism (skipped with a note when no checkpoint ships).
+One torch thread throughout (``torch.set_num_threads(1)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "bench"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from bench import sections  # noqa: E402
+from bench.harness import REPO, load_average, machine_info, organism_setting, synthetic_setting  # noqa: E402
+from bench.memory import MemoryRun, memory_specs  # noqa: E402
+
+FORWARD_KEYS = ("bare", "wrapped_call", "trace_nothing", "trace_capture", "trace_addvector")
+GENERATE_KEYS = ("bare", "expertlens_plain", "expertlens_steered", "hooks_nocache")
+EXTRACT_KEYS = ("plain_hooks", "expertlens")
+SECTIONS = ("forward", "generate", "extract", "memory", "e2e")
+DOCS_BEGIN, DOCS_END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def expected_row_ids(quick: bool) -> list[str]:
+    """Every row a run's JSON has (organism rows are present and marked ``skipped`` when unavailable)."""
+    synthetic = "tiny" if quick else "medium"
+    ids = []
+    for setting in (synthetic, "organism"):
+        ids += [f"forward/{setting}/{k}" for k in FORWARD_KEYS]
+        ids += [f"generate/{setting}/{k}" for k in GENERATE_KEYS]
+        ids += [f"extract/{setting}/{k}" for k in EXTRACT_KEYS]
+    ids += [rid for rid, _ in memory_specs(quick, "organism")]
+    ids.append("e2e/organism/refusal_cli")
+    return ids
+
+
+def _skipped(ids: list[str], why: str) -> list[dict]:
+    return [
+        {"id": i, "section": i.split("/")[0], "setting": i.split("/")[1], "name": i, "skipped": why} for i in ids
+    ]
+
+
+def _setting_rows(setting, wanted: set[str], log) -> list[dict]:
+    t0 = time.perf_counter()
+    bare, model, tok = setting.build()
+    log(f"  built {setting.name} in {time.perf_counter() - t0:.1f}s: {setting.describe}")
+    rows: list[dict] = []
+    for section, fn in (
+        ("forward", sections.forward_rows),
+        ("generate", sections.generation_rows),
+        ("extract", sections.extraction_rows),
+    ):
+        if section not in wanted:
+            continue
+        t0 = time.perf_counter()
+        rows += fn(bare, model, tok, setting)
+        log(f"  {section}/{setting.name}: {time.perf_counter() - t0:.1f}s")
+    model.restore()
+    del bare, model
+    gc.collect()
+    return rows
+
+
+def run(
+    quick: bool = False,
+    out: str | Path | None = None,
+    docs: str | Path | None = None,
+    only: tuple[str, ...] = SECTIONS,
+    organism: bool = True,
+    log=print,
+) -> dict:
+    """Run the benchmarks and write the JSON; returns the results dict."""
+    torch.set_num_threads(1)
+    from expertlens.organism import list_organisms
+    from expertlens.refusal.progress import set_progress
+
+    set_progress(False)
+    started = time.perf_counter()
+    wanted = set(only)
+    meta = machine_info()
+    meta.update(quick=quick, load_average_start=load_average(), sections=sorted(wanted))
+    names = list_organisms() if organism else []
+    org_name = names[0] if names else None
+    notes = []
+    if org_name is None:
+        why = "organism rows skipped: no checkpoint yet (list_organisms() is empty)" if organism else "--no-organism"
+        notes.append(why)
+        log(f"note: {why}")
+    rows: list[dict] = []
+
+    # 4. memory first: fresh subprocesses, two at a time, while nothing here is being timed
+    # (--quick: forked from this process after the timed sections, so they start warm).
+    if "memory" in wanted and not quick:
+        t0 = time.perf_counter()
+        rows += MemoryRun(quick, org_name).rows()
+        log(f"  memory: {time.perf_counter() - t0:.1f}s")
+
+    # 1-3 on the synthetic config, then the organism.
+    syn = synthetic_setting("tiny" if quick else "medium", quick)
+    meta["synthetic"] = {"name": syn.name, "describe": syn.describe, **syn.extra}
+    rows += _setting_rows(syn, wanted, log)
+    org = organism_setting(quick) if org_name else None
+    if org is not None:
+        meta["organism"] = {"describe": org.describe, **org.extra}
+        rows += _setting_rows(org, wanted, log)
+
+    if "memory" in wanted and quick:
+        t0 = time.perf_counter()
+        rows += MemoryRun(quick, org_name).rows()
+        log(f"  memory (forked): {time.perf_counter() - t0:.1f}s")
+
+    # 5. the organism end to end.
+    if "e2e" in wanted and org_name is not None and not quick:
+        with tempfile.TemporaryDirectory(prefix="expertlens-bench-") as tmp:
+            t0 = time.perf_counter()
+            rows.append(sections.refusal_cli_row(org_name, tmp))
+            log(f"  e2e: {time.perf_counter() - t0:.1f}s")
+
+    # Rows not produced (organism missing, quick mode, --only) are present and say why.
+    have = {r["id"] for r in rows}
+    for rid in expected_row_ids(quick):
+        if rid in have:
+            continue
+        section, setting = rid.split("/")[:2]
+        if section not in wanted:
+            why = "section not selected (--only)"
+        elif setting == "organism" and org_name is None:
+            why = notes[0] if notes else "no organism"
+        elif section == "e2e" and quick:
+            why = "--quick (the study takes minutes)"
+        else:
+            why = "not run"
+        rows += _skipped([rid], why)
+    order = {rid: i for i, rid in enumerate(expected_row_ids(quick))}
+    rows.sort(key=lambda r: order.get(r["id"], len(order)))
+
+    meta["load_average_end"] = load_average()
+    meta["total_wall_s"] = round(time.perf_counter() - started, 1)
+    result = {"meta": meta, "notes": notes, "rows": rows, "targets": targets_summary(rows)}
+    out = Path(out) if out else REPO / "bench" / ("results-quick.json" if quick else "results.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(_clean(result), indent=1) + "\n")
+    table = markdown(result)
+    log("\n" + table)
+    log(f"\nwrote {out} (total {meta['total_wall_s']}s)")
+    if docs:
+        update_docs(Path(docs), table)
+        log(f"updated {docs}")
+    return result
+
+
+def _clean(x):
+    """JSON-safe: NaN/inf become null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_clean(v) for v in x]
+    return x
+
+
+def targets_summary(rows: list[dict]) -> list[dict]:
+    return [
+        {"id": r["id"], "target": r["target"], "value": r.get("ratio"), "met": r.get("met")}
+        for r in rows
+        if "target" in r
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Table
+# --------------------------------------------------------------------------------------------
+
+
+def _ms(s: float | None) -> str:
+    if s is None:
+        return "–"
+    return f"{s * 1000:.1f} ms" if s < 10 else f"{s:.1f} s"
+
+
+def _x(r: float | None) -> str:
+    return "–" if r is None or (isinstance(r, float) and not math.isfinite(r)) else f"{r:.2f}×"
+
+
+def _met(row: dict) -> str:
+    if "met" not in row:
+        return ""
+    return "met" if row["met"] else "**missed**"
+
+
+def markdown(result: dict) -> str:
+    rows, meta = result["rows"], result["meta"]
+    out = []
+    m = meta
+    out.append(
+        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs (shared), {m.get('memory_gb')} GB; "
+        f"torch {m['torch']}, transformers {m['transformers']}, nnsight {m['nnsight']}, Python {m['python']}; "
+        f"torch threads: {m['torch_threads']}; load average {m.get('load_average_start')} → "
+        f"{m.get('load_average_end')}; commit {m.get('git_commit')}; {m['date']}; total {m.get('total_wall_s')} s."
+    )
+    if "synthetic" in m:
+        out.append(f"\nSynthetic setting `{m['synthetic']['name']}`: {m['synthetic']['describe']}.")
+    if "organism" in m:
+        out.append(f"Organism setting: {m['organism']['describe']}.")
+    for note in result.get("notes", []):
+        out.append(f"\nNote: {note}.")
+    timed = [r for r in rows if r["section"] in ("forward", "generate", "extract")]
+    out.append("\n| row | setting | wall (median) | CPU (median) | rounds | ratio (CPU) | ratio (wall) | target | |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---|---|")
+    for r in timed:
+        if "skipped" in r:
+            out.append(f"| `{r['id']}` | {r['setting']} | skipped: {r['skipped']} | | | | | | |")
+            continue
+        extra = ""
+        if r["section"] == "extract":
+            extra = f" ({r['prompts_per_s']:.0f} prompts/s)"
+        out.append(
+            f"| {r['name']} | {r['setting']} | {_ms(r['wall_s'])} | {_ms(r['cpu_s'])}{extra} | {r['rounds']} | "
+            f"{_x(r.get('ratio'))} | {_x(r.get('ratio_wall'))} | {r.get('target', r.get('ratio_of', ''))} | {_met(r)} |"
+        )
+    mem = [r for r in rows if r["section"] == "memory"]
+    out.append(
+        "\n| capture memory | tokens | estimate [tokens,k,d]×layers | dense [tokens,E,d]×layers | "
+        "peak RSS increase | live RSS increase | ratio | |"
+    )
+    out.append("|---|---:|---:|---:|---:|---:|---:|---|")
+    for r in mem:
+        if "skipped" in r or "error" in r:
+            why = r.get("skipped") or ("error: " + r["error"].strip().splitlines()[-1][:120])
+            out.append(f"| `{r['id']}` | {why} | | | | | | |")
+            continue
+        scale = ""
+        for key in ("scaling_vs_E", "scaling_vs_k"):
+            if key in r:
+                sc = r[key]
+                scale += f" ({sc['from']}→{sc['to']}: peak ×{sc['peak_ratio']:.2f})"
+        out.append(
+            f"| {r['name']}{scale} | {r['tokens']} | {r['estimate_mb']:.1f} MB | {r['dense_estimate_mb']:.1f} MB | "
+            f"{r['peak_delta_mb']:.1f} MB | {r['live_delta_mb']:.1f} MB | {_x(r['ratio'])} | {_met(r)} |"
+        )
+    for r in rows:
+        if r["section"] != "e2e":
+            continue
+        if "skipped" in r:
+            out.append(f"\nOrganism end to end (`expertlens refusal`): skipped: {r['skipped']}.")
+        elif r.get("returncode", 0) != 0:
+            out.append(
+                f"\nOrganism end to end: `{r['command']}` failed (rc {r['returncode']}) after {r['wall_s']:.1f} s."
+            )
+        else:
+            out.append(
+                f"\nOrganism end to end: `{r['command']}`: {r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} s CPU (one run)."
+            )
+    tg = result["targets"]
+    if tg:
+        out.append("\nTargets:")
+        for t in tg:
+            v = "–" if t["value"] is None else f"{t['value']:.2f}"
+            out.append(f"- `{t['id']}`: {t['target']}: {v} — {'met' if t['met'] else 'MISSED'}")
+    return "\n".join(out)
+
+
+def update_docs(path: Path, table: str) -> None:
+    text = path.read_text() if path.exists() else f"# Performance\n\n{DOCS_BEGIN}\n{DOCS_END}\n"
+    if DOCS_BEGIN not in text or DOCS_END not in text:
+        text += f"\n{DOCS_BEGIN}\n{DOCS_END}\n"
+    head, rest = text.split(DOCS_BEGIN, 1)
+    _, tail = rest.split(DOCS_END, 1)
+    path.write_text(f"{head}{DOCS_BEGIN}\n{table}\n{DOCS_END}{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny config, one round, no e2e: a smoke test in seconds")
+    p.add_argument("--out", help="JSON path (default bench/results.json, or bench/results-quick.json)")
+    p.add_argument("--docs", help="also rewrite the table between the bench markers of this markdown file")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--no-organism", action="store_true", help="skip the organism rows")
+    args = p.parse_args(argv)
+    only = tuple(s.strip() for s in args.only.split(",") if s.strip())
+    bad = set(only) - set(SECTIONS)
+    if bad:
+        p.error(f"unknown sections {sorted(bad)}; choose from {SECTIONS}")
+    run(quick=args.quick, out=args.out, docs=args.docs, only=only, organism=not args.no_organism)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

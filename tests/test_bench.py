@@ -1,0 +1,74 @@
+"""Smoke test of the benchmarks: ``bench/run.py --quick`` (tiny config, one round) writes every row.
+
+No timed assertions: only that each section ran and the JSON is complete and well formed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+run = pytest.importorskip("bench.run")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    docs = out.parent / "perf.md"
+    docs.write_text("# Performance\n\nintro\n\n<!-- bench:begin -->\nold\n<!-- bench:end -->\n\nrerun notes\n")
+    result = run.run(quick=True, out=out, docs=docs, log=lambda *a: None)
+    return result, json.loads(out.read_text()), docs.read_text()
+
+
+def test_every_row_present(quick):
+    _, data, _ = quick
+    ids = [r["id"] for r in data["rows"]]
+    assert ids == run.expected_row_ids(quick=True)
+    assert len(set(ids)) == len(ids)
+
+
+def test_synthetic_rows_measured(quick):
+    _, data, _ = quick
+    for r in data["rows"]:
+        if r["setting"] != "tiny":
+            continue
+        assert "skipped" not in r and "error" not in r, r
+        if r["section"] in ("forward", "generate", "extract"):
+            assert r["wall_s"] > 0 and r["cpu_s"] >= 0 and r["rounds"] == 1
+            assert len(r["wall_samples"]) == 1
+            assert r["ratio"] is not None and math.isfinite(r["ratio"])
+        if r["section"] == "memory":
+            assert r["estimate_bytes"] == r["saved_bytes"] > 0
+            assert r["saved_shape"][-2:] == [r["k"], r["d_model"]]
+
+
+def test_targets_and_checks(quick):
+    _, data, _ = quick
+    targets = {t["id"] for t in data["targets"]}
+    assert {
+        "forward/tiny/trace_nothing", "forward/tiny/trace_capture", "generate/tiny/expertlens_steered",
+        "generate/tiny/hooks_nocache", "extract/tiny/expertlens",
+    } <= targets
+    rows = {r["id"]: r for r in data["rows"]}
+    # the two copies are the same weights, and expertlens is bit-identical to grouped_mm
+    assert rows["forward/tiny/bare"]["max_abs_diff_vs_wrapped"] == 0.0
+    assert rows["generate/tiny/expertlens_plain"]["tokens_identical_to_bare"]
+    assert rows["extract/tiny/expertlens"]["max_abs_diff_vs_plain"] < 1e-4
+    assert rows["generate/tiny/bare"]["new_tokens"] == 4
+
+
+def test_organism_rows_marked(quick):
+    _, data, _ = quick
+    for r in data["rows"]:
+        if r["setting"] == "organism" and r["section"] == "e2e":
+            assert "skipped" in r  # never run in --quick
+        elif r["setting"] == "organism" and "skipped" not in r:
+            assert "error" not in r, r
+
+
+def test_docs_block_rewritten(quick):
+    _, _, docs = quick
+    assert "old" not in docs and "intro" in docs and "rerun notes" in docs
+    assert "| row | setting |" in docs and "capture memory" in docs
