@@ -2,10 +2,12 @@
 
 The parent (:func:`memory_rows`) starts ``python -m bench.memory '<json>'`` per configuration, so
 peaks never mix (``--quick`` forks the already-imported parent instead, to skip the import time;
-same measurement, fork-inherited pages only raise the shared baseline). In the child:
+same measurement: the peak mark is reset in the child before anything is measured). In the child:
 
-1. build the model and wrap it; run a trace with nothing saved, twice (warm-up): ``P0 = ru_maxrss``;
-2. run a trace saving ``moe.expert_out`` on every MoE layer and keep the saved tensors: ``P1``;
+1. build the model and wrap it; run a trace with nothing saved (warm-up); reset the peak-RSS mark
+   (``/proc/self/clear_refs``), run it again: ``P0 = ru_maxrss``, the peak of a plain trace;
+2. reset the mark, run a trace saving ``moe.expert_out`` on every MoE layer and keep the saved
+   tensors: ``P1``;
 3. report ``P1 - P0`` (the extra peak the capture costs) next to the estimate
    ``tokens × k × d × 4 bytes × MoE layers`` and the size a dense ``[tokens, E, d]`` capture would have.
 
@@ -38,6 +40,17 @@ def _maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (``/proc/self/clear_refs``, Linux >= 4.0),
+    so ``ru_maxrss`` measures from here and the model build's transient peak cannot mask the trace."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def child(spec: dict) -> dict:
     import torch
 
@@ -61,10 +74,13 @@ def child(spec: dict) -> dict:
     mask = torch.ones_like(ids)
     layers = model.moe_layers
     with torch.no_grad():
-        for _ in range(2):
-            with model.trace(ids, attention_mask=mask, use_cache=False):
-                pass
+        with model.trace(ids, attention_mask=mask, use_cache=False):  # warm-up
+            pass
+        reset = _reset_peak()
+        with model.trace(ids, attention_mask=mask, use_cache=False):
+            pass
         p0, live0 = _maxrss(), _rss()
+        _reset_peak()
         saved = []
         with model.trace(ids, attention_mask=mask, use_cache=False):
             for i in layers:
@@ -87,6 +103,7 @@ def child(spec: dict) -> dict:
         "peak_after_bytes": p1,
         "peak_delta_bytes": p1 - p0,
         "live_delta_bytes": live1 - live0,
+        "peak_reset": reset,
     }
 
 
