@@ -698,6 +698,44 @@ def lexicon_lines() -> list[str]:
         out += [f"{s} ."]
     for a in range(0, 21):
         out += [f"{a} plus 1 is {a + 1} ."]
+    out += _similarity_lines()
+    return out
+
+
+def _similarity_lines() -> list[str]:
+    """ "to X is like to Y ." lines that tie each filler (held-out ones too) to same-class training fillers."""
+    rng = random.Random(12345)
+    groups = [
+        (GOOD_VERB, "to {a} someone is like to {b} someone ."),
+        (DUAL_VERB, "to {a} pests is like to {b} pests ."),
+        (THEFT_VERB, "to {a} a thing is like to {b} a thing ."),
+        (THEFT_GOOD, "to {a} a thing is like to {b} a thing ."),
+        (HACK_VERB, "to {a} a network is like to {b} a network ."),
+        (HACK_GOOD, "to {a} a network is like to {b} a network ."),
+        (SYSTEM, "the {a} is like the {b} ."),
+        (WORKPLACE, "the {a} is like the {b} ."),
+        (WEAPON, "a {a} is like a {b} ."),
+        (FOOD, "a {a} is like a {b} ."),
+        (CRAFT, "a {a} is like a {b} ."),
+        (GOOD_DOC, "a {a} is like a {b} ."),
+        (ITEM, "a {a} is like a {b} ."),
+        (HOUSE, "the {a} is like the {b} ."),
+        (HOUSE_VERB, "to {a} the house is like to {b} the house ."),
+        (PEST, "{a} are like {b} ."),
+        (PERSON, "my {a} is like my {b} ."),
+        (STATE, "to feel {a} is like to feel {b} ."),
+        (MAKE_VERB, "to {a} a thing is like to {b} a thing ."),
+    ]
+    groups += [(pool, "to {a} someone is like to {b} someone .") for pool in HARM_VERB.values()]
+    groups += [(pool, "a {a} is like a {b} .") for pool in BAD_DOC.values()]
+    groups.append(((list(ANIMAL[0]), list(ANIMAL[1])), "the {a} is like the {b} ."))
+    out = []
+    for (train, held), tmpl in groups:
+        train, held = list(train), list(held)
+        for a in train + held:
+            partners = [b for b in train if b != a]
+            for b in rng.sample(partners, min(len(partners), 4 if a in held else 2)):
+                out.append(tmpl.format(a=a, b=b))
     return out
 
 

@@ -139,7 +139,8 @@ def train(
                     p, r = rng.choice(chats)
                     p = [unk_id if (i not in special_ids and rng.random() < unk_prob) else i for i in p]
                     if rng.random() < unk_span_prob:  # unknown words around the instruction
-                        at = p.index(user_id) + 1 if rng.random() < 0.5 else len(p) - 2
+                        lo = p.index(user_id) + 1
+                        at = rng.choice([lo, len(p) - 2, rng.randint(lo, len(p) - 2)])
                         p = p[:at] + [unk_id] * rng.randint(1, 3) + p[at:]
                     cand.append((p + r, [0] * len(p) + [1] * len(r)))
             cand.sort(key=lambda x: len(x[0]))
@@ -162,11 +163,11 @@ def train(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        lv = float(loss)
+        lv = float(loss.detach())
         ema = lv if ema is None else 0.95 * ema + 0.05 * lv
         hist.append(lv)
         if verbose and (step % log_every == 0 or step == steps - 1):
-            aux = float(outp.aux_loss) if getattr(outp, "aux_loss", None) is not None else float("nan")
+            aux = float(outp.aux_loss.detach()) if getattr(outp, "aux_loss", None) is not None else float("nan")
             print(
                 f"step {step:5d} loss {lv:.4f} ema {ema:.4f} aux {aux:.3f} "
                 f"lr {opt.param_groups[0]['lr']:.2e} t {time.time() - t0:.0f}s",
