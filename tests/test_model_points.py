@@ -157,6 +157,18 @@ def test_router_logit_edits_change_selection_and_output_as_predicted(family, edi
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3", "glm4_moe"])
+def test_plus_100_selects_everywhere_without_a_group_limit(family):
+    """With every group allowed (topk_group == n_group) +100 puts the expert in every token's top-k."""
+    n_group = 2 if family != "glm4_moe" else 1
+    model = ExpertModel(tiny_model(family, n_group=n_group, topk_group=n_group), tiny_tokenizer())
+    layer = model.moe_layers[-1]
+    with torch.no_grad(), model.trace(make_ids()):
+        model.layers[layer].moe.router_logits[..., 6] += 100.0
+        idx = model.layers[layer].moe.topk_indices.save()
+    assert (idx == 6).any(-1).all()
+
+
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_heads_sum_to_attention_output(family, wrapped):
     model = wrapped(family)
