@@ -8,17 +8,26 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
+
+log = logging.getLogger("mkdocs.hooks")
 
 
 def on_config(config, **kwargs):
-    try:
-        from griffe._internal.docstrings import google
-        from griffe._internal.enumerations import DocstringSectionKind
+    import importlib
 
-        google._section_kind.setdefault("example", DocstringSectionKind.examples)
-    except (ImportError, AttributeError):  # another griffe layout: Example sections render as admonitions
-        pass
+    from griffe import DocstringSectionKind
+
+    for name in ("griffe._internal.docstrings.google", "_griffe.docstrings.google", "griffe.docstrings.google"):
+        try:
+            google = importlib.import_module(name)
+        except ImportError:
+            continue
+        if isinstance(getattr(google, "_section_kind", None), dict):
+            google._section_kind.setdefault("example", DocstringSectionKind.examples)
+            return config
+    log.warning("docs/hooks.py: could not register 'Example:' as an examples section for this griffe version")
     return config
 
 

@@ -1,0 +1,61 @@
+"""Execute the tutorials in place (nbclient, kernel ``python3``), failing on the first error.
+
+Usage::
+
+    python docs/run_notebooks.py                   # every tutorials/*.ipynb
+    python docs/run_notebooks.py tutorials/01_tracing_moe_internals.ipynb
+
+Run it to refresh the committed outputs after changing a tutorial (figures are embedded as PNG when
+kaleido and Chromium are available). CI runs it with ``CI=true``, where the tutorials skip the PNG
+export and show interactive figures instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(path: Path, timeout: int, kernel: str) -> float:
+    nb = nbformat.read(path, as_version=4)
+    nb.metadata["kernelspec"] = {"name": kernel, "display_name": "Python 3", "language": "python"}
+    start = time.perf_counter()
+    client = NotebookClient(nb, timeout=timeout, kernel_name=kernel, resources={"metadata": {"path": str(path.parent)}})
+    client.execute()
+    nbformat.write(nb, path)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("notebooks", nargs="*", type=Path)
+    parser.add_argument("--timeout", type=int, default=300, help="seconds per cell")
+    parser.add_argument("--kernel", default="python3")
+    args = parser.parse_args(argv)
+    paths = args.notebooks or sorted((ROOT / "tutorials").glob("*.ipynb"))
+    if not paths:
+        print("no notebooks found", file=sys.stderr)
+        return 1
+    total = 0.0
+    for path in paths:
+        try:
+            seconds = run(path, args.timeout, args.kernel)
+        except CellExecutionError as err:
+            print(f"FAILED {path}:\n{err}", file=sys.stderr)
+            return 1
+        total += seconds
+        print(f"executed {path.relative_to(ROOT) if path.is_absolute() else path} in {seconds:.1f}s", flush=True)
+    print(f"{len(paths)} notebooks executed in {total:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
