@@ -129,30 +129,33 @@ def synthetic_setting(name: str, quick: bool) -> Setting:
     )
 
 
-def organism_setting(quick: bool) -> Setting | None:
-    from expertlens.organism import list_organisms, load_prompts
+def organism_setting(quick: bool, path: str | None = None) -> Setting | None:
+    """The shipped organism (first of ``list_organisms()``), or a checkpoint folder ``path`` with the
+    organism's tokenizer (e.g. one still training); ``None`` when neither exists."""
+    from expertlens.organism import DEFAULT_ORGANISM, list_organisms, load_prompts, organism_path
 
-    names = list_organisms()
-    if not names:
-        return None
-    name = names[0]
+    if path is None:
+        names = list_organisms()
+        if not names:
+            return None
+        name, folder = names[0], str(organism_path(names[0]))
+    else:
+        name, folder = DEFAULT_ORGANISM, str(path)
 
     def build():
         from transformers import AutoModelForCausalLM
 
-        from expertlens.organism import organism_path
-
-        path = organism_path(name)
         from expertlens import ExpertModel
 
-        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-        wrapped = ExpertModel(str(path), dtype=torch.float32)
-        bare = hf
+        bare = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         bare.set_experts_implementation("grouped_mm")
         bare.eval()
+        wrapped = ExpertModel(folder, dtype=torch.float32)
         for m in (bare, wrapped.hf_model):
             m.generation_config.eos_token_id = None
         return bare, wrapped, wrapped.tokenizer
+
+    from transformers import AutoTokenizer
 
     from expertlens.refusal.data import format_chat
 
@@ -161,16 +164,12 @@ def organism_setting(quick: bool) -> Setting | None:
     harmful = (p["harmful"] * (n_half // max(1, len(p["harmful"])) + 1))[:n_half]
     harmless = (p["harmless"] * (n_half // max(1, len(p["harmless"])) + 1))[:n_half]
     batch = 2 if quick else 8
-    # Chat-formatted like the study does (the organism's template), half harmful, half harmless.
-    from transformers import AutoTokenizer
-
-    from expertlens.organism import organism_path
-
-    tok = AutoTokenizer.from_pretrained(str(organism_path(name)))
+    # Chat-formatted with the organism's template, as the study does; half harmful, half harmless.
+    tok = AutoTokenizer.from_pretrained(folder)
     fwd = format_chat(tok, harmful[: batch // 2] + harmless[: batch // 2])
     return Setting(
         name="organism",
-        describe=f"organism {name!r}; batch {batch} chat prompts (left-padded)",
+        describe=f"organism {name!r} ({folder if path else 'shipped'}); batch {batch} chat prompts (left-padded)",
         build=build,
         forward_prompts=fwd,
         gen_prompts=fwd,
@@ -180,7 +179,7 @@ def organism_setting(quick: bool) -> Setting | None:
         rounds=1 if quick else 15,
         gen_rounds=1 if quick else 7,
         extract_rounds=1 if quick else 7,
-        extra={"organism": name},
+        extra={"organism": name, "path": folder},
     )
 
 

@@ -91,10 +91,14 @@ def run(
     out: str | Path | None = None,
     docs: str | Path | None = None,
     only: tuple[str, ...] = SECTIONS,
-    organism: bool = True,
+    organism: bool | str = True,
     log=print,
 ) -> dict:
-    """Run the benchmarks and write the JSON; returns the results dict."""
+    """Run the benchmarks and write the JSON; returns the results dict.
+
+    ``organism``: True = the shipped organism if any, False = skip, a folder = that checkpoint
+    (e.g. one still training; its e2e row runs ``expertlens refusal --model`` on the train prompts).
+    """
     torch.set_num_threads(1)
     from expertlens.organism import list_organisms
     from expertlens.refusal.progress import set_progress
@@ -104,41 +108,44 @@ def run(
     wanted = set(only)
     meta = machine_info()
     meta.update(quick=quick, load_average_start=load_average(), sections=sorted(wanted))
-    names = list_organisms() if organism else []
-    org_name = names[0] if names else None
+    org_path = organism if isinstance(organism, str) else None
+    names = list_organisms() if organism is True else []
+    org = organism_setting(quick, org_path) if (names or org_path) else None
+    org_name = org.extra["organism"] if org else None
     notes = []
-    if org_name is None:
+    if org is None:
         why = "organism rows skipped: no checkpoint yet (list_organisms() is empty)" if organism else "--no-organism"
         notes.append(why)
         log(f"note: {why}")
+    elif org_path:
+        notes.append(f"organism rows use the checkpoint folder {org_path} (--organism-path), not a shipped organism")
     rows: list[dict] = []
 
     # 4. memory first: fresh subprocesses, two at a time, while nothing here is being timed
     # (--quick: forked from this process after the timed sections, so they start warm).
     if "memory" in wanted and not quick:
         t0 = time.perf_counter()
-        rows += MemoryRun(quick, org_name).rows()
+        rows += MemoryRun(quick, org.extra["path"] if org else None).rows()
         log(f"  memory: {time.perf_counter() - t0:.1f}s")
 
     # 1-3 on the synthetic config, then the organism.
     syn = synthetic_setting("tiny" if quick else "medium", quick)
     meta["synthetic"] = {"name": syn.name, "describe": syn.describe, **syn.extra}
     rows += _setting_rows(syn, wanted, log)
-    org = organism_setting(quick) if org_name else None
     if org is not None:
         meta["organism"] = {"describe": org.describe, **org.extra}
         rows += _setting_rows(org, wanted, log)
 
     if "memory" in wanted and quick:
         t0 = time.perf_counter()
-        rows += MemoryRun(quick, org_name).rows()
+        rows += MemoryRun(quick, org.extra["path"] if org else None).rows()
         log(f"  memory (forked): {time.perf_counter() - t0:.1f}s")
 
     # 5. the organism end to end.
     if "e2e" in wanted and org_name is not None and not quick:
         with tempfile.TemporaryDirectory(prefix="expertlens-bench-") as tmp:
             t0 = time.perf_counter()
-            rows.append(sections.refusal_cli_row(org_name, tmp))
+            rows.append(sections.refusal_cli_row(org_name, tmp, path=org_path))
             log(f"  e2e: {time.perf_counter() - t0:.1f}s")
 
     # Rows not produced (organism missing, quick mode, --only) are present and say why.
@@ -208,6 +215,10 @@ def _x(r: float | None) -> str:
     return "–" if r is None or (isinstance(r, float) and not math.isfinite(r)) else f"{r:.2f}×"
 
 
+def _num(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
 def _met(row: dict) -> str:
     if "met" not in row:
         return ""
@@ -259,7 +270,7 @@ def markdown(result: dict) -> str:
         for key in ("scaling_vs_E", "scaling_vs_k"):
             if key in r:
                 sc = r[key]
-                scale += f" ({sc['from']}→{sc['to']}: peak ×{sc['peak_ratio']:.2f})"
+                scale += f" ({sc['from']}→{sc['to']}: peak ×{_num(sc['peak_ratio'])}, live ×{_num(sc['live_ratio'])})"
         out.append(
             f"| {r['name']}{scale} | {r['tokens']} | {r['estimate_mb']:.1f} MB | {r['dense_estimate_mb']:.1f} MB | "
             f"{r['peak_delta_mb']:.1f} MB | {r['live_delta_mb']:.1f} MB | {_x(r['ratio'])} | {_met(r)} |"
@@ -302,12 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", help="also rewrite the table between the bench markers of this markdown file")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--no-organism", action="store_true", help="skip the organism rows")
+    p.add_argument("--organism-path", help="use this checkpoint folder for the organism rows (e.g. one in training)")
     args = p.parse_args(argv)
     only = tuple(s.strip() for s in args.only.split(",") if s.strip())
     bad = set(only) - set(SECTIONS)
     if bad:
         p.error(f"unknown sections {sorted(bad)}; choose from {SECTIONS}")
-    run(quick=args.quick, out=args.out, docs=args.docs, only=only, organism=not args.no_organism)
+    organism: bool | str = args.organism_path or not args.no_organism
+    run(quick=args.quick, out=args.out, docs=args.docs, only=only, organism=organism)
     return 0
 
 

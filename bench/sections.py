@@ -296,9 +296,10 @@ def extraction_rows(bare, model, tok, s: Setting) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 
 
-def refusal_cli_row(organism: str, out_dir: str, timeout: float = 1800) -> dict:
+def refusal_cli_row(organism: str, out_dir: str, timeout: float = 1800, path: str | None = None) -> dict:
     """Wall time of ``expertlens refusal --organism NAME --out DIR --threads 1`` in a fresh process
-    (imports, loading, the whole study, results + report written)."""
+    (imports, loading, the whole study, results + report written). With ``path`` (a checkpoint
+    folder, not shipped): ``--model PATH`` with the organism's train prompts as the two files."""
     import os
     import subprocess
     import sys
@@ -306,8 +307,22 @@ def refusal_cli_row(organism: str, out_dir: str, timeout: float = 1800) -> dict:
 
     from .harness import REPO
 
-    cmd = [sys.executable, "-m", "expertlens.cli", "refusal", "--organism", organism, "--out", out_dir,
-           "--threads", "1", "--quiet"]
+    cmd = [sys.executable, "-m", "expertlens.cli", "refusal", "--out", out_dir, "--threads", "1", "--quiet"]
+    if path is None:
+        cmd += ["--organism", organism]
+    else:
+        import json
+        from pathlib import Path
+
+        from expertlens.organism import load_prompts
+
+        prompts = load_prompts(organism, "train")
+        files = []
+        for kind in ("harmful", "harmless"):
+            f = Path(out_dir) / f"{kind}.json"
+            f.write_text(json.dumps(prompts[kind]))
+            files.append(str(f))
+        cmd += ["--model", str(path), "--harmful", files[0], "--harmless", files[1]]
     import resource
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
