@@ -97,6 +97,16 @@ def test_docs_nav_pages_exist():
         assert (ROOT / "docs" / page).exists(), page
 
 
+def test_every_page_and_tutorial_is_in_the_nav():
+    import re
+
+    nav = set(re.findall(r":\s+(\S+\.(?:md|ipynb))", (ROOT / "mkdocs.yml").read_text().split("\nnav:", 1)[1]))
+    pages = {str(p.relative_to(ROOT / "docs")) for p in (ROOT / "docs").rglob("*.md") if "tutorials" not in p.parts}
+    pages |= {f"tutorials/{p.name}" for p in TUTORIALS}
+    missing = sorted(pages - nav)
+    assert not missing, f"pages not reachable from the mkdocs nav: {missing}"
+
+
 def test_errors_page_names_every_error_type():
     page = (ROOT / "docs" / "errors.md").read_text()
     for name in ("PointError", "UnsupportedModelError", "ChatTemplateError", "ValidationError"):
