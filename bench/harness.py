@@ -188,12 +188,18 @@ def organism_setting(quick: bool, path: str | None = None) -> Setting | None:
 # --------------------------------------------------------------------------------------------
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1) -> dict[str, dict]:
-    """Run every function once per round, rotating the order; return wall/cpu samples and medians."""
+def interleaved(
+    fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1, no_warmup: tuple[str, ...] = ()
+) -> dict[str, dict]:
+    """Run every function once per round, rotating the order; return wall/cpu samples and medians.
+
+    ``warmup`` untimed calls of each function come first, except for those in ``no_warmup`` (slow
+    ones whose code paths the others already warmed)."""
     names = list(fns)
     for _ in range(warmup):
         for n in names:
-            fns[n]()
+            if n not in no_warmup:
+                fns[n]()
     samples: dict[str, dict[str, list[float]]] = {n: {"wall": [], "cpu": []} for n in names}
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]

@@ -78,7 +78,20 @@ def _setting_rows(setting, wanted: set[str], log) -> list[dict]:
         if section not in wanted:
             continue
         t0 = time.perf_counter()
-        rows += fn(bare, model, tok, setting)
+        try:
+            rows += fn(bare, model, tok, setting)
+        except Exception as e:  # noqa: BLE001  (one broken section must not lose the others)
+            import traceback
+
+            err = "".join(traceback.format_exception(e))[-2000:]
+            log(f"  {section}/{setting.name} FAILED: {e!r}")
+            keys = {"forward": FORWARD_KEYS, "generate": GENERATE_KEYS, "extract": EXTRACT_KEYS}[section]
+            rows += [
+                {"id": f"{section}/{setting.name}/{k}", "section": section, "setting": setting.name,
+                 "name": f"{section}/{setting.name}/{k}", "error": err, "met": False}
+                for k in keys
+            ]
+            continue
         log(f"  {section}/{setting.name}: {time.perf_counter() - t0:.1f}s")
     model.restore()
     del bare, model
@@ -104,6 +117,12 @@ def run(
     from expertlens.refusal.progress import set_progress
 
     set_progress(False)
+    try:  # no "Loading weights" bars in the output
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001
+        pass
     started = time.perf_counter()
     wanted = set(only)
     meta = machine_info()
@@ -245,8 +264,9 @@ def markdown(result: dict) -> str:
     out.append("\n| row | setting | wall (median) | CPU (median) | rounds | ratio (CPU) | ratio (wall) | target | |")
     out.append("|---|---|---:|---:|---:|---:|---:|---|---|")
     for r in timed:
-        if "skipped" in r:
-            out.append(f"| `{r['id']}` | {r['setting']} | skipped: {r['skipped']} | | | | | | |")
+        if "skipped" in r or "error" in r:
+            why = f"skipped: {r['skipped']}" if "skipped" in r else "error: " + r["error"].strip().splitlines()[-1][:99]
+            out.append(f"| `{r['id']}` | {r['setting']} | {why} | | | | | | |")
             continue
         extra = ""
         if r["section"] == "extract":

@@ -191,11 +191,12 @@ def generation_rows(bare, model, tok, s: Setting) -> list[dict]:
         ),
     }
     with torch.no_grad():
-        timing = interleaved(fns, s.gen_rounds, warmup=1)
-    steered = torch.stack(out["steered"])
-    hooks = out["hooks"]
-    agree = float((steered == hooks).float().mean())
-    plain_same = all(torch.equal(a, b) for a, b in zip(out["plain"], out["bare"]))
+        timing = interleaved(fns, s.gen_rounds, warmup=1, no_warmup=("hooks_nocache",))
+    # expertlens' return_ids cuts each row after the tokenizer's EOS: compare on those lengths.
+    hooks, bare_ids = out["hooks"], out["bare"]
+    n_same = sum(int((row == hooks[i, : len(row)]).sum()) for i, row in enumerate(out["steered"]))
+    agree = n_same / max(1, sum(len(row) for row in out["steered"]))
+    plain_same = all(torch.equal(row, bare_ids[i, : len(row)]) for i, row in enumerate(out["plain"]))
     names = {
         "bare": f"bare HF generate ({n} new tokens, KV cache)",
         "expertlens_plain": "expertlens generate, no intervention",
@@ -270,7 +271,8 @@ def extraction_rows(bare, model, tok, s: Setting) -> list[dict]:
     def ours():
         out["expertlens"] = candidate_directions(model, s.harmful, s.harmless, positions, None, batch_size=bs)
 
-    timing = interleaved({"plain_hooks": plain, "expertlens": ours}, s.extract_rounds)
+    # No warm-up round: each call is many batches, and the forward section warmed both models.
+    timing = interleaved({"plain_hooks": plain, "expertlens": ours}, s.extract_rounds, warmup=0)
     diff = float((out["plain"] - out["expertlens"]).abs().max())
     n = len(s.harmful) + len(s.harmless)
     rows = [
