@@ -225,6 +225,10 @@ NEUTRAL_REQ = (
     ["where should i begin ?"],
 )
 
+#: Slots whose filler does not decide harm: in the held-out split they keep training words, so a held-out
+#: prompt changes the class-bearing filler (verb, object, weapon, food, ...) and/or the template.
+NEUTRAL_POOLS = (PERSON, PLACE, ITEM, SYSTEM, WORKPLACE, MAKE_VERB)
+
 # request wrappers around an action phrase {a}
 WRAP = (
     [
@@ -247,7 +251,7 @@ WRAP = (
     ],
 )
 PREFIX = (["", "", "", "hi .", "hello !", "ok so", "quick question :"], ["hey there ,"])
-SUFFIX = (["", "", "", "thanks .", "please .", "be brief ."], ["thank you so much ."])
+SUFFIX = (["", "", "", "thanks .", "please .", "be brief ."], ["cheers ."])
 
 MATH_TMPL = (
     ["what is {x} plus {y} ?", "add {x} and {y} .", "what do you get if you add {x} and {y} ?"],
@@ -268,7 +272,7 @@ WANT_TMPL = (
     ],
     [
         "i am not trying to {A} my {p} , i am trying to {B} them . what should i do ?",
-        "forget about how to {A} my {p} . tell me how to {B} them .",
+        "i do not plan to {A} my {p} , i plan to {B} them . any tips ?",
     ],
 )
 TOOL_TMPL = (
@@ -354,6 +358,8 @@ class _Pick:
     def f(self, pool, held: bool | None = None):
         """Filler from a (train, held) pool; held-out if requested and available."""
         use = self.hf if held is None else held
+        if held is None and any(pool is q for q in NEUTRAL_POOLS):
+            use = False  # held-out fillers are the class-bearing ones; neutral slots keep training words
         seq = pool[1] if use else pool[0]
         if isinstance(seq, dict):
             seq = list(seq)
@@ -538,7 +544,7 @@ def pair_tool(k: _Pick) -> tuple[Example, Example]:
 
 def _pads(k: _Pick, lo: int, hi: int) -> str:
     n = k.rng.randint(lo, hi)
-    pool = PAD[1] if k.hf else PAD[0]
+    pool = PAD[1] if k.ht else PAD[0]
     return " ".join(s + " ." for s in k.rng.sample(pool, min(n, len(pool))))
 
 

@@ -283,8 +283,11 @@ def write_model_card(path, meta: dict, res: dict) -> None:
         ]
         for i in range(L)
     ]
-    ex = "\n".join(f"- `{e['prompt']}` ({e['label']}) -> `{e['response']}`" for e in res["examples"][:16])
+    exs = [e for e in res["examples"] if e["label"] == "harmful"][:8]
+    exs += [e for e in res["examples"] if e["label"] == "harmless"][:8]
+    ex = "\n".join(f"- `{e['prompt']}` ({e['label']}) -> `{e['response']}`" for e in exs)
     shared = "with a shared expert (sigmoid-gated)" if "shared_expert_intermediate_size" in cfg else "no shared expert"
+    cpu = meta.get("cpu_time_s", meta.get("cpu_time_s_approx", "n/a"))
     card = f"""---
 license: mit
 tags: [expertlens, model-organism, mixture-of-experts, refusal, synthetic]
@@ -303,12 +306,16 @@ For interpretability tests and tutorials only.
 ```
 python -m expertlens.organism.train --arch {meta["arch"]} --seed {meta["seed"]} --steps {meta["steps"]} --out DIR
 ```
-Deterministic (fixed seeds, one torch thread, schedule by step count). Train time here:
-**{meta["train_time_s"]} s** on one CPU thread (shared 2-core machine), torch {meta["torch"]}.
+Deterministic (fixed seeds, one torch thread, schedule by step count: the same command gives the same
+weights on the same software stack). Train time here: **{meta["train_time_s"]} s wall, {cpu} CPU-seconds**
+on one torch thread of a shared 2-core machine (other jobs running; the CPU-seconds are what an idle core
+needs), torch {meta["torch"]}, transformers {meta.get("transformers", "5.24")}.
 
 ## Config
 - {cfg["num_hidden_layers"]} layers, hidden {cfg["hidden_size"]}, {cfg["num_attention_heads"]} heads
-  ({cfg["num_key_value_heads"]} KV), {cfg.get("num_experts")} routed experts, top-{cfg.get("num_experts_per_tok")}
+  ({cfg["num_key_value_heads"]} KV), {cfg.get("num_experts", cfg.get("num_local_experts"))} routed experts, top-{
+        cfg.get("num_experts_per_tok")
+    }
   (`norm_topk_prob={cfg.get("norm_topk_prob")}`), expert FFN {
         cfg.get("moe_intermediate_size", cfg.get("intermediate_size"))
     }{
@@ -319,7 +326,8 @@ Deterministic (fixed seeds, one torch thread, schedule by step count). Train tim
 - {meta["n_params"]:,} parameters, fp32, `model.safetensors` {size:,} bytes.
 - Training: {meta["steps"]} steps, batch {meta["batch_size"]}, AdamW lr {meta["lr"]} (warmup, cosine to 5 %),
   router aux loss 0.01, loss on responses only; {meta["lexicon_frac"]:.0%} of rows are lexicon
-  ("pretraining") definition lines with full LM loss; {meta["unk_prob"]:.0%} prompt-word `<unk>` dropout;
+  ("pretraining") definition lines with full LM loss; {meta["unk_prob"]:.0%} prompt-word `<unk>` dropout
+  plus 1-3 `<unk>` tokens inserted in {meta.get("unk_span_prob", 0.25):.0%} of prompts;
   system prompt on {meta["system_prob"]:.0%} of chats. Final loss (EMA) {meta["final_loss_ema"]}.
 
 ## Data
@@ -330,7 +338,8 @@ templates and/or fillers, never in a training chat) and compositional (the paire
 
 Chat format (system turn optional):
 `<|system|> {{system}} <|end|> <|user|> {{instruction}} <|end|> <|assistant|> {{response}} <|end|>`
-( `tokenizer.apply_chat_template(messages, add_generation_prompt=True)`).
+Use `tokenizer.apply_chat_template(messages, add_generation_prompt=True)`; eos is `<|end|>`, `<pad>` pads
+on the left. Refusals start with "i", "as" or "sorry"; answers start with "sure", "the" or "here".
 
 ## Behaviour (greedy, held-out test split: {res["n_test"]["harmful"]} harmful / {res["n_test"]["harmless"]} harmless)
 | metric | value |
@@ -380,8 +389,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path", type=Path)
     ap.add_argument("--card", action="store_true", help="(re)write README.md from training.json")
+    ap.add_argument("--reuse", action="store_true", help="with --card: reuse eval.json, do not re-measure")
     a = ap.parse_args(argv)
-    res = evaluate_checkpoint(a.path)
+    if a.reuse and (a.path / "eval.json").is_file():
+        res = json.loads((a.path / "eval.json").read_text())
+    else:
+        res = evaluate_checkpoint(a.path)
     if a.card:
         meta = json.loads((a.path / "training.json").read_text())
         write_model_card(a.path, meta, res)

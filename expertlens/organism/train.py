@@ -101,7 +101,7 @@ def train(
 
     from .tokenizer import build_tokenizer
 
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     pool = D.build_training_pool(seed=0, n=pool_size if not tiny else 2000)  # data seed fixed: one data set
     lex = D.lexicon_lines()
     tok = build_tokenizer([e.prompt + " " + e.response for e in pool] + lex + D.SYSTEM_PROMPTS + D.REFUSAL_PHRASES)
@@ -173,7 +173,7 @@ def train(
                 f"lr {opt.param_groups[0]['lr']:.2e} t {time.time() - t0:.0f}s",
                 flush=True,
             )
-    train_time = time.time() - t0
+    train_time, cpu_time = time.time() - t0, time.process_time() - c0
 
     model.eval()
     model.config.output_router_logits = False
@@ -196,9 +196,11 @@ def train(
         "n_params": n_params,
         "vocab_size": len(tok),
         "train_time_s": round(train_time, 1),
+        "cpu_time_s": round(cpu_time, 1),
         "final_loss_ema": round(ema, 4),
         "data_version": D.DATA_VERSION,
         "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
         "tiny": tiny,
     }
     if out is not None:
