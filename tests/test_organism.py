@@ -229,4 +229,14 @@ def test_load_organism():
     from expertlens.organism import load_organism
 
     m = load_organism()
-    assert m is not None
+    assert m.family == "qwen3_moe" and m.n_experts == 8 and m.n_layers == 6
+
+
+def test_training_deterministic():
+    from expertlens.organism.train import train
+
+    torch.set_num_threads(1)
+    runs = [train("qwen2_moe", seed=3, steps=6, out=None, tiny=True, batch_size=8, verbose=False) for _ in range(2)]
+    a, b = (r["model"].state_dict() for r in runs)
+    assert runs[0]["loss"] == runs[1]["loss"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
