@@ -20,7 +20,9 @@ def _refusal(args: argparse.Namespace) -> int:
     from .refusal import RefusalConfig, RefusalData, load_prompt_file, run_refusal_study
     from .refusal.progress import set_progress
 
-    torch.set_num_threads(args.threads) if args.threads else None
+    # One thread by default: on a shared CPU, two threads stall each other (steps swing 10x).
+    if args.threads or not args.device or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
     set_progress(not args.quiet)
     t0 = time.time()
     kwargs = {}
@@ -93,13 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--system-prompt", help="system message for the chat template")
     p.add_argument("--n-train", type=int, default=128)
     p.add_argument("--n-val", type=int, default=32)
-    p.add_argument("--n-test", type=int, default=None)
+    p.add_argument("--n-test", type=int, default=200, help="test prompts per class (default 200)")
     p.add_argument(
         "--preset",
         choices=["paper", "organism", "fast"],
         help="search sizes: the paper's defaults, sized for the organism (default without --model), or fast",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--quiet", action="store_true")

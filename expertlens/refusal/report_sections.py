@@ -37,7 +37,12 @@ def study_sections(study: RefusalStudy) -> list[Section]:
             "harmless refusal %": _rate(r["baseline"]["harmless_refusal"]),
         },
         {
-            "condition": "ActAdd (−r on harmful, +r on harmless)",
+            "condition": "ActAdd, coefficient 1 (−r / +r)",
+            "harmful refusal %": _rate(r["actadd_unit"]["harmful_refusal"]),
+            "harmless refusal %": _rate(r["actadd_unit"]["harmless_refusal"]),
+        },
+        {
+            "condition": "ActAdd, coefficient from val (−c·r / +c·r)",
             "harmful refusal %": _rate(r["actadd"]["harmful_refusal"]),
             "harmless refusal %": _rate(r["actadd"]["harmless_refusal"]),
         },

@@ -73,6 +73,7 @@ class DirectionSelection:
     direction: Tensor | None = field(default=None, repr=False)
     filters: dict = field(default_factory=dict)
     baseline_bypass: float = float("nan")
+    relaxed: str = ""
 
     def matrix(self, key: str) -> Float[Tensor, "pos layer"]:
         """``[P, L]`` table of one score (``bypass``, ``induce`` or ``kl``)."""
@@ -86,6 +87,7 @@ class DirectionSelection:
             "selected": self.selected.to_dict() if self.selected else None,
             "filters": self.filters,
             "baseline_bypass": self.baseline_bypass,
+            "relaxed": self.relaxed,
             "candidates": [c.to_dict() for c in self.candidates],
         }
 
@@ -104,13 +106,16 @@ def select_direction(
     max_layer_frac: float = 0.8,
     temperature: float | None = None,
     batch_size: int = 32,
+    relax_induce: bool = True,
 ) -> DirectionSelection:
     """Score every candidate and pick the one with the lowest bypass score that passes the filters.
 
     bypass: mean refusal score on ``harmful_val`` with ``r̂`` ablated from every residual write;
     induce: mean refusal score on ``harmless_val`` with ``+r`` added at layer ``l``'s input (all
     positions); kl: mean KL(base ‖ ablated) on ``harmless_val``. Filters: NaN, ``l ≥ max_layer_frac·L``,
-    ``kl > kl_threshold``, ``induce < induce_threshold``. Ties: higher induce, then lower KL.
+    ``kl > kl_threshold``, ``induce < induce_threshold``. Ties: higher induce, then lower KL. With
+    ``relax_induce`` (default), if no candidate passes, the induce filter alone is dropped and
+    ``DirectionSelection.relaxed`` says so.
 
     Example:
         >>> from expertlens import load_organism
@@ -158,6 +163,13 @@ def select_direction(
             reason = f"induce < {induce_threshold}"
         scored.append(Candidate(positions[pi], layer, bypass, induce, kl, reason))
     passed = [c for c in scored if c.passed]
+    relaxed = ""
+    if not passed and relax_induce:
+        # Arditi's filter asks +r at coefficient 1 to raise the refusal score above 0. Where no candidate
+        # manages that (a direction that needs a larger coefficient), keep the other filters, drop this one
+        # and say so: the ActAdd coefficient is then calibrated on validation prompts.
+        passed = [c for c in scored if c.reason.startswith("induce")]
+        relaxed = "induce filter relaxed: no candidate reached the induce threshold at coefficient 1"
     best = min(passed, key=lambda c: (c.bypass, -c.induce, c.kl)) if passed else None
     direction = None
     if best is not None:
@@ -170,4 +182,5 @@ def select_direction(
         direction,
         dict(kl_threshold=kl_threshold, induce_threshold=induce_threshold, max_layer_frac=max_layer_frac),
         base_bypass,
+        relaxed,
     )

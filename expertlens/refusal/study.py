@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..interventions import AblateDirection, AddVector
 from . import methods
+from .actadd import actadd_sweep
 from .controls import pathway_ablation
 from .data import RefusalData, format_chat, post_instruction_len
 from .directions import candidate_directions
@@ -55,7 +56,10 @@ class RefusalConfig:
         refusal_starts: Words whose first tokens make the refusal-score token set.
         filter_train: Keep harmful train prompts with refusal score > 0 and harmless < 0 (Arditi).
         kl_threshold / induce_threshold / max_layer_frac: Direction-selection filters.
-        actadd_coeff: ActAdd coefficient (−c bypasses on harmful, +c induces on harmless).
+        actadd_coeff: ActAdd coefficient of the paper's row ``actadd_unit`` (−c bypasses on harmful, +c
+            induces on harmless).
+        actadd_sweep: Coefficients tried on validation prompts; the smallest reaching 10% harmful refusal
+            (bypass) / 90% harmless refusal (induce) is used for the ``actadd`` row. Empty: use ``actadd_coeff``.
         max_new_tokens: Tokens generated when measuring refusal rates.
         routing_last_n / routing_count: Routing statistics over the last-n prompt tokens, top-1 or top-k.
         expert_threshold: |Δ| threshold (percentage points) selecting routing-linked experts.
@@ -82,6 +86,7 @@ class RefusalConfig:
     induce_threshold: float = 0.0
     max_layer_frac: float = 0.8
     actadd_coeff: float = 1.0
+    actadd_sweep: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
     max_new_tokens: int = 16
     routing_last_n: int | None = 5
     routing_count: str = "top1"
@@ -175,10 +180,16 @@ class RefusalStudy:
         rows = [
             ("baseline", r["baseline"]["harmful_refusal"], r["baseline"]["harmless_refusal"], ""),
             (
-                "ActAdd ∓r (selected)",
+                "ActAdd ∓r, coefficient 1",
+                r["actadd_unit"]["harmful_refusal"],
+                r["actadd_unit"]["harmless_refusal"],
+                f"layer {r['selected'].get('layer')}, pos {r['selected'].get('position')}",
+            ),
+            (
+                "ActAdd ∓c·r, c from val",
                 r["actadd"]["harmful_refusal"],
                 r["actadd"]["harmless_refusal"],
-                f"layer {r['selected'].get('layer')}, pos {r['selected'].get('position')}",
+                f"c = -{r['actadd'].get('coeff_bypass')} / +{r['actadd'].get('coeff_induce')}",
             ),
             (
                 "directional ablation",
@@ -355,13 +366,38 @@ def run_refusal_study(
     )
     tick("selection")
 
-    # 4. ActAdd and ablation
+    # 4. ActAdd (coefficient 1 as the paper, then a coefficient chosen on val) and ablation
     log("[4/8] ActAdd bypass/induce and directional ablation")
-    minus = [AddVector("resid_pre", r, coeff=-cfg.actadd_coeff, layers=layer)]
-    plus = [AddVector("resid_pre", r, coeff=cfg.actadd_coeff, layers=layer)]
-    a_h, a_h_out = refusal_rate(model, harmful_test, minus, new, judge, bs)
-    a_hl, a_hl_out = refusal_rate(model, harmless_test, plus, new, judge, bs)
-    res["actadd"] = dict(harmful_refusal=a_h, harmless_refusal=a_hl, coeff=cfg.actadd_coeff, layer=layer)
+
+    def actadd_rates(c_bypass: float, c_induce: float):
+        h = refusal_rate(
+            model, harmful_test, [AddVector("resid_pre", r, coeff=-c_bypass, layers=layer)], new, judge, bs
+        )
+        s = refusal_rate(
+            model, harmless_test, [AddVector("resid_pre", r, coeff=c_induce, layers=layer)], new, judge, bs
+        )
+        return h, s
+
+    (u_h, _), (u_hl, _) = actadd_rates(cfg.actadd_coeff, cfg.actadd_coeff)
+    res["actadd_unit"] = dict(harmful_refusal=u_h, harmless_refusal=u_hl, coeff=cfg.actadd_coeff, layer=layer)
+    if cfg.actadd_sweep:
+        sweep = actadd_sweep(
+            model, r, layer, harmful_val, harmless_val, cfg.actadd_sweep, max_new_tokens=new, judge=judge, batch_size=bs
+        )
+        c_bypass, c_induce = sweep.bypass_coeff, sweep.induce_coeff
+        res["actadd_sweep"] = sweep.to_dict()
+        (a_h, a_h_out), (a_hl, a_hl_out) = actadd_rates(c_bypass, c_induce)
+    else:
+        c_bypass = c_induce = cfg.actadd_coeff
+        (a_h, a_h_out), (a_hl, a_hl_out) = actadd_rates(c_bypass, c_induce)
+    res["actadd"] = dict(
+        harmful_refusal=a_h,
+        harmless_refusal=a_hl,
+        coeff_bypass=c_bypass,
+        coeff_induce=c_induce,
+        layer=layer,
+        calibrated=bool(cfg.actadd_sweep),
+    )
     samples["actadd_harmful"] = _samples(data.harmful_test, a_h_out, cfg.n_samples)
     samples["actadd_harmless"] = _samples(data.harmless_test, a_hl_out, cfg.n_samples)
     ablate = [AblateDirection(r)]
