@@ -106,11 +106,13 @@ def run(
     only: tuple[str, ...] = SECTIONS,
     organism: bool | str = True,
     log=print,
+    update: bool = False,
 ) -> dict:
     """Run the benchmarks and write the JSON; returns the results dict.
 
     ``organism``: True = the shipped organism if any, False = skip, a folder = that checkpoint
     (e.g. one still training; its e2e row runs ``expertlens refusal --model`` on the train prompts).
+    ``update``: keep the rows of the sections not in ``only`` from the existing ``out`` JSON.
     """
     torch.set_num_threads(1)
     from expertlens.organism import list_organisms
@@ -167,6 +169,18 @@ def run(
             rows.append(sections.refusal_cli_row(org_name, tmp, path=org_path))
             log(f"  e2e: {time.perf_counter() - t0:.1f}s")
 
+    out = Path(out) if out else REPO / "bench" / ("results-quick.json" if quick else "results.json")
+    if update and out.exists():
+        old = json.loads(out.read_text())
+        kept = [r for r in old.get("rows", []) if r["section"] not in wanted and "skipped" not in r]
+        rows += kept
+        meta["updated_sections_only"] = sorted(wanted)
+        meta["kept_from_previous_run"] = {k: old["meta"].get(k) for k in ("date", "git_commit", "total_wall_s")}
+        notes += [n for n in old.get("notes", []) if n not in notes]
+        for key in ("synthetic", "organism"):
+            if key not in meta and key in old["meta"]:
+                meta[key] = old["meta"][key]
+
     # Rows not produced (organism missing, quick mode, --only) are present and say why.
     have = {r["id"] for r in rows}
     for rid in expected_row_ids(quick):
@@ -188,7 +202,6 @@ def run(
     meta["load_average_end"] = load_average()
     meta["total_wall_s"] = round(time.perf_counter() - started, 1)
     result = {"meta": meta, "notes": notes, "rows": rows, "targets": targets_summary(rows)}
-    out = Path(out) if out else REPO / "bench" / ("results-quick.json" if quick else "results.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_clean(result), indent=1) + "\n")
     table = markdown(result)
@@ -254,6 +267,12 @@ def markdown(result: dict) -> str:
         f"torch threads: {m['torch_threads']}; load average {m.get('load_average_start')} → "
         f"{m.get('load_average_end')}; commit {m.get('git_commit')}; {m['date']}; total {m.get('total_wall_s')} s."
     )
+    if m.get("updated_sections_only"):
+        prev = m.get("kept_from_previous_run") or {}
+        out.append(
+            f"\nSections {', '.join(m['updated_sections_only'])} are from this run; the other rows are kept from "
+            f"the run of {prev.get('date')} (commit {prev.get('git_commit')}, total {prev.get('total_wall_s')} s)."
+        )
     if "synthetic" in m:
         out.append(f"\nSynthetic setting `{m['synthetic']['name']}`: {m['synthetic']['describe']}.")
     if "organism" in m:
@@ -334,13 +353,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--no-organism", action="store_true", help="skip the organism rows")
     p.add_argument("--organism-path", help="use this checkpoint folder for the organism rows (e.g. one in training)")
+    p.add_argument("--update", action="store_true", help="with --only: keep the other sections' rows from --out")
     args = p.parse_args(argv)
     only = tuple(s.strip() for s in args.only.split(",") if s.strip())
     bad = set(only) - set(SECTIONS)
     if bad:
         p.error(f"unknown sections {sorted(bad)}; choose from {SECTIONS}")
     organism: bool | str = args.organism_path or not args.no_organism
-    run(quick=args.quick, out=args.out, docs=args.docs, only=only, organism=organism)
+    run(quick=args.quick, out=args.out, docs=args.docs, only=only, organism=organism, update=args.update)
     return 0
 
 
