@@ -30,7 +30,13 @@ __all__ = ["ActAddSweep", "actadd_sweep", "pick_coefficient"]
 
 
 def pick_coefficient(coeffs: Sequence[float], rates: Sequence[float], target: float, lower_is_better: bool) -> float:
-    """The smallest coefficient whose rate reaches ``target``; else the one with the best rate (smallest on ties)."""
+    """The smallest coefficient whose rate reaches ``target``; else the one with the best rate (smallest on ties).
+
+    Example:
+        >>> from expertlens.refusal.actadd import pick_coefficient
+        >>> pick_coefficient([1, 2, 4], [0.1, 0.6, 0.95], target=0.9, lower_is_better=False)
+        4
+    """
     order = sorted(range(len(coeffs)), key=lambda i: coeffs[i])
     for i in order:
         if (rates[i] <= target) if lower_is_better else (rates[i] >= target):
@@ -41,7 +47,14 @@ def pick_coefficient(coeffs: Sequence[float], rates: Sequence[float], target: fl
 
 @dataclass
 class ActAddSweep:
-    """Refusal rates per coefficient and the coefficients chosen for bypass and induction."""
+    """Refusal rates per coefficient and the coefficients chosen for bypass and induction.
+
+    Example:
+        >>> from expertlens.refusal.actadd import ActAddSweep
+        >>> sweep = ActAddSweep(3, [1.0, 2.0], [0.8, 0.1], [0.1, 0.95], bypass_coeff=2.0, induce_coeff=2.0)
+        >>> sweep.to_dict()["bypass_coeff"]
+        2.0
+    """
 
     layer: int
     coeffs: list[float]
@@ -77,7 +90,15 @@ def actadd_sweep(
     judge: Judge | None = None,
     batch_size: int = 32,
 ) -> ActAddSweep:
-    """Generation refusal rates under ``∓c·r`` at ``layer``'s input for each ``c`` (use validation prompts)."""
+    """Generation refusal rates under ``∓c·r`` at ``layer``'s input for each ``c`` (use validation prompts).
+
+    Example:
+        >>> from expertlens import load_organism
+        >>> from expertlens.refusal.actadd import actadd_sweep
+        >>> model = load_organism()  # doctest: +SKIP
+        >>> sweep = actadd_sweep(model, r, layer, harmful_val, harmless_val, coeffs=(1, 2, 3))  # doctest: +SKIP
+        >>> sweep.bypass_coeff, sweep.induce_coeff  # doctest: +SKIP
+    """
     coeffs = sorted(float(c) for c in coeffs)
     if not coeffs or any(c <= 0 for c in coeffs):
         raise ValueError(f"ActAdd coefficients must be positive, got {coeffs}")
