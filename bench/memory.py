@@ -212,7 +212,7 @@ class MemoryRun:
 def memory_specs(quick: bool, organism: str | None) -> list[tuple[str, dict]]:
     """(row id, child spec) for each configuration; ``organism`` is a checkpoint folder."""
     if quick:
-        base, setting, batch, tokens = "tiny", "tiny", 64, 128
+        base, setting, batch, tokens = "tiny", "tiny", 32, 128
         grid = [(8, 2), (32, 2), (8, 4)]
     else:
         base, setting, batch, tokens = "medium", "medium", 16, 64
