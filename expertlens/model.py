@@ -269,6 +269,11 @@ class MoEPoints:
         self.has_shared: bool = model.spec.shared is not None
 
     def _get(self, path: str):
+        if not _experts.is_installed(self._model._module):
+            raise PointError(
+                "this model's expertlens instrumentation was removed (model.restore()): MoE points are gone; "
+                "wrap the model again with ExpertModel(...)"
+            )
         return _envoy(self._model, path)
 
     @property
@@ -544,6 +549,21 @@ class EditContext:
         return self.attention_mask[:, self.positions].bool()
 
 
+class _HookHandle:
+    """An :class:`EditHandle` for an edit implemented as a torch forward pre-hook."""
+
+    def __init__(self, torch_handle, fn: Any):
+        self._handle, self._fn, self._live = torch_handle, fn, True
+
+    def remove(self) -> None:
+        self._handle.remove()
+        self._live = False
+
+    @property
+    def active(self) -> bool:
+        return self._live
+
+
 class EditHandle:
     """Returned by :meth:`ExpertModel.add_edit`; ``remove()`` takes the edit out (idempotent)."""
 
@@ -764,15 +784,27 @@ class ExpertModel(TransformersModel):
             return None
         p = ids.shape[1]
         mask = kwargs.get("attention_mask")
-        total = mask.shape[-1] if isinstance(mask, Tensor) and mask.dim() == 2 else p
+        mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        # Tokens already in the KV cache decide prefill vs decode; generate() may pass no mask at all
+        # (a single unpadded prompt), so the mask length is only a fallback.
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        past = 0
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            try:
+                past = int(cache.get_seq_length())
+            except Exception:  # noqa: BLE001 - caches that cannot say: fall back on the mask
+                past = 0
+        if past == 0 and mask is not None and mask.shape[-1] > p:
+            past = mask.shape[-1] - p
+        total = past + p
         ctx = self.edit_context
         ctx.forward_id += 1
-        if total <= p:  # a fresh sequence: trace, or generation's prefill
+        if past == 0:  # a fresh sequence: trace, or generation's prefill
             ctx.step, ctx.prompt_len = 0, p
         else:
             ctx.step += 1
         ctx.positions = torch.arange(total - p, total, device=ids.device)
-        ctx.attention_mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        ctx.attention_mask = mask if mask is not None and mask.shape[-1] == total else None
         return None
 
     def add_edit(self, point: str, fn, layer: int | None = None) -> EditHandle:
@@ -843,10 +875,7 @@ class ExpertModel(TransformersModel):
                 kwargs[key] = new
                 return args, kwargs
 
-            h = module.register_forward_pre_hook(hook, with_kwargs=True)
-            handle = EditHandle([hook], hook)
-            handle.remove = lambda: (h.remove(), handle._list.clear())  # type: ignore[method-assign]
-            return handle
+            return _HookHandle(module.register_forward_pre_hook(hook, with_kwargs=True), hook)
 
         if point == "embed":
             return out_edit(self.spec.embed)

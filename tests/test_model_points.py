@@ -405,3 +405,25 @@ def test_validation_failure_restores_the_model():
             assert torch.equal(hf(ids).logits, reference)
     finally:
         families._REGISTRY.pop("broken_rule", None)
+
+
+def test_generation_steps_are_tracked_for_a_single_unpadded_prompt():
+    """generate() passes no attention mask for one unpadded prompt: the KV cache decides prefill vs decode."""
+    model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+    seen = []
+    handle = model.add_edit(
+        "resid_pre", lambda x, ctx: seen.append((ctx.step, ctx.prompt_len, ctx.positions.tolist())) or x, layer=0
+    )
+    ids = make_ids(1, 5)
+    with torch.no_grad():
+        model.hf_model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    handle.remove()
+    assert seen == [(0, 5, [0, 1, 2, 3, 4]), (1, 5, [5]), (2, 5, [6])]
+
+
+def test_moe_points_after_restore_raise_a_clear_error():
+    model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+    model.restore()
+    with pytest.raises(PointError, match="instrumentation was removed"):
+        with model.trace(make_ids()):
+            model.layers[0].moe.router_logits.save()

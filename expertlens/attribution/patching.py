@@ -255,29 +255,29 @@ def activation_patching(
 
             def edit(x, ctx, zc=zc, i=i):
                 x = x.clone()
-                x[..., i, :] = zc[..., i, :].to(x.dtype)
+                x[..., i, :] = zc[..., i, :].to(x)
                 return x
 
             point = "attn.z"
         elif c.kind in ("attn", "mlp"):
             point = "attn.output" if c.kind == "attn" else "mlp.output"
-            edit = lambda x, ctx, v=corr[(c.kind, layer)]: v.to(x.dtype)  # noqa: E731
+            edit = lambda x, ctx, v=corr[(c.kind, layer)]: v.to(x)  # noqa: E731
         elif c.kind == "shared":
             point = "moe.shared_out"
-            edit = lambda x, ctx, v=corr[("shared", layer)]: v.to(x.dtype)  # noqa: E731
+            edit = lambda x, ctx, v=corr[("shared", layer)]: v.to(x)  # noqa: E731
         elif c.kind == "router":
             rc = corr[("router", layer)]
 
             def edit(x, ctx, rc=rc, i=i):
                 x = x.clone()
-                x[..., i] = rc[..., i].to(x.dtype)
+                x[..., i] = rc[..., i].to(x)
                 return x
 
             point = "moe.router_logits"
         elif c.kind == "expert":
             n_e = model._layer_info[layer]["n_experts"]
             delta = (_expert_writes(corr, layer, n_e) - _expert_writes(clean_acts, layer, n_e))[:, :, i]
-            edit = lambda x, ctx, dl=delta: x + dl.to(x.dtype)  # noqa: E731
+            edit = lambda x, ctx, dl=delta: x + dl.to(x)  # noqa: E731
             point = "moe.output"
         else:
             raise ValueError(f"cannot patch a {c.kind!r} component")
@@ -345,7 +345,7 @@ class ComponentAblation(Intervention):
                 bias = model.layers[layer].attn.o_bias
                 if bias is not None:
                     handles.append(model.add_edit(
-                        "attn.output", lambda x, ctx, b=bias: x - b.detach().to(x.dtype), layer=layer))
+                        "attn.output", lambda x, ctx, b=bias: x - b.detach().to(x), layer=layer))
             elif kind in ("attn", "mlp", "shared"):
                 point = {"attn": "attn.output", "mlp": "mlp.output", "shared": "moe.shared_out"}[kind]
                 handles.append(model.add_edit(point, lambda x, ctx: torch.zeros_like(x), layer=layer))

@@ -82,7 +82,7 @@ class AblateDirection(Intervention):
         pos, rows = Positions.coerce(self.positions), self.rows
 
         def edit(x, ctx):
-            rr = r.to(x.dtype)
+            rr = r.to(x)
             new = x - (x @ rr).unsqueeze(-1) * rr
             return apply_masked(x, new, token_selection(pos, rows, ctx, x))
 

@@ -47,7 +47,7 @@ def _tap(model: ExpertModel, point: str, layer: int, stash: dict, key: str) -> E
 def _masked_add(out: Tensor, delta: Tensor, sel: Tensor | None) -> Tensor:
     if sel is not None:
         delta = delta * sel.unsqueeze(-1).to(delta.dtype)
-    return out + delta.to(out.dtype)
+    return out + delta.to(out)
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,7 +110,7 @@ class ExpertSteer(Intervention):
                     pi = (w * (idx == e).to(w.dtype)).sum(-1)
                 else:
                     pi = torch.ones(out.shape[:-1], dtype=out.dtype, device=out.device)
-                delta = (coeff * pi.to(out.dtype)).unsqueeze(-1) * d.to(out.dtype)
+                delta = (coeff * pi.to(out)).unsqueeze(-1) * d.to(out)
                 return _masked_add(out, delta, token_selection(pos, rows, ctx, out))
 
             handles.append(model.add_edit("moe.output", steer, layer=layer))
@@ -156,8 +156,8 @@ class AllExpertsSteer(Intervention):
         tap = _tap_router_probs(model, layer, stash)
 
         def steer(out, ctx):
-            pi = stash.pop("probs").to(out.dtype)
-            delta = coeff * (pi @ D.to(out.dtype))
+            pi = stash.pop("probs").to(out)
+            delta = coeff * (pi @ D.to(out))
             return _masked_add(out, delta, token_selection(pos, rows, ctx, out))
 
         try:

@@ -193,7 +193,7 @@ def _force_logits(model: ExpertModel, layer: int, logits: Tensor, forced: Tensor
         score = logits.float().sigmoid() + bias
         best_other = score[..., others].max(dim=-1, keepdim=True).values
         need = (best_other + margin - bias[forced]).clamp(1e-6, 1 - 1e-6)
-        target = torch.logit(need).to(logits.dtype)
+        target = torch.logit(need).to(logits)
         new[..., forced] = torch.maximum(logits[..., forced], target)
         # where even σ = 1 cannot win, saturate (score = 1 + bias; the re-route safety net does the rest)
         saturate = best_other + margin - bias[forced] >= 1
@@ -365,7 +365,7 @@ class RouterBias(Intervention):
         for layer, b in self._table(model).items():
 
             def edit(logits, ctx, b=b):
-                return apply_masked(logits, logits + b.to(logits.dtype), token_selection(pos, rows, ctx, logits))
+                return apply_masked(logits, logits + b.to(logits), token_selection(pos, rows, ctx, logits))
 
             handles.append(model.add_edit("moe.router_logits", edit, layer=layer))
         return handles
@@ -492,7 +492,7 @@ class SteerMoE(Intervention):
                     s[..., a] = hi.expand(*s.shape[:-1], len(a))
                 if len(d):
                     s[..., d] = lo.expand(*s.shape[:-1], len(d))
-                return apply_masked(logits, s.to(logits.dtype), token_selection(pos, rows, ctx, logits))
+                return apply_masked(logits, s.to(logits), token_selection(pos, rows, ctx, logits))
 
             handles.append(model.add_edit("moe.router_logits", edit, layer=layer))
         return handles

@@ -90,7 +90,7 @@ class AddVector(Intervention):
             delta = coeff * v
 
             def edit(x, ctx, delta=delta):
-                return apply_masked(x, x + delta.to(x.dtype), token_selection(pos, rows, ctx, x))
+                return apply_masked(x, x + delta.to(x), token_selection(pos, rows, ctx, x))
 
             handles.append(_add(model, self.point, layer, edit))
         return handles
@@ -188,7 +188,7 @@ class MeanAblate(Intervention):
 
             def edit(x, ctx, mu=mu):
                 return apply_masked(
-                    x, mu.to(x.dtype).expand_as(x).clone(), token_selection(pos, rows, ctx, x)
+                    x, mu.to(x).expand_as(x).clone(), token_selection(pos, rows, ctx, x)
                 )
 
             handles.append(_add(model, self.point, layer, edit))
@@ -370,7 +370,7 @@ class Patch(Intervention):
                 inside = absolute < src.shape[1]
                 if not bool(inside.any()):
                     return x
-                gathered = src[:, absolute.clamp(max=src.shape[1] - 1)].to(x.dtype)
+                gathered = src[:, absolute.clamp(max=src.shape[1] - 1)].to(x)
                 sel = token_selection(pos, rows, ctx, x)
                 keep = inside.unsqueeze(0).expand(b, p)
                 sel = keep if sel is None else sel & keep
