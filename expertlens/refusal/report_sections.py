@@ -68,7 +68,11 @@ def study_sections(study: RefusalStudy) -> list[Section]:
         },
     ]
     out.append(
-        Section("Summary", tables=[headline, ("model", r["model"]), ("timing (s)", r["timing"])], text=study.table())
+        Section(
+            "Summary",
+            tables=[headline, ("model", r["model"]), ("timing (s)", r["timing"])],
+            text="Refusal rates: fraction of greedy completions judged refusals, on held-out test prompts.",
+        )
     )
 
     sel = r["selection"]
