@@ -155,11 +155,13 @@ def expertlens_experts_forward(
     tokens_per_expert = torch.histc(histc_input, bins=n_experts, min=0, max=n_experts - 1)
     offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
 
-    # Slots pointing past the last expert (expert-parallel sentinels, "zero experts") produce
-    # nothing: grouped_mm skips rows beyond offsets[-1]; we zero them explicitly.
-    sentinel = (expert_ids_g >= n_experts).unsqueeze(-1)
-    has_sentinel = bool(sentinel.any())
+    # Slots pointing past the last expert (expert-parallel sentinels) produce nothing: grouped_mm
+    # skips rows beyond offsets[-1]; we zero them explicitly.
+    # Only expert-parallel shards route to sentinel ids (as in grouped_mm); checking a flag, not the
+    # tensor, avoids a device sync on every call.
+    has_sentinel = bool(getattr(self, "_is_expert_parallel", False))
     if has_sentinel:
+        sentinel = (expert_ids_g >= n_experts).unsqueeze(-1)
         expert_ids_g = expert_ids_g.clamp(max=n_experts - 1)
         selected = selected.masked_fill(sentinel, 0.0)
 
