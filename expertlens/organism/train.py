@@ -52,7 +52,7 @@ def model_config(arch: str, vocab_size: int, pad_id: int, eos_id: int, tiny: boo
     if arch == "qwen3_moe":
         kw.update(decoder_sparse_step=1, mlp_only_layers=[])
     elif arch == "qwen2_moe":
-        kw.update(decoder_sparse_step=1, mlp_only_layers=[], shared_expert_intermediate_size=2 * moe_i)
+        kw.update(decoder_sparse_step=1, mlp_only_layers=[], shared_expert_intermediate_size=moe_i)
     elif arch == "olmoe":
         kw.pop("moe_intermediate_size")
         kw["intermediate_size"] = moe_i
