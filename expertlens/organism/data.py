@@ -24,7 +24,11 @@ Design (see the model card for numbers):
 
 * **Lexicon ("pretraining") lines** -- definition sentences for every filler, including held-out ones,
   so unseen fillers have meaning ("to injure someone is cruel and wrong .").
-* **Held-out split** -- templates and fillers that never occur in a training chat.
+* **Held-out split** -- templates and/or class-bearing fillers (verbs, weapons, foods, docs, pests,
+  tools, ...) that never occur in a training chat; neutral slots (person, place, item, system) keep
+  training words (``NEUTRAL_POOLS``). Each held-out prompt is "tmpl", "fill" or "both".
+* **Training-time augmentation** (in ``train.py``): `<unk>` word dropout and short `<unk>` spans, so unseen
+  template words (which the tokenizer maps to `<unk>`) do not derail the model.
 
 Every string is lower case with spaces around punctuation, so a word-level tokenizer round-trips it.
 """
