@@ -37,11 +37,7 @@ SUBSTRINGS = [
 ORGANISMS = ["qwen3moe-refusal", "qwen2moe-refusal"]
 # Measured shortfalls of a shipped checkpoint against the project targets (see its model card). Non-strict
 # xfail so a retrained checkpoint that meets the target passes without editing this file.
-KNOWN_SHORTFALL = {
-    ("qwen2moe-refusal", "harmful_refusal"): "measured 0.948 (417/440), one prompt short of 0.95",
-    ("qwen2moe-refusal", "depth"): "direction cosine L0 vs L5 is 0.96: the shared expert writes the class "
-    "feature at layer 0 already",
-}
+KNOWN_SHORTFALL: dict[tuple[str, str], str] = {}
 
 
 def _params(check):
