@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--system-prompt", help="system message for the chat template")
     p.add_argument("--n-train", type=int, default=128)
     p.add_argument("--n-val", type=int, default=32)
-    p.add_argument("--n-test", type=int, default=None, help="test prompts per class (default: the whole held-out split)")
+    p.add_argument("--n-test", type=int, default=None, help="test prompts per class (default: all held out)")
     p.add_argument(
         "--preset",
         choices=["paper", "organism", "fast"],
