@@ -49,19 +49,24 @@ def test_difference_in_means_matches_hand_computation(qwen2):
     got = candidate_directions(model, harm, safe, positions, batch_size=3)
 
     def hand_mean(prompts):
-        acc = torch.zeros(len(positions), model.n_layers, model.d_model, dtype=torch.float64)
-        for p in prompts:  # one prompt at a time: no padding at all
-            ids = model.tokenizer(p, return_tensors="pt")["input_ids"]
+        # the same left-padded batches through plain transformers, float64 sums by hand
+        total = torch.zeros(len(positions), model.n_layers, model.d_model, dtype=torch.float64)
+        count = torch.zeros(len(positions), dtype=torch.float64)
+        for i in range(0, len(prompts), 3):
+            enc = model.tokenize(prompts[i : i + 3])
             with torch.no_grad():
-                out = model.hf_model(ids, output_hidden_states=True)
+                hidden = model.hf_model(**enc, output_hidden_states=True).hidden_states
+            mask = enc["attention_mask"][:, positions].double()
+            batch = torch.zeros_like(total)
             for li in range(model.n_layers):
-                acc[:, li] += out.hidden_states[li][0, positions].double()
-        return acc / len(prompts)
+                batch[:, li] = (hidden[li][:, positions].double() * mask[..., None]).sum(0)
+            total += batch
+            count += mask.sum(0)
+        return total / count[:, None, None]
 
     expected = hand_mean(harm) - hand_mean(safe)
     assert got.dtype == torch.float64 and got.shape == (3, model.n_layers, model.d_model)
-    # batched+padded vs one-by-one runs differ only by GEMM blocking (float32), not by padding
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("count", ["top1", "topk"])
