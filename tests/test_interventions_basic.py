@@ -167,12 +167,19 @@ def test_patch_from_cache_restores_clean_run():
     patched = run_logits(model, corrupt, [Patch("resid_pre", cache, layers=1)], last_only=False)
     for c, p in zip(clean_logits, patched):
         assert torch.allclose(c, p, atol=1e-6)
-    # patching only the last position: earlier positions keep the corrupt values
+    # patching only the last position: earlier positions keep the corrupt run's own values. The corrupt
+    # prompts here differ from the clean ones at the first token, so every position of the corrupt run
+    # differs from the clean run (a causally identical prefix would make "kept" and "patched" the same).
+    early_corrupt = ["zbcdef", "ayz"]
+    with model.trace(early_corrupt):
+        unpatched = model.layers[0].moe.output.save()
     with model.intervene(Patch("moe.output", cache, layers=0, positions=Positions.last(1))):
-        with model.trace(corrupt):
+        with model.trace(early_corrupt):
             out = model.layers[0].moe.output.save()
-    assert torch.equal(out[:, -1], cache[("moe.output", 0)][:, -1])
-    assert not torch.equal(out[:, :-1], cache[("moe.output", 0)][:, :-1])
+    clean_out = cache[("moe.output", 0)]
+    assert not torch.allclose(unpatched[:, :-1], clean_out[:, :-1], atol=1e-3)  # the check below can fail
+    assert torch.equal(out[:, -1], clean_out[:, -1])
+    assert torch.equal(out[:, :-1], unpatched[:, :-1])
     assert clean(model)
 
 
