@@ -595,9 +595,13 @@ class ExpertModel(TransformersModel):
             already-built ``PreTrainedModel``.
         tokenizer: Tokenizer to use. It is copied, never mutated (nnsight sets left padding on the
             copy). Loaded from ``model`` when omitted.
-        family: Force an address table by name instead of resolving it from ``config.model_type``.
-        validate: Run the reconstruction and routing checks on a short dummy input when wrapping.
-            Default: on for models under 1B parameters.
+        family: Force an address table (a registered name, or a :class:`FamilySpec`) instead of
+            resolving it from ``config.model_type``.
+        validate: Run the checks on a short dummy input when wrapping: the truth test
+            (:func:`expertlens.checks.check_truth`: logits and every MoE block's output equal the
+            uninstrumented model's) and the reconstruction/routing checks (:func:`~expertlens.checks.check_model`).
+            Default (``None``): on at every size, skipped only for a model whose weights sit on the meta device
+            with nothing to load them; ``False`` opts out.
         trust_remote_code: Off unless asked.
         **kwargs: ``from_pretrained`` keyword arguments, and nnsight's (``dispatch``, ``rename``).
 
@@ -641,7 +645,10 @@ class ExpertModel(TransformersModel):
         else:
             raise TypeError(f"`model` must be a hub name, a local folder or a torch module, got {type(model)}")
 
-        spec = resolve_family(family if family is not None else hf_model)
+        if isinstance(family, FamilySpec):
+            spec = family
+        else:
+            spec = resolve_family(family if family is not None else hf_model)
         info = _layer_table(hf_model, spec)
         hf_model.eval()
         if hasattr(hf_model.config, "output_router_logits"):
@@ -660,16 +667,23 @@ class ExpertModel(TransformersModel):
         object.__setattr__(self, "edit_context", EditContext())
         tracker = hf_model.register_forward_pre_hook(self._track_context, with_kwargs=True)
         object.__setattr__(self, "_tracker", tracker)
-        if validate is None:
-            validate = sum(p.numel() for p in hf_model.parameters()) < 1_000_000_000
-        if validate:
-            from .checks import check_model
+        if validate is None or validate:
+            from .checks import check_model, check_truth
 
-            try:
-                check_model(self)
-            except Exception:
+            runnable = _can_run(hf_model)
+            if not runnable and validate:
                 self.restore()
-                raise
+                raise ValueError(
+                    "validate=True, but some weights are on the meta device with no offload hooks to load them, "
+                    "so the model cannot run; pass validate=False to wrap it for inspection only"
+                )
+            if runnable:
+                try:
+                    check_model(self)
+                    check_truth(self)
+                except Exception:
+                    self.restore()
+                    raise
 
     # ---- identity ---------------------------------------------------------------------------
     @property
@@ -1024,6 +1038,13 @@ def _load_pretrained(name: str, tokenizer: Any, trust_remote_code: bool, kwargs:
     else:
         tokenizer = copy.deepcopy(tokenizer)
     return model, tokenizer
+
+
+def _can_run(model: nn.Module) -> bool:
+    """False when some weight is on the meta device and no accelerate offload hook can load it."""
+    if not any(p.is_meta for p in model.parameters()):
+        return True
+    return any(hasattr(m, "_hf_hook") for m in model.modules())
 
 
 class _nullcontext:
