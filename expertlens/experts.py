@@ -346,7 +346,10 @@ def _swap_class(module: nn.Module, kind: str, forward) -> None:
     cls = type(module)
     key = (cls, kind)
     if key not in _SUBCLASSES:
-        _SUBCLASSES[key] = type(f"ExpertLens{cls.__name__}", (cls,), {"forward": forward})
+        # A whole model (made editable for its returned logits) keeps its class name: transformers
+        # looks models up by class name (e.g. the text-generation support check).
+        name = cls.__name__ if hasattr(cls, "config_class") else f"ExpertLens{cls.__name__}"
+        _SUBCLASSES[key] = type(name, (cls,), {"forward": forward, "__module__": cls.__module__})
     module.__class__ = _SUBCLASSES[key]
 
 

@@ -655,6 +655,9 @@ class ExpertModel(TransformersModel):
             # HF's auxiliary-loss path breaks generate() with a KV cache; analysis never needs it.
             hf_model.config.output_router_logits = False
         editable = _editable_modules(hf_model, spec, info)
+        head = _head_transform(hf_model)
+        if head != (1.0, None):
+            editable.append(hf_model)  # the `logits` point is then the model's returned logits
         _experts.install(hf_model, spec, editable)
         try:
             super().__init__(hf_model, tokenizer=tokenizer, **nnsight_kwargs)
@@ -662,6 +665,7 @@ class ExpertModel(TransformersModel):
             _experts.restore(hf_model)
             raise
         object.__setattr__(self, "spec", spec)
+        object.__setattr__(self, "_head", head)
         object.__setattr__(self, "_layer_info", info)
         object.__setattr__(self, "_point_cache", {})
         object.__setattr__(self, "edit_context", EditContext())
@@ -776,12 +780,30 @@ class ExpertModel(TransformersModel):
         _envoy(self, self.spec.embed).output = value
 
     @property
+    def logits_scale(self) -> float:
+        """The factor the model multiplies the unembedding's output by (``1 / logits_scaling`` for
+        Granite-MoE, ``logit_scale`` for Cohere; 1.0 for most families). ``logits`` includes it."""
+        return self._head[0]
+
+    @property
+    def logits_softcap(self) -> float | None:
+        """``c`` when the model soft-caps its logits (``c·tanh(x/c)``, Gemma-style), else ``None``."""
+        return self._head[1]
+
+    @property
     def logits(self) -> Float[Tensor, "batch pos vocab"]:
-        """The unembedding's output."""
+        """The logits the model returns: the unembedding's output, after any scaling or soft-capping
+        the family applies to it (see :attr:`logits_scale`, :attr:`logits_softcap`)."""
+        if self._head != (1.0, None):
+            return self.output.logits
         return _envoy(self, self.spec.lm_head).output
 
     @logits.setter
     def logits(self, value: Tensor) -> None:
+        if self._head != (1.0, None):
+            current = self.output.logits
+            current[...] = value.to(current.dtype)
+            return
         _envoy(self, self.spec.lm_head).output = value
 
     @property
@@ -894,6 +916,15 @@ class ExpertModel(TransformersModel):
         if point == "embed":
             return out_edit(self.spec.embed)
         if point == "logits":
+            if self._head != (1.0, None):  # edit the returned logits, after the family's head transform
+                st = self._module.__dict__["_el_edit_state"]
+
+                def logits_edit(out, args, kwargs):
+                    out.logits = fn(out.logits, ctx)
+                    return out
+
+                st.edits.append(logits_edit)
+                return EditHandle(st.edits, logits_edit)
             return out_edit(self.spec.lm_head)
         if point == "resid_pre":
             return pre_edit(info["path"])
@@ -1038,6 +1069,35 @@ def _load_pretrained(name: str, tokenizer: Any, trust_remote_code: bool, kwargs:
     else:
         tokenizer = copy.deepcopy(tokenizer)
     return model, tokenizer
+
+
+def _head_transform(model: nn.Module) -> tuple[float, float | None]:
+    """``(scale, softcap)`` the model applies after its unembedding (``(1.0, None)``: none).
+
+    Read from the config: ``logits_scaling`` (Granite-MoE divides by it), ``logit_scale`` (Cohere
+    multiplies) and ``final_logit_softcapping`` (Gemma). The truth test catches any other transform.
+    """
+    cfg = model.config
+    configs = [cfg]
+    text = getattr(cfg, "get_text_config", None)
+    if callable(text):
+        sub = text()
+        if sub is not cfg:
+            configs.append(sub)
+    scale, cap = 1.0, None
+    for c in configs:
+        ls = getattr(c, "logits_scaling", None)
+        if isinstance(ls, (int, float)) and ls != 1:
+            scale /= float(ls)
+        mult = getattr(c, "logit_scale", None)
+        if isinstance(mult, (int, float)) and mult != 1:
+            scale *= float(mult)
+        sc = getattr(c, "final_logit_softcapping", None)
+        if isinstance(sc, (int, float)) and sc:
+            cap = float(sc)
+        if scale != 1.0 or cap is not None:
+            break
+    return scale, cap
 
 
 def _can_run(model: nn.Module) -> bool:

@@ -98,3 +98,67 @@ def test_validate_false_skips_the_truth_test():
     model = ExpertModel(hf, tiny_tokenizer(), family=resolve_family("qwen2_moe").with_(shared_gate=None),
                         validate=False)
     assert _experts.is_installed(model.hf_model)
+
+
+# ---- points equal what the model computes: transforms after the unembedding ---------------------
+
+
+def test_granitemoe_logits_scaling_is_in_the_logits_point_and_direct_attribution():
+    from expertlens.attribution import LogitDiff, direct_attribution
+
+    hf = tiny_model("granitemoe", logits_scaling=6.0)  # real Granite checkpoints use 6-16; the tiny default is 1
+    model = ExpertModel(hf, tiny_tokenizer())  # the truth test includes the logits point
+    assert model.logits_scale == pytest.approx(1 / 6) and model.logits_softcap is None
+    ids = torch.tensor([[5, 9, 11, 40], [7, 7, 8, 99]])
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+        head = hf.lm_head(hf.model(input_ids=ids).last_hidden_state)
+    assert torch.equal(ref, head / 6.0)  # hand computation of what the model returns
+    with model.trace(ids):
+        point = model.logits.save()
+    assert torch.equal(point, ref)
+    # writes and edits act on the returned logits
+    h = model.add_edit("logits", lambda x, ctx: x + 1.0)
+    with torch.no_grad():
+        assert torch.equal(hf(input_ids=ids).logits, ref + 1.0)
+    h.remove()
+    with model.trace(ids):
+        model.logits = torch.zeros_like(ref)
+        out = model.output.save()
+    assert out.logits.abs().max() == 0
+    # direct attribution adds up to the logit difference the model computes (6x too large before)
+    prompts = ["hello there", "a b c"]
+    target = LogitDiff(["I", "S", "s"])
+    table = direct_attribution(model, prompts, target)
+    pos, neg = target.token_ids(model)
+    with model.trace(prompts):
+        logits = model.logits.save()
+    expected = (logits[:, -1, pos].mean(-1) - logits[:, -1, neg].mean(-1)).mean().item()
+    assert table.total == pytest.approx(expected, abs=1e-5)
+    assert abs(table.sum() - expected) < 1e-4
+    assert table.meta["frozen_norm_error"] < 1e-4
+
+
+def test_an_unknown_transform_after_the_unembedding_is_caught_by_the_truth_test():
+    hf = tiny_model("olmoe")
+    base = type(hf)
+
+    def forward(self, *args, **kwargs):  # a family that scales logits without a config field saying so
+        out = base.forward(self, *args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    hf.__class__ = type(base.__name__, (base,), {"forward": forward})
+    with pytest.raises(ValidationError, match=r"the `logits` point differs .* transform after the unembedding"):
+        ExpertModel(hf, tiny_tokenizer())
+
+
+def test_a_softcapped_model_refuses_logit_difference_attribution():
+    from expertlens.attribution import LogitDiff, direct_attribution
+
+    hf = tiny_model("olmoe")
+    hf.config.final_logit_softcapping = 30.0  # the config says so (the logits point is the returned logits)
+    model = ExpertModel(hf, tiny_tokenizer())
+    assert model.logits_softcap == 30.0
+    with pytest.raises(ValueError, match=r"soft-caps its logits .* c = 30.0.* attribute a direction instead"):
+        direct_attribution(model, ["hi"], LogitDiff(["I"]))
