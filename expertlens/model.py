@@ -20,6 +20,7 @@ layer that order is the one listed above.
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -549,6 +550,74 @@ class EditContext:
         return self.attention_mask[:, self.positions].bool()
 
 
+class _StepTracker:
+    """Keeps an :class:`EditContext` up to date on every forward of the HF model.
+
+    Prefill vs decode is decided by the KV cache *object*: a forward that receives the cache the
+    previous forward returned continues that sequence (a decode step), whatever length the
+    cache reports (MiniMax's linear-attention cache reports 0). A fresh cache falls back on its
+    reported length, then on the attention mask. The hooks hold the context, never the
+    ``ExpertModel``, so the HF model does not keep its wrapper alive.
+    """
+
+    def __init__(self, ctx: EditContext, module: nn.Module):
+        self.ctx = ctx
+        self._last_cache: Any = None
+        self._last_total = 0
+        self._handles = [
+            module.register_forward_pre_hook(self.pre, with_kwargs=True),
+            module.register_forward_hook(self.post),
+        ]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._last_cache = None
+
+    def pre(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        if ids is None:
+            return None
+        p = ids.shape[1]
+        mask = kwargs.get("attention_mask")
+        mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        past = 0
+        if cache is not None and self._last_cache is not None and cache is self._last_cache():
+            past = self._last_total
+        elif cache is not None and hasattr(cache, "get_seq_length"):
+            try:
+                past = int(cache.get_seq_length())
+            except Exception:  # noqa: BLE001 - caches that cannot say: fall back on the mask
+                past = 0
+        if past == 0 and mask is not None and mask.shape[-1] > p:
+            past = mask.shape[-1] - p
+        total = past + p
+        ctx = self.ctx
+        ctx.forward_id += 1
+        if past == 0:  # a fresh sequence: trace, or generation's prefill
+            ctx.step, ctx.prompt_len = 0, p
+        else:
+            ctx.step += 1
+        ctx.positions = torch.arange(total - p, total, device=ids.device)
+        ctx.attention_mask = mask if mask is not None and mask.shape[-1] == total else None
+        self._pending_total = total
+        return None
+
+    def post(self, module, args, output):
+        cache = getattr(output, "past_key_values", None)
+        self._last_cache = None
+        if cache is not None:
+            try:
+                self._last_cache = weakref.ref(cache)
+            except TypeError:
+                self._last_cache = (lambda c: lambda: c)(cache)
+            self._last_total = getattr(self, "_pending_total", 0)
+        return None
+
+
 class _HookHandle:
     """An :class:`EditHandle` for an edit implemented as a torch forward pre-hook."""
 
@@ -669,8 +738,7 @@ class ExpertModel(TransformersModel):
         object.__setattr__(self, "_layer_info", info)
         object.__setattr__(self, "_point_cache", {})
         object.__setattr__(self, "edit_context", EditContext())
-        tracker = hf_model.register_forward_pre_hook(self._track_context, with_kwargs=True)
-        object.__setattr__(self, "_tracker", tracker)
+        object.__setattr__(self, "_tracker", _StepTracker(self.edit_context, hf_model))
         if validate is None or validate:
             from .checks import check_model, check_truth
 
@@ -812,37 +880,6 @@ class ExpertModel(TransformersModel):
         return _envoy(self, self.spec.final_norm)
 
     # ---- edits --------------------------------------------------------------------------------
-    def _track_context(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")
-        if ids is None:
-            return None
-        p = ids.shape[1]
-        mask = kwargs.get("attention_mask")
-        mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
-        # Tokens already in the KV cache decide prefill vs decode; generate() may pass no mask at all
-        # (a single unpadded prompt), so the mask length is only a fallback.
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
-        past = 0
-        if cache is not None and hasattr(cache, "get_seq_length"):
-            try:
-                past = int(cache.get_seq_length())
-            except Exception:  # noqa: BLE001 - caches that cannot say: fall back on the mask
-                past = 0
-        if past == 0 and mask is not None and mask.shape[-1] > p:
-            past = mask.shape[-1] - p
-        total = past + p
-        ctx = self.edit_context
-        ctx.forward_id += 1
-        if past == 0:  # a fresh sequence: trace, or generation's prefill
-            ctx.step, ctx.prompt_len = 0, p
-        else:
-            ctx.step += 1
-        ctx.positions = torch.arange(total - p, total, device=ids.device)
-        ctx.attention_mask = mask if mask is not None and mask.shape[-1] == total else None
-        return None
-
     def add_edit(self, point: str, fn, layer: int | None = None) -> EditHandle:
         """Apply ``fn(value, ctx) -> value`` at a point on every forward until removed.
 
@@ -998,7 +1035,9 @@ class ExpertModel(TransformersModel):
         return intervene(self, *interventions)
 
     def clear_edits(self) -> None:
-        """Remove every registered edit."""
+        """Remove every registered edit, weight edits (``OrthogonalizeWeights``) included."""
+        for handle in reversed(list(self._module.__dict__.get("_el_weight_edits", ()))):
+            handle.remove()  # latest first, so every weight gets its original back
         for module in self._module.modules():
             if isinstance(module, _experts.HookPoint):
                 module.edits.clear()
@@ -1011,8 +1050,8 @@ class ExpertModel(TransformersModel):
                     module._forward_pre_hooks_with_kwargs.pop(key, None)
 
     def n_edits(self) -> int:
-        """How many edits are registered (0 when the model is clean)."""
-        n = 0
+        """How many edits are registered (0 when the model is clean), weight edits included."""
+        n = len(self._module.__dict__.get("_el_weight_edits", ()))
         for module in self._module.modules():
             if isinstance(module, _experts.HookPoint):
                 n += len(module.edits)
