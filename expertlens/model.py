@@ -808,7 +808,9 @@ class ExpertModel(TransformersModel):
 
     @property
     def device(self) -> torch.device:
-        return next(self._module.parameters()).device
+        """Where inputs go: the device the token embedding computes on (its offload hook's execution
+        device when its weights are offloaded to ``meta``), else the first non-meta weight's."""
+        return _execution_device(self._module, self.spec.embed)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -1137,6 +1139,21 @@ def _head_transform(model: nn.Module) -> tuple[float, float | None]:
         if scale != 1.0 or cap is not None:
             break
     return scale, cap
+
+
+def _execution_device(model: nn.Module, embed_path: str) -> torch.device:
+    embed = get_module(model, embed_path)
+    for mod in (embed, model):
+        dev = getattr(getattr(mod, "_hf_hook", None), "execution_device", None)
+        if dev is not None:
+            return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+    weight = getattr(embed, "weight", None)
+    if isinstance(weight, Tensor) and not weight.is_meta:
+        return weight.device
+    for param in model.parameters():
+        if not param.is_meta:
+            return param.device
+    return next(model.parameters()).device
 
 
 def _can_run(model: nn.Module) -> bool:

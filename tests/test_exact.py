@@ -120,3 +120,65 @@ def test_positions_prompt_and_generated_match_a_reference_hook_on_every_family(f
     assert got == _hf_steered(model, 0, coeff * v, when, n)
     assert got != _hf_steered(model, 0, 0 * v, when, n), "steering must change the continuation"
     assert model.n_edits() == 0
+
+
+# ---- multi-device: routing tensors live on each layer's device -------------------------------
+
+
+def _offloaded(family):
+    """A tiny model whose embedding and layer 1 sit on ``meta``, loaded at forward by accelerate hooks."""
+    from accelerate import cpu_offload
+
+    hf = tiny_model(family)
+    cpu_offload(hf.get_input_embeddings(), execution_device="cpu")
+    cpu_offload(hf.model.layers[1], execution_device="cpu")
+    hf.hf_device_map = {"model.embed_tokens": "cpu", "model.layers.1": "cpu", "": "cpu"}
+    return hf
+
+
+@pytest.mark.parametrize("family", ["olmoe", "deepseek_v3"])
+def test_routing_interventions_on_an_offloaded_layer_match_the_resident_model(family):
+    from expertlens.interventions import ForceExperts, MaskExperts, SteerMoE
+    from expertlens.interventions.routing import layer_device
+
+    hf = _offloaded(family)
+    assert hf.get_input_embeddings().weight.is_meta and hf.model.layers[1].mlp.gate.weight.is_meta
+    model = ExpertModel(hf, tiny_tokenizer())  # wraps and passes the truth test with meta weights
+    resident = ExpertModel(tiny_model(family), tiny_tokenizer())
+    assert model.device == torch.device("cpu") and layer_device(model, 1) == torch.device("cpu")
+    ids = torch.tensor([[5, 9, 11, 40, 41]])
+    for iv in (MaskExperts({1: [0, 1]}), ForceExperts({1: [4]}), SteerMoE({1: [3]}, {1: [2]})):
+        got, want = [], []
+        for m, out in ((model, got), (resident, want)):
+            with m.intervene(iv), torch.no_grad(), m.trace(ids):
+                idx = m.layers[1].moe.topk_indices.save()
+                logits = m.logits.save()
+            out += [idx, logits]
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert model.n_edits() == 0
+
+
+def test_weight_edits_and_forced_means_refuse_offloaded_weights():
+    from expertlens.refusal import expert_output_means
+
+    model = ExpertModel(_offloaded("olmoe"), tiny_tokenizer())
+    with pytest.raises(ValueError, match=r"model.embed_tokens.weight is on the meta device \(offloaded"):
+        OrthogonalizeWeights(torch.ones(64)).apply(model)
+    assert model.n_edits() == 0
+    with pytest.raises(ValueError, match="expert weights of .* are on the meta device"):
+        expert_output_means(model, ["hello there"], layer=1, positions=[-1])
+    means, _ = expert_output_means(model, ["hello there"], layer=0, positions=[-1])  # resident layer: fine
+    assert torch.isfinite(means).all()
+
+
+def test_weight_edits_refuse_quantised_weights():
+    model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+    experts = model.hf_model.model.layers[1].mlp.experts
+    before = _params(model)
+    packed = torch.nn.Parameter(torch.zeros(8, 64, 16, dtype=torch.uint8), requires_grad=False)  # 4-bit packed
+    experts.down_proj = packed
+    with pytest.raises(ValueError, match=r"down_proj is quantised \(Parameter, dtype torch.uint8\).* unquantised"):
+        OrthogonalizeWeights(torch.ones(64)).apply(model)
+    assert model.n_edits() == 0
+    untouched = [(n, p) for n, p in model.hf_model.named_parameters() if "layers.1.mlp.experts.down" not in n]
+    assert all(torch.equal(before[n], p) for n, p in untouched)
