@@ -574,6 +574,7 @@ class _StepTracker:
             h.remove()
         self._last_cache = None
 
+
     def pre(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
@@ -738,7 +739,8 @@ class ExpertModel(TransformersModel):
         object.__setattr__(self, "_layer_info", info)
         object.__setattr__(self, "_point_cache", {})
         object.__setattr__(self, "edit_context", EditContext())
-        object.__setattr__(self, "_tracker", _StepTracker(self.edit_context, hf_model))
+        # Kept on the HF module (never serialised with the wrapper, e.g. for nnsight remote runs).
+        hf_model.__dict__["_el_step_tracker"] = _StepTracker(self.edit_context, hf_model)
         if validate is None or validate:
             from .checks import check_model, check_truth
 
@@ -1071,7 +1073,9 @@ class ExpertModel(TransformersModel):
         """Undo the instrumentation: original router/block classes, no hook points, and the
         original experts implementation. MoE points are unavailable afterwards."""
         _experts.restore(self._module)
-        self._tracker.remove()
+        tracker = self._module.__dict__.pop("_el_step_tracker", None)
+        if tracker is not None:
+            tracker.remove()
 
     def __enter__(self) -> ExpertModel:
         return self
