@@ -114,7 +114,7 @@ def _uninstrumented(model: ExpertModel):
     """Run the wrapped HF model as transformers ships it: original router/block forwards and the
     ``grouped_mm`` experts implementation (which the ``"expertlens"`` implementation reproduces
     operation for operation). Restored on exit, also on error."""
-    from . import experts as _experts
+    from . import instrument as _instrument
 
     hf = model._module
     inst = getattr(hf, "_el_instrumentation", None)
@@ -126,7 +126,7 @@ def _uninstrumented(model: ExpertModel):
                 states.append((st, st.active))
                 st.active = False
     impl = getattr(hf.config, "_experts_implementation", None)
-    switched = inst is not None and bool(inst.blocks) and impl == _experts.EXPERTS_IMPLEMENTATION
+    switched = inst is not None and bool(inst.blocks) and impl == _instrument.EXPERTS_IMPLEMENTATION
     try:
         if switched:
             hf.set_experts_implementation("grouped_mm")
@@ -213,10 +213,10 @@ def check_truth(
         ...     print(type(err).__name__, str(err)[:36])
         ValidationError layer 0: the MoE block output differ
     """
-    from . import experts as _experts
+    from . import instrument as _instrument
 
     hf = model._module
-    if not _experts.is_installed(hf):
+    if not _instrument.is_installed(hf):
         raise ValueError("check_truth needs an instrumented model; this one was restored (model.restore())")
     n = model.n_edits()
     if n:

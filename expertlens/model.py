@@ -32,7 +32,7 @@ from jaxtyping import Bool, Float, Int
 from nnsight import TransformersModel
 from torch import Tensor, nn
 
-from . import experts as _experts
+from . import instrument as _instrument
 from .families import FamilySpec, UnsupportedModelError, get_module, resolve_family
 
 __all__ = [
@@ -270,7 +270,7 @@ class MoEPoints:
         self.has_shared: bool = model.spec.shared is not None
 
     def _get(self, path: str):
-        if not _experts.is_installed(self._model._module):
+        if not _instrument.is_installed(self._model._module):
             raise PointError(
                 "this model's expertlens instrumentation was removed (model.restore()): MoE points are gone; "
                 "wrap the model again with ExpertModel(...)"
@@ -728,11 +728,11 @@ class ExpertModel(TransformersModel):
         head = _head_transform(hf_model)
         if head != (1.0, None):
             editable.append(hf_model)  # the `logits` point is then the model's returned logits
-        _experts.install(hf_model, spec, editable)
+        _instrument.install(hf_model, spec, editable)
         try:
             super().__init__(hf_model, tokenizer=tokenizer, **nnsight_kwargs)
         except Exception:
-            _experts.restore(hf_model)
+            _instrument.restore(hf_model)
             raise
         object.__setattr__(self, "spec", spec)
         object.__setattr__(self, "_head", head)
@@ -1043,7 +1043,7 @@ class ExpertModel(TransformersModel):
         for handle in reversed(list(self._module.__dict__.get("_el_weight_edits", ()))):
             handle.remove()  # latest first, so every weight gets its original back
         for module in self._module.modules():
-            if isinstance(module, _experts.HookPoint):
+            if isinstance(module, _instrument.HookPoint):
                 module.edits.clear()
             st = module.__dict__.get("_el_edit_state")
             if st is not None:
@@ -1057,7 +1057,7 @@ class ExpertModel(TransformersModel):
         """How many edits are registered (0 when the model is clean), weight edits included."""
         n = len(self._module.__dict__.get("_el_weight_edits", ()))
         for module in self._module.modules():
-            if isinstance(module, _experts.HookPoint):
+            if isinstance(module, _instrument.HookPoint):
                 n += len(module.edits)
             st = module.__dict__.get("_el_edit_state")
             if st is not None:
@@ -1072,7 +1072,7 @@ class ExpertModel(TransformersModel):
     def restore(self) -> None:
         """Undo the instrumentation: original router/block classes, no hook points, and the
         original experts implementation. MoE points are unavailable afterwards."""
-        _experts.restore(self._module)
+        _instrument.restore(self._module)
         tracker = self._module.__dict__.pop("_el_step_tracker", None)
         if tracker is not None:
             tracker.remove()

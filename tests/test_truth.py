@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from expertlens import ExpertModel, resolve_family
-from expertlens import experts as _experts
+from expertlens import instrument as _experts
 from expertlens.checks import ValidationError, check_model, check_truth
 from expertlens.testing import tiny_model, tiny_tokenizer
 
