@@ -715,25 +715,32 @@ class ExpertModel(TransformersModel):
         else:
             raise TypeError(f"`model` must be a hub name, a local folder or a torch module, got {type(model)}")
 
+        if _instrument.is_installed(hf_model) or "_el_step_tracker" in hf_model.__dict__:
+            raise ValueError(
+                f"this {type(hf_model).__name__} is already wrapped by an ExpertModel (two wrappers would share one "
+                "instrumentation and one edit state); use the existing wrapper, or call its .restore() first"
+            )
         if isinstance(family, FamilySpec):
             spec = family
         else:
             spec = resolve_family(family if family is not None else hf_model)
         info = _layer_table(hf_model, spec)
         hf_model.eval()
-        if hasattr(hf_model.config, "output_router_logits"):
-            # HF's auxiliary-loss path breaks generate() with a KV cache; analysis never needs it.
-            hf_model.config.output_router_logits = False
         editable = _editable_modules(hf_model, spec, info)
         head = _head_transform(hf_model)
         if head != (1.0, None):
             editable.append(hf_model)  # the `logits` point is then the model's returned logits
-        _instrument.install(hf_model, spec, editable)
+        _own_config(hf_model)
+        if hasattr(hf_model.config, "output_router_logits"):
+            # HF's auxiliary-loss path breaks generate() with a KV cache; analysis never needs it.
+            hf_model.config.output_router_logits = False
         try:
+            _instrument.install(hf_model, spec, editable)
             super().__init__(hf_model, tokenizer=tokenizer, **nnsight_kwargs)
         except Exception:
-            _instrument.restore(hf_model)
+            _release(hf_model)
             raise
+        weakref.finalize(self, _release_ref, weakref.ref(hf_model))
         object.__setattr__(self, "spec", spec)
         object.__setattr__(self, "_head", head)
         object.__setattr__(self, "_layer_info", info)
@@ -1070,12 +1077,11 @@ class ExpertModel(TransformersModel):
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def restore(self) -> None:
-        """Undo the instrumentation: original router/block classes, no hook points, and the
-        original experts implementation. MoE points are unavailable afterwards."""
-        _instrument.restore(self._module)
-        tracker = self._module.__dict__.pop("_el_step_tracker", None)
-        if tracker is not None:
-            tracker.remove()
+        """Undo everything wrapping did: remove every edit (weight edits restore their weights),
+        original router/block classes, no hook points, the original experts implementation and
+        config object, no step tracker and no nnsight controllers. MoE points are unavailable
+        afterwards. Idempotent; also run when the wrapper is garbage-collected."""
+        _release(self._module)
 
     def __enter__(self) -> ExpertModel:
         return self
@@ -1143,6 +1149,60 @@ def _head_transform(model: nn.Module) -> tuple[float, float | None]:
         if scale != 1.0 or cap is not None:
             break
     return scale, cap
+
+
+def _own_config(model: nn.Module) -> None:
+    """Give ``model`` a private shallow copy of its config (every module that holds it), so that
+    switching its experts implementation never changes another model sharing the config object.
+    :func:`_release` puts the original object back."""
+    cfg = model.config
+    own = copy.copy(cfg)
+    for module in model.modules():
+        if module.__dict__.get("config") is cfg:
+            module.__dict__["config"] = own
+    model.__dict__["_el_shared_config"] = cfg
+
+
+def _release(hf: nn.Module) -> None:
+    """Undo wrapping on the HF model (see ``ExpertModel.restore``); safe to call repeatedly."""
+    from nnsight.intervention.source import STATE, Controller
+
+    for handle in reversed(list(hf.__dict__.get("_el_weight_edits", ()))):
+        handle.remove()  # latest first, so every weight gets its original back
+    for module in hf.modules():  # edits registered as forward pre-hooks (resid_pre, resid_mid, attn.z)
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if getattr(hook, "__qualname__", "").startswith("ExpertModel.add_edit"):
+                del module._forward_pre_hooks[key]
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+    _instrument.restore(hf)
+    tracker = hf.__dict__.pop("_el_step_tracker", None)
+    if tracker is not None:
+        tracker.remove()
+    if not hf.__dict__.get("_el_weight_edits", True):
+        del hf.__dict__["_el_weight_edits"]
+    original = hf.__dict__.pop("_el_shared_config", None)
+    if original is not None:
+        own = hf.config
+        for module in hf.modules():
+            if module.__dict__.get("config") is own:
+                module.__dict__["config"] = original
+    for module in hf.modules():
+        if isinstance(module.__dict__.get("forward"), Controller):
+            del module.__dict__["forward"]
+            module.__dict__.pop(STATE, None)
+        # With no controller left to hold the wrapped forwards, the per-module records can go too.
+        if not _instrument.is_installed(hf):
+            module.__dict__.pop("_el_edit_state", None)
+            module.__dict__.pop("_el_state", None)
+
+
+def _release_ref(ref: weakref.ref) -> None:
+    hf = ref()
+    if hf is not None:
+        try:
+            _release(hf)
+        except Exception:  # noqa: BLE001 - never raise from a finaliser
+            pass
 
 
 def _execution_device(model: nn.Module, embed_path: str) -> torch.device:

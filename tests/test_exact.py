@@ -182,3 +182,86 @@ def test_weight_edits_refuse_quantised_weights():
     assert model.n_edits() == 0
     untouched = [(n, p) for n, p in model.hf_model.named_parameters() if "layers.1.mlp.experts.down" not in n]
     assert all(torch.equal(before[n], p) for n, p in untouched)
+
+
+# ---- no side effects, no leaks ---------------------------------------------------------------
+
+
+def _fingerprint(hf):
+    return (
+        [type(m) for m in hf.modules()],
+        sorted(n for n, _ in hf.named_modules()),
+        sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in hf.modules()),
+        sorted(k for m in hf.modules() for k in m.__dict__ if k.startswith(("_el", "__nnsight")) or k == "forward"),
+        hf.config._experts_implementation,
+    )
+
+
+def test_wrapping_never_changes_a_config_shared_with_another_model():
+    a = tiny_model("olmoe")
+    b = tiny_model("olmoe")
+    b.config = a.config  # e.g. two models built from one config object
+    for m in b.modules():
+        if "config" in m.__dict__:
+            m.__dict__["config"] = a.config
+    impl = a.config._experts_implementation
+    model = ExpertModel(b, tiny_tokenizer())
+    assert a.config._experts_implementation == impl and b.config is not a.config
+    assert b.config._experts_implementation == "expertlens"
+    model.restore()
+    assert b.config is a.config and a.config._experts_implementation == impl
+
+
+def test_del_frees_the_wrapper_and_uninstruments_the_model():
+    import gc
+    import weakref
+
+    hf = tiny_model("qwen2_moe")
+    clean = _fingerprint(hf)
+
+    def use():  # a trace snapshots its frame's locals (CPython f_locals), so wrap and trace in a frame of its own
+        model = ExpertModel(hf, tiny_tokenizer())
+        with model.trace("hi"):
+            model.logits.save()
+        assert _fingerprint(hf) != clean
+        return weakref.ref(model)
+
+    ref = use()
+    gc.collect()
+    assert ref() is None
+    assert _fingerprint(hf) == clean
+
+    def use_and_leave_edits():  # edits left behind are undone when the wrapper goes, weights included
+        model = ExpertModel(hf, tiny_tokenizer())
+        model.add_edit("resid_pre", lambda x, ctx: x * 0, layer=1)
+        model.add_edit("moe.output", lambda x, ctx: x * 0, layer=1)
+        OrthogonalizeWeights(torch.ones(64)).apply(model)
+        return weakref.ref(model)
+
+    before = {n: p.detach().clone() for n, p in hf.named_parameters()}
+    ref = use_and_leave_edits()
+    gc.collect()
+    assert all(torch.equal(before[n], p) for n, p in hf.named_parameters())
+    assert ref() is None
+    assert _fingerprint(hf) == clean
+
+
+def test_wrapping_the_same_model_twice_is_refused_and_restore_leaves_nothing_behind():
+    hf = tiny_model("olmoe")
+    clean = _fingerprint(hf)
+    before = {n: p.detach().clone() for n, p in hf.named_parameters()}
+    model = ExpertModel(hf, tiny_tokenizer())
+    wrapped_state = _fingerprint(hf)
+    with pytest.raises(ValueError, match=r"already wrapped by an ExpertModel .* use the existing wrapper, or call its "
+                                         r"\.restore\(\) first"):
+        ExpertModel(hf, tiny_tokenizer())
+    assert _fingerprint(hf) == wrapped_state
+    model.add_edit("resid_pre", lambda x, ctx: x * 0, layer=1)
+    OrthogonalizeWeights(torch.ones(64)).apply(model)
+    model.restore()
+    assert _fingerprint(hf) == clean  # no classes, hooks, hook points, nnsight controllers, tracker
+    assert all(torch.equal(before[n], p) for n, p in hf.named_parameters())  # weight edits undone
+    model.restore()  # idempotent
+    again = ExpertModel(hf, tiny_tokenizer())  # and it can be wrapped again
+    again.restore()
+    assert _fingerprint(hf) == clean
