@@ -1114,7 +1114,28 @@ def _load_tokenizer(name: str, trust_remote_code: bool):
 def _load_pretrained(name: str, tokenizer: Any, trust_remote_code: bool, kwargs: dict):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+    local = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+    if looks_local and not local.exists():
+        raise FileNotFoundError(
+            f"ExpertModel({name!r}): no such folder. Pass a local folder holding config.json and weights, a hub id "
+            "such as 'allenai/OLMoE-1B-7B-0924', or an already-built transformers model"
+        )
+    if local.is_file():
+        raise ValueError(
+            f"ExpertModel({name!r}): is a file; pass the folder holding config.json and weights (from save_pretrained)"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+    except ValueError as exc:
+        if "custom code" in str(exc) and not trust_remote_code:
+            raise ValueError(
+                f"ExpertModel({name!r}): the checkpoint needs its own Python code (config.json 'auto_map'); "
+                "expertlens never runs remote code unless asked, and its address tables cover transformers' "
+                "built-in families only. Use a checkpoint of a built-in family, or pass trust_remote_code=True "
+                "after reading that code"
+            ) from exc
+        raise
     if tokenizer is None:
         tokenizer = _load_tokenizer(name, trust_remote_code)
     else:
