@@ -36,6 +36,7 @@ __all__ = [
     "EXPERTS_IMPLEMENTATION",
     "expertlens_experts_forward",
     "expert_forward",
+    "global_num_experts",
     "register_experts_implementation",
     "Instrumentation",
     "install",
@@ -186,16 +187,62 @@ def expertlens_experts_forward(
     inv_perm[perm] = torch.arange(perm.size(0), device=device)
     per_slot = out[inv_perm].view(n_tokens, k, hidden_dim)
 
-    point = self._modules.get("el_expert_out")
+    if self.__dict__.get("_el_ep"):
+        # Under expert parallelism this runs on the rows other ranks sent to this rank's experts; the
+        # points are applied by the MoE block on the per-slot outputs it gets back (`_ep_per_slot`).
+        return (per_slot * top_k_weights.unsqueeze(-1)).sum(dim=1).to(hidden_states.dtype)
+    return _weigh_through_points(self, per_slot, top_k_index, top_k_weights).to(hidden_states.dtype)
+
+
+def _weigh_through_points(experts: nn.Module, per_slot: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+    """Pass per-slot outputs ``[n, k, d]`` through the experts' hook points, then weight and sum over slots."""
+    n_tokens, k, hidden_dim = per_slot.shape
+    point = experts._modules.get("el_expert_out")
     if point is not None:
-        b, p = _bp(self.__dict__.get("_el_shape"), n_tokens)
+        b, p = _bp(experts.__dict__.get("_el_shape"), n_tokens)
         per_slot = per_slot.view(b, p, k, hidden_dim)
         # (indices, outputs) together, for single-expert reads: one value nnsight may re-read.
-        self.el_expert_view((top_k_index.view(b, p, k), per_slot))
+        experts.el_expert_view((top_k_index.view(b, p, k), per_slot))
         per_slot = point(per_slot).reshape(n_tokens, k, hidden_dim)
 
     weighted = per_slot * top_k_weights.unsqueeze(-1)
-    return weighted.sum(dim=1).to(hidden_states.dtype)
+    return weighted.sum(dim=1)
+
+
+def global_num_experts(experts: nn.Module) -> int:
+    """Routed experts of an experts module across all ranks (expert parallelism sets ``num_experts`` to this rank's).
+
+    Example:
+        >>> from expertlens.experts import global_num_experts
+        >>> from expertlens.testing import tiny_model
+        >>> global_num_experts(tiny_model("olmoe").model.layers[0].mlp.experts)
+        8
+    """
+    if getattr(experts, "_is_expert_parallel", False):
+        weight = experts.gate_up_proj if getattr(experts, "has_gate", True) else experts.up_proj
+        return int(weight.shape[0])  # a DTensor's shape is the global one
+    return int(experts.num_experts)
+
+
+def _is_ep_dispatch(experts: nn.Module) -> bool:
+    """Whether transformers' expert parallelism (``ep_dispatch_experts``) wraps this experts module's forward."""
+    forward = experts.__dict__.get("forward")
+    name = getattr(forward, "__qualname__", "")
+    return name.startswith("EpDispatchExpertsParallel.install_forward.") or bool(experts.__dict__.get("_el_ep"))
+
+
+def _ep_per_slot(experts: nn.Module, flat: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    """Per-slot expert outputs ``[n, k, d]`` (before routing weights) from an expert-parallel experts module.
+
+    Every (token, slot) pair goes through transformers' own dispatch as a top-1 row with weight 1, so the
+    all-to-all moves exactly the rows it moves for top-k (``n·k``) and hands back each slot's unweighted output
+    on the rank that holds the token: every point then exists on every rank, as in one process.
+    """
+    n, k = indices.shape
+    rows = flat.repeat_interleave(k, dim=0)
+    ones = torch.ones(n * k, 1, dtype=weights.dtype, device=weights.device)
+    out = experts(rows, indices.reshape(n * k, 1), ones)
+    return out.view(n, k, -1)
 
 
 def register_experts_implementation() -> None:
@@ -326,7 +373,11 @@ def _block_forward(self: nn.Module, hidden_states: Tensor, *args, **kwargs):
     experts.__dict__["_el_shape"] = (b, p)
     flat = hidden_states.reshape(-1, d)
     _, weights, indices = router(flat)
-    out = experts(flat, indices, weights).reshape(b, p, d)
+    if experts.__dict__.get("_el_ep"):
+        per_slot = _ep_per_slot(experts, flat, indices, weights)
+        out = _weigh_through_points(experts, per_slot, indices, weights).to(hidden_states.dtype).reshape(b, p, d)
+    else:
+        out = experts(flat, indices, weights).reshape(b, p, d)
     if spec.shared is not None:
         shared_mod = get_module(self, spec.shared)
         shared = shared_mod(hidden_states if spec.shared_input == "3d" else flat)
@@ -429,6 +480,13 @@ def install(model: nn.Module, spec: FamilySpec, editable: list[nn.Module] = ()) 
                         f"layer {i}: {type(experts).__name__} is not a fused experts module decorated with "
                         "@use_experts_implementation; expertlens needs transformers>=5 fused experts"
                     )
+                if _is_ep_dispatch(experts):
+                    # Keep transformers' expert-parallel wrapper as the body nnsight runs (nnsight keeps it only
+                    # when a tensor-parallel mesh is present), and let the block apply the expert points.
+                    from nnsight.intervention.source import BODY_FORWARD
+
+                    experts.__dict__[BODY_FORWARD] = True
+                    experts.__dict__["_el_ep"] = True
                 for name in ROUTER_POINTS:
                     router.add_module(name, HookPoint())
                 for name in EXPERTS_POINTS:
@@ -468,6 +526,7 @@ def _undo(model: nn.Module, inst: Instrumentation) -> None:
         for name in EXPERTS_POINTS:
             module._modules.pop(name, None)
         module.__dict__.pop("_el_shape", None)
+        module.__dict__.pop("_el_ep", None)
     # Modules that got hook points but no state yet (an error mid-layer) are cleaned too.
     for module in model.modules():
         for name in ROUTER_POINTS + EXPERTS_POINTS + BLOCK_POINTS:

@@ -1103,7 +1103,7 @@ def _layer_table(model: nn.Module, spec: FamilySpec) -> list[dict[str, Any]]:
                 block=f"{path}.{spec.moe}",
                 router=f"{path}.{spec.moe}.{spec.router}",
                 experts=f"{path}.{spec.moe}.{spec.experts}",
-                n_experts=int(experts.num_experts),
+                n_experts=_experts.global_num_experts(experts),
                 top_k=int(router.top_k),
             )
         rows.append(row)
