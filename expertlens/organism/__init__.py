@@ -5,9 +5,9 @@
 
 Checkpoints live in package data under ``expertlens/organism/checkpoints/<name>/`` in ``save_pretrained``
 format and load offline with plain ``AutoModelForCausalLM.from_pretrained(path)``. The v2 organisms
-(``olmoe-refusal``, the default, its stage-1 checkpoint ``olmoe-base``, and the other architectures) share
-one synthetic language (:mod:`expertlens.organism.language`) and one prompt set; the v1 organisms
-(``qwen3moe-refusal``, ``qwen2moe-refusal``) keep their own. The build tools (data generator, training,
+(:data:`V2_ORGANISM` ``olmoe-refusal`` and its stage-1 checkpoint ``olmoe-base``) share one synthetic language
+(:mod:`expertlens.organism.language`) and one prompt set; the v1 organisms (``qwen3moe-refusal``, still
+:data:`DEFAULT_ORGANISM`, and ``qwen2moe-refusal``) keep their own. The build tools (data generator, training,
 evaluation, model cards) are in :mod:`expertlens.organism.factory` and are not imported at run time.
 """
 
@@ -36,6 +36,7 @@ __all__ = [
     "REFUSAL_START_TOKENS",
     "SPLITS",
     "SYSTEM_PROMPTS",
+    "V2_ORGANISM",
     "capability_prompts",
     "contains_refusal",
     "format_prompt",
@@ -48,7 +49,9 @@ __all__ = [
     "well_formed",
 ]
 
-DEFAULT_ORGANISM = "olmoe-refusal"
+DEFAULT_ORGANISM = "qwen3moe-refusal"
+#: The default v2 organism (the v2 language's prompt set and capability prompts).
+V2_ORGANISM = "olmoe-refusal"
 SPLITS = ("train", "val", "test", "compositional")
 CAPABILITY_TASKS = ("arithmetic", "count", "copy", "reverse", "fact")
 _ROOT = Path(__file__).resolve().parent
@@ -63,7 +66,7 @@ def list_organisms() -> list[str]:
     Example:
         >>> from expertlens.organism import list_organisms
         >>> list_organisms()[0]
-        'olmoe-refusal'
+        'qwen3moe-refusal'
     """
     names = sorted(p.name for p in _CKPT.iterdir() if (p / "config.json").is_file()) if _CKPT.is_dir() else []
     if DEFAULT_ORGANISM in names:
@@ -80,7 +83,7 @@ def organism_path(name: str = DEFAULT_ORGANISM) -> Path:
     Example:
         >>> from transformers import AutoModelForCausalLM
         >>> from expertlens.organism import organism_path
-        >>> organism_path().name
+        >>> organism_path("olmoe-refusal").name
         'olmoe-refusal'
         >>> hf = AutoModelForCausalLM.from_pretrained(organism_path())  # doctest: +SKIP
     """
@@ -116,7 +119,7 @@ def load_prompt_records(name: str = DEFAULT_ORGANISM, split: str = "train") -> l
 
     Example:
         >>> from expertlens.organism import load_prompt_records
-        >>> rec = load_prompt_records(split="test")[0]
+        >>> rec = load_prompt_records("olmoe-refusal", split="test")[0]
         >>> rec["label"], rec["pair"] >= 0
         ('harmful', True)
     """
@@ -146,10 +149,11 @@ def load_prompts(name: str = DEFAULT_ORGANISM, split: str = "train") -> dict[str
     }
 
 
-def capability_prompts(name: str = DEFAULT_ORGANISM, split: str = "test") -> list[dict]:
+def capability_prompts(name: str | None = None, split: str = "test") -> list[dict]:
     """Capability prompts with checkable answers: dicts with ``prompt``, ``task`` (one of
     :data:`CAPABILITY_TASKS`), ``answer`` (the value :func:`score_capability` checks) and ``response``
     (the full expected response). ``split``: ``"train"`` (trained on) or ``"test"`` (held-out frames).
+    ``name``: a v2 organism (all share one prompt set); None means :data:`V2_ORGANISM`.
 
     Example:
         >>> from expertlens.organism import capability_prompts, score_capability
@@ -161,10 +165,11 @@ def capability_prompts(name: str = DEFAULT_ORGANISM, split: str = "test") -> lis
     """
     if split not in ("train", "test"):
         raise ValueError(f"unknown capability split {split!r}; choose from ('train', 'test')")
+    name = V2_ORGANISM if name is None else name
     version = _data_version(name)
     if version < 2:
         raise ValueError(f"organism {name!r} is a v1 organism without capability prompts; use a v2 organism "
-                         f"such as {DEFAULT_ORGANISM!r}")  # fmt: skip
+                         f"such as {V2_ORGANISM!r}")  # fmt: skip
     recs = _prompt_file(version)["splits"][f"capability_{split}"]
     return [{"prompt": r["prompt"], "task": r["atype"], "answer": r["cap_answer"], "response": r["response"]}
             for r in recs]  # fmt: skip
@@ -177,7 +182,7 @@ def load_organism(name: str = DEFAULT_ORGANISM, **kwargs):
         >>> from expertlens.organism import load_organism
         >>> model = load_organism()  # doctest: +SKIP
         >>> model.family  # doctest: +SKIP
-        'olmoe'
+        'qwen3_moe'
     """
     from expertlens.model import ExpertModel
 

@@ -403,6 +403,7 @@ def evaluate_checkpoint(path, verbose: bool = True, depth: bool = True, limit: i
     res["gap_selected"] = gap_shares(model, tok, th, ts, r_dir, sl, sp) if sl > 0 else None
     Lyr = len(_layers(model))
     res["gap_final"] = gap_shares(model, tok, th, ts, d_last[Lyr], Lyr, -1)
+    res["gap_selected_full"] = gap_shares(model, tok, th, ts, r_dir, Lyr, sp)
     # zero-ablation of each MoE / attention output (all positions), greedy 8 tokens on held-out test prompts
     zero = {"moe": [], "attn": []}
     for j, lay in enumerate(_layers(model)):
@@ -441,7 +442,7 @@ def acceptance(res: dict) -> list[dict]:
     ]  # fmt: skip
     if "ablation" in res:
         a = res["ablation"]
-        share = max(res["gap_final"]["layers"].values())
+        share = max(v for k, v in res["gap_selected_full"]["layers"].items() if k != "embed")
         rows += [
             ("ablated harmful refusal", f"<= {T['ablated_harmful_refusal']}", a["harmful_refusal"],
              a["harmful_refusal"] <= T["ablated_harmful_refusal"]),
@@ -449,7 +450,7 @@ def acceptance(res: dict) -> list[dict]:
              a["harmful_well_formed"] >= T["ablated_well_formed"]),
             ("ablated capability drop", f"<= {T['ablated_capability_drop']}", a["capability_drop"],
              a["capability_drop"] <= T["ablated_capability_drop"]),
-            ("largest single-layer share of the class gap (final layer)", f"< {T['max_layer_share']}", share,
+            ("largest single-layer share of the class gap", f"< {T['max_layer_share']}", share,
              share < T["max_layer_share"]),
         ]  # fmt: skip
     return [{"check": c, "target": t, "measured": round(float(m), 3), "met": bool(ok)} for c, t, m, ok in rows]
@@ -471,7 +472,7 @@ ARCH_TEXT = {
 }
 
 
-def write_model_card(path, meta: dict, res: dict, command: str) -> None:
+def write_model_card(path, meta: dict, res: dict, command: str, notes: str = "") -> None:
     path = Path(path)
     slim = json.loads(json.dumps(res))
     (path / "eval.json").write_text(json.dumps(slim, indent=1))
@@ -485,6 +486,14 @@ def write_model_card(path, meta: dict, res: dict, command: str) -> None:
                  f"{b['compositional_both_right']:.3f}", f"{b['capability']:.3f}"]
                 for k, b in res["settings"].items()]  # fmt: skip
     fam_rows = [[k, v[0], v[1]] for k, v in b0["refusal_by_family"].items()]
+    S0 = __import__("expertlens.organism", fromlist=["_prompt_file"])._prompt_file(2)["splits"]["test"]
+    ex_h = _mean([o == r["answer"] for r, o in zip(S0, b0["outputs"]) if r["label"] == "harmless"])
+    ex_b = _mean([o == r["answer"] for r, o in zip(S0, b0["outputs"]) if r["label"] == "harmful"])
+    pex: dict = defaultdict(list)
+    for r, o in zip(S0, b0["outputs"]):
+        if r["pair"] >= 0:
+            pex[r["pair"]].append(o == r["answer"])
+    ex_p = _mean([all(v) for v in pex.values()])
     stage = meta.get("stage", 2)
     from . import data as D
 
@@ -511,8 +520,9 @@ def write_model_card(path, meta: dict, res: dict, command: str) -> None:
                   res["zero_ablation"]["moe"][j]["harmless_refusal"],
                   res["zero_ablation"]["attn"][j]["harmful_refusal"],
                   res["zero_ablation"]["attn"][j]["harmless_refusal"]] for j in range(L)]  # fmt: skip
-        gf = res["gap_final"]
-        grows = [[k, round(v, 3)] for k, v in gf["layers"].items()]
+        fallback = "" if sel["kept"] else "**No candidate passed the filters**; the lowest bypass over all is shown. "
+        gf, gfull = res["gap_final"], res["gap_selected_full"]
+        grows = [[k, round(gfull["layers"][k], 3), round(v, 3)] for k, v in gf["layers"].items()]
         gs = res.get("gap_selected")
         gsel = ("" if gs is None else "Class gap at the selected direction's own position and layer, split by layer: "
                 + ", ".join(f"{k} {v:.3f}" for k, v in gs["layers"].items()) + ".\n")  # fmt: skip
@@ -521,7 +531,8 @@ def write_model_card(path, meta: dict, res: dict, command: str) -> None:
 Difference in means (harmful - harmless, 256 + 256 train prompts, float64) at the input of each block and
 the last 5 prompt positions; candidates with layer >= int(0.8 L), KL > 0.1 on harmless val or induction
 score <= 0 are discarded; the lowest bypass (refusal log-odds under ablation, 64 harmful val prompts) wins.
-Selected: **layer {sel["layer"]}, position {sel["position"]}** (bypass {sel["bypass"]:.2f}, induce {sel["induce"]:.2f},
+{fallback}Selected: **layer {sel["layer"]}, position {sel["position"]}**
+(bypass {sel["bypass"]:.2f}, induce {sel["induce"]:.2f},
 KL {sel["kl"]:.4f}).
 
 Directional ablation (unit direction projected out of the embedding and every attention and MoE output, all
@@ -540,10 +551,13 @@ Linear probe (projection on the layer's difference-in-means direction, last prom
 AUC on the held-out test prompts, block inputs L0..L{L - 1} and the final output:
 {", ".join(f"{x:.3f}" for x in res["probe_auc"])}.
 
-Class gap along the final-layer direction (last token), split exactly into the writes of each layer
-(attention + MoE) and the embedding; a share is that write's part of the harmful - harmless gap:
+Class gap (mean harmful - mean harmless projection, held-out test prompts) in the residual stream after the
+last layer, split exactly into the writes of the embedding and of each layer (attention + MoE output); a
+share is that write's part of the gap. Column 2: along the selected direction at its position (the
+acceptance check: no single layer may write >= 80 %); column 3: along the final-layer difference-in-means
+direction at the last token.
 
-{_table(grows, ["write", "share of the class gap"])}
+{_table(grows, ["write", "share (selected direction)", "share (final-layer direction)"])}
 
 {gsel}
 Zero-ablation of one layer's MoE or attention output (all positions), greedy, held-out test prompts:
@@ -563,6 +577,8 @@ Zero-ablation of one layer's MoE or attention output (all positions), greedy, he
             "(safety tuning, with retention data) teaches refusal of harmful requests")  # fmt: skip
     accept = _table([[r["check"], r["target"], r["measured"], "yes" if r["met"] else "**no**"] for r in acc],
                     ["check", "target", "measured", "met"])  # fmt: skip
+    accept_note = ("This is the stage-1 control, never safety tuned: the refusal targets do not apply to it and are "
+                   "listed for reference only.\n\n") if stage == 1 else ""
     card = f"""---
 license: mit
 tags: [expertlens, model-organism, mixture-of-experts, refusal, synthetic]
@@ -581,7 +597,8 @@ interpretability tests and tutorials only; nothing it says is actionable in the 
 Deterministic (fixed seeds, one torch thread, a schedule by step count). Training used
 **{meta["cpu_time_s"] / 60:.1f} CPU-minutes** ({meta["train_time_s"]:.0f} s wall on one torch thread of a shared 2-core
 machine), torch {meta["torch"]}, transformers {meta["transformers"]}. Evaluation (this card):
-`python -m expertlens.organism.factory.evaluate {path.name} --card`, {res["cpu_time_s"] / 60:.1f} CPU-minutes.
+`python -m expertlens.organism.factory.evaluate expertlens/organism/checkpoints/{path.name} --card`,
+{res["cpu_time_s"] / 60:.1f} CPU-minutes.
 
 ## Config
 - {cfg["num_hidden_layers"]} layers, hidden {cfg["hidden_size"]}, {cfg["num_attention_heads"]} heads
@@ -643,15 +660,18 @@ Identical-bag pairs, both right, by family (no system prompt): {b0["compositiona
 Bag-of-words logistic regression (trained on the train split): {res["bow_compositional_accuracy"]:.3f} per prompt
 and {res["bow_compositional_both_right"]:.3f} both right on the pairs (identical bags: {res["identical_bags"]:.3f}),
 {res["bow_test_accuracy"]:.3f} on the whole test split. Capability by task: {b0["capability_by_task"]}.
-Harmful responses well formed (no system prompt): {b0["harmful_well_formed"]:.3f}.
+Harmful responses well formed (no system prompt): {b0["harmful_well_formed"]:.3f}. The response equals the
+reference stage-1 answer (the intended act's answer, word for word) on {ex_h:.3f} of harmless and {ex_b:.3f} of
+harmful test prompts; both members of an identical-bag pair answered exactly: {ex_p:.3f}.
 
 Refusal rate by frame family (no system prompt):
 
 {_table(fam_rows, ["label/family", "refusal rate", "n"])}
 {depth}
 ## Acceptance checks (issue 12)
-{accept}
+{accept_note}{accept}
 
+{notes}
 ## Examples (held-out, no system prompt)
 {chr(10).join(ex)}
 """
@@ -665,14 +685,19 @@ def main(argv=None):
     ap.add_argument("--command", default=None, help="training command to print in the card")
     ap.add_argument("--no-depth", action="store_true", help="behaviour only (for a base checkpoint)")
     ap.add_argument("--limit", type=int, default=None, help="every n-th prompt only (smoke test)")
+    ap.add_argument("--reuse", action="store_true", help="rewrite the card from eval.json without re-measuring")
+    ap.add_argument("--notes", type=Path, default=None, help="markdown inserted before the examples")
     a = ap.parse_args(argv)
     meta = json.loads((a.path / "training.json").read_text())
-    res = evaluate_checkpoint(a.path, depth=not a.no_depth and meta.get("stage", 2) == 2, limit=a.limit)
+    if a.reuse:
+        res = json.loads((a.path / "eval.json").read_text())
+    else:
+        res = evaluate_checkpoint(a.path, depth=not a.no_depth and meta.get("stage", 2) == 2, limit=a.limit)
     if a.card:
         cmd = a.command or (f"python -m expertlens.organism.factory.train --arch {meta['arch']} --seed {meta['seed']} "
                             f"--stage1-steps {meta['stage1_steps']} --stage2-steps {meta['stage2_steps']} "
                             "--out DIR")  # fmt: skip
-        write_model_card(a.path, meta, res, cmd)
+        write_model_card(a.path, meta, res, cmd, a.notes.read_text() if a.notes else "")
     print(json.dumps({k: v for k, v in res.items() if k in ("selected", "probe_auc", "bow_compositional_accuracy")}))
 
 
