@@ -11,9 +11,9 @@ from torch import Tensor
 
 from ..direction import Direction
 from ..model import PointError
+from ..points import MODEL_POINTS
 from .base import Intervention
 from .selectors import (
-    MODEL_POINTS,
     LayerSpec,
     Positions,
     apply_masked,
