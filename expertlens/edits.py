@@ -15,6 +15,7 @@ is attached and ``clear_edits`` removes it — together with nnsight's own store
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Bool
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import instrument as _instrument
 from .points import MODEL_POINTS, POINTS, PointError, check_write, point
@@ -40,6 +41,7 @@ __all__ = [
     "record",
     "n_edits",
     "clear_edits",
+    "StepTracker",
     "attach_all",
     "intervene",
 ]
@@ -239,10 +241,11 @@ def add_edit(
     ctx = model.edit_context
     module = model._module.get_submodule(site.path)
     label = f"{name}@{layer}" if layer is not None else name
+    model_ref = weakref.ref(model)  # edits live on the HF model; they must not keep the wrapper alive
 
     def apply(x: Tensor) -> Tensor:
         new = fn(x, ctx)
-        check_write(row, new, model, lay)
+        check_write(row, new, model_ref(), lay)
         return new
 
     if site.kind == "hook":
@@ -254,11 +257,13 @@ def add_edit(
         return _registry(model).track(EditHandle(module.edits, edit, label=label))
 
     if site.kind == "expert_slots":
+        moe = model._moe_points(layer)
 
         def edit(view):
             indices, out = view
-            sel = indices == expert
-            out[sel] = apply(out[sel]).to(out.dtype)
+            flat = out.view(-1, out.shape[-1])
+            rows = moe._expert_rows(indices, expert)
+            flat[rows] = apply(flat[rows]).to(out.dtype)
             return view
 
         module.edits.append(edit)
@@ -271,6 +276,16 @@ def add_edit(
             if isinstance(out, tuple):
                 return (apply(out[0]), *out[1:])
             return apply(out)
+
+        st.edits.append(edit)
+        return _registry(model).track(EditHandle(st.edits, edit, label=label))
+
+    if site.kind == "returned_logits":  # after the family's head transform (scaling, soft-capping)
+        st = _edit_state(module, "the model")
+
+        def edit(out, args, kwargs):
+            out.logits = apply(out.logits)
+            return out
 
         st.edits.append(edit)
         return _registry(model).track(EditHandle(st.edits, edit, label=label))
@@ -370,24 +385,43 @@ def clear_edits(model: ExpertModel) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# the context tracker
+# the step tracker (keeps EditContext current)
 # --------------------------------------------------------------------------------------------
 
 
-def track_context(model: ExpertModel):
-    """Register the forward pre-hook that keeps ``model.edit_context`` current; returns its handle.
+class StepTracker:
+    """Keeps an :class:`EditContext` up to date on every forward of the HF model.
+
+    Prefill vs decode is decided by the KV cache *object*: a forward that receives the cache the
+    previous forward returned continues that sequence (a decode step), whatever length the
+    cache reports (MiniMax's linear-attention cache reports 0). A fresh cache falls back on its
+    reported length, then on the attention mask. The hooks hold the context, never the
+    ``ExpertModel``, so the HF model does not keep its wrapper alive.
 
     Example:
         >>> from expertlens import ExpertModel
         >>> from expertlens.testing import tiny_model, tiny_tokenizer
-        >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())   # calls track_context
+        >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())   # installs a StepTracker
         >>> _ = model.hf_model(**model.tokenize("hi"))
-        >>> model.edit_context.prompt_len
-        2
+        >>> model.edit_context.step, model.edit_context.prompt_len
+        (0, 2)
     """
-    ctx = model.edit_context
 
-    def tracker(module, args, kwargs):
+    def __init__(self, ctx: EditContext, module: nn.Module):
+        self.ctx = ctx
+        self._last_cache: Any = None
+        self._last_total = 0
+        self._handles = [
+            module.register_forward_pre_hook(self.pre, with_kwargs=True),
+            module.register_forward_hook(self.post),
+        ]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._last_cache = None
+
+    def pre(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs.get("inputs_embeds")
@@ -396,11 +430,11 @@ def track_context(model: ExpertModel):
         p = ids.shape[1]
         mask = kwargs.get("attention_mask")
         mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
-        # Tokens already in the KV cache decide prefill vs decode; generate() may pass no mask at all
-        # (a single unpadded prompt), so the mask length is only a fallback.
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
         past = 0
-        if cache is not None and hasattr(cache, "get_seq_length"):
+        if cache is not None and self._last_cache is not None and cache is self._last_cache():
+            past = self._last_total
+        elif cache is not None and hasattr(cache, "get_seq_length"):
             try:
                 past = int(cache.get_seq_length())
             except Exception:  # noqa: BLE001 - caches that cannot say: fall back on the mask
@@ -408,15 +442,26 @@ def track_context(model: ExpertModel):
         if past == 0 and mask is not None and mask.shape[-1] > p:
             past = mask.shape[-1] - p
         total = past + p
+        ctx = self.ctx
         if past == 0:  # a fresh sequence: trace, or generation's prefill
             ctx.step, ctx.prompt_len = 0, p
         else:
             ctx.step += 1
         ctx.positions = torch.arange(total - p, total, device=ids.device)
         ctx.attention_mask = mask if mask is not None and mask.shape[-1] == total else None
+        self._pending_total = total
         return None
 
-    return model._module.register_forward_pre_hook(tracker, with_kwargs=True)
+    def post(self, module, args, output):
+        cache = getattr(output, "past_key_values", None)
+        self._last_cache = None
+        if cache is not None:
+            try:
+                self._last_cache = weakref.ref(cache)
+            except TypeError:
+                self._last_cache = (lambda c: lambda: c)(cache)
+            self._last_total = getattr(self, "_pending_total", 0)
+        return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ stays in charge of real routing (expertlens intercepts its logits, see :mod:`exp
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal
 
@@ -146,14 +146,15 @@ class RoutingRule:
     def _winning_logits(self, logits: Tensor, router: nn.Module, forced: Tensor, others: Tensor,
                         margin: float) -> Tensor:
         """Logits of the forced experts that rank them first (logit-monotone scores)."""
-        top = logits[..., others].max(dim=-1, keepdim=True).values
+        top = logits.masked_fill(~others, float("-inf")).max(dim=-1, keepdim=True).values
         return torch.maximum(logits[..., forced], top + margin)
 
     def force_logits(self, logits: Tensor, router: nn.Module, forced: Tensor, margin: float,
-                     mask_value: float = float("-inf")) -> Tensor:
+                     mask_value: float = float("-inf"), forced_ids: Sequence[int] = ()) -> Tensor:
         """Logits raised so the selection ranks the ``forced`` experts first; for group-limited
         routers whose forced experts fill all ``topk_group`` groups, the other groups' experts are
-        set to ``mask_value`` (they could not win a slot anyway)."""
+        set to ``mask_value`` (they could not win a slot anyway). ``forced_ids``: the same ids on
+        the host (reading them off the device tensor would sync every step)."""
         new = logits.clone()
         n_experts = logits.shape[-1]
         others = torch.ones(n_experts, dtype=torch.bool, device=logits.device)
@@ -163,12 +164,12 @@ class RoutingRule:
         if groups is not None:
             n_group, topk_group = groups
             size = n_experts // n_group
-            forced_groups = sorted({int(e) // size for e in forced.tolist()})
+            forced_groups = sorted({int(e) // size for e in (forced_ids or forced.tolist())})
             if len(forced_groups) == topk_group:
                 keep = torch.zeros(n_experts, dtype=torch.bool, device=logits.device)
                 for g in forced_groups:
                     keep[g * size : (g + 1) * size] = True
-                new[..., ~keep] = mask_value
+                new = new.masked_fill(~keep, mask_value)
         return new
 
     def describe(self) -> str:
@@ -317,7 +318,7 @@ class SigmoidGroupTopK(RoutingRule):
         # Selection score s = sigmoid(l) + bias. Forced experts need s_f > max over others.
         bias = router.e_score_correction_bias.to(torch.float32)
         score = logits.float().sigmoid() + bias
-        best_other = score[..., others].max(dim=-1, keepdim=True).values
+        best_other = score.masked_fill(~others, float("-inf")).max(dim=-1, keepdim=True).values
         need = (best_other + margin - bias[forced]).clamp(1e-6, 1 - 1e-6)
         target = torch.maximum(logits[..., forced], torch.logit(need).to(logits))
         # where even sigmoid = 1 cannot win, saturate (score = 1 + bias; the re-route safety net does the rest)

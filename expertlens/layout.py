@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from . import instrument as _instrument
 from .families import FamilySpec, UnsupportedModelError, get_module
 
 __all__ = ["LayerLayout", "resolve_layout", "editable_paths"]
@@ -129,7 +130,7 @@ def resolve_layout(model: nn.Module, spec: FamilySpec) -> tuple[LayerLayout, ...
                 block=f"{path}.{spec.moe}",
                 router=f"{path}.{spec.moe}.{spec.router}",
                 experts=f"{path}.{spec.moe}.{spec.experts}",
-                n_experts=int(get_module(block, spec.experts).num_experts),
+                n_experts=_instrument.global_num_experts(get_module(block, spec.experts)),
                 top_k=int(get_module(block, spec.router).top_k),
             )
         rows.append(

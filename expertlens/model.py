@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,8 @@ from torch import Tensor, nn
 
 from . import edits as _edits
 from . import instrument as _instrument
-from .edits import EditContext, EditHandle, EditRegistry
-from .families import resolve_family
+from .edits import EditContext, EditHandle, EditRegistry, StepTracker
+from .families import FamilySpec, get_module, resolve_family
 from .layout import editable_paths, resolve_layout
 from .points import (
     EDITABLE_POINTS,
@@ -97,9 +98,13 @@ class ExpertModel(TransformersModel):
             already-built ``PreTrainedModel``.
         tokenizer: Tokenizer to use. It is copied, never mutated (nnsight sets left padding on the
             copy). Loaded from ``model`` when omitted.
-        family: Force an address table by name instead of resolving it from ``config.model_type``.
-        validate: Run the reconstruction and routing checks on a short dummy input when wrapping.
-            Default: on for models under 1B parameters.
+        family: Force an address table (a registered name, or a :class:`FamilySpec`) instead of
+            resolving it from ``config.model_type``.
+        validate: Run the checks on a short dummy input when wrapping: the truth test
+            (:func:`expertlens.checks.check_truth`: logits and every MoE block's output equal the
+            uninstrumented model's) and the reconstruction/routing checks (:func:`~expertlens.checks.check_model`).
+            Default (``None``): on at every size, skipped only for a model whose weights sit on the meta device
+            with nothing to load them; ``False`` opts out.
         trust_remote_code: Off unless asked.
         **kwargs: ``from_pretrained`` keyword arguments, and nnsight's (``dispatch``, ``rename``).
 
@@ -143,35 +148,57 @@ class ExpertModel(TransformersModel):
         else:
             raise TypeError(f"`model` must be a hub name, a local folder or a torch module, got {type(model)}")
 
-        spec = resolve_family(family if family is not None else hf_model)
+        if _instrument.is_installed(hf_model) or "_el_step_tracker" in hf_model.__dict__:
+            raise ValueError(
+                f"this {type(hf_model).__name__} is already wrapped by an ExpertModel (two wrappers would share one "
+                "instrumentation and one edit state); use the existing wrapper, or call its .restore() first"
+            )
+        if isinstance(family, FamilySpec):
+            spec = family
+        else:
+            spec = resolve_family(family if family is not None else hf_model)
         layout = resolve_layout(hf_model, spec)
         hf_model.eval()
+        editable = _editable_modules(hf_model, editable_paths(spec, layout))
+        head = _head_transform(hf_model)
+        if head != (1.0, None):
+            editable.append(hf_model)  # the `logits` point is then the model's returned logits
+        _own_config(hf_model)
         if hasattr(hf_model.config, "output_router_logits"):
             # HF's auxiliary-loss path breaks generate() with a KV cache; analysis never needs it.
             hf_model.config.output_router_logits = False
-        editable = _editable_modules(hf_model, editable_paths(spec, layout))
-        _instrument.install(hf_model, spec, editable)
         try:
+            _instrument.install(hf_model, spec, editable)
             super().__init__(hf_model, tokenizer=tokenizer, **nnsight_kwargs)
         except Exception:
-            _instrument.restore(hf_model)
+            _release(hf_model)
             raise
+        weakref.finalize(self, _release_ref, weakref.ref(hf_model))
         object.__setattr__(self, "spec", spec)
+        object.__setattr__(self, "_head", head)
         object.__setattr__(self, "layout", layout)
         object.__setattr__(self, "_point_cache", {})
         object.__setattr__(self, "edit_context", EditContext())
-        object.__setattr__(self, "edit_registry", EditRegistry())
-        object.__setattr__(self, "_tracker", _edits.track_context(self))
-        if validate is None:
-            validate = sum(p.numel() for p in hf_model.parameters()) < 1_000_000_000
-        if validate:
-            from .checks import check_model
+        # Kept on the HF module (never serialised with the wrapper, e.g. for nnsight remote runs).
+        hf_model.__dict__["_el_step_tracker"] = StepTracker(self.edit_context, hf_model)
+        hf_model.__dict__["_el_edit_registry"] = EditRegistry()
+        if validate is None or validate:
+            from .checks import check_model, check_truth
 
-            try:
-                check_model(self)
-            except Exception:
+            runnable = _can_run(hf_model)
+            if not runnable and validate:
                 self.restore()
-                raise
+                raise ValueError(
+                    "validate=True, but some weights are on the meta device with no offload hooks to load them, "
+                    "so the model cannot run; pass validate=False to wrap it for inspection only"
+                )
+            if runnable:
+                try:
+                    check_model(self)
+                    check_truth(self)
+                except Exception:
+                    self.restore()
+                    raise
 
     # ---- identity ---------------------------------------------------------------------------
     @property
@@ -227,8 +254,15 @@ class ExpertModel(TransformersModel):
         return int(self._module.get_output_embeddings().weight.shape[0])
 
     @property
+    def edit_registry(self) -> EditRegistry:
+        """The handles of every edit attached to this model (kept on the HF model, see :mod:`expertlens.edits`)."""
+        return self._module.__dict__.setdefault("_el_edit_registry", EditRegistry())
+
+    @property
     def device(self) -> torch.device:
-        return next(self._module.parameters()).device
+        """Where inputs go: the device the token embedding computes on (its offload hook's execution
+        device when its weights are offloaded to ``meta``), else the first non-meta weight's."""
+        return _execution_device(self._module, self.spec.embed)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -260,6 +294,17 @@ class ExpertModel(TransformersModel):
 
     embed = PointAttr("embed")
     logits = PointAttr("logits")
+
+    @property
+    def logits_scale(self) -> float:
+        """The factor the model multiplies the unembedding's output by (``1 / logits_scaling`` for
+        Granite-MoE, ``logit_scale`` for Cohere; 1.0 for most families). ``logits`` includes it."""
+        return self._head[0]
+
+    @property
+    def logits_softcap(self) -> float | None:
+        """``c`` when the model soft-caps its logits (``c·tanh(x/c)``, Gemma-style), else ``None``."""
+        return self._head[1]
 
     @property
     def final_norm(self):
@@ -310,10 +355,11 @@ class ExpertModel(TransformersModel):
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def restore(self) -> None:
-        """Undo the instrumentation: original router/block classes, no hook points, and the
-        original experts implementation. MoE points are unavailable afterwards."""
-        _instrument.restore(self._module)
-        self._tracker.remove()
+        """Undo everything wrapping did: remove every edit (weight edits restore their weights),
+        original router/block classes, no hook points, the original experts implementation and
+        config object, no step tracker and no nnsight controllers. MoE points are unavailable
+        afterwards. Idempotent; also run when the wrapper is garbage-collected."""
+        _release(self._module)
 
     def __enter__(self) -> ExpertModel:
         return self
@@ -328,7 +374,7 @@ class ExpertModel(TransformersModel):
 
 
 # --------------------------------------------------------------------------------------------
-# loading and the layer table
+# loading and wrapping
 # --------------------------------------------------------------------------------------------
 
 
@@ -346,12 +392,136 @@ def _load_tokenizer(name: str, trust_remote_code: bool):
 def _load_pretrained(name: str, tokenizer: Any, trust_remote_code: bool, kwargs: dict):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+    local = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+    if looks_local and not local.exists():
+        raise FileNotFoundError(
+            f"ExpertModel({name!r}): no such folder. Pass a local folder holding config.json and weights, a hub id "
+            "such as 'allenai/OLMoE-1B-7B-0924', or an already-built transformers model"
+        )
+    if local.is_file():
+        raise ValueError(
+            f"ExpertModel({name!r}): is a file; pass the folder holding config.json and weights (from save_pretrained)"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+    except ValueError as exc:
+        if "custom code" in str(exc) and not trust_remote_code:
+            raise ValueError(
+                f"ExpertModel({name!r}): the checkpoint needs its own Python code (config.json 'auto_map'); "
+                "expertlens never runs remote code unless asked, and its address tables cover transformers' "
+                "built-in families only. Use a checkpoint of a built-in family, or pass trust_remote_code=True "
+                "after reading that code"
+            ) from exc
+        raise
     if tokenizer is None:
         tokenizer = _load_tokenizer(name, trust_remote_code)
     else:
         tokenizer = copy.deepcopy(tokenizer)
     return model, tokenizer
+
+
+def _head_transform(model: nn.Module) -> tuple[float, float | None]:
+    """``(scale, softcap)`` the model applies after its unembedding (``(1.0, None)``: none).
+
+    Read from the config: ``logits_scaling`` (Granite-MoE divides by it), ``logit_scale`` (Cohere
+    multiplies) and ``final_logit_softcapping`` (Gemma). The truth test catches any other transform.
+    """
+    cfg = model.config
+    configs = [cfg]
+    text = getattr(cfg, "get_text_config", None)
+    if callable(text):
+        sub = text()
+        if sub is not cfg:
+            configs.append(sub)
+    scale, cap = 1.0, None
+    for c in configs:
+        ls = getattr(c, "logits_scaling", None)
+        if isinstance(ls, (int, float)) and ls != 1:
+            scale /= float(ls)
+        mult = getattr(c, "logit_scale", None)
+        if isinstance(mult, (int, float)) and mult != 1:
+            scale *= float(mult)
+        sc = getattr(c, "final_logit_softcapping", None)
+        if isinstance(sc, (int, float)) and sc:
+            cap = float(sc)
+        if scale != 1.0 or cap is not None:
+            break
+    return scale, cap
+
+
+def _own_config(model: nn.Module) -> None:
+    """Give ``model`` a private shallow copy of its config (every module that holds it), so that
+    switching its experts implementation never changes another model sharing the config object.
+    :func:`_release` puts the original object back."""
+    cfg = model.config
+    own = copy.copy(cfg)
+    for module in model.modules():
+        if module.__dict__.get("config") is cfg:
+            module.__dict__["config"] = own
+    model.__dict__["_el_shared_config"] = cfg
+
+
+def _release(hf: nn.Module) -> None:
+    """Undo wrapping on the HF model (see ``ExpertModel.restore``); safe to call repeatedly."""
+    from nnsight.intervention.source import STATE, Controller
+
+    registry = hf.__dict__.pop("_el_edit_registry", None)
+    if registry is not None:
+        registry.clear()  # every edit by its handle, newest first: weight edits restore their weights
+    for handle in reversed(list(hf.__dict__.get("_el_weight_edits", ()))):
+        handle.remove()  # weight edits applied outside the registry, latest first
+    _instrument.restore(hf)
+    tracker = hf.__dict__.pop("_el_step_tracker", None)
+    if tracker is not None:
+        tracker.remove()
+    if not hf.__dict__.get("_el_weight_edits", True):
+        del hf.__dict__["_el_weight_edits"]
+    original = hf.__dict__.pop("_el_shared_config", None)
+    if original is not None:
+        own = hf.config
+        for module in hf.modules():
+            if module.__dict__.get("config") is own:
+                module.__dict__["config"] = original
+    for module in hf.modules():
+        if isinstance(module.__dict__.get("forward"), Controller):
+            del module.__dict__["forward"]
+            module.__dict__.pop(STATE, None)
+        # With no controller left to hold the wrapped forwards, the per-module records can go too.
+        if not _instrument.is_installed(hf):
+            module.__dict__.pop("_el_edit_state", None)
+            module.__dict__.pop("_el_state", None)
+
+
+def _release_ref(ref: weakref.ref) -> None:
+    hf = ref()
+    if hf is not None:
+        try:
+            _release(hf)
+        except Exception:  # noqa: BLE001 - never raise from a finaliser
+            pass
+
+
+def _execution_device(model: nn.Module, embed_path: str) -> torch.device:
+    embed = get_module(model, embed_path)
+    for mod in (embed, model):
+        dev = getattr(getattr(mod, "_hf_hook", None), "execution_device", None)
+        if dev is not None:
+            return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+    weight = getattr(embed, "weight", None)
+    if isinstance(weight, Tensor) and not weight.is_meta:
+        return weight.device
+    for param in model.parameters():
+        if not param.is_meta:
+            return param.device
+    return next(model.parameters()).device
+
+
+def _can_run(model: nn.Module) -> bool:
+    """False when some weight is on the meta device and no accelerate offload hook can load it."""
+    if not any(p.is_meta for p in model.parameters()):
+        return True
+    return any(hasattr(m, "_hf_hook") for m in model.modules())
 
 
 def _editable_modules(model: nn.Module, paths: list[str]) -> list[nn.Module]:

@@ -16,12 +16,14 @@ Where a value lives is a :class:`Site`: a module path (from the layer's
 :class:`~expertlens.layout.LayerLayout`) and a kind saying how the value sits there —
 ``"hook"`` (the output of an expertlens hook point), ``"output"`` (a module's output, first
 element of a tuple), ``"input"`` (a module's first input), ``"input_in_place"`` (same, written in
-place), ``"heads"`` (``attn.head_out``, derived from the output projection) or
-``"expert_slots"`` (one expert's slots of ``expert_out``).
+place), ``"heads"`` (``attn.head_out``, derived from the output projection),
+``"expert_slots"`` (one expert's slots of ``expert_out``) or ``"returned_logits"`` (the logits the
+model returns, for families that scale or soft-cap them after the unembedding).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -74,7 +76,7 @@ class PointError(ValueError):
     """
 
 
-SiteKind = Literal["hook", "output", "input", "input_in_place", "heads", "expert_slots", "derived"]
+SiteKind = Literal["hook", "output", "input", "input_in_place", "heads", "expert_slots", "returned_logits", "derived"]
 
 
 @dataclass(frozen=True)
@@ -173,9 +175,11 @@ class Point:
             w = w.view(w.shape[0], lay.n_heads, lay.d_head)
             return torch.einsum("bphk,dhk->bphd", z, w.to(z.dtype))
         env = _site_envoy(model, site)
+        if site.kind == "returned_logits":
+            return env.output.logits
         if site.kind == "expert_slots":
             indices, out = env.output
-            return out[indices == expert]
+            return out.reshape(-1, out.shape[-1])[model._moe_points(layer)._expert_rows(indices, expert)]
         if site.kind in ("input", "input_in_place"):
             x = env.input
             return _view(self.name, x, lay)
@@ -195,9 +199,12 @@ class Point:
             _site_envoy(model, Site(site.path, "output")).output = total + bias if bias is not None else total
             return
         env = _site_envoy(model, site)
-        if site.kind == "expert_slots":
+        if site.kind == "returned_logits":
+            current = env.output.logits
+            current[...] = value.to(current.dtype)
+        elif site.kind == "expert_slots":
             indices, out = env.output
-            out[indices == expert] = value.to(out.dtype)
+            out.view(-1, out.shape[-1])[model._moe_points(layer)._expert_rows(indices, expert)] = value.to(out.dtype)
         elif site.kind == "input_in_place":
             current = env.input
             current[...] = value.to(current.dtype)
@@ -284,6 +291,12 @@ def _mlp_site(model, lay) -> Site:
     return Site(f"{lay.block}.el_output", "hook") if lay.is_moe else Site(lay.mlp, "output")
 
 
+def _logits_site(model, lay) -> Site:
+    if getattr(model, "_head", (1.0, None)) != (1.0, None):
+        return Site("", "returned_logits")
+    return Site(model.spec.lm_head, "output")
+
+
 def _hook(owner: str, name: str) -> Where:
     return lambda model, lay: Site(f"{getattr(lay, owner)}.{name}", "hook")
 
@@ -353,8 +366,9 @@ POINTS: dict[str, Point] = {
               "post-norm families)"),
         Point("resid_post", "layers[i].resid_post", "layer", lambda m, lay: Site(lay.path, "output"), _d,
               "[b, p, d]", "float", "residual stream leaving layer `i`"),
-        Point("logits", "logits", "model", lambda m, lay: Site(m.spec.lm_head, "output"),
-              lambda m, lay: (m.vocab_size,), "[b, p, vocab]", "float", "unembedding output"),
+        Point("logits", "logits", "model", _logits_site, lambda m, lay: (m.vocab_size,), "[b, p, vocab]", "float",
+              "the logits the model returns (the unembedding output, after any scaling / soft-capping the family "
+              "applies)"),
     ]
 }
 
@@ -602,6 +616,24 @@ class MoEPoints:
         self.n_experts: int = lay.n_experts
         self.top_k: int = lay.top_k
         self.has_shared: bool = model.spec.shared is not None
+
+    def _expert_rows(self, indices: Tensor, expert: int) -> Tensor:
+        """Flat (batch, pos, slot) row numbers where ``expert`` was selected, in that order.
+
+        One stable sort and one host read of the per-expert counts per layer and forward, shared by every
+        ``experts[e]`` read or write of that forward (a boolean mask per expert would sync once per expert).
+        """
+        cached = self.__dict__.get("_rows")
+        if cached is None or cached[0]() is not indices:
+            flat = indices.reshape(-1)
+            order = torch.sort(flat, stable=True).indices
+            counts = torch.zeros(self.n_experts, dtype=torch.long, device=flat.device)
+            counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.long))
+            ends = counts.cumsum(0).tolist()  # the one host sync: the result's size depends on the routing
+            cached = (weakref.ref(indices), order, [0, *ends])
+            self.__dict__["_rows"] = cached
+        _, order, bounds = cached
+        return order[bounds[expert] : bounds[expert + 1]]
 
     @property
     def experts(self) -> _ExpertList:

@@ -10,8 +10,7 @@ import torch
 from torch import Tensor
 
 from ..direction import Direction
-from ..model import PointError
-from ..points import MODEL_POINTS
+from ..points import MODEL_POINTS, PointError
 from .base import Intervention
 from .selectors import (
     LayerSpec,

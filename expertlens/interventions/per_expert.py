@@ -16,12 +16,21 @@ from .base import Intervention
 from .selectors import Positions, check_scalar, check_vector, resolve_experts, resolve_layers, token_selection
 
 if TYPE_CHECKING:
-    from ..edits import EditHandle
+    from ..edits import EditHandle, Recording
     from ..model import ExpertModel
 
 __all__ = ["ExpertSteer", "AllExpertsSteer", "ScaleExpert", "WEIGHTINGS"]
 
 WEIGHTINGS = ("router_prob", "routed_only", "constant")
+
+
+def _after_recording(model: ExpertModel, rec: Recording, point: str, fn, layer: int) -> list[EditHandle]:
+    """The recording's handles plus one edit at ``point`` (the recording is removed if attaching fails)."""
+    try:
+        return [*rec.handles, model.add_edit(point, fn, layer=layer)]
+    except BaseException:
+        rec.remove()
+        raise
 
 
 def _masked_add(out: Tensor, delta: Tensor, sel: Tensor | None) -> Tensor:
@@ -87,11 +96,7 @@ class ExpertSteer(Intervention):
             delta = (coeff * pi.to(out)).unsqueeze(-1) * d.to(out)
             return _masked_add(out, delta, token_selection(pos, rows, ctx, out))
 
-        try:
-            return [*rec.handles, model.add_edit("moe.output", steer, layer=layer)]
-        except BaseException:
-            rec.remove()
-            raise
+        return _after_recording(model, rec, "moe.output", steer, layer)
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,11 +137,7 @@ class AllExpertsSteer(Intervention):
             delta = coeff * (pi @ D.to(out))
             return _masked_add(out, delta, token_selection(pos, rows, ctx, out))
 
-        try:
-            return [*rec.handles, model.add_edit("moe.output", steer, layer=layer)]
-        except BaseException:
-            rec.remove()
-            raise
+        return _after_recording(model, rec, "moe.output", steer, layer)
 
 
 @dataclass(frozen=True, eq=False)
@@ -175,8 +176,4 @@ class ScaleExpert(Intervention):
                 hit = hit & sel[:, :, None, None]
             return torch.where(hit, out * alpha, out)
 
-        try:
-            return [*rec.handles, model.add_edit("moe.expert_out", scale, layer=layer)]
-        except BaseException:
-            rec.remove()
-            raise
+        return _after_recording(model, rec, "moe.expert_out", scale, layer)
