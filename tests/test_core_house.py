@@ -396,3 +396,49 @@ def test_recipe_add_an_intervention():
         with model.intervene(ScaleAt("moe.output", "x")):
             pass
     assert model.n_edits() == 0
+
+
+# ---- family maths lives in the rules --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_rule_routes_the_same_with_an_identity_adjust_and_reroute_obeys(family, wrap):
+    model = wrap(family)
+    layer = model.moe_layers[-1]
+    rule, router = model.spec.rule, model.hf_model.get_submodule(model.layout[layer].router)
+    with torch.no_grad(), model.trace("hello world, again"):
+        logits = model.layers[layer].moe.router_logits.save()
+    flat = logits.reshape(-1, model.n_experts)
+    w, idx = rule.route(flat, router)
+    assert rule.selection_scores(flat, router).shape == flat.shape
+    if family == "phimoe":  # sparsemixer cannot re-run from adjusted scores, and says so
+        with pytest.raises(NotImplementedError, match="sparsemixer"):
+            rule.route(flat, router, adjust=lambda s: s)
+        return
+    w2, idx2 = rule.route(flat, router, adjust=lambda s: s)
+    order, order2 = idx.argsort(-1), idx2.argsort(-1)
+    assert torch.equal(idx.gather(-1, order), idx2.gather(-1, order2))
+    torch.testing.assert_close(w.gather(-1, order), w2.gather(-1, order2), atol=0, rtol=0)
+    chosen = idx.flatten().mode().values.reshape(1)
+    _, idx_masked = rule.reroute(flat, router, chosen, None)
+    assert not bool((idx_masked == chosen).any())
+    other = torch.tensor([int(e) for e in range(model.n_experts) if e not in idx[0].tolist()][:1])
+    groups = rule.groups(router)
+    if groups is None:  # with groups, a forced expert outside the chosen groups may be filtered out
+        _, idx_forced = rule.reroute(flat, router, None, other)
+        assert bool((idx_forced == other).any(-1).all())
+
+
+def test_no_rule_class_is_dispatched_on_outside_families():
+    import re
+
+    rules = (r"\b(RoutingRule|SoftmaxTopK|GroupLimitedSoftmax|SigmoidGroupTopK|TopKThenSoftmax|SparseMixer|"
+             r"BiasedSoftmaxTopK)\b")
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "families.py":
+            continue
+        text = path.read_text()
+        code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith(">>>"))
+        assert "isinstance(model.spec.rule" not in code and "isinstance(rule" not in code, path
+        assert not re.search(r"from \.*(expertlens\.)?families import[^\n]*" + rules, code), path
+        assert not re.search(r"\.family (==|!=) \"", code), path
