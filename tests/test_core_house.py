@@ -442,3 +442,42 @@ def test_no_rule_class_is_dispatched_on_outside_families():
         assert "isinstance(model.spec.rule" not in code and "isinstance(rule" not in code, path
         assert not re.search(r"from \.*(expertlens\.)?families import[^\n]*" + rules, code), path
         assert not re.search(r"\.family (==|!=) \"", code), path
+
+
+#: The layers of docs/concepts/architecture.md, lowest first; a module imports only from its own layer or lower.
+LAYERS = [
+    ("families", "compat", "prompts", "direction", "plot", "report"),
+    ("instrument",),
+    ("layout",),
+    ("points",),
+    ("edits",),
+    ("model", "checks"),
+    ("interventions",),
+    ("attribution", "organism"),
+    ("refusal",),
+    ("cli", "testing", ""),  # "" is the package's __init__
+]
+
+
+def _layer(module: str) -> tuple[int, str]:
+    top = module.removeprefix("expertlens").removeprefix(".").split(".")[0]
+    for rank, names in enumerate(LAYERS):
+        if top in names:
+            return rank, top
+    raise AssertionError(f"{module} is in no layer of docs/concepts/architecture.md; add it to LAYERS and the page")
+
+
+def test_modules_import_only_from_their_layer_or_below():
+    modules = _modules()
+    offenders = []
+    for name, path in modules.items():
+        rank, group = _layer(name)
+        for target, names, line in _imports(name, path):
+            for cand in [f"{target}.{n}" for n in names] + [target]:
+                if cand in modules:
+                    break
+            t_rank, t_group = _layer(cand)
+            if t_rank > rank or (t_rank == rank and t_group != group and {group, t_group} != {"model", "checks"}):
+                if not (path.name == "__init__.py" and cand.startswith(name)):
+                    offenders.append(f"{path.relative_to(ROOT)}:{line} ({group}) imports {cand} ({t_group})")
+    assert not offenders, "\n".join(offenders)
