@@ -146,7 +146,7 @@ def expert_output_means(
         raise ValueError(f"mode must be 'forced' or 'routed', got {mode!r}")
     moe = model.layers[layer].moe  # raises for dense layers
     positions = [int(p) for p in positions]
-    experts_mod = model.hf_model.get_submodule(model._layer_info[layer]["experts"])
+    experts_mod = model.hf_model.get_submodule(model.layout[layer].experts)
     E, d = model.n_experts, model.d_model
     total = torch.zeros(len(positions), E, d, dtype=torch.float64)
     count = torch.zeros(len(positions), E, dtype=torch.float64)
@@ -157,7 +157,7 @@ def expert_output_means(
             if mode == "forced":
                 x = nnsight.save(moe.input[:, positions])
             else:
-                view = nnsight.save(moe._expert_view)
+                view = nnsight.save([moe.topk_indices, moe.expert_out])
         if mode == "forced":
             flat = x.reshape(-1, d)
             with torch.no_grad():
