@@ -236,7 +236,8 @@ class DefaultJudge:
 
     Attributes:
         substrings: Refusal substrings (default: the paper's 20).
-        model: The unsteered model that scores fluency (``None``: no log-probability tests).
+        model: The unsteered model that scores fluency (``None``: no log-probability tests); prompts are the
+            plain instructions, chat-formatted with ``system_prompt`` before scoring.
         well_formed: ``well_formed(response) -> bool`` of an organism, or ``None``.
         min_words: Completions shorter than this are ``non_response``.
         mean_floor / min_floor / max_repetition: The calibrated limits (``None`` until calibrated).
@@ -260,10 +261,20 @@ class DefaultJudge:
     min_floor: float | None = None
     max_repetition: float | None = None
     batch_size: int = 32
+    system_prompt: str | None = None
     name: str = "default"
 
     def __post_init__(self) -> None:
         self._subs = tuple(s.lower() for s in self.substrings)
+
+    def _scored(self, prompts: Sequence[str], completions: Sequence[str]) -> list[list[float]]:
+        """Token log-probabilities under ``model``, the prompts chat-formatted as the study does."""
+        tok = self.model.tokenizer
+        if getattr(tok, "chat_template", None):
+            from .data import format_chat
+
+            prompts = format_chat(tok, list(prompts), self.system_prompt)
+        return completion_logprobs(self.model, prompts, completions, self.batch_size)
 
     def is_refusal(self, completion: str) -> bool:
         """True if a refusal substring occurs in ``completion``."""
@@ -286,7 +297,7 @@ class DefaultJudge:
         reps = sorted(repetition(c) for c in completions)
         self.max_repetition = min(1.0, _quantile(reps, 1 - self.quantile) + self.repetition_margin)
         if token_logprobs is None and self.model is not None:
-            token_logprobs = completion_logprobs(self.model, prompts, completions, self.batch_size)
+            token_logprobs = self._scored(prompts, completions)
         if token_logprobs is not None:
             stats = [fluency(t) for t in token_logprobs if t]
             if stats:
@@ -346,9 +357,7 @@ class DefaultJudge:
         if self.model is not None and self.uses_logprobs:
             todo = [i for i, c in enumerate(completions) if not self.is_refusal(c)]
             if todo:
-                got = completion_logprobs(
-                    self.model, [prompts[i] for i in todo], [completions[i] for i in todo], self.batch_size
-                )
+                got = self._scored([prompts[i] for i in todo], [completions[i] for i in todo])
                 for i, v in zip(todo, got):
                     lps[i] = v
         return [self.classify(c, lp) for c, lp in zip(completions, lps)]
