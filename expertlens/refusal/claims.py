@@ -118,8 +118,15 @@ def _claim1(res: StudyResults) -> Claim:
         f"Paired test of ASR against the baseline: {t.only_a} prompts answered only under ActAdd, {t.only_b} only "
         f"without it, p = {t.p_value:.2g}.",
     ]
-    if res.actadd_sweep is not None:
-        evidence.append(f"Coefficients: {res.actadd_sweep.rule}.")
+    if res.actadd_sweep is not None and res.actadd_sweep.points:
+        pts = res.actadd_sweep.points
+        top = max(pts, key=lambda p: (p.bypass.full_response.value, -p.coeff))
+        low = min(pts, key=lambda p: (p.bypass.refusal.value, p.coeff))
+        evidence.append(
+            f"Sweep on harmful val: the highest ASR is {top.bypass.full_response.pct()} (c = {top.coeff:g}); "
+            f"the lowest refusal is {low.bypass.refusal.pct()} (c = {low.coeff:g}), where non-responses are "
+            f"{low.bypass.non_response.pct()} and harmless KL {low.harmless_kl:.3g} nats. {res.actadd_sweep.rule}."
+        )
     abl = res.condition("ablation")
     controls = []
     if abl is not None and abl.bypass is not None:
@@ -208,14 +215,19 @@ def _claim3(res: StudyResults) -> Claim:
         )
     attention_leads = None
     if cmap is not None:
+        # a component carries refusal when zeroing it releases answers (ASR rises); a fall in refusal into
+        # non-responses is breakage and says nothing about refusal in particular
+        gain = {k: max((v for v in vals if v is not None), default=0.0) for k, vals in cmap.d_asr.items()}
+        where = {k: cmap.layers[vals.index(gain[k])] if gain[k] in vals else None for k, vals in cmap.d_asr.items()}
         comp, layer, d = cmap.strongest("refusal")
-        best = {k: max((abs(v) for v in vals if v is not None), default=0.0) for k, vals in cmap.d_refusal.items()}
-        attention_leads = best.get("attention", 0.0) >= best.get("moe", 0.0)
+        if max(gain.values(), default=0.0) > 0:
+            attention_leads = gain.get("attention", 0.0) >= gain.get("moe", 0.0)
         evidence.append(
-            f"Causal map ({cmap.n_prompts} harmful test prompts): the largest change in refusal comes from zeroing "
-            f"the {'attention' if comp == 'attention' else 'MoE'} output of layer {layer} ({100 * d:+.1f} points); "
-            f"largest attention effect {100 * best.get('attention', 0):.1f} points, largest MoE effect "
-            f"{100 * best.get('moe', 0):.1f} points."
+            f"Causal map ({cmap.n_prompts} harmful test prompts): zeroing one attention output raises ASR by at most "
+            f"{100 * gain.get('attention', 0):.1f} points (layer {where.get('attention')}), one MoE output by at most "
+            f"{100 * gain.get('moe', 0):.1f} points (layer {where.get('moe')}); the largest change in refusal "
+            f"({100 * d:+.1f} points) comes from zeroing the {'attention' if comp == 'attention' else 'MoE'} output "
+            f"of layer {layer}."
         )
     pw = res.pathways or {}
     if pw.get("shares"):
@@ -235,10 +247,12 @@ def _claim3(res: StudyResults) -> Claim:
         )
     if attention_leads is not None:
         parts.append(
-            "attention outputs carry refusal at least as strongly as MoE outputs"
+            "zeroing an attention output releases at least as many answers as zeroing an MoE output"
             if attention_leads
-            else "MoE outputs carry refusal more strongly than attention outputs"
+            else "zeroing an MoE output releases more answers than zeroing an attention output"
         )
+    elif cmap is not None:
+        parts.append("zeroing no single layer output releases answers (the causal map cannot rank the two)")
     yes = [x for x in (routing_differs, attention_leads) if x is not None]
     status = "supported" if all(yes) else ("partly supported" if any(yes) else "not supported")
     verdict = f"{status} on this model: " + "; ".join(parts)
