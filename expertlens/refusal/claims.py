@@ -133,7 +133,7 @@ def _claim1(res: StudyResults) -> Claim:
         controls.append(f"Directional ablation of the same direction: {_rates(abl)}; {_cost(abl)}.")
     unit = res.condition("actadd_unit")
     if unit is not None and unit is not act and unit.bypass is not None:
-        controls.append(f"Coefficient {unit.params.get('coefficient')} as in the paper: {_rates(unit)}.")
+        controls.append(f"Coefficient {unit.params.get('coefficient'):g} as in the paper: {_rates(unit)}.")
     return Claim(1, title, status, verdict, evidence, controls, _caveats(res))
 
 
@@ -146,7 +146,8 @@ def _claim2(res: StudyResults) -> Claim:
     g, t = _gain(b, base, "bypass", FULL_RESPONSE)
     gi, ti = _gain(b, base, "induce", REFUSAL)
     head = (
-        f"expert {b.params.get('expert')} of layer {b.params.get('layer')} at coefficient {b.params.get('coefficient')}"
+        f"expert {b.params.get('expert')} of layer {b.params.get('layer')} "
+        f"at coefficient {b.params.get('coefficient'):g}"
     )
     works = _significant(g, t) or _significant(gi, ti)
     ctrl_ok = ctrl is not None and ctrl.bypass is not None

@@ -2,9 +2,9 @@
 
 Example:
     >>> from expertlens.refusal.data import RefusalData
-    >>> data = RefusalData.from_lists(["hurt him"], ["hug him"])
-    >>> data.harmful_train, data.harmless_val
-    (['hurt him'], [])
+    >>> data = RefusalData.from_lists([f"hurt him {i}" for i in range(5)], [f"hug him {i}" for i in range(5)])
+    >>> len(data.harmful_train), len(data.harmless_val), len(data.harmless_test)
+    (3, 1, 1)
 """
 
 from __future__ import annotations

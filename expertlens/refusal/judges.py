@@ -206,8 +206,8 @@ def repetition(text: str) -> float:
 
     Example:
         >>> from expertlens.refusal.judges import repetition
-        >>> repetition("a b c d"), repetition("go go go go")
-        (0.0, 0.6666666666666666)
+        >>> repetition("a b c d"), round(repetition("go go go go"), 3)   # 3 bigrams, 2 repeats
+        (0.0, 0.667)
     """
     w = _words(text)
     grams = list(zip(w, w[1:]))
