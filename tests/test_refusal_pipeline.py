@@ -324,3 +324,19 @@ def test_refusal_data_refuses_what_would_silently_go_wrong(qwen2):
     with pytest.raises(ValueError, match="identical.*difference-in-means direction is zero"):
         run_refusal_study(qwen2, RefusalData.from_lists(HARM, HARM), _loose_config(), log=lambda *a: None)
     assert qwen2.n_edits() == 0
+
+
+def test_capability_hook_sees_every_condition_with_its_edits_active(qwen2):
+    seen = []
+
+    def suite(model, edits):
+        seen.append(len(edits))
+        assert model.n_edits() >= len(edits)  # the edits are active while the suite runs
+        return (5, 5) if not edits else (3, 5)
+
+    cfg = _loose_config().with_(causal_map=False)
+    study = run_refusal_study(qwen2, RefusalData.from_lists(HARM, SAFE), cfg, log=lambda *a: None, capability=suite)
+    base, act = study.result.condition("baseline"), study.result.condition("actadd")
+    assert base.capability.retention == 1.0 and act.capability.retention == pytest.approx(0.6)
+    assert act.capability.suite == "capability suite suite" and seen[0] == 0 and max(seen) >= 1
+    assert qwen2.n_edits() == 0

@@ -190,6 +190,7 @@ def run_refusal_study(
     *,
     checkpoint: str | Path | None = None,
     resume: bool = False,
+    capability: Callable[[ExpertModel, Sequence[Any]], tuple[int, int]] | None = None,
 ) -> RefusalStudy:
     """Run every step of the study on ``model`` and return a :class:`RefusalStudy`.
 
@@ -202,6 +203,10 @@ def run_refusal_study(
             this model's unsteered completions, with the organism's evaluator when there is one).
         log: Where progress lines go (``print``, a logger's ``info``, or ``lambda *a: None``).
         checkpoint: Folder for stage-by-stage results; with ``resume=True`` finished stages are read back.
+        capability: Your capability suite, ``capability(model, interventions) -> (n_correct, n_total)`` with
+            the interventions active while it runs (e.g. a wrapper around lm-eval-harness); default: the
+            organism's suite when ``expertlens.organism`` provides one, else the share of harmless test prompts
+            answered in full.
 
     Example:
         >>> from expertlens import load_organism
@@ -210,7 +215,7 @@ def run_refusal_study(
         >>> study = run_refusal_study(model, RefusalData.from_organism(), RefusalConfig.organism())  # doctest: +SKIP
         >>> study.save("runs/organism")   # results.json, directions.safetensors, report.html  # doctest: +SKIP
     """
-    run = _Run(model, data, config or RefusalConfig.paper(), judge, log, checkpoint, resume)
+    run = _Run(model, data, config or RefusalConfig.paper(), judge, log, checkpoint, resume, capability)
     run.baseline()  # unsteered rates; the judge is calibrated here; train prompts filtered
     run.directions()  # difference in means at the last positions, Arditi selection
     run.actadd()  # coefficient 1, the coefficient chosen by ASR, directional ablation
@@ -228,7 +233,7 @@ def run_refusal_study(
 class _Run:
     """State of one study run; each public method is one stage (saved when a checkpoint folder is given)."""
 
-    def __init__(self, model, data, cfg, judge, log, checkpoint, resume):
+    def __init__(self, model, data, cfg, judge, log, checkpoint, resume, capability=None):
         if not isinstance(data, RefusalData):
             raise TypeError(f"data must be a RefusalData, got {type(data).__name__}")
         cfg.validate()
@@ -258,6 +263,7 @@ class _Run:
         self.conditions: list[Condition] = []
         self.directions_out: dict[str, Tensor] = {}
         self.extra: dict[str, Any] = {}
+        self.user_capability = capability
         self.capability_suite = self._capability_suite()
 
     # -- setup helpers ------------------------------------------------------------------------------
@@ -302,6 +308,9 @@ class _Run:
         """The organism's capability suite through its interface when available, else harmless answers."""
         import expertlens.organism as organism
 
+        if self.user_capability is not None:
+            name = getattr(self.user_capability, "name", None) or getattr(self.user_capability, "__name__", "custom")
+            return f"capability suite {name}", [], None
         prompts_fn = getattr(organism, "capability_prompts", None)
         score_fn = getattr(organism, "score_capability", None)
         n = self.cfg.n_capability
@@ -325,6 +334,10 @@ class _Run:
         return Outcome.from_verdicts(name, verdicts, raw, outs, self.cfg.n_samples, seed=self.cfg.seed)
 
     def capability(self, edits=()) -> Rate:
+        if self.user_capability is not None:
+            with self.model.intervene(*tuple(edits)):
+                k, n = self.user_capability(self.model, tuple(edits))
+            return Rate.of(int(k), int(n), seed=self.cfg.seed)
         _, chats, score = self.capability_suite
         outs = generate(self.model, chats, self.new, tuple(edits), batch_size=self.bs)
         if score is None:
