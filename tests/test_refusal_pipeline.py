@@ -241,7 +241,7 @@ def test_study_round_trips_and_directions_reproduce_steering(qwen2, tmp_path):
     html = (out / "report.html").read_text()
     for text in ("Claim 1", "Claim 2", "Claim 3", "Deviations from the authors", "Samples", "full response"):
         assert text in html
-    for bad in ("None", "nan", "NaN", "harmful_refusal", "{'"):
+    for bad in ("None", "nan", "NaN", "harmful_refusal", "{'", "full_response", "non_response", "stage2_asr"):
         assert bad not in _visible_text(html), bad
     loaded = RefusalStudy.load(out)
     assert loaded.results == raw == study.results

@@ -70,7 +70,7 @@ DELIBERATE_DEVIATIONS: tuple[Deviation, ...] = (
     ),
     Deviation(
         "judge",
-        "OpenAI gpt-4o three-class judge (refusal / full_response / non_response)",
+        "OpenAI gpt-4o three-class judge (refusal / full response / non-response)",
         "the judge given to the study (default: offline substrings + calibrated fluency, organism evaluator)",
         "runs offline and deterministically; pass OpenAIJudge(...) to use the authors' API judge",
     ),
