@@ -2,9 +2,9 @@
 
 Example:
     >>> from expertlens.refusal.data import RefusalData
-    >>> data = RefusalData.from_lists(["hurt him"], ["hug him"])
-    >>> data.harmful_train, data.harmless_val
-    (['hurt him'], [])
+    >>> data = RefusalData.from_lists([f"hurt him {i}" for i in range(5)], [f"hug him {i}" for i in range(5)])
+    >>> len(data.harmful_train), len(data.harmless_val), len(data.harmless_test)
+    (3, 1, 1)
 """
 
 from __future__ import annotations
@@ -56,6 +56,14 @@ class RefusalData:
     source: str = "user"
 
     def __post_init__(self) -> None:
+        for name in ("harmful_train", "harmless_train", "harmful_val", "harmless_val", "harmful_test", "harmless_test"):
+            values = getattr(self, name)
+            if isinstance(values, (str, bytes)):
+                raise TypeError(
+                    f"RefusalData.{name} is a single string ({values!r}); pass a list of instructions, e.g. "
+                    f"[{values!r}] (a string would be split into characters)"
+                )
+            setattr(self, name, list(values))
         for name in ("harmful_train", "harmless_train"):
             values = getattr(self, name)
             if not values:
@@ -91,17 +99,30 @@ class RefusalData:
             >>> len(d.harmful_train), len(d.harmful_val), len(d.harmful_test)
             (6, 2, 2)
         """
+        for name, items in (("harmful", harmful), ("harmless", harmless)):
+            if isinstance(items, (str, bytes)):
+                raise TypeError(
+                    f"RefusalData.from_lists: {name} is a single string ({items!r}); pass a list of instructions, "
+                    f"e.g. [{items!r}] (a string would be split into characters)"
+                )
         if not harmful or not harmless:
             raise ValueError(
                 f"need non-empty harmful and harmless lists (got {len(harmful)} harmful, {len(harmless)} harmless)"
             )
+        for name, items in (("harmful", harmful), ("harmless", harmless)):
+            n_val, n_test = int(len(items) * val_frac), int(len(items) * test_frac)
+            if n_val < 1 or n_test < 1 or len(items) - n_val - n_test < 1:
+                raise ValueError(
+                    f"RefusalData.from_lists: {len(items)} {name} prompts cannot be split into train / val / test "
+                    f"with val_frac={val_frac}, test_frac={test_frac} (each split needs at least one; with the "
+                    "default fractions that is 5 prompts per class). Pass more prompts, or the splits yourself: "
+                    "RefusalData(harmful_train, harmless_train, harmful_val, harmless_val, harmful_test, harmless_test)"
+                )
 
         def split(items: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
             items = list(items)
             random.Random(seed).shuffle(items)
             n_val, n_test = int(len(items) * val_frac), int(len(items) * test_frac)
-            if len(items) == 1:
-                return items, [], []
             return items[n_val + n_test :], items[:n_val], items[n_val : n_val + n_test]
 
         h, hl = split(harmful), split(harmless)
@@ -137,6 +158,25 @@ class RefusalData:
             sample(test["harmless"], n_test),
             source=f"organism:{name}",
         )
+
+    def check_for_study(self) -> None:
+        """Refuse data the study cannot use honestly: empty val/test splits (rates would come from the
+        training prompts), non-string items (a string instead of a list).
+
+        Example:
+            >>> from expertlens.refusal import RefusalData
+            >>> RefusalData(["a"], ["b"]).check_for_study()
+            Traceback (most recent call last):
+            ...
+            ValueError: RefusalData.harmful_val is empty: the study selects on val and reports test rates, ...
+        """
+        for name in ("harmful_val", "harmless_val", "harmful_test", "harmless_test"):
+            if not getattr(self, name):
+                raise ValueError(
+                    f"RefusalData.{name} is empty: the study selects on val and reports test rates, and will not "
+                    "fall back to the training prompts. Pass all six splits, or use RefusalData.from_lists(...) "
+                    "(>= 5 prompts per class) or RefusalData.from_organism()"
+                )
 
     def sizes(self) -> dict[str, int]:
         return {k: len(v) for k, v in asdict(self).items() if k != "source"}
