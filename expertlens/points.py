@@ -272,14 +272,33 @@ def check_write(point: Point, value: Any, model: ExpertModel, layout: LayerLayou
 
 
 def _needs_o_proj(model: ExpertModel, lay: LayerLayout | None) -> str | None:
+    if lay.attn is None:
+        return _needs_attn(model, lay)
     if lay.o_proj is None:
         return f"layer {lay.index}: attention has no linear output projection to split by head"
     return None
 
 
 def _needs_shared(model: ExpertModel, lay: LayerLayout | None) -> str | None:
-    if model.spec.shared is None:
-        return f"family {model.family!r} has no shared expert"
+    if not lay.has_shared:
+        return f"family {model.family!r} has no shared expert" + ("" if model.spec.shared is None else
+                                                                    f" at layer {lay.index}")
+    return None
+
+
+def _needs_attn(model: ExpertModel, lay: LayerLayout | None) -> str | None:
+    if lay.attn is None:
+        with_attn = [row.index for row in model.layout if row.attn is not None]
+        return (f"layer {lay.index} is a {lay.layer_type} with no attention (a recurrent or convolution mixer in "
+                f"this {model.family} hybrid stack): it has no attention points. Layers with attention: {with_attn}")
+    return None
+
+
+def _needs_mid(model: ExpertModel, lay: LayerLayout | None) -> str | None:
+    if lay.mid is None:
+        return (f"layer {lay.index} ({lay.layer_type}) of this {model.family} model has no resid_mid: its residual "
+                f"wiring is {model.spec.residual!r} (no stream between attention and the feed-forward sublayer); "
+                "use resid_pre / resid_post")
     return None
 
 
@@ -319,13 +338,13 @@ POINTS: dict[str, Point] = {
               "each head's write, `z[..., h, :] @ W_O[:, h]ᵀ` (no bias)",
               on_write="yes (the sum replaces the projection's output)", needs=_needs_o_proj),
         Point("attn.output", "layers[i].attn.output", "layer", lambda m, lay: Site(lay.attn, "output"), _d,
-              "[b, p, d]", "float", "attention output, `Σ_h head_out + o_bias`"),
+              "[b, p, d]", "float", "attention output, `Σ_h head_out + o_bias`", needs=_needs_attn),
         Point("attn_write", "layers[i].attn_write", "layer",
               lambda m, lay: Site(lay.attn_write or lay.attn, "output"), _d, "[b, p, d]", "float",
               "what attention adds to the residual stream (differs from `attn.output` only for post-norm "
-              "families)"),
+              "families)", needs=lambda m, lay: None if lay.attn_write else _needs_attn(m, lay)),
         Point("resid_mid", "layers[i].resid_mid", "layer", lambda m, lay: Site(lay.mid, "input_in_place"), _d,
-              "[b, p, d]", "float", "residual stream after attention", on_write="yes (in place)"),
+              "[b, p, d]", "float", "residual stream after attention", on_write="yes (in place)", needs=_needs_mid),
         Point("moe.input", "layers[i].moe.input", "moe", lambda m, lay: Site(lay.block, "input"), _d,
               "[b, p, d]", "float", "the MoE block's input (the normalised stream router and experts read)"),
         Point("moe.router_logits", "layers[i].moe.router_logits", "moe", _hook("router", "el_router_logits"),
@@ -352,7 +371,7 @@ POINTS: dict[str, Point] = {
         Point("moe.expert_out", "layers[i].moe.expert_out", "moe", _hook("experts", "el_expert_out"),
               lambda m, lay: (lay.top_k, m.d_model), "[b, p, k, d]", "float",
               "each selected expert's output, before its weight"),
-        Point("moe.shared_out", "layers[i].moe.shared_out", "moe", _hook("block", "el_shared_out"), _d,
+        Point("moe.shared_out", "layers[i].moe.shared_out", "moe", lambda m, lay: Site(lay.shared_point, "hook"), _d,
               "[b, p, d]", "float", "shared expert's contribution after its gate (`None` without one)",
               needs=_needs_shared),
         Point("moe.output", "layers[i].moe.output", "moe", _hook("block", "el_output"), _d, "[b, p, d]",
@@ -615,7 +634,7 @@ class MoEPoints:
         lay = model.layout[layer]
         self.n_experts: int = lay.n_experts
         self.top_k: int = lay.top_k
-        self.has_shared: bool = model.spec.shared is not None
+        self.has_shared: bool = lay.has_shared
 
     def _expert_rows(self, indices: Tensor, expert: int) -> Tensor:
         """Flat (batch, pos, slot) row numbers where ``expert`` was selected, in that order.

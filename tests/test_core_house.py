@@ -481,3 +481,20 @@ def test_modules_import_only_from_their_layer_or_below():
                 if not (path.name == "__init__.py" and cand.startswith(name)):
                     offenders.append(f"{path.relative_to(ROOT)}:{line} ({group}) imports {cand} ({t_group})")
     assert not offenders, "\n".join(offenders)
+
+
+def test_points_a_layer_lacks_say_why(wrap):
+    """Hybrid layers without attention or resid_mid (rows of the layout) refuse those points, naming the layer."""
+    model = wrap("olmoe")
+    lay = model.layout[0]
+    object.__setattr__(model, "layout", (dataclasses.replace(lay, attn=None, o_proj=None, mid=None,
+                                                             layer_type="MambaLayer"), *model.layout[1:]))
+    model._point_cache.clear()
+    for name in ("attn.output", "attn.z", "attn.head_out", "attn_write"):
+        with pytest.raises(PointError, match=r"layer 0 is a MambaLayer with no attention.*with attention: \[1\]"):
+            POINTS[name].site(model, 0)
+    with pytest.raises(PointError, match="layer 0 .MambaLayer. of this olmoe model has no resid_mid"):
+        POINTS["resid_mid"].site(model, 0)
+    with pytest.raises(PointError, match="family 'olmoe' has no shared expert"):
+        model.add_edit("moe.shared_out", lambda x, ctx: x, layer=1)
+    assert model.layers[1].moe.has_shared is False
