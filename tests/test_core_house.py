@@ -498,3 +498,22 @@ def test_points_a_layer_lacks_say_why(wrap):
     with pytest.raises(PointError, match="family 'olmoe' has no shared expert"):
         model.add_edit("moe.shared_out", lambda x, ctx: x, layer=1)
     assert model.layers[1].moe.has_shared is False
+
+
+def test_moved_modules_keep_their_old_paths_with_a_warning():
+    import expertlens.instrument as instrument
+    import expertlens.interventions as interventions
+
+    moved = [("expertlens.experts", "HookPoint", instrument.HookPoint),
+             ("expertlens.experts", "install", instrument.install),
+             ("expertlens.interventions.steering", "AddVector", interventions.AddVector),
+             ("expertlens.interventions.steering", "Patch", interventions.Patch),
+             ("expertlens.interventions.steering", "cache_points", interventions.cache_points),
+             ("expertlens.interventions.steering", "ScaleExpert", interventions.ScaleExpert),
+             ("expertlens.interventions.expert_steer", "ExpertSteer", interventions.ExpertSteer)]
+    for old, name, obj in moved:
+        module = importlib.import_module(old)
+        with pytest.warns(DeprecationWarning, match=f"{old}.{name} moved to expertlens"):
+            assert getattr(module, name) is obj
+    with pytest.raises(AttributeError, match="has no 'nope'"):
+        importlib.import_module("expertlens.experts").nope
