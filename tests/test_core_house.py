@@ -517,3 +517,33 @@ def test_moved_modules_keep_their_old_paths_with_a_warning():
             assert getattr(module, name) is obj
     with pytest.raises(AttributeError, match="has no 'nope'"):
         importlib.import_module("expertlens.experts").nope
+
+
+def test_write_validation_hooks_see_every_write_and_edit_result(wrap, monkeypatch):
+    model = wrap("olmoe")
+    seen = []
+
+    def on_write(point, value, model_, layout, current):
+        seen.append(("write", point.name, layout.index, tuple(current().shape)))
+        if not bool(torch.isfinite(value).all()):
+            raise PointError(f"{point.name}: non-finite write")
+        return value
+
+    def on_edit(point, new, old, layout):
+        seen.append(("edit", point.name, layout.index, tuple(old.shape)))
+        return new * 0
+
+    for name in ("resid_post", "moe.output"):
+        monkeypatch.setitem(POINTS, name, dataclasses.replace(POINTS[name], validate_write=on_write,
+                                                              validate_edit=on_edit))
+    with torch.no_grad(), model.trace("hey"):
+        model.layers[0].resid_post = model.layers[0].resid_post * 2
+    with pytest.raises(PointError, match="resid_post: non-finite write"):
+        with torch.no_grad(), model.trace("hey"):
+            model.layers[0].resid_post = model.layers[0].resid_post * float("nan")
+    h = model.add_edit("moe.output", lambda x, ctx: x + 1, layer=1)
+    with torch.no_grad(), record(model, [("moe.output", 1)]) as rec:
+        model.hf_model(**model.tokenize("hey"))
+    h.remove()
+    assert bool((rec[("moe.output", 1)] == 0).all())  # what the check returned is what flows on
+    assert ("write", "resid_post", 0, (1, 3, 64)) in seen and ("edit", "moe.output", 1, (1, 3, 64)) in seen
