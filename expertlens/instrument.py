@@ -21,6 +21,7 @@ Three pieces, all undone by :func:`restore`:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ from .families import FamilySpec, get_module
 
 __all__ = [
     "HookPoint",
+    "plain_calls",
     "EXPERTS_IMPLEMENTATION",
     "expertlens_experts_forward",
     "expert_forward",
@@ -125,6 +127,48 @@ def _global_hooks() -> bool:
 def _through(point: nn.Module, x):
     """``x`` through the hook point, skipping the module call when the point is idle."""
     return x if _idle(point) else point(x)
+
+
+@contextlib.contextmanager
+def plain_calls(model: nn.Module):
+    """Run ordinary (untraced) calls of an nnsight-wrapped model without nnsight's per-module controllers.
+
+    Outside a trace a controller only forwards to the module's body, but it costs a Python call per module per
+    forward; :func:`expertlens.interventions.generate` drops them for its duration (registered edits live in the
+    modules' own forwards and still apply). Modules whose controller runs something other than their class's
+    forward (accelerate's device hooks, transformers' expert-parallel wrapper, ``.source``) keep it. Not for use
+    while a trace of the model runs.
+
+    Example:
+        >>> import torch
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.instrument import plain_calls
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+        >>> with plain_calls(model.hf_model), torch.no_grad():
+        ...     logits = model.hf_model(torch.tensor([[5, 6, 7]])).logits
+    """
+    try:
+        from nnsight.intervention.source import Controller
+    except ImportError:  # another nnsight: leave everything as it is
+        yield
+        return
+    removed = []
+    for module in model.modules():
+        d = module.__dict__
+        controller = d.get("forward")
+        if not isinstance(controller, Controller) or "_hf_hook" in d:
+            continue
+        state = d.get(_NNSIGHT_STATE)
+        if state is None or getattr(state, "sourced", True) or getattr(state, "body", None) is not type(module).forward:
+            continue
+        del d["forward"]
+        removed.append((module, controller))
+    try:
+        yield
+    finally:
+        for module, controller in removed:
+            module.__dict__["forward"] = controller
 
 
 def _editable_forward(self: nn.Module, *args, **kwargs):
