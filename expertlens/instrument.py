@@ -371,6 +371,14 @@ def expert_forward(experts: torch.nn.Module, x: torch.Tensor, expert: int) -> to
         >>> expert_forward(experts, torch.randn(3, 64), expert=5).shape
         torch.Size([3, 64])
     """
+    weights = experts.gate_up_proj if experts.has_gate else experts.up_proj
+    if weights.is_meta or experts.down_proj.is_meta:
+        raise ValueError(
+            f"expert_forward: the expert weights of {type(experts).__name__} are on the meta device (offloaded), "
+            "so they cannot be read directly; load the model without offloading (or run it through a trace, "
+            "which onloads them)"
+        )
+
     def lin(inp, w, b):
         out = inp @ w if experts.is_transposed else F.linear(inp, w)
         return out + b if b is not None else out
@@ -530,7 +538,10 @@ def _swap_class(module: nn.Module, kind: str, forward) -> None:
     cls = type(module)
     key = (cls, kind)
     if key not in _SUBCLASSES:
-        _SUBCLASSES[key] = type(f"ExpertLens{cls.__name__}", (cls,), {"forward": forward})
+        # A whole model (made editable for its returned logits) keeps its class name: transformers
+        # looks models up by class name (e.g. the text-generation support check).
+        name = cls.__name__ if hasattr(cls, "config_class") else f"ExpertLens{cls.__name__}"
+        _SUBCLASSES[key] = type(name, (cls,), {"forward": forward, "__module__": cls.__module__})
     module.__class__ = _SUBCLASSES[key]
 
 

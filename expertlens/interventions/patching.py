@@ -117,6 +117,12 @@ class Patch(Intervention):
                     f"Patch: source for {self.point!r} layer {layer} has shape {tuple(src.shape)}; accepted "
                     f"is [batch, pos, {', '.join(map(str, shape))}]"
                 )
+            if src.is_floating_point() and not bool(torch.isfinite(src).all()):
+                bad = int((~torch.isfinite(src)).sum())
+                raise ValueError(
+                    f"Patch: source for {self.point!r} layer {layer} contains {bad} NaN/inf value(s); only finite "
+                    "sources are accepted (was the source run itself broken?)"
+                )
             out[layer] = src.detach().to(model.device)
         return out
 

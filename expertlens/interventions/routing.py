@@ -100,7 +100,9 @@ def _guarantee(
         stash["logits"] = logits
         return logits
 
-    def fix_indices(idx, ctx):
+    def fix_indices(idx, ctx, masked=masked, forced=forced):
+        masked = masked.to(idx.device) if masked is not None else None
+        forced = forced.to(idx.device) if forced is not None else None
         bad = torch.zeros(idx.shape[:-1], dtype=torch.bool, device=idx.device)
         if masked is not None and len(masked):
             bad |= torch.isin(idx, masked).any(-1)
@@ -165,9 +167,10 @@ class MaskExperts(Intervention):
         pos, rows = Positions.coerce(self.positions), self.rows
         handles = []
         for layer, ex in resolve_experts(model, self.experts, "MaskExperts").items():
-            idx = torch.tensor(ex, device=model.device)
+            idx = torch.tensor(ex, device=layer_device(model, layer))
 
             def edit(logits, ctx, idx=idx):
+                idx = idx.to(logits.device)
                 new = logits.clone()
                 new[..., idx] = MASK_VALUE
                 return apply_masked(logits, new, token_selection(pos, rows, ctx, logits))
@@ -175,6 +178,31 @@ class MaskExperts(Intervention):
             handles.append(model.add_edit("moe.router_logits", edit, layer=layer))
             handles += _guarantee(model, layer, idx, None, pos, rows)
         return handles
+
+
+def layer_device(model: ExpertModel, layer: int) -> torch.device:
+    """The device layer ``layer``'s router computes on (``device_map`` may spread layers over devices).
+
+    An offloaded router (weights on ``meta``, loaded by an accelerate hook) computes on the hook's
+    execution device.
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.interventions.routing import layer_device
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> layer_device(ExpertModel(tiny_model("olmoe"), tiny_tokenizer()), 1).type
+        'cpu'
+    """
+    router = _router(model, layer)
+    for mod in (router, *router.modules()):
+        hook = getattr(mod, "_hf_hook", None)
+        dev = getattr(hook, "execution_device", None)
+        if dev is not None:
+            return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
+    for t in (*router.parameters(), *router.buffers()):
+        if not t.is_meta:
+            return t.device
+    return model.device
 
 
 def _force_logits(
@@ -269,10 +297,10 @@ class ForceExperts(Intervention):
         pos, rows, margin = Positions.coerce(self.positions), self.rows, float(self.margin)
         handles = []
         for layer, ex in resolve_experts(model, self.experts, "ForceExperts").items():
-            idx = torch.tensor(ex, device=model.device)
+            idx = torch.tensor(ex, device=layer_device(model, layer))
 
             def edit(logits, ctx, idx=idx, layer=layer, ids=tuple(ex)):
-                new = _force_logits(model, layer, logits, idx, margin, ids)
+                new = _force_logits(model, layer, logits, idx.to(logits.device), margin, ids)
                 return apply_masked(logits, new, token_selection(pos, rows, ctx, logits))
 
             handles.append(model.add_edit("moe.router_logits", edit, layer=layer))
@@ -353,7 +381,7 @@ class RouterBias(Intervention):
                 raise ValueError(f"RouterBias: layer {layer} bias has shape {tuple(b.shape)}; accepted is ({E},)")
             if not bool(torch.isfinite(b).all()):
                 raise ValueError(f"RouterBias: layer {layer} bias has NaN/inf; only finite values are accepted")
-            out[layer] = b.detach().to(device=model.device, dtype=torch.float32)
+            out[layer] = b.detach().to(device=layer_device(model, layer), dtype=torch.float32)
         return out
 
     def validate(self, model: ExpertModel) -> None:
@@ -482,10 +510,12 @@ class SteerMoE(Intervention):
         pos, rows, eps = Positions.coerce(self.positions), self.rows, float(self.eps)
         handles = []
         for layer in sorted(set(act) | set(deact)):
-            a = torch.tensor(act.get(layer, []), dtype=torch.long, device=model.device)
-            d = torch.tensor(deact.get(layer, []), dtype=torch.long, device=model.device)
+            dev = layer_device(model, layer)
+            a = torch.tensor(act.get(layer, []), dtype=torch.long, device=dev)
+            d = torch.tensor(deact.get(layer, []), dtype=torch.long, device=dev)
 
             def edit(logits, ctx, a=a, d=d):
+                a, d = a.to(logits.device), d.to(logits.device)
                 s = torch.log_softmax(logits.float(), dim=-1)
                 hi = s.max(dim=-1, keepdim=True).values + eps
                 lo = s.min(dim=-1, keepdim=True).values - eps
