@@ -70,17 +70,11 @@ MEDIUM = dict(
 )
 TINY: dict = dict(max_position_embeddings=512)  # the tiny qwen3_moe test config (hidden 64, 2 layers, 8 experts)
 #: OLMoE's routing shape (64 experts, top-8, expert width d/2, no shared expert) at a CPU-sized width and depth.
-OLMOE_SHAPED = dict(
-    hidden_size=512,
-    intermediate_size=256,
-    num_hidden_layers=4,
-    num_experts=64,
-    num_experts_per_tok=8,
-    num_attention_heads=8,
-    num_key_value_heads=8,
-    vocab_size=1024,
-    max_position_embeddings=512,
-)
+OLMOE_SHAPED = {
+    **{k: MEDIUM[k] for k in ("hidden_size", "vocab_size", "max_position_embeddings", "num_attention_heads")},
+    "intermediate_size": 256, "num_hidden_layers": 4, "num_experts": 64, "num_experts_per_tok": 8,
+    "num_key_value_heads": 8,
+}
 
 
 def synthetic_config(base: dict, n_experts: int | None = None, top_k: int | None = None) -> dict:

@@ -186,9 +186,8 @@ def _module_path(root, module) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def hooks_nocache_generate(bare, tok, prompts: list[str], layer: int, vector: torch.Tensor, n: int) -> torch.Tensor:
-    """The reference way: a plain torch forward pre-hook adds the vector to the layer's input, and
-    every step re-runs the whole sequence (``use_cache=False``), greedy, token by token."""
+def add_vector_hook(bare, layer: int, vector: torch.Tensor):
+    """A plain torch forward pre-hook adding ``vector`` to decoder layer ``layer``'s input; returns the handle."""
     layer_mod = resolve_family(bare).layer_list(bare)[layer]
     vec = vector.to(next(bare.parameters()).dtype)
 
@@ -199,7 +198,13 @@ def hooks_nocache_generate(bare, tok, prompts: list[str], layer: int, vector: to
         kwargs["hidden_states"] = kwargs["hidden_states"] + vec
         return args, kwargs
 
-    handle = layer_mod.register_forward_pre_hook(add, with_kwargs=True)
+    return layer_mod.register_forward_pre_hook(add, with_kwargs=True)
+
+
+def hooks_nocache_generate(bare, tok, prompts: list[str], layer: int, vector: torch.Tensor, n: int) -> torch.Tensor:
+    """The reference way: a plain torch forward pre-hook adds the vector to the layer's input, and
+    every step re-runs the whole sequence (``use_cache=False``), greedy, token by token."""
+    handle = add_vector_hook(bare, layer, vector)
     try:
         enc = tok(prompts, return_tensors="pt", padding=True)
         ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -220,17 +225,7 @@ def hooks_nocache_generate(bare, tok, prompts: list[str], layer: int, vector: to
 def hooks_cached_generate(bare, tok, prompts: list[str], layer: int, vector: torch.Tensor, n: int) -> torch.Tensor:
     """The same-token reference for steered generation: a plain torch pre-hook adds the vector to the layer's
     input inside bare HF ``generate`` (KV cache on) — what expertlens' AddVector does, without expertlens."""
-    layer_mod = resolve_family(bare).layer_list(bare)[layer]
-    vec = vector.to(next(bare.parameters()).dtype)
-
-    def add(mod, args, kwargs):
-        if args:
-            return (args[0] + vec, *args[1:]), kwargs
-        kwargs = dict(kwargs)
-        kwargs["hidden_states"] = kwargs["hidden_states"] + vec
-        return args, kwargs
-
-    handle = layer_mod.register_forward_pre_hook(add, with_kwargs=True)
+    handle = add_vector_hook(bare, layer, vector)
     try:
         return bare_generate(bare, tok, prompts, n)
     finally:
