@@ -72,8 +72,9 @@ TINY: dict = dict(max_position_embeddings=512)  # the tiny qwen3_moe test config
 #: OLMoE's routing shape (64 experts, top-8, expert width d/2, no shared expert) at a CPU-sized width and depth.
 OLMOE_SHAPED = {
     **{k: MEDIUM[k] for k in ("hidden_size", "vocab_size", "max_position_embeddings", "num_attention_heads")},
-    "intermediate_size": 256, "num_hidden_layers": 4, "num_experts": 64, "num_experts_per_tok": 8,
-    "num_key_value_heads": 8,
+    "head_dim": MEDIUM["head_dim"],
+    "intermediate_size": 256, "num_hidden_layers": 4, "num_experts": 64, "num_local_experts": 64,
+    "num_experts_per_tok": 8, "num_key_value_heads": 8,
 }
 
 

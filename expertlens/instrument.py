@@ -37,6 +37,7 @@ __all__ = [
     "EXPERTS_IMPLEMENTATION",
     "expertlens_experts_forward",
     "expert_forward",
+    "all_experts_forward",
     "global_num_experts",
     "register_experts_implementation",
     "Instrumentation",
@@ -342,6 +343,50 @@ def _ep_per_slot(experts: nn.Module, flat: Tensor, indices: Tensor, weights: Ten
     ones = torch.ones(n * k, 1, dtype=weights.dtype, device=weights.device)
     out = experts(rows, indices.reshape(n * k, 1), ones)
     return out.view(n, k, -1)
+
+
+def all_experts_forward(experts: nn.Module, x: Tensor, chunk: int | None = None) -> Tensor:
+    """Every routed expert applied to every row of ``x`` [n, d]: ``[E, n, d]``, in one grouped pass on ``x``'s device.
+
+    The grouped GEMM of the experts implementation with each row sent to every expert (what forcing the routing
+    to each expert in turn computes), so no Python loop over experts and no host copies. ``chunk`` bounds how
+    many experts run per pass (memory ``chunk·n·d_ff``); default all. Not for expert-parallel shards.
+
+    Example:
+        >>> import torch
+        >>> from expertlens.instrument import all_experts_forward, expert_forward
+        >>> from expertlens.testing import tiny_model
+        >>> experts = tiny_model("olmoe").model.layers[0].mlp.experts
+        >>> x = torch.randn(3, 64)
+        >>> out = all_experts_forward(experts, x)
+        >>> out.shape, bool(torch.allclose(out[5], expert_forward(experts, x, 5), atol=1e-5))
+        (torch.Size([8, 3, 64]), True)
+    """
+    from transformers.integrations.moe import _grouped_linear
+
+    n_experts, n = int(experts.num_experts), x.shape[0]
+    chunk = n_experts if chunk is None else max(1, int(chunk))
+    outs = []
+    for start in range(0, n_experts, chunk):
+        ids = torch.arange(start, min(start + chunk, n_experts), device=x.device)
+        e = ids.numel()
+        ids_g = ids.repeat_interleave(n, output_size=e * n)  # sorted by expert, as the grouped GEMM needs
+        rows = x.repeat(e, 1)
+        offsets = torch.zeros(n_experts, dtype=torch.int32, device=x.device)
+        offsets[ids] = n
+        offsets = torch.cumsum(offsets, dim=0, dtype=torch.int32)
+        if experts.has_gate:
+            w_up, b_up = experts.gate_up_proj, experts.gate_up_proj_bias[ids_g] if experts.has_bias else None
+        else:
+            w_up, b_up = experts.up_proj, experts.up_proj_bias[ids_g] if experts.has_bias else None
+        h = _grouped_linear(rows, w_up, offsets, bias=b_up, is_transposed=experts.is_transposed)
+        h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+        b_down = experts.down_proj_bias[ids_g] if experts.has_bias else None
+        out = _grouped_linear(h, experts.down_proj, offsets, bias=b_down, is_transposed=experts.is_transposed)
+        if experts.has_post_expert_norm:
+            out = experts.post_expert_norm(out)
+        outs.append(out.view(e, n, -1))
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
 def register_experts_implementation() -> None:
