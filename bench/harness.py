@@ -139,7 +139,7 @@ def synthetic_setting(name: str, quick: bool) -> Setting:
         harmless=extract[n_extract // 2 :],
         new_tokens=4 if quick else 32,
         rounds=1 if quick else 15,
-        gen_rounds=1 if quick else 15,
+        gen_rounds=1 if quick else 5,  # no generation target on the synthetic configs
         extract_rounds=1 if quick else 5,
         extra={"config": cfg, "family": family},
     )

@@ -71,9 +71,13 @@ def _skipped(ids: list[str], why: str) -> list[dict]:
 
 def _setting_rows(setting, wanted: set[str], log) -> list[dict]:
     t0 = time.perf_counter()
-    bare, model, tok = setting.build()
-    log(f"  built {setting.name} in {time.perf_counter() - t0:.1f}s: {setting.describe}")
     rows: list[dict] = []
+    try:
+        bare, model, tok = setting.build()
+    except Exception as e:  # noqa: BLE001  (a setting that cannot be built must not lose the others)
+        log(f"  building {setting.name} FAILED: {e!r}")
+        return rows  # its rows are filled in as "not run"
+    log(f"  built {setting.name} in {time.perf_counter() - t0:.1f}s: {setting.describe}")
     for section, fn in (
         ("forward", sections.forward_rows),
         ("generate", sections.generation_rows),
