@@ -31,7 +31,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Float
 from torch import Tensor
 
 from . import instrument as _instrument
@@ -184,6 +184,9 @@ class Point:
         env = _site_envoy(model, site)
         if site.kind == "returned_logits":
             return env.output.logits
+        if site.kind == "derived":  # the per-expert masks, from the selected ids
+            slot = env.output[0] == expert
+            return slot if self.name == "moe.experts.slot_mask" else slot.any(-1)
         if site.kind == "expert_slots":
             indices, out = env.output
             return out.reshape(-1, out.shape[-1])[model._moe_points(layer)._expert_rows(indices, expert)]
@@ -393,6 +396,10 @@ POINTS: dict[str, Point] = {
               lambda m, lay: Site(f"{lay.experts}.el_expert_view", "expert_slots"), _d, "[n, d]", "float",
               "expert `e`'s outputs where it was selected (`[0, d]` if never)",
               on_write="yes (in place: those slots of `expert_out`)", leading=1),
+        Point("moe.experts.slot_mask", "layers[i].moe.experts[e].slot_mask", "expert",
+              lambda m, lay: Site(f"{lay.experts}.el_expert_view", "derived"), lambda m, lay: (lay.top_k,),
+              "[b, p, k]", "bool", "slots where expert `e` was selected",
+              not_writable="derived from topk_indices; write moe.topk_indices to change the routing"),
         Point("moe.experts.mask", "layers[i].moe.experts[e].mask", "expert",
               lambda m, lay: Site(f"{lay.experts}.el_expert_view", "derived"), lambda m, lay: (), "[b, p]",
               "bool", "tokens routed to expert `e`",
@@ -606,16 +613,8 @@ class ExpertPoint:
         self._moe, self.expert = moe, expert
         self._model, self.layer = moe._model, moe.layer
 
-    @property
-    def slot_mask(self) -> Bool[Tensor, "batch pos k"]:
-        """``[b, p, k]`` True at the slots where this expert was selected."""
-        site = POINTS["moe.experts.output"].site(self._model, self.layer)
-        return _site_envoy(self._model, site).output[0] == self.expert
-
-    @property
-    def mask(self) -> Bool[Tensor, "batch pos"]:
-        """``[b, p]`` True at tokens routed to this expert."""
-        return self.slot_mask.any(-1)
+    slot_mask = PointAttr("moe.experts.slot_mask")
+    mask = PointAttr("moe.experts.mask")
 
 
 class _ExpertList:
