@@ -172,12 +172,27 @@ def _claim2(res: StudyResults) -> Claim:
             f"(ASR {_pct(ctrl.bypass.full_response.value)}, harmless refusal {_pct(ctrl.induce.refusal.value)})"
         )
     else:
-        status = "supported"
-        verdict = (
-            f"supported on this model: steering {head} alone gives ASR {_pct(t.a_rate)} (baseline {_pct(t.b_rate)}) "
-            f"and harmless refusal {_pct(ti.a_rate)} (baseline {_pct(ti.b_rate)})"
-            + ("" if beats else " (no random-expert control ran)")
-        )
+        both = _significant(g, t) and _significant(gi, ti)
+        status = "supported" if both else "partly supported"
+        if both:
+            what = (
+                f"raises ASR from {_pct(t.b_rate)} to {_pct(t.a_rate)} and harmless refusal from {_pct(ti.b_rate)} "
+                f"to {_pct(ti.a_rate)}"
+            )
+        elif _significant(gi, ti):
+            what = (
+                f"induces refusal (harmless refusal {_pct(ti.b_rate)} → {_pct(ti.a_rate)}) but does not bypass it "
+                f"(ASR {_pct(t.b_rate)} → {_pct(t.a_rate)})"
+            )
+        else:
+            what = (
+                f"bypasses refusal (ASR {_pct(t.b_rate)} → {_pct(t.a_rate)}) but does not induce it "
+                f"(harmless refusal {_pct(ti.b_rate)} → {_pct(ti.a_rate)})"
+            )
+        verdict = f"{status} on this model: steering {head} alone {what}" + (
+            ", and beats random below-threshold experts searched the same way" if beats else
+            " (no random-expert control ran)"
+        )  # fmt: skip
     evidence = [
         f"{b.label}, harmful test: {_rates(b)}; {_cost(b)}.",
         f"{b.label}, harmless test: refusal {b.induce.refusal.text()}.",
