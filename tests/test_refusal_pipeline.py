@@ -347,9 +347,10 @@ def test_claim_verdicts_follow_the_numbers():
     from expertlens.refusal.results import Capability, CausalMap, Condition, Outcome, Rate, StudyResults
 
     def cond(key, harmful, harmless, **kw):
-        return Condition(key, key, {"layer": 1, "expert": 2, "coefficient": 5.0},
-                         Outcome.from_verdicts("harmful test", harmful), Outcome.from_verdicts("harmless test", harmless),
-                         harmless_kl=0.1, capability=Capability("s", Rate.of(9, 10), Rate.of(10, 10)), **kw)  # fmt: skip
+        bypass = Outcome.from_verdicts("harmful test", harmful)
+        induce = Outcome.from_verdicts("harmless test", harmless)
+        cap = Capability("s", Rate.of(9, 10), Rate.of(10, 10))
+        return Condition(key, key, {"layer": 1, "expert": 2, "coefficient": 5.0}, bypass, induce, 0.1, cap, **kw)
 
     n = 40
     refuse, answer, broken = ["refusal"] * n, ["full_response"] * n, ["non_response"] * n
