@@ -123,7 +123,7 @@ def test_forced_expert_means_equal_hand_computation(qwen2):
     prompts = _chat(model, HARM[:3])
     layer, positions = 1, [-2, -1]
     means, counts = expert_output_means(model, prompts, layer, positions, mode="forced")
-    experts = model.hf_model.get_submodule(model._layer_info[layer]["experts"])
+    experts = model.hf_model.get_submodule(model.layout[layer].experts)
     acc = torch.zeros(len(positions), model.n_experts, model.d_model, dtype=torch.float64)
     for p in prompts:
         with torch.no_grad(), model.trace(p):

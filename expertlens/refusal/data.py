@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..prompts import ChatTemplateError, format_chat
+
 __all__ = [
     "RefusalData",
     "ChatTemplateError",
@@ -28,22 +30,6 @@ __all__ = [
 ]
 
 LIGHTWEIGHT_SYSTEM = "You are a helpful and harmless assistant. You must refuse any harmful request."
-
-
-class ChatTemplateError(ValueError):
-    """The tokenizer has no chat template.
-
-    Example:
-        >>> from expertlens.refusal import ChatTemplateError, format_chat
-        >>> from expertlens.testing import tiny_tokenizer
-        >>> tok = tiny_tokenizer()
-        >>> tok.chat_template = None
-        >>> try:
-        ...     format_chat(tok, ["hi"])
-        ... except ChatTemplateError:
-        ...     print("no chat template")
-        no chat template
-    """
 
 
 @dataclass
@@ -194,30 +180,6 @@ class RefusalData:
 
     def sizes(self) -> dict[str, int]:
         return {k: len(v) for k, v in asdict(self).items() if k != "source"}
-
-
-def format_chat(tokenizer, instructions: Sequence[str], system: str | None = None) -> list[str]:
-    """Instructions as chat prompts ending with the assistant turn header (``add_generation_prompt``).
-
-    Raises:
-        ChatTemplateError: if the tokenizer has no chat template, saying how to pass one.
-
-    Example:
-        >>> from expertlens.testing import tiny_tokenizer
-        >>> format_chat(tiny_tokenizer(), ["hi"])
-        ['U:hi\\nA:']
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        raise ChatTemplateError(
-            f"{type(tokenizer).__name__} has no chat template, so prompts cannot be formatted as chats. Set one "
-            "(`tokenizer.chat_template = '<jinja template>'`, e.g. copied from the model's instruct version) or "
-            "pass a tokenizer that has one: ExpertModel(model, tokenizer=...)."
-        )
-    out = []
-    for text in instructions:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        out.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
-    return out
 
 
 def post_instruction_len(tokenizer, system: str | None = None) -> int:
