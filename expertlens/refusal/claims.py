@@ -234,14 +234,17 @@ def _claim3(res: StudyResults) -> Claim:
         # a component carries refusal when zeroing it releases answers (ASR rises); a fall in refusal into
         # non-responses is breakage and says nothing about refusal in particular
         gain = {k: max((v for v in vals if v is not None), default=0.0) for k, vals in cmap.d_asr.items()}
-        where = {k: cmap.layers[vals.index(gain[k])] if gain[k] in vals else None for k, vals in cmap.d_asr.items()}
+        where = {
+            k: f"layer {cmap.layers[vals.index(gain[k])]}" if gain[k] > 0 and gain[k] in vals else "no layer"
+            for k, vals in cmap.d_asr.items()
+        }
         comp, layer, d = cmap.strongest("refusal")
         if max(gain.values(), default=0.0) > 0:
             attention_leads = gain.get("attention", 0.0) >= gain.get("moe", 0.0)
         evidence.append(
             f"Causal map ({cmap.n_prompts} harmful test prompts): zeroing one attention output raises ASR by at most "
-            f"{100 * gain.get('attention', 0):.1f} points (layer {where.get('attention')}), one MoE output by at most "
-            f"{100 * gain.get('moe', 0):.1f} points (layer {where.get('moe')}); the largest change in refusal "
+            f"{100 * gain.get('attention', 0):.1f} points ({where.get('attention')}), one MoE output by at most "
+            f"{100 * gain.get('moe', 0):.1f} points ({where.get('moe')}); the largest change in refusal "
             f"({100 * d:+.1f} points) comes from zeroing the {'attention' if comp == 'attention' else 'MoE'} output "
             f"of layer {layer}."
         )
