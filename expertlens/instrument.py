@@ -344,6 +344,16 @@ def _ep_per_slot(experts: nn.Module, flat: Tensor, indices: Tensor, weights: Ten
     return out.view(n, k, -1)
 
 
+def _check_resident(experts: nn.Module, what: str) -> None:
+    weights = experts.gate_up_proj if experts.has_gate else experts.up_proj
+    if weights.is_meta or experts.down_proj.is_meta:
+        raise ValueError(
+            f"{what}: the expert weights of {type(experts).__name__} are on the meta device (offloaded), "
+            "so they cannot be read directly; load the model without offloading (or run it through a trace, "
+            "which onloads them)"
+        )
+
+
 def all_experts_forward(experts: nn.Module, x: Tensor, chunk: int | None = None) -> Tensor:
     """Every routed expert applied to every row of ``x`` [n, d]: ``[E, n, d]``, in one grouped pass on ``x``'s device.
 
@@ -363,6 +373,7 @@ def all_experts_forward(experts: nn.Module, x: Tensor, chunk: int | None = None)
     """
     from transformers.integrations.moe import _grouped_linear
 
+    _check_resident(experts, "all_experts_forward")
     n_experts, n = int(experts.num_experts), x.shape[0]
     chunk = n_experts if chunk is None else max(1, int(chunk))
     outs = []
@@ -415,13 +426,7 @@ def expert_forward(experts: torch.nn.Module, x: torch.Tensor, expert: int) -> to
         >>> expert_forward(experts, torch.randn(3, 64), expert=5).shape
         torch.Size([3, 64])
     """
-    weights = experts.gate_up_proj if experts.has_gate else experts.up_proj
-    if weights.is_meta or experts.down_proj.is_meta:
-        raise ValueError(
-            f"expert_forward: the expert weights of {type(experts).__name__} are on the meta device (offloaded), "
-            "so they cannot be read directly; load the model without offloading (or run it through a trace, "
-            "which onloads them)"
-        )
+    _check_resident(experts, "expert_forward")
 
     def lin(inp, w, b):
         out = inp @ w if experts.is_transposed else F.linear(inp, w)
