@@ -344,11 +344,12 @@ def _ep_per_slot(experts: nn.Module, flat: Tensor, indices: Tensor, weights: Ten
     return out.view(n, k, -1)
 
 
-def _check_resident(experts: nn.Module, what: str) -> None:
+def _refuse_meta_experts(experts: nn.Module, caller: str) -> None:
+    """Offloaded (meta) expert weights hold no numbers: computing with them returns finite garbage."""
     weights = experts.gate_up_proj if experts.has_gate else experts.up_proj
     if weights.is_meta or experts.down_proj.is_meta:
         raise ValueError(
-            f"{what}: the expert weights of {type(experts).__name__} are on the meta device (offloaded), "
+            f"{caller}: the expert weights of {type(experts).__name__} are on the meta device (offloaded), "
             "so they cannot be read directly; load the model without offloading (or run it through a trace, "
             "which onloads them)"
         )
@@ -373,7 +374,7 @@ def all_experts_forward(experts: nn.Module, x: Tensor, chunk: int | None = None)
     """
     from transformers.integrations.moe import _grouped_linear
 
-    _check_resident(experts, "all_experts_forward")
+    _refuse_meta_experts(experts, "all_experts_forward")
     n_experts, n = int(experts.num_experts), x.shape[0]
     chunk = n_experts if chunk is None else max(1, int(chunk))
     outs = []
@@ -426,7 +427,7 @@ def expert_forward(experts: torch.nn.Module, x: torch.Tensor, expert: int) -> to
         >>> expert_forward(experts, torch.randn(3, 64), expert=5).shape
         torch.Size([3, 64])
     """
-    _check_resident(experts, "expert_forward")
+    _refuse_meta_experts(experts, "expert_forward")
 
     def lin(inp, w, b):
         out = inp @ w if experts.is_transposed else F.linear(inp, w)
