@@ -20,6 +20,7 @@ layer that order is the one listed above.
 from __future__ import annotations
 
 import copy
+import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -766,6 +767,32 @@ class ExpertModel(TransformersModel):
                     self.restore()
                     raise
 
+    # ---- tracing ----------------------------------------------------------------------------
+    def trace(self, *inputs: Any, **kwargs: Any):
+        """nnsight's ``trace``, plus: a trace refused while another thread traces this model, and
+        out-of-order reads reported by point name (``layers[1].moe.router_logits``) with the order
+        points must be read in.
+
+        Example:
+            >>> from expertlens.testing import tiny_model, tiny_tokenizer
+            >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+            >>> with model.trace("hi"):
+            ...     out = model.logits.save()
+        """
+        busy = self._module.__dict__.get("_el_trace_thread")
+        me = threading.current_thread()
+        if busy is not None and busy is not me and busy.is_alive():
+            raise RuntimeError(
+                f"this model is being traced by thread {busy.name!r}; nnsight runs one trace of a model at a time "
+                "(a second thread's trace body would be skipped or fail). Trace from one thread, or wrap a separate "
+                "copy of the model per thread"
+            )
+        tracer = super().trace(*inputs, **kwargs)
+        self._module.__dict__["_el_trace_thread"] = me
+        tracer.__class__ = _friendly_tracer(type(tracer))
+        tracer.__dict__["_el_model"] = self
+        return tracer
+
     # ---- identity ---------------------------------------------------------------------------
     @property
     def family(self) -> str:
@@ -1170,6 +1197,79 @@ def _head_transform(model: nn.Module) -> tuple[float, float | None]:
         if scale != 1.0 or cap is not None:
             break
     return scale, cap
+
+
+_FRIENDLY_TRACERS: dict[type, type] = {}
+
+#: The order points must be read in within one invoke (nnsight's rule), for error messages.
+READ_ORDER = (
+    "embed, then layer by layer: resid_pre, attn.z / attn.head_out, attn.output, resid_mid, moe.router_logits, "
+    "moe.router_probs, moe.topk_indices, moe.topk_weights, moe.experts[e], moe.expert_out, moe.shared_out, "
+    "moe.output / mlp.output, resid_post; then logits"
+)
+
+
+def _friendly_tracer(cls: type) -> type:
+    if cls not in _FRIENDLY_TRACERS:
+
+        def __exit__(self, exc_type, exc_value, tb):
+            model = self.__dict__.get("_el_model")
+            try:
+                return cls.__exit__(self, exc_type, exc_value, tb)
+            except Exception as err:
+                if type(err).__name__ == "OutOfOrderError" and model is not None:
+                    raise type(err)(_out_of_order_message(model, str(err))).with_traceback(err.__traceback__) from None
+                raise
+            finally:
+                if model is not None and model._module.__dict__.get("_el_trace_thread") is threading.current_thread():
+                    model._module.__dict__.pop("_el_trace_thread", None)
+
+        _FRIENDLY_TRACERS[cls] = type(cls.__name__, (cls,), {"__exit__": __exit__, "__module__": cls.__module__})
+    return _FRIENDLY_TRACERS[cls]
+
+
+def _point_names(model: ExpertModel) -> dict[str, str]:
+    """nnsight location prefix (module path + ``.input``/``.output``) -> expertlens point name."""
+    names = {f"{model.spec.embed}.output": "embed", f"{model.spec.lm_head}.output": "logits"}
+    for i, row in enumerate(model._layer_info):
+        at = f"layers[{i}]"
+        names[f"{row['path']}.input"] = f"{at}.resid_pre"
+        names[f"{row['path']}.output"] = f"{at}.resid_post"
+        names[f"{row['attn']}.output"] = f"{at}.attn.output"
+        if row["o_proj"]:
+            names[f"{row['o_proj']}.input"] = f"{at}.attn.z"
+            names[f"{row['o_proj']}.output"] = f"{at}.attn.head_out"
+        names[f"{row['mid']}.input"] = f"{at}.resid_mid"
+        names[f"{row['mlp']}.output"] = f"{at}.mlp.output"
+        if row["block"]:
+            names[f"{row['block']}.input"] = f"{at}.moe.input"
+            for point in ("router_logits", "router_probs", "topk_indices", "topk_weights"):
+                names[f"{row['router']}.el_{point}.output"] = f"{at}.moe.{point}"
+            names[f"{row['experts']}.el_expert_out.output"] = f"{at}.moe.expert_out"
+            names[f"{row['experts']}.el_expert_view.output"] = f"{at}.moe.experts[e]"
+            names[f"{row['block']}.el_shared_out.output"] = f"{at}.moe.shared_out"
+            names[f"{row['block']}.el_output.output"] = f"{at}.moe.output"
+    return names
+
+
+def _out_of_order_message(model: ExpertModel, message: str) -> str:
+    import re
+
+    match = re.search(r"'([^']+)' was requested", message)
+    location = match.group(1) if match else ""
+    path = re.sub(r"^model\.", "", location)
+    path = re.sub(r"\.i\d+$", "", path)
+    name = _point_names(model).get(path)
+    if name is None:
+        return f"{message}. Read points in computation order within one invoke: {READ_ORDER}"
+    if not _instrument.is_installed(model._module) and ".moe." in name:
+        return (f"{name} was requested, but this model's instrumentation was removed (model.restore()), so MoE "
+                f"points are never computed; wrap the model again (nnsight location {location!r})")
+    return (
+        f"{name} was read after the model had already computed it (or it is never computed in this forward). "
+        f"Within one invoke read points in computation order: {READ_ORDER}; or read it in a separate invoke "
+        f"or trace (nnsight location {location!r})"
+    )
 
 
 def _own_config(model: nn.Module) -> None:
