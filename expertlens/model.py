@@ -236,12 +236,12 @@ class ExpertPoint:
     @property
     def output(self) -> Float[Tensor, "n d_model"]:
         indices, out = self._moe._expert_view
-        return out[indices == self.expert]
+        return out.reshape(-1, out.shape[-1])[self._moe._expert_rows(indices, self.expert)]
 
     @output.setter
     def output(self, value: Tensor) -> None:
         indices, out = self._moe._expert_view
-        out[indices == self.expert] = value.to(out.dtype)
+        out.view(-1, out.shape[-1])[self._moe._expert_rows(indices, self.expert)] = value.to(out.dtype)
 
 
 class MoEPoints:
@@ -277,6 +277,24 @@ class MoEPoints:
                 "wrap the model again with ExpertModel(...)"
             )
         return _envoy(self._model, path)
+
+    def _expert_rows(self, indices: Tensor, expert: int) -> Tensor:
+        """Flat (batch, pos, slot) row numbers where ``expert`` was selected, in that order.
+
+        One stable sort and one host read of the per-expert counts per layer and forward, shared by every
+        ``experts[e]`` read or write of that forward (a boolean mask per expert would sync once per expert).
+        """
+        cached = self.__dict__.get("_rows")
+        if cached is None or cached[0]() is not indices:
+            flat = indices.reshape(-1)
+            order = torch.sort(flat, stable=True).indices
+            counts = torch.zeros(self.n_experts, dtype=torch.long, device=flat.device)
+            counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.long))
+            ends = counts.cumsum(0).tolist()  # the one host sync: the result's size depends on the routing
+            cached = (weakref.ref(indices), order, [0, *ends])
+            self.__dict__["_rows"] = cached
+        _, order, bounds = cached
+        return order[bounds[expert] : bounds[expert + 1]]
 
     @property
     def _expert_view(self) -> tuple[Tensor, Tensor]:
@@ -1425,7 +1443,7 @@ def _layer_table(model: nn.Module, spec: FamilySpec) -> list[dict[str, Any]]:
                 block=f"{path}.{spec.moe}",
                 router=f"{path}.{spec.moe}.{spec.router}",
                 experts=f"{path}.{spec.moe}.{spec.experts}",
-                n_experts=int(experts.num_experts),
+                n_experts=_instrument.global_num_experts(experts),
                 top_k=int(router.top_k),
             )
         rows.append(row)

@@ -145,9 +145,7 @@ class Patch(Intervention):
                     )
                 absolute = ctx.positions if ctx.positions is not None else torch.arange(p)
                 absolute = absolute.to(src.device)
-                inside = absolute < src.shape[1]
-                if not bool(inside.any()):
-                    return x
+                inside = absolute < src.shape[1]  # past the source (generated tokens): kept as they are
                 gathered = src[:, absolute.clamp(max=src.shape[1] - 1)].to(x)
                 sel = token_selection(pos, rows, ctx, x)
                 keep = inside.unsqueeze(0).expand(b, p)

@@ -112,8 +112,8 @@ def _guarantee(
         if sel is not None:
             bad &= sel
         stash["bad"] = bad
-        if not bool(bad.any()):
-            return idx
+        # Re-routed every forward and selected with `where` (no `if bad.any()`: that would be a host sync per
+        # layer per step); where no token is bad the result is `idx` exactly.
         logits = stash["logits"]
         w, new = _reroute(model, layer, logits.reshape(-1, logits.shape[-1]), masked, forced)
         stash["w"] = w.reshape(*idx.shape)
@@ -121,8 +121,6 @@ def _guarantee(
 
     def fix_weights(w, ctx):
         bad = stash.pop("bad")
-        if not bool(bad.any()):
-            return w
         return torch.where(bad.unsqueeze(-1), stash.pop("w").to(w.dtype), w)
 
     return [
@@ -207,7 +205,9 @@ def layer_device(model: ExpertModel, layer: int) -> torch.device:
     return model.device
 
 
-def _force_logits(model: ExpertModel, layer: int, logits: Tensor, forced: Tensor, margin: float) -> Tensor:
+def _force_logits(
+    model: ExpertModel, layer: int, logits: Tensor, forced: Tensor, margin: float, forced_ids: Sequence[int] = ()
+) -> Tensor:
     """Raise the forced experts' logits so the family's selection score ranks them first."""
     rule, router = model.spec.rule, _router(model, layer)
     new = logits.clone()
@@ -219,7 +219,7 @@ def _force_logits(model: ExpertModel, layer: int, logits: Tensor, forced: Tensor
         # Selection score s = sigmoid(l) + bias. Forced experts need s_f > max over others.
         bias = router.e_score_correction_bias.to(torch.float32)
         score = logits.float().sigmoid() + bias
-        best_other = score[..., others].max(dim=-1, keepdim=True).values
+        best_other = score.masked_fill(~others, float("-inf")).max(dim=-1, keepdim=True).values
         need = (best_other + margin - bias[forced]).clamp(1e-6, 1 - 1e-6)
         target = torch.logit(need).to(logits)
         new[..., forced] = torch.maximum(logits[..., forced], target)
@@ -228,19 +228,20 @@ def _force_logits(model: ExpertModel, layer: int, logits: Tensor, forced: Tensor
         big = torch.full_like(new[..., forced], torch.finfo(logits.dtype).max / 4)
         new[..., forced] = torch.where(saturate, big, new[..., forced])
     else:
-        top = logits[..., others].max(dim=-1, keepdim=True).values
+        top = logits.masked_fill(~others, float("-inf")).max(dim=-1, keepdim=True).values
         new[..., forced] = torch.maximum(logits[..., forced], top + margin)
     if groups is not None:
         n_group, topk_group = groups
         size = E // n_group
-        forced_groups = sorted({int(e) // size for e in forced.tolist()})
+        # from the host-side ids (reading them off the device tensor would sync every step)
+        forced_groups = sorted({int(e) // size for e in (forced_ids or forced.tolist())})
         if len(forced_groups) == topk_group:
             # Only the forced experts' groups can be chosen: the rest cannot win any slot, so masking
             # them changes nothing but makes the group choice certain.
             keep = torch.zeros(E, dtype=torch.bool, device=logits.device)
             for g in forced_groups:
                 keep[g * size : (g + 1) * size] = True
-            new[..., ~keep] = MASK_VALUE
+            new = new.masked_fill(~keep, MASK_VALUE)
     return new
 
 
@@ -298,8 +299,8 @@ class ForceExperts(Intervention):
         for layer, ex in resolve_experts(model, self.experts, "ForceExperts").items():
             idx = torch.tensor(ex, device=layer_device(model, layer))
 
-            def edit(logits, ctx, idx=idx, layer=layer):
-                new = _force_logits(model, layer, logits, idx.to(logits.device), margin)
+            def edit(logits, ctx, idx=idx, layer=layer, ids=tuple(ex)):
+                new = _force_logits(model, layer, logits, idx.to(logits.device), margin, ids)
                 return apply_masked(logits, new, token_selection(pos, rows, ctx, logits))
 
             handles.append(model.add_edit("moe.router_logits", edit, layer=layer))
