@@ -78,10 +78,10 @@ class Direction:
 
     def unit(self) -> Direction:
         """The direction scaled to unit norm (error for a zero vector)."""
-        n = self.vector.float().norm()
-        if n == 0:
+        v = self.vector.double()  # float64: a tiny but non-zero vector's norm does not underflow
+        if not bool(v.ne(0).any()):
             raise ValueError("cannot normalise a zero direction")
-        return replace(self, vector=(self.vector.float() / n).to(self.vector.dtype))
+        return replace(self, vector=(v / v.norm()).to(self.vector.dtype))
 
     def to(self, *args, **kwargs) -> Direction:
         """``Tensor.to`` on the vector (dtype / device)."""

@@ -63,6 +63,47 @@ class PointError(ValueError):
     """
 
 
+def as_index(value: Any, what: str) -> int:
+    """``value`` as a Python int: ints and numpy/torch integer scalars are accepted; bools, floats
+    and anything else raise ``TypeError`` naming the type.
+
+    Example:
+        >>> import numpy as np
+        >>> from expertlens.model import as_index
+        >>> as_index(np.int64(3), "layer")
+        3
+        >>> try:
+        ...     as_index(1.7, "layer")
+        ... except TypeError as err:
+        ...     print(err)
+        layer index must be an int (or a numpy/torch integer scalar), got float 1.7
+    """
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{what} index must be an int (or a numpy/torch integer scalar), got bool {value!r}")
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, Tensor):
+        if value.dim() == 0 and not value.is_floating_point() and not value.is_complex():
+            return int(value.item())
+        raise TypeError(
+            f"{what} index must be an int (or a numpy/torch integer scalar), got a tensor of shape "
+            f"{tuple(value.shape)} and dtype {value.dtype}"
+        )
+    import numbers
+
+    if isinstance(value, numbers.Integral) or type(value).__module__ == "numpy" and "int" in type(value).__name__:
+        return int(value)
+    raise TypeError(f"{what} index must be an int (or a numpy/torch integer scalar), got {type(value).__name__} "
+                    f"{value!r}")
+
+
+def _no_such_point(group: Any, name: str) -> AttributeError:
+    cls = type(group)
+    kinds = (property, cached_property)
+    points = sorted(n for n in dir(cls) if not n.startswith("_") and isinstance(getattr(cls, n), kinds))
+    return AttributeError(f"{type(group).__name__} of layer {group.layer} has no point {name!r}; points are {points}")
+
+
 def _envoy(root: Any, path: str) -> Any:
     """Walk an nnsight Envoy tree by dotted path (numeric parts index ModuleLists)."""
     env = root
@@ -104,6 +145,11 @@ class AttentionPoints:
         >>> bool((heads.sum(-2) - out).abs().max() < 1e-5)
         True
     """
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise _no_such_point(self, name)
 
     def __init__(self, model: ExpertModel, layer: int):
         self._model, self.layer = model, layer
@@ -180,6 +226,11 @@ class MLPPoints:
         >>> ffn.shape[-1] == model.d_model
         True
     """
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise _no_such_point(self, name)
 
     def __init__(self, model: ExpertModel, layer: int):
         self._model, self.layer = model, layer
@@ -259,6 +310,11 @@ class MoEPoints:
         >>> logits.shape[-1], idx.shape[-1], per_slot.shape[-2]
         (8, 2, 2)
     """
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise _no_such_point(self, name)
 
     def __init__(self, model: ExpertModel, layer: int):
         self._model, self.layer = model, layer
@@ -387,7 +443,8 @@ class _ExpertList:
 
     def __getitem__(self, expert: int) -> ExpertPoint:
         n = self._moe.n_experts
-        if not isinstance(expert, int) or not -n <= expert < n:
+        expert = as_index(expert, "expert")
+        if not -n <= expert < n:
             raise PointError(
                 f"expert {expert!r} out of range: layer {self._moe.layer} has {n} routed experts (0..{n - 1})"
             )
@@ -407,6 +464,11 @@ class LayerPoints:
         >>> model.layers[1]
         <LayerPoints 1 (moe) of qwen3_moe>
     """
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise _no_such_point(self, name)
 
     def __init__(self, model: ExpertModel, layer: int):
         self._model, self.layer = model, layer
@@ -521,7 +583,8 @@ class _LayerList:
 
     def __getitem__(self, layer: int) -> LayerPoints:
         n = self._model.n_layers
-        if not isinstance(layer, int) or isinstance(layer, bool) or not -n <= layer < n:
+        layer = as_index(layer, "layer")
+        if not -n <= layer < n:
             raise PointError(f"layer {layer!r} out of range: the model has {n} layers (0..{n - 1})")
         return self._model._layer_points(layer % n)
 
@@ -806,6 +869,8 @@ class ExpertModel(TransformersModel):
                 "copy of the model per thread"
             )
         tracer = super().trace(*inputs, **kwargs)
+        if kwargs.get("remote"):  # serialised and run elsewhere: keep nnsight's own tracer
+            return tracer
         self._module.__dict__["_el_trace_thread"] = me
         tracer.__class__ = _friendly_tracer(type(tracer))
         tracer.__dict__["_el_model"] = self

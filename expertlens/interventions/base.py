@@ -102,6 +102,7 @@ def attach_all(model: ExpertModel, items: Sequence[Intervention]) -> list[EditHa
         if not isinstance(item, Intervention):
             raise TypeError(f"expected Intervention objects, got {type(item).__name__}")
         item.validate(model)
+    _refuse_conflicting_routing(model, items)
     handles: list[EditHandle] = []
     try:
         for item in items:
@@ -111,6 +112,46 @@ def attach_all(model: ExpertModel, items: Sequence[Intervention]) -> list[EditHa
             handle.remove()
         raise
     return handles
+
+
+def _refuse_conflicting_routing(model: ExpertModel, items: Sequence[Intervention]) -> None:
+    """One expert both kept out (MaskExperts, SteerMoE deactivation) and forced in (ForceExperts,
+    SteerMoE activation) at one layer: whichever edit runs last would silently win."""
+    from .routing import ForceExperts, MaskExperts, SteerMoE
+    from .selectors import resolve_experts
+
+    out: dict[tuple[int, int], str] = {}
+    into: dict[tuple[int, int], str] = {}
+    for i, item in enumerate(_flat(items)):
+        name = f"{type(item).__name__} (#{i + 1})"
+        if isinstance(item, MaskExperts):
+            pairs = [(out, resolve_experts(model, item.experts, "MaskExperts"))]
+        elif isinstance(item, ForceExperts):
+            pairs = [(into, resolve_experts(model, item.experts, "ForceExperts"))]
+        elif isinstance(item, SteerMoE):
+            act, deact = item._tables(model)
+            pairs = [(into, act), (out, deact)]
+        else:
+            continue
+        for claims, table in pairs:
+            for layer, experts in table.items():
+                for e in experts:
+                    claims.setdefault((layer, e), name)
+    clash = sorted(set(out) & set(into))
+    if clash:
+        layer, e = clash[0]
+        raise ValueError(
+            f"conflicting routing edits: expert {e} at layer {layer} is kept out by {out[(layer, e)]} and forced in "
+            f"by {into[(layer, e)]}; the later edit would silently override the earlier. Drop one of them "
+            f"({len(clash)} conflicting (layer, expert) pair(s): {clash[:5]})"
+        )
+
+
+def _flat(items: Sequence[Intervention]) -> list[Intervention]:
+    out: list[Intervention] = []
+    for item in items:
+        out.extend(_flat(item.items) if isinstance(item, Compose) else [item])
+    return out
 
 
 @contextmanager
