@@ -806,7 +806,10 @@ class ExpertModel(TransformersModel):
             spec = family
         else:
             spec = resolve_family(family if family is not None else hf_model)
-        info = _layer_table(hf_model, spec)
+        try:
+            info = _layer_table(hf_model, spec)
+        except UnsupportedModelError as err:
+            raise UnsupportedModelError(f"{err}{_forced_hint(hf_model, family, spec)}") from None
         hf_model.eval()
         editable = _editable_modules(hf_model, spec, info)
         head = _head_transform(hf_model)
@@ -831,7 +834,7 @@ class ExpertModel(TransformersModel):
         # Kept on the HF module (never serialised with the wrapper, e.g. for nnsight remote runs).
         hf_model.__dict__["_el_step_tracker"] = _StepTracker(self.edit_context, hf_model)
         if validate is None or validate:
-            from .checks import check_model, check_truth
+            from .checks import ValidationError, check_model, check_truth
 
             runnable = _can_run(hf_model)
             if not runnable and validate:
@@ -844,6 +847,9 @@ class ExpertModel(TransformersModel):
                 try:
                     check_model(self)
                     check_truth(self)
+                except ValidationError as err:
+                    self.restore()
+                    raise ValidationError(f"{err}{_forced_hint(hf_model, family, spec)}") from None
                 except Exception:
                     self.restore()
                     raise
@@ -1355,6 +1361,21 @@ def _out_of_order_message(model: ExpertModel, message: str) -> str:
     )
 
 
+def _forced_hint(model: nn.Module, family: Any, spec: FamilySpec) -> str:
+    """For a table forced with ``family=``: which family the model itself resolves to."""
+    if family is None:
+        return ""
+    model_type = getattr(model.config, "model_type", "?")
+    try:
+        own = resolve_family(model).name
+    except UnsupportedModelError:
+        own = None
+    if own == spec.name:
+        return ""
+    tail = f"it resolves to family {own!r} (drop family= to use it)" if own else "no registered family matches it"
+    return f" [family={spec.name!r} was forced, but this model's config.model_type is {model_type!r}: {tail}]"
+
+
 def _own_config(model: nn.Module) -> None:
     """Give ``model`` a private shallow copy of its config (every module that holds it), so that
     switching its experts implementation never changes another model sharing the config object.
@@ -1504,6 +1525,12 @@ def _layer_table(model: nn.Module, spec: FamilySpec) -> list[dict[str, Any]]:
         if block is not None:
             router = get_module(block, spec.router)
             experts = get_module(block, spec.experts)
+            for what, sub in (("shared expert", spec.shared), ("shared-expert gate", spec.shared_gate)):
+                if sub is not None and get_module(block, sub) is None:
+                    raise UnsupportedModelError(
+                        f"family {spec.name!r}: layer {i}'s MoE block ({type(block).__name__}) has no {what} at "
+                        f"{sub!r}; its children are {[n for n, _ in block.named_children()]}"
+                    )
             row.update(
                 block=f"{path}.{spec.moe}",
                 router=f"{path}.{spec.moe}.{spec.router}",
