@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from . import instrument as _instrument
 from .families import FamilySpec, UnsupportedModelError, get_module, resolve_family
+from .writes import check_edit_output, check_write
 
 __all__ = [
     "ExpertModel",
@@ -187,6 +188,8 @@ class AttentionPoints:
     @output.setter
     def output(self, value: Tensor) -> None:
         out = self._attn.output
+        current = out[0] if isinstance(out, tuple) else out
+        value = check_write(self._model, "attn.output", self.layer, value, current)
         if isinstance(out, tuple):
             self._attn.output = (value, *out[1:])
         else:
@@ -199,6 +202,7 @@ class AttentionPoints:
 
     @z.setter
     def z(self, value: Tensor) -> None:
+        value = check_write(self._model, "attn.z", self.layer, value, self.z)
         self._o.input = value.reshape(*value.shape[:-2], self.n_heads * self.d_head)
 
     @property
@@ -208,6 +212,7 @@ class AttentionPoints:
 
     @head_out.setter
     def head_out(self, value: Tensor) -> None:
+        value = check_write(self._model, "attn.head_out", self.layer, value, self.head_out)
         total = value.sum(dim=-2)
         if self.o_bias is not None:
             total = total + self.o_bias
@@ -248,7 +253,11 @@ class MLPPoints:
         if self.is_moe:
             self._model.layers[self.layer].moe.output = value
         else:
-            _envoy(self._model, self._model._layer_info[self.layer]["mlp"]).output = value
+            env = _envoy(self._model, self._model._layer_info[self.layer]["mlp"])
+            out = env.output
+            current = out[0] if isinstance(out, tuple) else out
+            value = check_write(self._model, "mlp.output", self.layer, value, current)
+            env.output = (value, *out[1:]) if isinstance(out, tuple) else value
 
 
 class ExpertPoint:
@@ -292,7 +301,10 @@ class ExpertPoint:
     @output.setter
     def output(self, value: Tensor) -> None:
         indices, out = self._moe._expert_view
-        out.view(-1, out.shape[-1])[self._moe._expert_rows(indices, self.expert)] = value.to(out.dtype)
+        rows = self._moe._expert_rows(indices, self.expert)
+        current = out.view(-1, out.shape[-1])[rows]
+        value = check_write(self._moe._model, f"moe.experts[{self.expert}].output", self._moe.layer, value, current)
+        out.view(-1, out.shape[-1])[rows] = value
 
 
 class MoEPoints:
@@ -325,6 +337,10 @@ class MoEPoints:
         self.n_experts: int = info["n_experts"]
         self.top_k: int = info["top_k"]
         self.has_shared: bool = model.spec.shared is not None
+
+    def _write(self, point: str, path: str, value: Tensor) -> None:
+        env = self._get(path)
+        env.output = check_write(self._model, point, self.layer, value, env.output, n_experts=self.n_experts)
 
     def _get(self, path: str):
         if not _instrument.is_installed(self._model._module):
@@ -370,7 +386,7 @@ class MoEPoints:
 
     @router_logits.setter
     def router_logits(self, value: Tensor) -> None:
-        self._get(f"{self._router_path}.el_router_logits").output = value
+        self._write("moe.router_logits", f"{self._router_path}.el_router_logits", value)
 
     @property
     def router_probs(self) -> Float[Tensor, "batch pos n_experts"]:
@@ -386,7 +402,7 @@ class MoEPoints:
 
     @topk_indices.setter
     def topk_indices(self, value: Tensor) -> None:
-        self._get(f"{self._router_path}.el_topk_indices").output = value
+        self._write("moe.topk_indices", f"{self._router_path}.el_topk_indices", value)
 
     @property
     def topk_weights(self) -> Float[Tensor, "batch pos k"]:
@@ -394,7 +410,7 @@ class MoEPoints:
 
     @topk_weights.setter
     def topk_weights(self, value: Tensor) -> None:
-        self._get(f"{self._router_path}.el_topk_weights").output = value
+        self._write("moe.topk_weights", f"{self._router_path}.el_topk_weights", value)
 
     # experts --------------------------------------------------------------------------------
     @property
@@ -404,7 +420,7 @@ class MoEPoints:
 
     @expert_out.setter
     def expert_out(self, value: Tensor) -> None:
-        self._get(f"{self._experts_path}.el_expert_out").output = value
+        self._write("moe.expert_out", f"{self._experts_path}.el_expert_out", value)
 
     @property
     def experts(self) -> _ExpertList:
@@ -422,7 +438,7 @@ class MoEPoints:
     def shared_out(self, value: Tensor) -> None:
         if not self.has_shared:
             raise PointError(f"family {self._model.family!r} has no shared expert to write")
-        self._get(f"{self._block_path}.el_shared_out").output = value
+        self._write("moe.shared_out", f"{self._block_path}.el_shared_out", value)
 
     @property
     def output(self) -> Float[Tensor, "batch pos d_model"]:
@@ -431,7 +447,7 @@ class MoEPoints:
 
     @output.setter
     def output(self, value: Tensor) -> None:
-        self._get(f"{self._block_path}.el_output").output = value
+        self._write("moe.output", f"{self._block_path}.el_output", value)
 
 
 class _ExpertList:
@@ -494,7 +510,7 @@ class LayerPoints:
 
     @resid_pre.setter
     def resid_pre(self, value: Tensor) -> None:
-        self.envoy.input = value
+        self.envoy.input = check_write(self._model, "resid_pre", self.layer, value, self.envoy.input)
 
     @property
     def resid_mid(self) -> Float[Tensor, "batch pos d_model"]:
@@ -508,7 +524,7 @@ class LayerPoints:
     @resid_mid.setter
     def resid_mid(self, value: Tensor) -> None:
         current = _envoy(self._model, self._info["mid"]).input
-        current[...] = value.to(current.dtype)
+        current[...] = check_write(self._model, "resid_mid", self.layer, value, current)
 
     @property
     def resid_post(self) -> Float[Tensor, "batch pos d_model"]:
@@ -518,7 +534,10 @@ class LayerPoints:
 
     @resid_post.setter
     def resid_post(self, value: Tensor) -> None:
-        self.envoy.output = value
+        out = self.envoy.output
+        current = out[0] if isinstance(out, tuple) else out
+        value = check_write(self._model, "resid_post", self.layer, value, current)
+        self.envoy.output = (value, *out[1:]) if isinstance(out, tuple) else value
 
     @cached_property
     def attn(self) -> AttentionPoints:
@@ -553,7 +572,8 @@ class LayerPoints:
         if path is None:
             self.attn.output = value
         else:
-            _envoy(self._model, path).output = value
+            env = _envoy(self._model, path)
+            env.output = check_write(self._model, "attn_write", self.layer, value, env.output)
 
     @property
     def mlp_write(self) -> Float[Tensor, "batch pos d_model"]:
@@ -568,7 +588,8 @@ class LayerPoints:
         if path is None:
             self.mlp.output = value
         else:
-            _envoy(self._model, path).output = value
+            env = _envoy(self._model, path)
+            env.output = check_write(self._model, "mlp_write", self.layer, value, env.output)
 
 
 class _LayerList:
@@ -972,7 +993,8 @@ class ExpertModel(TransformersModel):
 
     @embed.setter
     def embed(self, value: Tensor) -> None:
-        _envoy(self, self.spec.embed).output = value
+        env = _envoy(self, self.spec.embed)
+        env.output = check_write(self, "embed", None, value, env.output)
 
     @property
     def logits_scale(self) -> float:
@@ -997,9 +1019,10 @@ class ExpertModel(TransformersModel):
     def logits(self, value: Tensor) -> None:
         if self._head != (1.0, None):
             current = self.output.logits
-            current[...] = value.to(current.dtype)
+            current[...] = check_write(self, "logits", None, value, current)
             return
-        _envoy(self, self.spec.lm_head).output = value
+        env = _envoy(self, self.spec.lm_head)
+        env.output = check_write(self, "logits", None, value, env.output)
 
     @property
     def final_norm(self):
@@ -1042,15 +1065,15 @@ class ExpertModel(TransformersModel):
 
             def edit(out, args, kwargs):
                 if isinstance(out, tuple):
-                    return (fn(out[0], ctx), *out[1:])
-                return fn(out, ctx)
+                    return (check_edit_output(point, layer, fn(out[0], ctx), out[0]), *out[1:])
+                return check_edit_output(point, layer, fn(out, ctx), out)
 
             st.edits.append(edit)
             return EditHandle(st.edits, edit)
 
         def hook_point_edit(path: str):
             hp = mod(path)
-            edit = lambda x: fn(x, ctx)  # noqa: E731
+            edit = lambda x: check_edit_output(point, layer, fn(x, ctx), x)  # noqa: E731
             hp.edits.append(edit)
             return EditHandle(hp.edits, edit)
 
@@ -1064,7 +1087,7 @@ class ExpertModel(TransformersModel):
                     key = next(iter(kwargs))
                     x = kwargs[key]
                 shaped = view(x) if view else x
-                new = fn(shaped, ctx).reshape(x.shape).to(x.dtype)
+                new = check_edit_output(point, layer, fn(shaped, ctx), shaped).reshape(x.shape).to(x.dtype)
                 if in_place:
                     with torch.no_grad() if not x.requires_grad else _nullcontext():
                         x.copy_(new)

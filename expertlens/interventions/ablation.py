@@ -146,7 +146,20 @@ class WeightEditHandle:
 
 
 def weight_edits(model: ExpertModel) -> list[WeightEditHandle]:
-    """The active weight edits on ``model``, oldest first (shared by every wrapper of the HF model)."""
+    """The active weight edits on ``model``, oldest first (``model.n_edits()`` counts them).
+
+    Example:
+        >>> import torch
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.interventions import OrthogonalizeWeights
+        >>> from expertlens.interventions.ablation import weight_edits
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+        >>> handle = OrthogonalizeWeights(torch.ones(64)).apply(model)
+        >>> len(weight_edits(model)), model.n_edits()
+        (1, 1)
+        >>> handle.remove()
+    """
     return model.hf_model.__dict__.setdefault("_el_weight_edits", [])
 
 
