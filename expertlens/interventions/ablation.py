@@ -155,10 +155,11 @@ def weight_edits(model: ExpertModel) -> list[WeightEditHandle]:
         >>> from expertlens.interventions.ablation import weight_edits
         >>> from expertlens.testing import tiny_model, tiny_tokenizer
         >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
-        >>> handle = OrthogonalizeWeights(torch.ones(64)).apply(model)
-        >>> len(weight_edits(model)), model.n_edits()
-        (1, 1)
-        >>> handle.remove()
+        >>> with model.intervene(OrthogonalizeWeights(torch.ones(model.d_model))):
+        ...     len(weight_edits(model))
+        1
+        >>> len(weight_edits(model))
+        0
     """
     return model.hf_model.__dict__.setdefault("_el_weight_edits", [])
 
