@@ -181,7 +181,10 @@ class Direction:
             )
         with open(path, "rb") as fh:
             head = fh.read(16)
-        if head[:1] == b"\x80" or head[:2] == b"PK":  # pickle protocol 2+ / a torch.save zip archive
+        is_safetensors = len(head) > 8 and head[8:9] == b"{"  # u64 header length, then the JSON header
+        is_pickle = head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04",
+                                                                                          b"\x05"))
+        if is_pickle and not is_safetensors:  # a torch.save zip archive, or a raw pickle (protocol 2+)
             raise ValueError(
                 f"{where}: the file is a pickle (torch.save) archive, not safetensors; expertlens never unpickles "
                 "(it can run arbitrary code). Re-save the tensor with Direction(v).save(path)"

@@ -836,6 +836,11 @@ class ExpertModel(TransformersModel):
         head = _head_transform(hf_model)
         if head != (1.0, None):
             editable.append(hf_model)  # the `logits` point is then the model's returned logits
+        if validate and not _can_run(hf_model):
+            raise ValueError(
+                "validate=True, but some weights are on the meta device with no offload hooks to load them, "
+                "so the model cannot run; pass validate=False to wrap it for inspection only"
+            )
         _own_config(hf_model)
         if hasattr(hf_model.config, "output_router_logits"):
             # HF's auxiliary-loss path breaks generate() with a KV cache; analysis never needs it.

@@ -11,6 +11,7 @@ check fails.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -90,7 +91,7 @@ def check_write(
     from .model import PointError
 
     name = _name(point, layer)
-    shape = WRITE_SHAPES.get(point, "the point's shape")
+    shape = WRITE_SHAPES.get(re.sub(r"\[\d+\]", "[e]", point), "")
     if not isinstance(value, Tensor):
         kind = type(value).__name__
         raise TypeError(

@@ -200,7 +200,10 @@ class Positions:
         if isinstance(value, Tensor) and value.dtype == torch.bool:
             return Positions.mask(value)
         if isinstance(value, (int, Sequence, Tensor)):
-            return Positions.indices(value if isinstance(value, int) else [int(i) for i in value])
+            accepted = "accepted are ints (or numpy/torch integers), 'all'/'prompt'/'generated' or a boolean mask"
+            if _is_int(value) or isinstance(value, Tensor) and value.dim() == 0:
+                return Positions.indices(_as_int(value, f"positions={value!r}", accepted))
+            return Positions.indices([_as_int(i, f"positions={value!r}: element {i!r}", accepted) for i in value])
         raise TypeError(
             f"positions={value!r}: accepted are a Positions, 'all'/'prompt'/'generated', "
             "a list of ints or a boolean mask"
