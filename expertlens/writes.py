@@ -85,8 +85,8 @@ def check_write(
         ...     with model.trace("hi"):
         ...         model.layers[1].moe.topk_indices = torch.full((1, 2, 2), 8)
         ... except Exception as err:
-        ...     print(type(err).__name__, str(err)[:70])
-        PointError layers[1].moe.topk_indices: expert ids must be in 0..7 (this layer
+        ...     print(type(err).__name__, err)
+        PointError layers[1].moe.topk_indices: expert ids must be in 0..7 (this layer has 8 routed experts), got [8]
     """
     from .model import PointError
 
