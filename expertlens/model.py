@@ -1408,12 +1408,15 @@ def _own_config(model: nn.Module) -> None:
     """Give ``model`` a private shallow copy of its config (every module that holds it), so that
     switching its experts implementation never changes another model sharing the config object.
     :func:`_release` puts the original object back."""
-    cfg = model.config
-    own = copy.copy(cfg)
+    memo: dict[int, Any] = {}
+    copy.deepcopy(model.config, memo)  # sub-configs (text_config, ...) get copies too
+    swapped = []
     for module in model.modules():
-        if module.__dict__.get("config") is cfg:
-            module.__dict__["config"] = own
-    model.__dict__["_el_shared_config"] = cfg
+        cfg = module.__dict__.get("config")
+        if cfg is not None and id(cfg) in memo and memo[id(cfg)] is not cfg:
+            swapped.append((module, cfg))
+            module.__dict__["config"] = memo[id(cfg)]
+    model.__dict__["_el_shared_config"] = swapped
 
 
 def _release(hf: nn.Module) -> None:
@@ -1433,12 +1436,8 @@ def _release(hf: nn.Module) -> None:
         tracker.remove()
     if not hf.__dict__.get("_el_weight_edits", True):
         del hf.__dict__["_el_weight_edits"]
-    original = hf.__dict__.pop("_el_shared_config", None)
-    if original is not None:
-        own = hf.config
-        for module in hf.modules():
-            if module.__dict__.get("config") is own:
-                module.__dict__["config"] = original
+    for module, original in hf.__dict__.pop("_el_shared_config", ()):
+        module.__dict__["config"] = original
     for module in hf.modules():
         if isinstance(module.__dict__.get("forward"), Controller):
             del module.__dict__["forward"]
