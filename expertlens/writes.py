@@ -12,15 +12,28 @@ check fails.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .model import ExpertModel
+__all__ = ["PointError", "check_write", "check_edit_output", "INDEX_POINTS", "WRITE_SHAPES"]
 
-__all__ = ["check_write", "check_edit_output", "INDEX_POINTS", "WRITE_SHAPES"]
+
+class PointError(ValueError):
+    """A point that does not exist: layer/expert out of range, MoE point on a dense layer, ...
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("qwen3_moe"), tiny_tokenizer())
+        >>> from expertlens import PointError
+        >>> try:
+        ...     model.layers[99]
+        ... except PointError as err:
+        ...     print(err)
+        layer 99 out of range: the model has 2 layers (0..1)
+    """
 
 #: Points holding expert ids (integers in ``0..n_experts-1``); every other point holds floats.
 INDEX_POINTS = ("moe.topk_indices",)
@@ -60,7 +73,7 @@ def _name(point: str, layer: int | None) -> str:
 
 
 def check_write(
-    model: ExpertModel, point: str, layer: int | None, value: Any, current: Tensor, *, n_experts: int | None = None
+    model: Any, point: str, layer: int | None, value: Any, current: Tensor, *, n_experts: int | None = None
 ) -> Tensor:
     """Validate ``value`` for a write to ``point`` (whose value now is ``current``); return it ready
     to write (on ``current``'s device and dtype).
@@ -88,8 +101,6 @@ def check_write(
         ...     print(type(err).__name__, err)
         PointError layers[1].moe.topk_indices: expert ids must be in 0..7 (this layer has 8 routed experts), got [8]
     """
-    from .model import PointError
-
     name = _name(point, layer)
     shape = WRITE_SHAPES.get(re.sub(r"\[\d+\]", "[e]", point), "")
     if not isinstance(value, Tensor):
@@ -152,8 +163,6 @@ def check_edit_output(point: str, layer: int | None, new: Any, old: Tensor) -> T
         >>> check_edit_output("resid_pre", 1, torch.zeros(1, 3, 4), torch.ones(1, 3, 4)).shape
         torch.Size([1, 3, 4])
     """
-    from .model import PointError
-
     name = _name(point, layer)
     if not isinstance(new, Tensor):
         raise TypeError(f"edit at {name} returned {type(new).__name__}; it must return a tensor shaped like its input "
