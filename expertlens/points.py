@@ -260,6 +260,8 @@ class _NamedPoints:
     def __getattr__(self, name: str):
         if name.startswith("__"):
             raise AttributeError(name)
+        if hasattr(type(self), name):  # a real point whose read raised AttributeError: do not call it a typo
+            raise AttributeError(f"{type(self).__name__}.{name} exists but reading it raised AttributeError")
         raise _no_such_point(self, name)
 
 
