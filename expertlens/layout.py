@@ -35,6 +35,9 @@ class LayerLayout:
         block, router, experts: The MoE block and its router / fused experts (``None`` on dense
             layers).
         n_experts, top_k: Routed experts and slots per token (0 on dense layers).
+        layer_type: The decoder layer's class name (hybrid stacks mix several).
+        has_shared: Whether this layer has a shared expert; ``shared_point`` is the hook point its
+            contribution passes through (``None`` without one).
 
     Example:
         >>> from expertlens import ExpertModel
@@ -47,11 +50,11 @@ class LayerLayout:
 
     index: int
     path: str
-    attn: str
+    attn: str | None
     o_proj: str | None
     n_heads: int
     d_head: int
-    mid: str
+    mid: str | None
     mlp: str
     attn_write: str | None = None
     ffn_write: str | None = None
@@ -60,6 +63,9 @@ class LayerLayout:
     experts: str | None = None
     n_experts: int = 0
     top_k: int = 0
+    layer_type: str = ""
+    has_shared: bool = False
+    shared_point: str | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -71,7 +77,7 @@ class LayerLayout:
         row = asdict(self)
         row.pop("index")
         if not self.is_moe:
-            for key in ("router", "experts", "n_experts", "top_k"):
+            for key in ("router", "experts", "n_experts", "top_k", "has_shared", "shared_point"):
                 row.pop(key)
         return row
 
@@ -138,6 +144,8 @@ def resolve_layout(model: nn.Module, spec: FamilySpec) -> tuple[LayerLayout, ...
                 experts=f"{path}.{spec.moe}.{spec.experts}",
                 n_experts=_instrument.global_num_experts(get_module(block, spec.experts)),
                 top_k=int(get_module(block, spec.router).top_k),
+                has_shared=spec.shared is not None and get_module(block, spec.shared) is not None,
+                shared_point=f"{path}.{spec.moe}.el_shared_out" if spec.shared is not None else None,
             )
         rows.append(
             LayerLayout(
@@ -151,6 +159,7 @@ def resolve_layout(model: nn.Module, spec: FamilySpec) -> tuple[LayerLayout, ...
                 mlp=f"{path}.{spec.moe}",
                 attn_write=f"{path}.{spec.attn_write}" if spec.attn_write else None,
                 ffn_write=f"{path}.{spec.ffn_write}" if spec.ffn_write else None,
+                layer_type=type(layer).__name__,
                 **moe,
             )
         )

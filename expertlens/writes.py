@@ -56,6 +56,7 @@ WRITE_SHAPES = {
     "moe.topk_weights": "[batch, pos, top_k]",
     "moe.expert_out": "[batch, pos, top_k, d_model]",
     "moe.experts[e].output": "[n_routed, d_model]",
+    "moe.experts.output": "[n_routed, d_model]",
     "moe.shared_out": "[batch, pos, d_model]",
     "moe.output": "[batch, pos, d_model]",
 }
