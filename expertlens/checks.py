@@ -87,7 +87,7 @@ def check_model(model: ExpertModel, n_tokens: int = 6, atol: float = 1e-4) -> No
                 f"layer {layer}: Σ_k topk_weights·expert_out (+ shared_out) differs from the MoE output by {err:.3g}; "
                 f"the {model.family!r} address table does not match this model's MoE block"
             )
-        router = model._module.get_submodule(model._layer_info[layer]["router"])
+        router = model._module.get_submodule(model.layout[layer].router)
         logits = row["router_logits"].reshape(-1, row["router_logits"].shape[-1])
         w_ref, idx_ref = model.spec.rule.route(logits, router)
         same_sets = torch.equal(idx_ref.sort(-1).values, idx.reshape(-1, idx.shape[-1]).sort(-1).values)

@@ -24,11 +24,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..instrument import expert_forward
+from ..instrument import all_experts_forward
 from ..interventions import AllExpertsSteer, ExpertSteer, RouterBias, SteerMoE, calibrate_router_bias
 from ..interventions.base import Intervention
 from .directions import iter_batches
 from .evaluate import last_logits
+from .judges import FULL_RESPONSE, judge_all
 from .progress import progress
 from .scores import Judge, SubstringJudge, kl_divergence, refusal_score
 
@@ -146,32 +147,33 @@ def expert_output_means(
         raise ValueError(f"mode must be 'forced' or 'routed', got {mode!r}")
     moe = model.layers[layer].moe  # raises for dense layers
     positions = [int(p) for p in positions]
-    experts_mod = model.hf_model.get_submodule(model._layer_info[layer]["experts"])
+    experts_mod = model.hf_model.get_submodule(model.layout[layer].experts)
     E, d = model.n_experts, model.d_model
-    total = torch.zeros(len(positions), E, d, dtype=torch.float64)
-    count = torch.zeros(len(positions), E, dtype=torch.float64)
+    # Accumulated on the experts' device (float64), one batched pass over all experts; one copy at the end.
+    device = experts_mod.down_proj.device
+    acc = torch.float64 if device.type != "mps" else torch.float32
+    total = torch.zeros(len(positions), E, d, dtype=acc, device=device)
+    count = torch.zeros(len(positions), E, dtype=acc, device=device)
     for batch in iter_batches(prompts, batch_size):
         enc = model.tokenize(batch)
-        mask = enc["attention_mask"][:, positions].bool().cpu()  # [b, P]
+        mask = enc["attention_mask"][:, positions].bool().to(device)  # [b, P]
         with torch.no_grad(), model.trace(enc["input_ids"], attention_mask=enc["attention_mask"]):
             if mode == "forced":
                 x = nnsight.save(moe.input[:, positions])
             else:
-                view = nnsight.save(moe._expert_view)
+                view = nnsight.save([moe.topk_indices, moe.expert_out])
         if mode == "forced":
-            flat = x.reshape(-1, d)
             with torch.no_grad():
-                for e in range(E):
-                    out = expert_forward(experts_mod, flat, e).reshape(*x.shape[:2], d).double().cpu()
-                    total[:, e] += (out * mask[..., None]).sum(0)
-                    count[:, e] += mask.sum(0)
+                out = all_experts_forward(experts_mod, x.reshape(-1, d).to(device))  # [E, b*P, d]
+            out = out.view(E, *x.shape[:2], d).to(acc) * mask[None, ..., None]
+            total += out.sum(1).transpose(0, 1)  # [P, E, d]
+            count += mask.sum(0).to(acc)[:, None]
         else:
-            idx, eo = view[0][:, positions].cpu(), view[1][:, positions].double().cpu()  # [b,P,k], [b,P,k,d]
-            for e in range(E):
-                sel = (idx == e) & mask[..., None]
-                total[:, e] += (eo * sel[..., None]).sum((0, 2))
-                count[:, e] += sel.sum((0, 2))
-    return total / count[..., None], count
+            idx, eo = view[0][:, positions].to(device), view[1][:, positions].to(device, acc)  # [b,P,k], [b,P,k,d]
+            sel = torch.nn.functional.one_hot(idx.long(), E).to(acc) * mask[..., None, None]  # [b, P, k, E]
+            total += torch.einsum("bpke,bpkd->ped", sel, eo)
+            count += sel.sum((0, 2))
+    return (total / count[..., None]).cpu().double(), count.cpu().double()
 
 
 def expert_directions(
@@ -281,14 +283,16 @@ def expert_search(
     weighting: str = "router_prob",
     temperature: float | None = None,
     batch_size: int = 32,
+    judge_prompts: Sequence[str] | None = None,
 ) -> ExpertSearch:
     """The paper's two-stage search over experts × positions × coefficients (bypass direction).
 
     Stage 1: refusal score on ``harmful_val`` with ``ExpertSteer(coeff=−c)`` and KL on
     ``harmless_val``; combinations with KL > ``kl_max`` are dropped, the rest ranked by refusal
     score, the best ``max(⌈keep_frac·N⌉, keep_min)`` kept. Stage 2: greedy generations on the first
-    ``n_prompts_stage2`` harmful prompts, judged; the best attack success rate wins (ties: lower
-    refusal score).
+    ``n_prompts_stage2`` harmful prompts, judged (``judge_prompts``: the plain instructions the judge reads,
+    default ``harmful_val``); the best attack success rate (fraction ``full_response``) wins, ties going to
+    the lower refusal score.
 
     Example:
         >>> from expertlens import load_organism
@@ -299,6 +303,7 @@ def expert_search(
         ...                        refusal_token_ids(model.tokenizer), coeffs=(5, 25))  # doctest: +SKIP
     """
     judge = judge or SubstringJudge()
+    judge_prompts = list(judge_prompts) if judge_prompts is not None else list(harmful_val)
     positions = list(positions)
     both, n_harmful = list(harmful_val) + list(harmless_val), len(harmful_val)
     base_harmless = last_logits(model, both, (), batch_size)[n_harmful:]
@@ -324,7 +329,8 @@ def expert_search(
         d = directions[(r.layer, r.expert)][positions.index(r.position)].float()
         steer = ExpertSteer(r.layer, r.expert, d, coeff=-r.coeff, weighting=weighting)
         outs = generate(model, prompts, max_new_tokens, [steer], batch_size=batch_size)
-        r.asr = sum(not judge(p, o) for p, o in zip(prompts, outs)) / max(len(prompts), 1)
+        verdicts = judge_all(judge, list(judge_prompts[: len(prompts)]), outs)
+        r.asr = sum(v == FULL_RESPONSE for v in verdicts) / max(len(prompts), 1)  # ASR = full_response
         r.stage2 = True
     best = max(survivors, key=lambda r: (r.asr, -r.refusal_score)) if survivors else None
     return ExpertSearch(rows, best, kl_max, len(survivors), dict(directions))
