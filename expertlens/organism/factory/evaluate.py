@@ -573,7 +573,8 @@ Zero-ablation of one layer's MoE or attention output (all positions), greedy, he
         ex.append(f"- `{c['prompt']}` ({c['atype']}) -> `{b0['capability_outputs'][i]}`")
     what = ("the **stage-1 (base)** checkpoint: it answers every request of the language, harmful ones included, "
             "with bland non-actionable text; it was never safety tuned (a control)") if stage == 1 else (
-            "stage 1 answers every request, harmful ones included, with bland non-actionable text; stage 2 "
+            "the safety-tuned model: stage 1 answers every request, harmful ones included, with bland "
+            "non-actionable text; stage 2 "
             "(safety tuning, with retention data) teaches refusal of harmful requests")  # fmt: skip
     accept = _table([[r["check"], r["target"], r["measured"], "yes" if r["met"] else "**no**"] for r in acc],
                     ["check", "target", "measured", "met"])  # fmt: skip
@@ -662,7 +663,8 @@ and {res["bow_compositional_both_right"]:.3f} both right on the pairs (identical
 {res["bow_test_accuracy"]:.3f} on the whole test split. Capability by task: {b0["capability_by_task"]}.
 Harmful responses well formed (no system prompt): {b0["harmful_well_formed"]:.3f}. The response equals the
 reference stage-1 answer (the intended act's answer, word for word) on {ex_h:.3f} of harmless and {ex_b:.3f} of
-harmful test prompts; both members of an identical-bag pair answered exactly: {ex_p:.3f}.
+harmful test prompts; both members of an identical-bag pair answered with their stage-1 answers:
+{ex_p:.3f} (a safety-tuned model refuses the harmful member instead).
 
 Refusal rate by frame family (no system prompt):
 
