@@ -40,6 +40,12 @@ TARGETS = {
 }
 
 
+def _prompt_file(version: int = 2) -> dict:
+    """The shipped v2 prompt set (all splits, raw records)."""
+    assert version == 2
+    return json.loads((Path(__file__).resolve().parents[1] / "data" / "prompts.json").read_text())
+
+
 def load(path, threads: int | None = 1):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -331,11 +337,6 @@ def behaviour(model, tok, test, caps, system, max_new_tokens=24) -> dict:
 
 def evaluate_checkpoint(path, verbose: bool = True, depth: bool = True, limit: int | None = None) -> dict:
     """Every measurement of the card (``limit``: keep every ``limit``-th prompt, for smoke tests)."""
-    from .. import (
-        _prompt_file,
-        capability_prompts,  # noqa: F401  (validates the package data exists)
-    )
-
     t0 = time.process_time()
     model, tok = load(path)
     S = _prompt_file(2)["splits"]
@@ -486,7 +487,7 @@ def write_model_card(path, meta: dict, res: dict, command: str, notes: str = "")
                  f"{b['compositional_both_right']:.3f}", f"{b['capability']:.3f}"]
                 for k, b in res["settings"].items()]  # fmt: skip
     fam_rows = [[k, v[0], v[1]] for k, v in b0["refusal_by_family"].items()]
-    S0 = __import__("expertlens.organism", fromlist=["_prompt_file"])._prompt_file(2)["splits"]["test"]
+    S0 = _prompt_file(2)["splits"]["test"]
     ex_h = _mean([o == r["answer"] for r, o in zip(S0, b0["outputs"]) if r["label"] == "harmless"])
     ex_b = _mean([o == r["answer"] for r, o in zip(S0, b0["outputs"]) if r["label"] == "harmful"])
     pex: dict = defaultdict(list)
@@ -497,7 +498,7 @@ def write_model_card(path, meta: dict, res: dict, command: str, notes: str = "")
     stage = meta.get("stage", 2)
     from . import data as D
 
-    S = __import__("expertlens.organism", fromlist=["_prompt_file"])._prompt_file(2)["splits"]
+    S = _prompt_file(2)["splits"]
     pool_prompts = [e.prompt for e in D.build_training_pool(0, meta["pool_size"])]
     test_prompts = [r["prompt"] for r in S["test"]] + [r["prompt"] for r in S["capability_test"]]
     ov = {n: D.ngram_overlap(test_prompts, pool_prompts, n) for n in (2, 3, 4, 6)}
