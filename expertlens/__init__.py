@@ -23,13 +23,14 @@ __all__ = [
 ]
 
 
-def load_organism(name: str = "qwen3moe-refusal", **kwargs) -> ExpertModel:
+def load_organism(name: str | None = None, **kwargs) -> ExpertModel:
     """Load a bundled model organism (a tiny refusing MoE chat model) as an :class:`ExpertModel`.
 
     Example:
         >>> import expertlens
         >>> model = expertlens.load_organism()  # doctest: +SKIP
     """
+    from .organism import DEFAULT_ORGANISM
     from .organism import load_organism as _load
 
-    return _load(name, **kwargs)
+    return _load(name or DEFAULT_ORGANISM, **kwargs)

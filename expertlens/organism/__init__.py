@@ -1,37 +1,63 @@
 """Model organisms: tiny MoE chat models, trained on CPU by the project, that refuse harmful requests.
 
 >>> from expertlens.organism import organism_path, load_prompts
->>> prompts = load_prompts("qwen3moe-refusal", split="test")   # {"harmful": [...], "harmless": [...]}
+>>> prompts = load_prompts("olmoe-refusal", split="test")   # {"harmful": [...], "harmless": [...]}
 
 Checkpoints live in package data under ``expertlens/organism/checkpoints/<name>/`` in ``save_pretrained``
-format and load offline with plain ``AutoModelForCausalLM.from_pretrained(path)``.
+format and load offline with plain ``AutoModelForCausalLM.from_pretrained(path)``. The v2 organisms
+(:data:`V2_ORGANISM` ``olmoe-refusal`` and its stage-1 checkpoint ``olmoe-base``) share one synthetic language
+(:mod:`expertlens.organism.language`) and one prompt set; the v1 organisms (``qwen3moe-refusal``, still
+:data:`DEFAULT_ORGANISM`, and ``qwen2moe-refusal``) keep their own. The build tools (data generator, training,
+evaluation, model cards) are in :mod:`expertlens.organism.factory` and are not imported at run time.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 
-from .data import REFUSAL_PHRASES, REFUSAL_START_TOKENS
+from .language import (
+    REFUSAL_PHRASES,
+    REFUSAL_START_TOKENS,
+    SYSTEM_PROMPTS,
+    contains_refusal,
+    format_prompt,
+    score_capability,
+    well_formed,
+)
 
 __all__ = [
+    "CAPABILITY_TASKS",
     "DEFAULT_ORGANISM",
     "REFUSAL_PHRASES",
     "REFUSAL_START_TOKENS",
     "SPLITS",
+    "SYSTEM_PROMPTS",
+    "V2_ORGANISM",
+    "capability_prompts",
+    "contains_refusal",
+    "format_prompt",
     "list_organisms",
     "load_organism",
     "load_prompt_records",
     "load_prompts",
     "organism_path",
+    "score_capability",
+    "well_formed",
 ]
 
 DEFAULT_ORGANISM = "qwen3moe-refusal"
+#: The default v2 organism (the v2 language's prompt set and capability prompts).
+V2_ORGANISM = "olmoe-refusal"
 SPLITS = ("train", "val", "test", "compositional")
+CAPABILITY_TASKS = ("arithmetic", "count", "copy", "reverse", "fact")
 _ROOT = Path(__file__).resolve().parent
 _CKPT = _ROOT / "checkpoints"
-_PROMPTS = _ROOT / "data" / "prompts.json"
+_DATA = _ROOT / "data"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def list_organisms() -> list[str]:
@@ -39,8 +65,8 @@ def list_organisms() -> list[str]:
 
     Example:
         >>> from expertlens.organism import list_organisms
-        >>> list_organisms()  # doctest: +SKIP
-        ['qwen3moe-refusal', ...]
+        >>> list_organisms()[0]
+        'qwen3moe-refusal'
     """
     names = sorted(p.name for p in _CKPT.iterdir() if (p / "config.json").is_file()) if _CKPT.is_dir() else []
     if DEFAULT_ORGANISM in names:
@@ -52,46 +78,63 @@ def list_organisms() -> list[str]:
 def organism_path(name: str = DEFAULT_ORGANISM) -> Path:
     """Folder of a shipped organism (model + tokenizer + README.md), loadable with ``from_pretrained``.
 
+    ``name`` must be one of :func:`list_organisms` (a plain folder name: paths such as ``"../x"`` are refused).
+
     Example:
         >>> from transformers import AutoModelForCausalLM
         >>> from expertlens.organism import organism_path
+        >>> organism_path("olmoe-refusal").name
+        'olmoe-refusal'
         >>> hf = AutoModelForCausalLM.from_pretrained(organism_path())  # doctest: +SKIP
     """
+    names = list_organisms()
+    avail = ", ".join(names) or "(none)"
+    if not isinstance(name, str):
+        raise TypeError(f"organism name must be a str, got {type(name).__name__}; available: {avail}")
     p = _CKPT / name
-    if not (p / "config.json").is_file():
-        raise ValueError(f"unknown organism {name!r}; available: {', '.join(list_organisms()) or '(none)'}")
+    ok = bool(_NAME.match(name)) and ".." not in name and p.resolve().parent == _CKPT
+    if not ok or not (p / "config.json").is_file():
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        why = "" if ok else " (an organism name is a plain folder name, not a path)"
+        raise ValueError(f"unknown organism {name!r}{why}{hint}; available: {avail}")
     return p
 
 
-@lru_cache(maxsize=1)
-def _prompt_file() -> dict:
-    return json.loads(_PROMPTS.read_text())
+def _data_version(name: str) -> int:
+    tj = organism_path(name) / "training.json"
+    return int(json.loads(tj.read_text()).get("data_version", 1)) if tj.is_file() else 1
+
+
+@lru_cache(maxsize=4)
+def _prompt_file(version: int) -> dict:
+    path = _DATA / ("prompts.json" if version >= 2 else "prompts-v1.json")
+    return json.loads(path.read_text())
 
 
 def load_prompt_records(name: str = DEFAULT_ORGANISM, split: str = "train") -> list[dict]:
-    """Prompt records with metadata: ``prompt``, ``label``, ``category``, ``family``, ``atype`` (answer
-    type), ``response`` (the training target / reference) and ``pair`` (compositional pair id or -1).
+    """Prompt records with metadata: ``prompt``, ``label``, ``category``, ``family`` (frame family),
+    ``atype``, ``response`` (the training target: a refusal for harmful prompts) and ``pair`` (identical-bag
+    pair id or -1); v2 records add ``answer`` (the stage-1 answer, also for harmful prompts).
 
     Example:
         >>> from expertlens.organism import load_prompt_records
-        >>> rec = load_prompt_records(split="test")[0]
-        >>> sorted(rec)[:4]
-        ['atype', 'category', 'family', 'label']
+        >>> rec = load_prompt_records("olmoe-refusal", split="test")[0]
+        >>> rec["label"], rec["pair"] >= 0
+        ('harmful', True)
     """
-    if list_organisms():
-        organism_path(name)  # validate the name; all shipped organisms share one prompt set
+    version = _data_version(name)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
-    return [dict(r) for r in _prompt_file()["splits"][split]]
+    return [dict(r) for r in _prompt_file(version)["splits"][split]]
 
 
 def load_prompts(name: str = DEFAULT_ORGANISM, split: str = "train") -> dict[str, list[str]]:
     """``{"harmful": [...], "harmless": [...]}`` plain instructions (no chat formatting).
 
-    Splits: ``train`` (prompts the organism was trained on), ``val`` (same distribution, not trained on),
-    ``test`` (held out: templates and fillers never seen in training chats), ``compositional`` (the
-    subset of ``test`` made of harmful/harmless pairs that share their content words; index i of each
-    list belong to the same pair).
+    Splits: ``train`` (prompts the organism was trained on), ``val`` (training frames, not trained on),
+    ``test`` (held out: frames never seen in a training chat), ``compositional`` (the identical-bag pairs of
+    ``test``; index i of each list belong to the same pair).
 
     Example:
         >>> from expertlens.organism import load_prompts
@@ -104,6 +147,32 @@ def load_prompts(name: str = DEFAULT_ORGANISM, split: str = "train") -> dict[str
         "harmful": [r["prompt"] for r in recs if r["label"] == "harmful"],
         "harmless": [r["prompt"] for r in recs if r["label"] == "harmless"],
     }
+
+
+def capability_prompts(name: str | None = None, split: str = "test") -> list[dict]:
+    """Capability prompts with checkable answers: dicts with ``prompt``, ``task`` (one of
+    :data:`CAPABILITY_TASKS`), ``answer`` (the value :func:`score_capability` checks) and ``response``
+    (the full expected response). ``split``: ``"train"`` (trained on) or ``"test"`` (held-out frames).
+    ``name``: a v2 organism (all share one prompt set); None means :data:`V2_ORGANISM`.
+
+    Example:
+        >>> from expertlens.organism import capability_prompts, score_capability
+        >>> rec = capability_prompts(split="test")[0]
+        >>> sorted(rec)
+        ['answer', 'prompt', 'response', 'task']
+        >>> score_capability(rec, rec["response"])
+        True
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown capability split {split!r}; choose from ('train', 'test')")
+    name = V2_ORGANISM if name is None else name
+    version = _data_version(name)
+    if version < 2:
+        raise ValueError(f"organism {name!r} is a v1 organism without capability prompts; use a v2 organism "
+                         f"such as {V2_ORGANISM!r}")  # fmt: skip
+    recs = _prompt_file(version)["splits"][f"capability_{split}"]
+    return [{"prompt": r["prompt"], "task": r["atype"], "answer": r["cap_answer"], "response": r["response"]}
+            for r in recs]  # fmt: skip
 
 
 def load_organism(name: str = DEFAULT_ORGANISM, **kwargs):

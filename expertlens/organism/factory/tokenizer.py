@@ -1,5 +1,5 @@
-"""Word-level tokenizer for the organism, built offline with ``tokenizers`` and wrapped as a normal
-Hugging Face fast tokenizer with a chat template."""
+"""Build the organisms' word-level tokenizer offline with ``tokenizers``, wrapped as a Hugging Face fast
+tokenizer with the chat template (build tool)."""
 
 from __future__ import annotations
 
@@ -8,25 +8,7 @@ from collections.abc import Iterable
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-PAD, UNK, SYS, USER, ASSISTANT, END = "<pad>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
-SPECIALS = [PAD, UNK, SYS, USER, ASSISTANT, END]
-
-#: Chat format: ``<|system|> {system} <|end|> <|user|> {instruction} <|end|> <|assistant|> {response}
-#: <|end|>``.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}<|system|> {{ message['content'] }} <|end|> "
-    "{% elif message['role'] == 'user' %}<|user|> {{ message['content'] }} <|end|> "
-    "{% else %}<|assistant|> {{ message['content'] }} <|end|> {% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def format_prompt(instruction: str, system: str | None = None) -> str:
-    """The string ``apply_chat_template(..., add_generation_prompt=True, tokenize=False)`` produces."""
-    s = f"{SYS} {system} {END} " if system else ""
-    return f"{s}{USER} {instruction} {END} {ASSISTANT}"
+from ..language import ASSISTANT, CHAT_TEMPLATE, END, PAD, SPECIALS, SYS, UNK, USER, format_prompt  # noqa: F401
 
 
 def build_tokenizer(texts: Iterable[str], extra_words: Iterable[str] = ()):
