@@ -636,6 +636,34 @@ def is_installed(model: nn.Module) -> bool:
     return getattr(model, "_el_instrumentation", None) is not None
 
 
+def _unfused_message(layer: int, experts: nn.Module) -> str:
+    """Why an experts module cannot be instrumented, and what to do instead."""
+    name = type(experts).__name__
+    if "Mxfp4" in name:
+        return (
+            f"layer {layer}: {name} holds MXFP4-quantised experts computed by a fused kernel expertlens cannot "
+            "instrument; load the checkpoint dequantised: from_pretrained(..., quantization_config="
+            "Mxfp4Config(dequantize=True)) (or ExpertModel(name, quantization_config=Mxfp4Config(dequantize=True)))"
+        )
+    if "FP8" in name or "Fp8" in name:
+        return (
+            f"layer {layer}: {name} holds FP8-quantised experts computed by a fused kernel expertlens cannot "
+            "instrument; load the checkpoint dequantised: from_pretrained(..., quantization_config="
+            "FineGrainedFP8Config(dequantize=True)), or in bf16 from an unquantised checkpoint"
+        )
+    if isinstance(experts, nn.ModuleList):
+        return (
+            f"layer {layer}: the experts are an nn.ModuleList of per-expert modules ({name}); expertlens needs a "
+            "transformers>=5 fused experts module (decorated with @use_experts_implementation). Use a built-in "
+            "transformers family (not remote code)"
+        )
+    return (
+        f"layer {layer}: {name} is not a fused experts module decorated with @use_experts_implementation; "
+        "expertlens needs transformers>=5 fused experts (pip install 'transformers>=5'; remote-code models are "
+        "not supported)"
+    )
+
+
 def install(model: nn.Module, spec: FamilySpec, editable: list[nn.Module] = ()) -> Instrumentation:
     """Add hook points, wrap routers and MoE blocks, switch to the expertlens experts function.
 
@@ -670,10 +698,7 @@ def install(model: nn.Module, spec: FamilySpec, editable: list[nn.Module] = ()) 
                 router = get_module(block, spec.router)
                 experts = get_module(block, spec.experts)
                 if not hasattr(experts, "has_gate"):
-                    raise ValueError(
-                        f"layer {i}: {type(experts).__name__} is not a fused experts module decorated with "
-                        "@use_experts_implementation; expertlens needs transformers>=5 fused experts"
-                    )
+                    raise ValueError(_unfused_message(i, experts))
                 if _is_ep_dispatch(experts):
                     # Keep transformers' expert-parallel wrapper as the body nnsight runs (nnsight keeps it only
                     # when a tensor-parallel mesh is present), and let the block apply the expert points.

@@ -132,6 +132,12 @@ def resolve_layout(model: nn.Module, spec: FamilySpec) -> tuple[LayerLayout, ...
         moe: dict[str, Any] = {}
         block = spec.moe_block(layer)
         if block is not None:
+            for what, sub in (("shared expert", spec.shared), ("shared-expert gate", spec.shared_gate)):
+                if sub is not None and get_module(block, sub) is None:
+                    raise UnsupportedModelError(
+                        f"family {spec.name!r}: layer {i}'s MoE block ({type(block).__name__}) has no {what} at "
+                        f"{sub!r}; its children are {[n for n, _ in block.named_children()]}"
+                    )
             moe = dict(
                 block=f"{path}.{spec.moe}",
                 router=f"{path}.{spec.moe}.{spec.router}",
