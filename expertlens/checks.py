@@ -47,9 +47,13 @@ def capture_moe(model: ExpertModel, input_ids: torch.Tensor) -> list[dict[str, t
                 "topk_weights": moe.topk_weights,
                 "expert_out": moe.expert_out,
             }
-            if moe.has_shared:
+            # a layer-level shared MLP (FamilySpec.shared_level) runs after the MoE block
+            layer_shared = model.spec.shared_level == "layer"
+            if moe.has_shared and not layer_shared:
                 row["shared_out"] = moe.shared_out
             row["output"] = moe.output
+            if moe.has_shared and layer_shared:
+                row["shared_out"] = moe.shared_out
             rows.append(row)
         rows = nnsight.save(rows)
     return rows
@@ -76,7 +80,8 @@ def check_model(model: ExpertModel, n_tokens: int = 6, atol: float = 1e-4) -> No
     for layer, row in zip(model.moe_layers, rows):
         w, idx = row["topk_weights"], row["topk_indices"]
         recon = (row["expert_out"].float() * w.float().unsqueeze(-1)).sum(dim=-2)
-        if "shared_out" in row:
+        recon = recon * model.spec.routed_factor(model._module.get_submodule(model._layer_info[layer]["block"]))
+        if "shared_out" in row and model.spec.shared_level == "block":
             recon = recon + row["shared_out"].float()
         err = (recon - row["output"].float()).abs().max().item()
         scale = row["output"].float().abs().max().item() + 1.0

@@ -325,10 +325,13 @@ def _block_forward(self: nn.Module, hidden_states: Tensor, *args, **kwargs):
     _state(router).shape = (b, p)
     experts.__dict__["_el_shape"] = (b, p)
     flat = hidden_states.reshape(-1, d)
-    _, weights, indices = router(flat)
+    extra = [get_module(self, name) for name in spec.router_extra]
+    _, weights, indices = router(hidden_states if spec.router_input == "3d" else flat, *extra)
     out = experts(flat, indices, weights).reshape(b, p, d)
-    if spec.shared is not None:
-        shared_mod = get_module(self, spec.shared)
+    if spec.routed_scale is not None:
+        out = out * getattr(self, spec.routed_scale)
+    shared_mod = get_module(self, spec.shared) if spec.shared is not None and spec.shared_level == "block" else None
+    if shared_mod is not None:
         shared = shared_mod(hidden_states if spec.shared_input == "3d" else flat)
         if spec.shared_gate is not None:
             shared = F.sigmoid(get_module(self, spec.shared_gate)(flat)) * shared
@@ -337,6 +340,15 @@ def _block_forward(self: nn.Module, hidden_states: Tensor, *args, **kwargs):
     if spec.returns_tuple:
         return out, weights
     return out
+
+
+def _shared_forward(self: nn.Module, *args, **kwargs):
+    """A layer-level shared MLP (``FamilySpec.shared_level == "layer"``): its output passes a hook point."""
+    st = _state(self)
+    out = st.original_class.forward(self, *args, **kwargs)
+    if not st.active:
+        return out
+    return self.el_shared_out(out)
 
 
 _SUBCLASSES: dict[tuple[type, str], type] = {}
@@ -375,8 +387,50 @@ class Instrumentation:
     blocks: dict[int, nn.Module]
     routers: dict[int, nn.Module]
     experts: dict[int, nn.Module]
+    shared: dict[int, nn.Module] = field(default_factory=dict)
     editable: list[nn.Module] = field(default_factory=list)
     active: bool = True
+
+
+def _check_experts(layer: int, experts: nn.Module, block: nn.Module, spec: FamilySpec) -> None:
+    """Refuse, naming the structural reason, experts whose per-expert outputs cannot be exposed exactly."""
+    from .families import UnsupportedModelError
+
+    cls = type(experts).__name__
+    if "FP8" in cls or "Fp8" in cls:
+        raise UnsupportedModelError(
+            f"layer {layer}: {cls} holds FP8-quantised experts with block scales; expertlens's experts function "
+            "computes from unquantised fused weights and would silently use the raw FP8 codes. Load the model with "
+            "FineGrainedFP8Config(dequantize=True) (experts in bf16: about 2x the expert memory, no per-call cost), "
+            "or without quantization_config"
+        )
+    if "Mxfp4" in cls:
+        raise UnsupportedModelError(
+            f"layer {layer}: {cls} runs MXFP4 experts through triton kernels, which compute each expert's output and "
+            "its routing weight in one fused call: per-expert outputs cannot be exposed. Load the model with "
+            "quantization_config=Mxfp4Config(dequantize=True) (bf16 experts, exact points)"
+        )
+    if not hasattr(experts, "has_gate"):
+        raise UnsupportedModelError(
+            f"layer {layer}: {cls} is not a fused experts module decorated with @use_experts_implementation; "
+            "expertlens needs transformers>=5 fused experts"
+        )
+    has_shared = spec.shared is not None and get_module(block, spec.shared) is not None
+    for name, expected in spec.block_requires if has_shared else ():
+        value = getattr(block, name, expected)
+        if value != expected:
+            raise UnsupportedModelError(
+                f"layer {layer}: {type(block).__name__}.{name} is {value!r}; the {spec.name!r} address table is exact "
+                f"only for {name}={expected!r}"
+            )
+    for name in spec.identity_wraps:
+        wrap = get_module(block, name)
+        if wrap is not None and not isinstance(wrap, nn.Identity):
+            raise UnsupportedModelError(
+                f"layer {layer}: {type(block).__name__}.{name} is a {type(wrap).__name__}, applied to the weighted "
+                "sum of expert outputs: per-expert outputs in d_model cannot be exposed exactly (supported when it "
+                "is nn.Identity, i.e. without a latent MoE projection)"
+            )
 
 
 def is_installed(model: nn.Module) -> bool:
@@ -424,11 +478,7 @@ def install(model: nn.Module, spec: FamilySpec, editable: list[nn.Module] = ()) 
                     continue
                 router = get_module(block, spec.router)
                 experts = get_module(block, spec.experts)
-                if not hasattr(experts, "has_gate"):
-                    raise ValueError(
-                        f"layer {i}: {type(experts).__name__} is not a fused experts module decorated with "
-                        "@use_experts_implementation; expertlens needs transformers>=5 fused experts"
-                    )
+                _check_experts(i, experts, block, spec)
                 for name in ROUTER_POINTS:
                     router.add_module(name, HookPoint())
                 for name in EXPERTS_POINTS:
@@ -436,6 +486,15 @@ def install(model: nn.Module, spec: FamilySpec, editable: list[nn.Module] = ()) 
                 for name in BLOCK_POINTS:
                     block.add_module(name, HookPoint())
                 router.__dict__["_el_state"] = _State(type(router), spec, i)
+                if spec.router_extra:
+                    router.__dict__["_el_owner"] = block
+                if spec.shared is not None and spec.shared_level == "layer":
+                    shared_mod = get_module(layer, spec.shared)
+                    if shared_mod is not None:
+                        shared_mod.add_module("el_shared_out", HookPoint())
+                        shared_mod.__dict__["_el_state"] = _State(type(shared_mod), spec, i)
+                        _swap_class(shared_mod, "shared", _shared_forward)
+                        inst.shared[i] = shared_mod
                 block.__dict__["_el_state"] = _State(type(block), spec, i, router=router, experts=experts)
                 _swap_class(router, "router", _router_forward)
                 _swap_class(block, "block", _block_forward)
@@ -456,7 +515,9 @@ def install(model: nn.Module, spec: FamilySpec, editable: list[nn.Module] = ()) 
 def _undo(model: nn.Module, inst: Instrumentation) -> None:
     for module in inst.editable:
         undo_editable(module)
-    for group, names in ((inst.routers, ROUTER_POINTS), (inst.blocks, BLOCK_POINTS)):
+    for module in inst.routers.values():
+        module.__dict__.pop("_el_owner", None)
+    for group, names in ((inst.routers, ROUTER_POINTS), (inst.blocks, BLOCK_POINTS), (inst.shared, BLOCK_POINTS)):
         for module in group.values():
             st = module.__dict__.get("_el_state")
             if st is not None:

@@ -113,10 +113,19 @@ class AttentionPoints:
 
     @property
     def _attn(self):
+        if self._attn_path is None:
+            info = self._model._layer_info[self.layer]
+            raise PointError(
+                f"layer {self.layer} is a {info['layer_type']} with no attention (a recurrent or convolution "
+                f"mixer in this {self._model.family} hybrid stack): it has no attention points. Layers with "
+                f"attention: {[i for i, r in enumerate(self._model._layer_info) if r['attn'] is not None]}"
+            )
         return _envoy(self._model, self._attn_path)
 
     @property
     def _o(self):
+        if self._attn_path is None:
+            self._attn  # noqa: B018  (raises the hybrid-layer error)
         if self._o_path is None:
             raise PointError(f"layer {self.layer}: attention has no linear output projection to split by head")
         return _envoy(self._model, self._o_path)
@@ -266,7 +275,7 @@ class MoEPoints:
         self._block_path = info["block"]
         self.n_experts: int = info["n_experts"]
         self.top_k: int = info["top_k"]
-        self.has_shared: bool = model.spec.shared is not None
+        self.has_shared: bool = info["has_shared"]
 
     def _get(self, path: str):
         if not _experts.is_installed(self._model._module):
@@ -340,13 +349,13 @@ class MoEPoints:
         """The shared expert's contribution (after its gate), or ``None`` for families without one."""
         if not self.has_shared:
             return None
-        return self._get(f"{self._block_path}.el_shared_out").output
+        return self._get(self._model._layer_info[self.layer]["shared_point"]).output
 
     @shared_out.setter
     def shared_out(self, value: Tensor) -> None:
         if not self.has_shared:
             raise PointError(f"family {self._model.family!r} has no shared expert to write")
-        self._get(f"{self._block_path}.el_shared_out").output = value
+        self._get(self._model._layer_info[self.layer]["shared_point"]).output = value
 
     @property
     def output(self) -> Float[Tensor, "batch pos d_model"]:
@@ -421,11 +430,20 @@ class LayerPoints:
         Assigning writes *in place*: the layer keeps this tensor as its residual, so an in-place
         write is what reaches both the feed-forward input and the residual add.
         """
-        return _envoy(self._model, self._info["mid"]).input
+        return _envoy(self._model, self._mid_path()).input
+
+    def _mid_path(self) -> str:
+        if self._info["mid"] is None:
+            raise PointError(
+                f"layer {self.layer} ({self._info['layer_type']}) of this {self._model.family} model has no "
+                f"resid_mid: its residual wiring is {self._model.spec.residual!r} (no stream between attention "
+                "and the feed-forward sublayer); use resid_pre / resid_post"
+            )
+        return self._info["mid"]
 
     @resid_mid.setter
     def resid_mid(self, value: Tensor) -> None:
-        current = _envoy(self._model, self._info["mid"]).input
+        current = _envoy(self._model, self._mid_path()).input
         current[...] = value.to(current.dtype)
 
     @property
@@ -929,9 +947,9 @@ class ExpertModel(TransformersModel):
         if point == "moe.expert_out":
             return hook_point_edit(f"{info['experts']}.el_expert_out")
         if point == "moe.shared_out":
-            if self.spec.shared is None:
+            if not info.get("has_shared"):
                 raise PointError(f"family {self.family!r} has no shared expert")
-            return hook_point_edit(f"{info['block']}.el_shared_out")
+            return hook_point_edit(info["shared_point"])
         return hook_point_edit(f"{info['block']}.el_output")
 
     def intervene(self, *interventions):
@@ -1052,11 +1070,15 @@ def _editable_modules(model: nn.Module, spec: FamilySpec, info: list[dict[str, A
 
 
 def _heads(attn: nn.Module, in_features: int, config) -> tuple[int, int]:
+    try:
+        config_heads = getattr(config, "num_attention_heads", None)
+    except Exception:  # per-layer configs (dots3_note_text) refuse global reads; the module knows its own
+        config_heads = None
     candidates = [
         getattr(attn, "num_heads", None),
         getattr(attn, "num_attention_heads", None),
         getattr(attn, "num_v_heads", None),
-        getattr(config, "num_attention_heads", None),
+        config_heads,
     ]
     head_dim = getattr(attn, "head_dim", None) or getattr(attn, "v_head_dim", None)
     if head_dim and in_features % head_dim == 0:
@@ -1074,11 +1096,12 @@ def _layer_table(model: nn.Module, spec: FamilySpec) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for i, layer in enumerate(layers):
         path = f"{base}.{i}"
-        attn_name, attn = spec.attn_module(layer)
-        o = spec.o_proj_module(attn)
+        found = spec.attn_module(layer)
+        attn_name, attn = found if found is not None else (None, None)
+        o = spec.o_proj_module(attn) if attn is not None else None
         n_heads, d_head = _heads(attn, o[1].in_features, model.config) if o else (0, 0)
-        mid = get_module(layer, spec.mid)
-        if mid is None:
+        mid = get_module(layer, spec.mid) if spec.mid is not None else None
+        if mid is None and spec.mid is not None:
             raise UnsupportedModelError(
                 f"family {spec.name!r}: layer {i} has no {spec.mid!r} module (needed for resid_mid); "
                 f"children are {[n for n, _ in layer.named_children()]}"
@@ -1086,11 +1109,12 @@ def _layer_table(model: nn.Module, spec: FamilySpec) -> list[dict[str, Any]]:
         block = spec.moe_block(layer)
         row: dict[str, Any] = {
             "path": path,
-            "attn": f"{path}.{attn_name}",
+            "attn": f"{path}.{attn_name}" if attn_name else None,
             "o_proj": f"{path}.{attn_name}.{o[0]}" if o else None,
             "n_heads": n_heads,
             "d_head": d_head,
-            "mid": f"{path}.{spec.mid}",
+            "layer_type": type(layer).__name__,
+            "mid": f"{path}.{spec.mid}" if spec.mid is not None else None,
             "mlp": f"{path}.{spec.moe}",
             "attn_write": f"{path}.{spec.attn_write}" if spec.attn_write else None,
             "ffn_write": f"{path}.{spec.ffn_write}" if spec.ffn_write else None,
@@ -1099,7 +1123,12 @@ def _layer_table(model: nn.Module, spec: FamilySpec) -> list[dict[str, Any]]:
         if block is not None:
             router = get_module(block, spec.router)
             experts = get_module(block, spec.experts)
+            layer_shared = spec.shared is not None and spec.shared_level == "layer"
+            shared_owner = f"{path}.{spec.shared}" if layer_shared else f"{path}.{spec.moe}"
             row.update(
+                shared_point=f"{shared_owner}.el_shared_out",
+                has_shared=spec.shared is not None
+                and get_module(layer if layer_shared else block, spec.shared) is not None,
                 block=f"{path}.{spec.moe}",
                 router=f"{path}.{spec.moe}.{spec.router}",
                 experts=f"{path}.{spec.moe}.{spec.experts}",
