@@ -1,10 +1,14 @@
 """expertlens: mechanistic interpretability for Mixture-of-Experts language models, on nnsight."""
 
+from .compat import alias_module as _alias_module
 from .direction import Direction
 from .families import FamilySpec, UnsupportedModelError, register_family, resolve_family, supported_families
 from .model import ExpertModel, PointError
 
 __version__ = "0.1.0"
+
+# moved modules (deprecated paths)
+_alias_module("expertlens.experts", "expertlens.instrument")
 
 __all__ = [
     "Direction",

@@ -8,7 +8,7 @@ test list); user code can do the same with :func:`register_family`.
 
 Routing rules are implemented here only to *describe* routing: the ``router_probs`` point, the
 re-computation checks and the hand computations of routing edits. The model's own router code
-stays in charge of real routing (expertlens intercepts its logits, see :mod:`expertlens.experts`).
+stays in charge of real routing (expertlens intercepts its logits, see :mod:`expertlens.instrument`).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from jaxtyping import Bool, Float, Int
 from nnsight import TransformersModel
 from torch import Tensor, nn
 
-from . import experts as _experts
+from . import instrument as _instrument
 from .families import FamilySpec, UnsupportedModelError, get_module, resolve_family
 
 __all__ = [
@@ -278,7 +278,7 @@ class MoEPoints:
         self.has_shared: bool = info["has_shared"]
 
     def _get(self, path: str):
-        if not _experts.is_installed(self._model._module):
+        if not _instrument.is_installed(self._model._module):
             raise PointError(
                 "this model's expertlens instrumentation was removed (model.restore()): MoE points are gone; "
                 "wrap the model again with ExpertModel(...)"
@@ -666,11 +666,11 @@ class ExpertModel(TransformersModel):
             # HF's auxiliary-loss path breaks generate() with a KV cache; analysis never needs it.
             hf_model.config.output_router_logits = False
         editable = _editable_modules(hf_model, spec, info)
-        _experts.install(hf_model, spec, editable)
+        _instrument.install(hf_model, spec, editable)
         try:
             super().__init__(hf_model, tokenizer=tokenizer, **nnsight_kwargs)
         except Exception:
-            _experts.restore(hf_model)
+            _instrument.restore(hf_model)
             raise
         object.__setattr__(self, "spec", spec)
         object.__setattr__(self, "_layer_info", info)
@@ -973,7 +973,7 @@ class ExpertModel(TransformersModel):
     def clear_edits(self) -> None:
         """Remove every registered edit."""
         for module in self._module.modules():
-            if isinstance(module, _experts.HookPoint):
+            if isinstance(module, _instrument.HookPoint):
                 module.edits.clear()
             st = module.__dict__.get("_el_edit_state")
             if st is not None:
@@ -987,7 +987,7 @@ class ExpertModel(TransformersModel):
         """How many edits are registered (0 when the model is clean)."""
         n = 0
         for module in self._module.modules():
-            if isinstance(module, _experts.HookPoint):
+            if isinstance(module, _instrument.HookPoint):
                 n += len(module.edits)
             st = module.__dict__.get("_el_edit_state")
             if st is not None:
@@ -1002,7 +1002,7 @@ class ExpertModel(TransformersModel):
     def restore(self) -> None:
         """Undo the instrumentation: original router/block classes, no hook points, and the
         original experts implementation. MoE points are unavailable afterwards."""
-        _experts.restore(self._module)
+        _instrument.restore(self._module)
         self._tracker.remove()
 
     def __enter__(self) -> ExpertModel:

@@ -195,4 +195,4 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-from .experts import expert_forward  # noqa: E402,F401  (re-exported for tests)
+from .instrument import expert_forward  # noqa: E402,F401  (re-exported for tests)

@@ -6,13 +6,19 @@ Every intervention is a frozen dataclass whose ``attach(model)`` registers point
 ``a + b`` (or :class:`Compose`) applies interventions in order.
 """
 
+from ..compat import alias_module as _alias_module
 from .ablation import AblateDirection, OrthogonalizeWeights, WeightEditHandle
+from .activation import AddVector, MeanAblate, ZeroAblate
 from .base import Compose, Intervention, attach_all, intervene
-from .expert_steer import AllExpertsSteer, ExpertSteer
+from .patching import Patch, cache_points
+from .per_expert import AllExpertsSteer, ExpertSteer, ScaleExpert
 from .routing import ForceExperts, MaskExperts, RouterBias, SteerMoE, calibrate_router_bias
 from .run import generate, run_logits
 from .selectors import Positions
-from .steering import AddVector, MeanAblate, Patch, ScaleExpert, ZeroAblate, cache_points
+
+# moved modules (deprecated paths)
+_alias_module(__name__ + ".steering", __name__ + ".activation", __name__ + ".patching", __name__ + ".per_expert")
+_alias_module(__name__ + ".expert_steer", __name__ + ".per_expert")
 
 __all__ = [
     "Intervention",

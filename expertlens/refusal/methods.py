@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..experts import expert_forward
+from ..instrument import expert_forward
 from ..interventions import AllExpertsSteer, ExpertSteer, RouterBias, SteerMoE, calibrate_router_bias
 from ..interventions.base import Intervention
 from .directions import iter_batches

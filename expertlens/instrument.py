@@ -58,7 +58,7 @@ class HookPoint(nn.Module):
 
     Example:
         >>> import torch
-        >>> from expertlens.experts import HookPoint
+        >>> from expertlens.instrument import HookPoint
         >>> hp = HookPoint()
         >>> hp.edits.append(lambda x: x * 2)
         >>> hp(torch.ones(2)).tolist()
@@ -136,7 +136,7 @@ def expertlens_experts_forward(
 
     Example:
         >>> import transformers.integrations.moe as moe
-        >>> from expertlens.experts import register_experts_implementation
+        >>> from expertlens.instrument import register_experts_implementation
         >>> register_experts_implementation()
         >>> "expertlens" in moe.ALL_EXPERTS_FUNCTIONS  # doctest: +SKIP
         True
@@ -202,7 +202,7 @@ def register_experts_implementation() -> None:
     """Register ``"expertlens"`` in transformers' experts registry (idempotent).
 
     Example:
-        >>> from expertlens.experts import register_experts_implementation
+        >>> from expertlens.instrument import register_experts_implementation
         >>> register_experts_implementation()  # idempotent; ExpertModel calls it for you
     """
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
@@ -219,7 +219,7 @@ def expert_forward(experts: torch.nn.Module, x: torch.Tensor, expert: int) -> to
 
     Example:
         >>> import torch
-        >>> from expertlens.experts import expert_forward
+        >>> from expertlens.instrument import expert_forward
         >>> from expertlens.testing import tiny_model
         >>> experts = tiny_model("olmoe").model.layers[0].mlp.experts
         >>> expert_forward(experts, torch.randn(3, 64), expert=5).shape
@@ -373,7 +373,7 @@ class Instrumentation:
 
     Example:
         >>> from expertlens import resolve_family
-        >>> from expertlens.experts import install, restore
+        >>> from expertlens.instrument import install, restore
         >>> from expertlens.testing import tiny_model
         >>> hf = tiny_model("olmoe")
         >>> inst = install(hf, resolve_family(hf))
@@ -437,7 +437,7 @@ def is_installed(model: nn.Module) -> bool:
     """Whether :func:`install` instrumented ``model`` (and :func:`restore` has not undone it).
 
     Example:
-        >>> from expertlens.experts import is_installed
+        >>> from expertlens.instrument import is_installed
         >>> from expertlens.testing import tiny_model
         >>> is_installed(tiny_model("olmoe"))
         False
@@ -452,7 +452,7 @@ def install(model: nn.Module, spec: FamilySpec, editable: list[nn.Module] = ()) 
 
     Example:
         >>> from expertlens import resolve_family
-        >>> from expertlens.experts import install, is_installed, restore
+        >>> from expertlens.instrument import install, is_installed, restore
         >>> from expertlens.testing import tiny_model
         >>> hf = tiny_model("olmoe")
         >>> _ = install(hf, resolve_family(hf))   # ExpertModel does this when wrapping
@@ -547,7 +547,7 @@ def restore(model: nn.Module) -> None:
 
     Example:
         >>> from expertlens import resolve_family
-        >>> from expertlens.experts import install, is_installed, restore
+        >>> from expertlens.instrument import install, is_installed, restore
         >>> from expertlens.testing import tiny_model
         >>> hf = tiny_model("olmoe")
         >>> _ = install(hf, resolve_family(hf))

@@ -1,4 +1,4 @@
-"""Expert-weighted steering of the MoE output (method B)."""
+"""Per-expert interventions: expert-weighted steering of the MoE output (method B), expert scaling."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from torch import Tensor
 from ..direction import Direction
 from ..model import EditHandle
 from .base import Intervention
-from .selectors import Positions, check_scalar, check_vector, resolve_experts, token_selection
+from .selectors import Positions, check_scalar, check_vector, resolve_experts, resolve_layers, token_selection
 
 if TYPE_CHECKING:
     from ..model import ExpertModel
 
-__all__ = ["ExpertSteer", "AllExpertsSteer", "WEIGHTINGS"]
+__all__ = ["ExpertSteer", "AllExpertsSteer", "ScaleExpert", "WEIGHTINGS"]
 
 WEIGHTINGS = ("router_prob", "routed_only", "constant")
 
@@ -165,3 +165,49 @@ class AllExpertsSteer(Intervention):
         except BaseException:
             tap.remove()
             raise
+
+
+@dataclass(frozen=True, eq=False)
+class ScaleExpert(Intervention):
+    """Scale one routed expert's output: ``expert_out[slot] ← α·expert_out[slot]`` wherever expert
+    ``e`` of layer ``l`` is selected (routing weights untouched), so the MoE output changes by
+    ``(α−1)·w_e·E_e(x)``. ``α = 0`` removes the expert's contribution (its routing weight is not
+    redistributed).
+
+    Example:
+        >>> from expertlens.interventions import ScaleExpert
+        >>> ScaleExpert(layer=1, expert=3, alpha=0.0)
+        ScaleExpert(layer=1, expert=3, alpha=0.0, positions=None, rows=None)
+    """
+
+    layer: int
+    expert: int
+    alpha: float
+    positions: Positions | str | Sequence[int] | None = None
+    rows: Any = None
+
+    def validate(self, model: ExpertModel) -> None:
+        resolve_experts(model, {self.layer: [self.expert]}, "ScaleExpert")
+        check_scalar(self.alpha, "ScaleExpert: alpha")
+        Positions.coerce(self.positions)
+
+    def attach(self, model: ExpertModel) -> list[EditHandle]:
+        (layer,) = resolve_layers(model, self.layer, moe_only=True)
+        pos, rows, alpha, e = Positions.coerce(self.positions), self.rows, float(self.alpha), self.expert
+        stash: dict[str, Tensor] = {}
+
+        def grab(idx, ctx):
+            stash["idx"] = idx
+            return idx
+
+        def scale(out, ctx):
+            hit = (stash.pop("idx") == e).unsqueeze(-1)  # [b, p, k, 1]
+            sel = token_selection(pos, rows, ctx, out)
+            if sel is not None:
+                hit = hit & sel[:, :, None, None]
+            return torch.where(hit, out * alpha, out)
+
+        return [
+            model.add_edit("moe.topk_indices", grab, layer=layer),
+            model.add_edit("moe.expert_out", scale, layer=layer),
+        ]
