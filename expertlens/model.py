@@ -659,7 +659,19 @@ class ExpertModel(TransformersModel):
         else:
             raise TypeError(f"`model` must be a hub name, a local folder or a torch module, got {type(model)}")
 
-        spec = resolve_family(family if family is not None else hf_model)
+        try:
+            spec = resolve_family(family if family is not None else hf_model)
+        except UnsupportedModelError as err:
+            if family is not None or "no address table" not in str(err):
+                raise
+            from .infer import infer_family
+
+            spec = infer_family(hf_model, str(err))
+        reference = None
+        if spec.inference is not None:
+            from .infer import reference_logits
+
+            reference = reference_logits(hf_model)
         info = _layer_table(hf_model, spec)
         hf_model.eval()
         if hasattr(hf_model.config, "output_router_logits"):
@@ -680,7 +692,15 @@ class ExpertModel(TransformersModel):
         object.__setattr__(self, "_tracker", tracker)
         if validate is None:
             validate = sum(p.numel() for p in hf_model.parameters()) < 1_000_000_000
-        if validate:
+        if reference is not None:
+            from .infer import verify_inferred
+
+            try:
+                verify_inferred(self, reference)
+            except Exception:
+                self.restore()
+                raise
+        elif validate:
             from .checks import check_model
 
             try:

@@ -289,3 +289,60 @@ def test_latent_moe_projection_is_refused_with_the_module_named():
     with pytest.raises(UnsupportedModelError, match=r"fc1_latent_proj is a Linear.*nn.Identity"):
         ExpertModel(hf, tiny_tokenizer())
     assert not any(".el_" in n for n, _ in hf.named_modules())
+
+
+# ---- families with no table: inferred from structure, accepted only if the truth test passes ------------------
+
+
+def test_a_family_left_out_of_the_table_is_inferred_verified_and_wrapped_with_a_warning(monkeypatch):
+    from expertlens import families
+    from expertlens.checks import check_model
+    from expertlens.infer import InferredFamilyWarning
+
+    # a registry without mellum for this test (a copy: the real one keeps its order for the docs page)
+    monkeypatch.setattr(families, "_REGISTRY", {k: v for k, v in families._REGISTRY.items() if k != "mellum"})
+    hf = tiny_model("mellum")
+    ids = make_ids()
+    with torch.no_grad():
+        reference = hf(ids).logits
+    with pytest.warns(InferredFamilyWarning, match=r"no address table for 'mellum'.*passed the truth test: "
+                      r"FamilySpec\(name='mellum'.*register_family"):
+        model = ExpertModel(hf, tiny_tokenizer())
+    spec = model.spec
+    assert (spec.moe, spec.router, spec.experts, spec.mid, spec.residual) == (
+        "mlp", "gate", "experts", "post_attention_layernorm", "pre_norm"
+    )
+    assert type(spec.rule).__name__ == "SoftmaxTopK"
+    with torch.no_grad(), model.trace(ids):
+        logits = model.logits.save()
+    assert torch.equal(logits, reference)
+    check_model(model)
+    # registering the inferred table (as the warning says) makes it explicit and silent
+    families.register_family(spec.with_(inference=None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InferredFamilyWarning)
+        ExpertModel(tiny_model("mellum"), tiny_tokenizer())
+
+
+@pytest.mark.parametrize("family", ["cohere2_moe", "gpt_oss"])
+def test_an_inferred_table_that_fails_the_truth_test_is_refused_and_the_model_left_alone(family):
+    """cohere2_moe's parallel block and gpt_oss's tuple-returning block are not what the inferred table says."""
+    hf = tiny_model(family)
+    hf.config.model_type = f"unknown_{family}"
+    ids = make_ids()
+    with torch.no_grad():
+        reference = hf(ids).logits
+    with pytest.raises(UnsupportedModelError, match=r"inferred from its structure failed the truth test .*"
+                       r"the inferred table was FamilySpec\(name='unknown_"):
+        ExpertModel(hf, tiny_tokenizer())
+    assert not any(".el_" in n or n.startswith("el_") for n, _ in hf.named_modules())
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in hf.modules()) == 0
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, reference)
+
+
+def test_a_router_no_known_rule_reproduces_is_refused_before_wrapping():
+    hf = tiny_model("phimoe")
+    hf.config.model_type = "unknown_phimoe"
+    with pytest.raises(UnsupportedModelError, match="no known routing rule reproduces PhimoeTopKRouter"):
+        ExpertModel(hf, tiny_tokenizer())
