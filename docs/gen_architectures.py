@@ -162,9 +162,21 @@ def _refused() -> str:
 
     data = [{"model_type": f"`{name}`", "reason": reason} for name, reason in sorted(REFUSED.items())]
     return (
-        "\n## Refused\n\n`ExpertModel` raises `UnsupportedModelError` with the reason for these model types "
-        "(and for FP8 block-quantised experts, MXFP4 experts running on triton kernels: load those with "
-        "`dequantize=True`).\n\n" + _table([("model_type", "`config.model_type`"), ("reason", "why")], data)
+        "\n## Refused\n\n`ExpertModel` raises `UnsupportedModelError` with the reason for these model types.\n\n"
+        + _table([("model_type", "`config.model_type`"), ("reason", "why")], data)
+        + "\n## Quantised checkpoints\n\n"
+        "* **FP8 experts** (`FineGrainedFP8Config`, `FP8Experts`): expertlens registers its implementation in "
+        "transformers' FP8 experts registry too. Each hit expert runs through the module's own FP8 GEMM "
+        "(`FP8Experts.linear`, no dequantisation), per-slot outputs pass the same points; the cost is the FP8 eager "
+        "path's per-expert loop instead of one grouped call. Outputs equal the FP8 eager implementation up to "
+        "accumulation order.\n"
+        "* **MXFP4 experts on triton kernels** (GPT-OSS, `Mxfp4GptOssExperts`): refused, since the kernel fuses "
+        "each expert's output with its routing weight. Load with `quantization_config=Mxfp4Config(dequantize=True)` "
+        "(bf16 experts, exact points).\n"
+        "* **bitsandbytes 4/8-bit**: only `nn.Linear` layers are quantised and fused experts stay in bf16, so every "
+        "MoE point is exact. A quantised attention output projection makes `attn.o_weight` / `attn.head_out` "
+        "raise `PointError` (`attn.z` and `attn.output` work); keep it dense with "
+        "`llm_int8_skip_modules=['o_proj', 'lm_head']`.\n"
     )
 
 

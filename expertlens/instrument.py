@@ -35,6 +35,7 @@ __all__ = [
     "HookPoint",
     "EXPERTS_IMPLEMENTATION",
     "expertlens_experts_forward",
+    "expertlens_fp8_experts_forward",
     "expert_forward",
     "register_experts_implementation",
     "Instrumentation",
@@ -198,8 +199,51 @@ def expertlens_experts_forward(
     return weighted.sum(dim=1).to(hidden_states.dtype)
 
 
+def expertlens_fp8_experts_forward(
+    self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+) -> Tensor:
+    """The ``"expertlens"`` implementation for transformers' FP8 experts (``FP8Experts``, fine-grained FP8).
+
+    Each hit expert runs through the module's own ``linear`` (the FP8 block-scaled GEMM of its eager path,
+    or ``F.linear`` for dequantised weights); per-slot outputs pass the same hook points as the fused
+    implementation before the routing weights multiply them. Cost: one FP8 GEMM pair per hit expert (the
+    eager path's loop) instead of one grouped call, so it is slower than FP8 ``grouped_mm`` on many
+    experts; no weight is dequantised. Results equal the FP8 eager implementation up to accumulation
+    order (it sums the k slots per token instead of ``index_add_`` over experts).
+
+    Example:
+        >>> from expertlens.instrument import register_experts_implementation
+        >>> register_experts_implementation()   # registers this one in the FP8 registry too
+    """
+    n_tokens, hidden_dim = hidden_states.shape
+    k = top_k_index.size(-1)
+    per_slot = hidden_states.new_zeros(n_tokens, k, hidden_dim)
+    static = getattr(self, "activation_scheme", "dynamic") == "static"
+    for expert in torch.unique(top_k_index).tolist():
+        if expert >= self.num_experts:
+            continue  # sentinel / expert-parallel slots produce nothing
+        tok, slot = torch.where(top_k_index == expert)
+        if self.has_gate:
+            w_up, s_up = self.gate_up_proj[expert], self.gate_up_proj_scale_inv[expert]
+        else:
+            w_up, s_up = self.up_proj[expert], self.up_proj_scale_inv[expert]
+        act = self.gate_up_proj_activation_scale[expert] if static else None
+        h = self.linear(hidden_states[tok], w_up, s_up, activation_scale=act)
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+        act = self.down_proj_activation_scale[expert] if static else None
+        per_slot[tok, slot] = self.linear(h, self.down_proj[expert], self.down_proj_scale_inv[expert],
+                                          activation_scale=act).to(per_slot.dtype)
+    point = self._modules.get("el_expert_out")
+    if point is not None:
+        b, p = _bp(self.__dict__.get("_el_shape"), n_tokens)
+        per_slot = per_slot.view(b, p, k, hidden_dim)
+        self.el_expert_view((top_k_index.view(b, p, k), per_slot))
+        per_slot = point(per_slot).reshape(n_tokens, k, hidden_dim)
+    return (per_slot * top_k_weights.unsqueeze(-1).to(per_slot.dtype)).sum(dim=1).to(hidden_states.dtype)
+
+
 def register_experts_implementation() -> None:
-    """Register ``"expertlens"`` in transformers' experts registry (idempotent).
+    """Register ``"expertlens"`` in transformers' experts registry (idempotent), and in its FP8 one.
 
     Example:
         >>> from expertlens.instrument import register_experts_implementation
@@ -209,6 +253,12 @@ def register_experts_implementation() -> None:
 
     if EXPERTS_IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
         ExpertsInterface.register(EXPERTS_IMPLEMENTATION, expertlens_experts_forward)
+    try:
+        from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS, FP8ExpertsInterface
+    except ImportError:  # pragma: no cover - older transformers
+        return
+    if EXPERTS_IMPLEMENTATION not in ALL_FP8_EXPERTS_FUNCTIONS:
+        FP8ExpertsInterface.register(EXPERTS_IMPLEMENTATION, expertlens_fp8_experts_forward)
 
 
 def expert_forward(experts: torch.nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
@@ -397,13 +447,6 @@ def _check_experts(layer: int, experts: nn.Module, block: nn.Module, spec: Famil
     from .families import UnsupportedModelError
 
     cls = type(experts).__name__
-    if "FP8" in cls or "Fp8" in cls:
-        raise UnsupportedModelError(
-            f"layer {layer}: {cls} holds FP8-quantised experts with block scales; expertlens's experts function "
-            "computes from unquantised fused weights and would silently use the raw FP8 codes. Load the model with "
-            "FineGrainedFP8Config(dequantize=True) (experts in bf16: about 2x the expert memory, no per-call cost), "
-            "or without quantization_config"
-        )
     if "Mxfp4" in cls:
         raise UnsupportedModelError(
             f"layer {layer}: {cls} runs MXFP4 experts through triton kernels, which compute each expert's output and "

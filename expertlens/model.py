@@ -133,7 +133,9 @@ class AttentionPoints:
     @property
     def o_weight(self) -> Float[Tensor, "d_model heads d_head"]:
         """The output projection as ``[d_model, heads, d_head]`` (a view of the real weight)."""
-        w = get_module(self._model._module, self._o_path).weight
+        if self._o_path is None:
+            self._o  # noqa: B018  (raises the no-projection / no-attention error)
+        w = _dense_o_weight(get_module(self._model._module, self._o_path), self.layer)
         return w.view(w.shape[0], self.n_heads, self.d_head)
 
     @property
@@ -164,8 +166,9 @@ class AttentionPoints:
 
     @property
     def head_out(self) -> Float[Tensor, "batch pos heads d_model"]:
+        w = self.o_weight  # before reading z: a quantised W_O refuses before the trace requests anything
         z = self.z
-        return torch.einsum("bphk,dhk->bphd", z, self.o_weight.to(z.dtype))
+        return torch.einsum("bphk,dhk->bphd", z, w.to(z.dtype))
 
     @head_out.setter
     def head_out(self, value: Tensor) -> None:
@@ -936,12 +939,13 @@ class ExpertModel(TransformersModel):
             if point == "attn.z":
                 return pre_edit(info["o_proj"], view=lambda x: x.view(*x.shape[:-1], h, dh))
             o_proj = mod(info["o_proj"])
+            _dense_o_weight(o_proj, layer)
             st = o_proj.__dict__["_el_edit_state"]
 
             def head_edit(out, args, kwargs):
                 z = args[0] if args else next(iter(kwargs.values()))
                 z = z.view(*z.shape[:-1], h, dh)
-                w = o_proj.weight.view(o_proj.weight.shape[0], h, dh).to(z.dtype)
+                w = _dense_o_weight(o_proj, layer).view(o_proj.weight.shape[0], h, dh).to(z.dtype)
                 heads = fn(torch.einsum("bphk,dhk->bphd", z, w), ctx)
                 total = heads.sum(dim=-2)
                 return total + o_proj.bias if o_proj.bias is not None else total
@@ -1087,6 +1091,21 @@ def _editable_modules(model: nn.Module, spec: FamilySpec, info: list[dict[str, A
         if module is not None and module not in mods:
             mods.append(module)
     return mods
+
+
+def _dense_o_weight(o_proj: nn.Module, layer: int) -> Tensor:
+    """``o_proj.weight`` as a dense ``[out, in]`` float matrix, or a PointError for a quantised one (bnb 4/8-bit)."""
+    w = o_proj.weight
+    shape_ok = tuple(w.shape) == (o_proj.out_features, o_proj.in_features)
+    if not shape_ok or not w.is_floating_point() or w.element_size() < 2:
+        cls = type(o_proj).__name__.removeprefix("ExpertLens")
+        raise PointError(
+            f"layer {layer}: the attention output projection is quantised ({cls}, weight "
+            f"{type(w).__name__} {tuple(w.shape)} {w.dtype}), so attn.o_weight and attn.head_out (which need W_O) are "
+            "unavailable; attn.z and attn.output still work. Keep o_proj unquantised to use them, e.g. "
+            "BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=['o_proj', 'lm_head'])"
+        )
+    return w
 
 
 def _heads(attn: nn.Module, in_features: int, config) -> tuple[int, int]:
