@@ -171,11 +171,60 @@ class Direction:
         """
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            header = (f.metadata() or {}).get(_META_KEY)
-            vector = f.get_tensor("vector")
-        meta = json.loads(header) if header else {}
-        return cls(vector, **{k: meta.get(k) for k in _FIELDS}, meta=meta.get("meta") or {})
+        path = Path(path)
+        where = f"Direction.load({str(path)!r})"
+        if not path.exists():
+            raise FileNotFoundError(f"{where}: no such file; pass a .safetensors file written by Direction.save")
+        if path.is_dir():
+            raise IsADirectoryError(
+                f"{where}: is a directory; pass a .safetensors file written by Direction.save"
+            )
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+        if head[:1] == b"\x80" or head[:2] == b"PK":  # pickle protocol 2+ / a torch.save zip archive
+            raise ValueError(
+                f"{where}: the file is a pickle (torch.save) archive, not safetensors; expertlens never unpickles "
+                "(it can run arbitrary code). Re-save the tensor with Direction(v).save(path)"
+            )
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                header = (f.metadata() or {}).get(_META_KEY)
+                keys = list(f.keys())
+                if keys != ["vector"]:
+                    raise ValueError(
+                        f"{where}: the file holds tensors {keys}; a direction file holds exactly one, named 'vector'"
+                    )
+                vector = f.get_tensor("vector")
+        except ValueError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise ValueError(f"{where}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+        if not vector.is_floating_point():
+            raise ValueError(f"{where}: 'vector' has dtype {vector.dtype}; a floating-point tensor is accepted")
+        if vector.dim() == 0 or vector.numel() == 0:
+            raise ValueError(f"{where}: 'vector' has shape {tuple(vector.shape)}; a non-empty 1-D (or N-D) tensor "
+                             "is accepted")
+        if not bool(torch.isfinite(vector).all()):
+            raise ValueError(f"{where}: 'vector' contains NaN or inf; only finite values are accepted")
+        try:
+            meta = json.loads(header) if header else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: the {_META_KEY!r} header is not valid JSON ({exc})") from exc
+        if not isinstance(meta, dict):
+            raise ValueError(f"{where}: the {_META_KEY!r} header is a {type(meta).__name__}; a JSON object is accepted")
+        types = {"family": (str,), "layer": (int,), "position": (int, str), "point": (str,), "method": (str,)}
+        for key, accepted in types.items():
+            value = meta.get(key)
+            if value is not None and (not isinstance(value, accepted) or isinstance(value, bool)):
+                names = " or ".join(t.__name__ for t in accepted)
+                raise ValueError(
+                    f"{where}: metadata field {key!r} is {value!r} ({type(value).__name__}); "
+                    f"{names} or null is accepted"
+                )
+        extra = meta.get("meta") or {}
+        if not isinstance(extra, dict):
+            raise ValueError(f"{where}: metadata field 'meta' is a {type(extra).__name__}; a JSON object is accepted")
+        return cls(vector, **{k: meta.get(k) for k in _FIELDS}, meta=extra)
 
 
 def as_tensor(value: Direction | Tensor) -> Tensor:

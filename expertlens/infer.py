@@ -126,7 +126,9 @@ def _moe_children(layer: nn.Module, d: int) -> dict[str, Any] | None:
 
 
 def _check_rule(rule: RoutingRule, router: nn.Module, block: nn.Module, extra: list, d: int, router_input: str) -> bool:
-    from .instrument import _FirstLinear
+    import torch.nn.functional as F
+
+    from .instrument import _LinearTap
 
     captured: dict[str, Tensor] = {}
 
@@ -138,9 +140,14 @@ def _check_rule(rule: RoutingRule, router: nn.Module, block: nn.Module, extra: l
     param = next(router.parameters())
     hidden = torch.randn(1, 24, d, generator=gen).to(param.device, param.dtype)
     router.__dict__["_el_owner"] = block
+    real = F.linear
     try:
-        with torch.no_grad(), _FirstLinear(on_logits):
-            out = router(hidden if router_input == "3d" else hidden.reshape(-1, d), *extra)
+        F.linear = _LinearTap(real, on_logits)  # the router's first linear call: its logits
+        try:
+            with torch.no_grad():
+                out = router(hidden if router_input == "3d" else hidden.reshape(-1, d), *extra)
+        finally:
+            F.linear = real
         if "logits" not in captured or not isinstance(out, tuple) or len(out) != 3:
             return False
         weights, idx = out[1], out[2]

@@ -27,7 +27,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from .families import FamilySpec, get_module
 
@@ -37,6 +36,7 @@ __all__ = [
     "expertlens_experts_forward",
     "expertlens_fp8_experts_forward",
     "expert_forward",
+    "global_num_experts",
     "register_experts_implementation",
     "Instrumentation",
     "install",
@@ -74,6 +74,58 @@ class HookPoint(nn.Module):
         for edit in self.edits:
             x = edit(x)
         return x
+
+
+_NNSIGHT_STATE = "__nnsight__"  # where nnsight 0.8 keeps a wrapped module's controller state
+
+
+def _quiet(point: nn.Module) -> bool:
+    """True when nothing can see or change a value passed through ``point`` in this call: no registered edit,
+    no torch hook, and no nnsight trace with workers watching the module (no trace, or one with nothing in it)."""
+    d = point.__dict__
+    if d["edits"] or d["_forward_hooks"] or d["_forward_pre_hooks"] or _global_hooks():
+        return False
+    state = d.get(_NNSIGHT_STATE)
+    return state is None or state.active()[0] is None
+
+
+def _idle(point: nn.Module) -> bool:
+    """True when ``point`` can be skipped: :func:`_quiet`, or a trace is running but no worker waits on this visit
+    of the point and no cache records it. A skipped visit inside a trace is still counted, as nnsight would count
+    it, so occurrence numbers (generation steps, ``tracer.iter``) stay right."""
+    d = point.__dict__
+    if d["edits"] or d["_forward_hooks"] or d["_forward_pre_hooks"] or _global_hooks():
+        return False
+    state = d.get(_NNSIGHT_STATE)
+    if state is None:
+        return True
+    interleaver, _, locations = state.active()
+    if interleaver is None:
+        return True
+    try:
+        parked, observers, counts = interleaver.parked, interleaver.observers, interleaver.counts
+        fragments = interleaver.fragments
+    except AttributeError:  # an nnsight whose internals differ: always run the point
+        return False
+    if fragments is not None and getattr(fragments, "enabled", False):
+        return False
+    for loc in locations:
+        if loc in parked or loc in observers:
+            return False
+    for loc in locations:
+        counts[loc] = counts.get(loc, 0) + 1
+    return True
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as _m
+
+    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks)
+
+
+def _through(point: nn.Module, x):
+    """``x`` through the hook point, skipping the module call when the point is idle."""
+    return x if _idle(point) else point(x)
 
 
 def _editable_forward(self: nn.Module, *args, **kwargs):
@@ -187,16 +239,66 @@ def expertlens_experts_forward(
     inv_perm[perm] = torch.arange(perm.size(0), device=device)
     per_slot = out[inv_perm].view(n_tokens, k, hidden_dim)
 
-    point = self._modules.get("el_expert_out")
+    if self.__dict__.get("_el_ep"):
+        # Under expert parallelism this runs on the rows other ranks sent to this rank's experts; the
+        # points are applied by the MoE block on the per-slot outputs it gets back (`_ep_per_slot`).
+        return (per_slot * top_k_weights.unsqueeze(-1)).sum(dim=1).to(hidden_states.dtype)
+    return _weigh_through_points(self, per_slot, top_k_index, top_k_weights).to(hidden_states.dtype)
+
+
+def _weigh_through_points(experts: nn.Module, per_slot: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+    """Pass per-slot outputs ``[n, k, d]`` through the experts' hook points, then weight and sum over slots."""
+    n_tokens, k, hidden_dim = per_slot.shape
+    point = experts._modules.get("el_expert_out")
     if point is not None:
-        b, p = _bp(self.__dict__.get("_el_shape"), n_tokens)
+        b, p = _bp(experts.__dict__.get("_el_shape"), n_tokens)
         per_slot = per_slot.view(b, p, k, hidden_dim)
-        # (indices, outputs) together, for single-expert reads: one value nnsight may re-read.
-        self.el_expert_view((top_k_index.view(b, p, k), per_slot))
-        per_slot = point(per_slot).reshape(n_tokens, k, hidden_dim)
+        view = experts._modules["el_expert_view"]
+        if not _idle(view):
+            # (indices, outputs) together, for single-expert reads: one value nnsight may re-read.
+            view((top_k_index.view(b, p, k), per_slot))
+        if not _idle(point):
+            per_slot = point(per_slot)
+        per_slot = per_slot.reshape(n_tokens, k, hidden_dim)
 
     weighted = per_slot * top_k_weights.unsqueeze(-1)
-    return weighted.sum(dim=1).to(hidden_states.dtype)
+    return weighted.sum(dim=1)
+
+
+def global_num_experts(experts: nn.Module) -> int:
+    """Routed experts of an experts module across all ranks (expert parallelism sets ``num_experts`` to this rank's).
+
+    Example:
+        >>> from expertlens.instrument import global_num_experts
+        >>> from expertlens.testing import tiny_model
+        >>> global_num_experts(tiny_model("olmoe").model.layers[0].mlp.experts)
+        8
+    """
+    if getattr(experts, "_is_expert_parallel", False):
+        weight = experts.gate_up_proj if getattr(experts, "has_gate", True) else experts.up_proj
+        return int(weight.shape[0])  # a DTensor's shape is the global one
+    return int(experts.num_experts)
+
+
+def _is_ep_dispatch(experts: nn.Module) -> bool:
+    """Whether transformers' expert parallelism (``ep_dispatch_experts``) wraps this experts module's forward."""
+    forward = experts.__dict__.get("forward")
+    name = getattr(forward, "__qualname__", "")
+    return name.startswith("EpDispatchExpertsParallel.install_forward.") or bool(experts.__dict__.get("_el_ep"))
+
+
+def _ep_per_slot(experts: nn.Module, flat: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    """Per-slot expert outputs ``[n, k, d]`` (before routing weights) from an expert-parallel experts module.
+
+    Every (token, slot) pair goes through transformers' own dispatch as a top-1 row with weight 1, so the
+    all-to-all moves exactly the rows it moves for top-k (``n·k``) and hands back each slot's unweighted output
+    on the rank that holds the token: every point then exists on every rank, as in one process.
+    """
+    n, k = indices.shape
+    rows = flat.repeat_interleave(k, dim=0)
+    ones = torch.ones(n * k, 1, dtype=weights.dtype, device=weights.device)
+    out = experts(rows, indices.reshape(n * k, 1), ones)
+    return out.view(n, k, -1)
 
 
 def expertlens_fp8_experts_forward(
@@ -233,13 +335,8 @@ def expertlens_fp8_experts_forward(
         act = self.down_proj_activation_scale[expert] if static else None
         per_slot[tok, slot] = self.linear(h, self.down_proj[expert], self.down_proj_scale_inv[expert],
                                           activation_scale=act).to(per_slot.dtype)
-    point = self._modules.get("el_expert_out")
-    if point is not None:
-        b, p = _bp(self.__dict__.get("_el_shape"), n_tokens)
-        per_slot = per_slot.view(b, p, k, hidden_dim)
-        self.el_expert_view((top_k_index.view(b, p, k), per_slot))
-        per_slot = point(per_slot).reshape(n_tokens, k, hidden_dim)
-    return (per_slot * top_k_weights.unsqueeze(-1).to(per_slot.dtype)).sum(dim=1).to(hidden_states.dtype)
+    weights = top_k_weights.to(per_slot.dtype)
+    return _weigh_through_points(self, per_slot, top_k_index, weights).to(hidden_states.dtype)
 
 
 def register_experts_implementation() -> None:
@@ -275,6 +372,14 @@ def expert_forward(experts: torch.nn.Module, x: torch.Tensor, expert: int) -> to
         >>> expert_forward(experts, torch.randn(3, 64), expert=5).shape
         torch.Size([3, 64])
     """
+    weights = experts.gate_up_proj if experts.has_gate else experts.up_proj
+    if weights.is_meta or experts.down_proj.is_meta:
+        raise ValueError(
+            f"expert_forward: the expert weights of {type(experts).__name__} are on the meta device (offloaded), "
+            "so they cannot be read directly; load the model without offloading (or run it through a trace, "
+            "which onloads them)"
+        )
+
     def lin(inp, w, b):
         out = inp @ w if experts.is_transposed else F.linear(inp, w)
         return out + b if b is not None else out
@@ -299,20 +404,20 @@ def expert_forward(experts: torch.nn.Module, x: torch.Tensor, expert: int) -> to
 # --------------------------------------------------------------------------------------------
 
 
-class _FirstLinear(TorchFunctionMode):
-    """Intercepts the first ``F.linear`` call made inside a router's forward (its logits)."""
+class _LinearTap:
+    """Stands in for ``torch.nn.functional.linear`` during one router call and takes its first result (the
+    router's pre-softmax logits), then puts the real function back at once, so nothing else in the router (or
+    anywhere) runs through it. Cheaper than a ``TorchFunctionMode``, which dispatches every torch call."""
 
-    def __init__(self, on_logits):
-        super().__init__()
-        self.on_logits = on_logits
-        self.done = False
+    __slots__ = ("real", "on_logits", "done")
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not self.done and func is F.linear:
-            self.done = True
-            out = self.on_logits(out)
-        return out
+    def __init__(self, real, on_logits):
+        self.real, self.on_logits, self.done = real, on_logits, False
+
+    def __call__(self, *args, **kwargs):
+        F.linear = self.real
+        self.done = True
+        return self.on_logits(self.real(*args, **kwargs))
 
 
 @dataclass
@@ -338,31 +443,65 @@ def _router_forward(self: nn.Module, hidden_states: Tensor, *args, **kwargs):
     original = st.original_class.forward
     if not st.active:
         return original(self, hidden_states, *args, **kwargs)
-    captured: dict[str, Any] = {}
-
-    def on_logits(logits: Tensor) -> Tensor:
-        flat_shape = logits.shape
-        n_experts = flat_shape[-1]
-        n_tokens = logits.numel() // n_experts
-        b, p = _bp(st.shape, n_tokens)
-        edited = self.el_router_logits(logits.reshape(b, p, n_experts)).reshape(flat_shape)
-        captured["logits"] = edited
-        captured["bp"] = (b, p)
-        return edited
-
-    with _FirstLinear(on_logits):
+    points = self._modules
+    logits_point, probs_point = points["el_router_logits"], points["el_router_probs"]
+    logits_idle = probs_idle = None  # decided now (simple routers) or when the value exists
+    if _quiet(logits_point) and _quiet(probs_point):
+        logits_idle = probs_idle = True
+    elif _is_simple_router(self):
+        # Nothing inside this router's forward can send a worker to its logits point, so whoever wants it this
+        # visit is waiting already: decide (and count a skipped visit) before the router runs. The probs point
+        # can be decided now only if nobody waits on the logits (a worker served the logits may want it next).
+        logits_idle = _idle(logits_point)
+        if logits_idle:
+            probs_idle = _idle(probs_point)
+    if logits_idle and probs_idle:
+        # Nothing reads or edits the logits: run the router untouched (no interception at all).
         first, weights, indices = original(self, hidden_states, *args, **kwargs)
-    if "logits" not in captured:
-        raise RuntimeError(
-            f"expertlens: the router of layer {st.layer} ({type(self).__name__}) made no linear call, so its "
-            "pre-softmax logits could not be intercepted; register a FamilySpec with the right router path"
-        )
-    logits, (b, p) = captured["logits"], captured["bp"]
-    n_experts, k = logits.shape[-1], indices.shape[-1]
-    self.el_router_probs(st.spec.rule.probs(logits, self).reshape(b, p, n_experts))
-    indices = self.el_topk_indices(indices.reshape(b, p, k)).reshape(-1, k)
-    weights = self.el_topk_weights(weights.reshape(b, p, k)).reshape(-1, k)
+        logits = None
+    else:
+        captured: dict[str, Any] = {}
+
+        def on_logits(logits: Tensor) -> Tensor:
+            flat_shape = logits.shape
+            n_experts = flat_shape[-1]
+            b, p = _bp(st.shape, logits.numel() // n_experts)
+            if logits_idle is False or (logits_idle is None and not _idle(logits_point)):
+                logits = logits_point(logits.reshape(b, p, n_experts)).reshape(flat_shape)
+            captured["logits"] = logits
+            return logits
+
+        real = F.linear
+        tap = F.linear = _LinearTap(real, on_logits)
+        try:
+            first, weights, indices = original(self, hidden_states, *args, **kwargs)
+        finally:
+            F.linear = real
+        if not tap.done:
+            raise RuntimeError(
+                f"expertlens: the router of layer {st.layer} ({type(self).__name__}) made no linear call, so its "
+                "pre-softmax logits could not be intercepted; register a FamilySpec with the right router path"
+            )
+        logits = captured["logits"]
+    k = indices.shape[-1]
+    b, p = _bp(st.shape, indices.numel() // k)
+    if logits is not None and (probs_idle is False or (probs_idle is None and not _idle(probs_point))):
+        # A derived read-out, computed only when something reads it.
+        probs_point(st.spec.rule.probs(logits, self).reshape(b, p, logits.shape[-1]))
+    ip, wp = points["el_topk_indices"], points["el_topk_weights"]
+    if not _idle(ip):
+        indices = ip(indices.reshape(b, p, k)).reshape(-1, k)
+    if not _idle(wp):
+        weights = wp(weights.reshape(b, p, k)).reshape(-1, k)
     return first, weights, indices
+
+
+def _is_simple_router(router: nn.Module) -> bool:
+    """A router with no submodules but expertlens' hook points and no nnsight ``.source`` instrumentation."""
+    state = router.__dict__.get(_NNSIGHT_STATE)
+    if state is not None and getattr(state, "sourced", True):
+        return False
+    return all(name in ROUTER_POINTS for name in router._modules)
 
 
 def _block_forward(self: nn.Module, hidden_states: Tensor, *args, **kwargs):
@@ -377,7 +516,11 @@ def _block_forward(self: nn.Module, hidden_states: Tensor, *args, **kwargs):
     flat = hidden_states.reshape(-1, d)
     extra = [get_module(self, name) for name in spec.router_extra]
     _, weights, indices = router(hidden_states if spec.router_input == "3d" else flat, *extra)
-    out = experts(flat, indices, weights).reshape(b, p, d)
+    if experts.__dict__.get("_el_ep"):
+        per_slot = _ep_per_slot(experts, flat, indices, weights)
+        out = _weigh_through_points(experts, per_slot, indices, weights).to(hidden_states.dtype).reshape(b, p, d)
+    else:
+        out = experts(flat, indices, weights).reshape(b, p, d)
     if spec.routed_scale is not None:
         out = out * getattr(self, spec.routed_scale)
     shared_mod = get_module(self, spec.shared) if spec.shared is not None and spec.shared_level == "block" else None
@@ -385,8 +528,8 @@ def _block_forward(self: nn.Module, hidden_states: Tensor, *args, **kwargs):
         shared = shared_mod(hidden_states if spec.shared_input == "3d" else flat)
         if spec.shared_gate is not None:
             shared = F.sigmoid(get_module(self, spec.shared_gate)(flat)) * shared
-        out = out + self.el_shared_out(shared.reshape(b, p, d))
-    out = self.el_output(out.to(hidden_states.dtype))
+        out = out + _through(self._modules["el_shared_out"], shared.reshape(b, p, d))
+    out = _through(self._modules["el_output"], out.to(hidden_states.dtype))
     if spec.returns_tuple:
         return out, weights
     return out
@@ -398,7 +541,7 @@ def _shared_forward(self: nn.Module, *args, **kwargs):
     out = st.original_class.forward(self, *args, **kwargs)
     if not st.active:
         return out
-    return self.el_shared_out(out)
+    return _through(self._modules["el_shared_out"], out)
 
 
 _SUBCLASSES: dict[tuple[type, str], type] = {}
@@ -408,7 +551,10 @@ def _swap_class(module: nn.Module, kind: str, forward) -> None:
     cls = type(module)
     key = (cls, kind)
     if key not in _SUBCLASSES:
-        _SUBCLASSES[key] = type(f"ExpertLens{cls.__name__}", (cls,), {"forward": forward})
+        # A whole model (made editable for its returned logits) keeps its class name: transformers
+        # looks models up by class name (e.g. the text-generation support check).
+        name = cls.__name__ if hasattr(cls, "config_class") else f"ExpertLens{cls.__name__}"
+        _SUBCLASSES[key] = type(name, (cls,), {"forward": forward, "__module__": cls.__module__})
     module.__class__ = _SUBCLASSES[key]
 
 
@@ -522,6 +668,13 @@ def install(model: nn.Module, spec: FamilySpec, editable: list[nn.Module] = ()) 
                 router = get_module(block, spec.router)
                 experts = get_module(block, spec.experts)
                 _check_experts(i, experts, block, spec)
+                if _is_ep_dispatch(experts):
+                    # Keep transformers' expert-parallel wrapper as the body nnsight runs (nnsight keeps it only
+                    # when a tensor-parallel mesh is present), and let the block apply the expert points.
+                    from nnsight.intervention.source import BODY_FORWARD
+
+                    experts.__dict__[BODY_FORWARD] = True
+                    experts.__dict__["_el_ep"] = True
                 for name in ROUTER_POINTS:
                     router.add_module(name, HookPoint())
                 for name in EXPERTS_POINTS:
@@ -572,6 +725,7 @@ def _undo(model: nn.Module, inst: Instrumentation) -> None:
         for name in EXPERTS_POINTS:
             module._modules.pop(name, None)
         module.__dict__.pop("_el_shape", None)
+        module.__dict__.pop("_el_ep", None)
     # Modules that got hook points but no state yet (an error mid-layer) are cleaned too.
     for module in model.modules():
         for name in ROUTER_POINTS + EXPERTS_POINTS + BLOCK_POINTS:

@@ -20,6 +20,7 @@ layer that order is the one listed above.
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -246,12 +247,12 @@ class ExpertPoint:
     @property
     def output(self) -> Float[Tensor, "n d_model"]:
         indices, out = self._moe._expert_view
-        return out[indices == self.expert]
+        return out.reshape(-1, out.shape[-1])[self._moe._expert_rows(indices, self.expert)]
 
     @output.setter
     def output(self, value: Tensor) -> None:
         indices, out = self._moe._expert_view
-        out[indices == self.expert] = value.to(out.dtype)
+        out.view(-1, out.shape[-1])[self._moe._expert_rows(indices, self.expert)] = value.to(out.dtype)
 
 
 class MoEPoints:
@@ -287,6 +288,24 @@ class MoEPoints:
                 "wrap the model again with ExpertModel(...)"
             )
         return _envoy(self._model, path)
+
+    def _expert_rows(self, indices: Tensor, expert: int) -> Tensor:
+        """Flat (batch, pos, slot) row numbers where ``expert`` was selected, in that order.
+
+        One stable sort and one host read of the per-expert counts per layer and forward, shared by every
+        ``experts[e]`` read or write of that forward (a boolean mask per expert would sync once per expert).
+        """
+        cached = self.__dict__.get("_rows")
+        if cached is None or cached[0]() is not indices:
+            flat = indices.reshape(-1)
+            order = torch.sort(flat, stable=True).indices
+            counts = torch.zeros(self.n_experts, dtype=torch.long, device=flat.device)
+            counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.long))
+            ends = counts.cumsum(0).tolist()  # the one host sync: the result's size depends on the routing
+            cached = (weakref.ref(indices), order, [0, *ends])
+            self.__dict__["_rows"] = cached
+        _, order, bounds = cached
+        return order[bounds[expert] : bounds[expert + 1]]
 
     @property
     def _expert_view(self) -> tuple[Tensor, Tensor]:
@@ -570,6 +589,75 @@ class EditContext:
         return self.attention_mask[:, self.positions].bool()
 
 
+class _StepTracker:
+    """Keeps an :class:`EditContext` up to date on every forward of the HF model.
+
+    Prefill vs decode is decided by the KV cache *object*: a forward that receives the cache the
+    previous forward returned continues that sequence (a decode step), whatever length the
+    cache reports (MiniMax's linear-attention cache reports 0). A fresh cache falls back on its
+    reported length, then on the attention mask. The hooks hold the context, never the
+    ``ExpertModel``, so the HF model does not keep its wrapper alive.
+    """
+
+    def __init__(self, ctx: EditContext, module: nn.Module):
+        self.ctx = ctx
+        self._last_cache: Any = None
+        self._last_total = 0
+        self._handles = [
+            module.register_forward_pre_hook(self.pre, with_kwargs=True),
+            module.register_forward_hook(self.post),
+        ]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._last_cache = None
+
+
+    def pre(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        if ids is None:
+            return None
+        p = ids.shape[1]
+        mask = kwargs.get("attention_mask")
+        mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        past = 0
+        if cache is not None and self._last_cache is not None and cache is self._last_cache():
+            past = self._last_total
+        elif cache is not None and hasattr(cache, "get_seq_length"):
+            try:
+                past = int(cache.get_seq_length())
+            except Exception:  # noqa: BLE001 - caches that cannot say: fall back on the mask
+                past = 0
+        if past == 0 and mask is not None and mask.shape[-1] > p:
+            past = mask.shape[-1] - p
+        total = past + p
+        ctx = self.ctx
+        ctx.forward_id += 1
+        if past == 0:  # a fresh sequence: trace, or generation's prefill
+            ctx.step, ctx.prompt_len = 0, p
+        else:
+            ctx.step += 1
+        ctx.positions = torch.arange(total - p, total, device=ids.device)
+        ctx.attention_mask = mask if mask is not None and mask.shape[-1] == total else None
+        self._pending_total = total
+        return None
+
+    def post(self, module, args, output):
+        cache = getattr(output, "past_key_values", None)
+        self._last_cache = None
+        if cache is not None:
+            try:
+                self._last_cache = weakref.ref(cache)
+            except TypeError:
+                self._last_cache = (lambda c: lambda: c)(cache)
+            self._last_total = getattr(self, "_pending_total", 0)
+        return None
+
+
 class _HookHandle:
     """An :class:`EditHandle` for an edit implemented as a torch forward pre-hook."""
 
@@ -616,9 +704,13 @@ class ExpertModel(TransformersModel):
             already-built ``PreTrainedModel``.
         tokenizer: Tokenizer to use. It is copied, never mutated (nnsight sets left padding on the
             copy). Loaded from ``model`` when omitted.
-        family: Force an address table by name instead of resolving it from ``config.model_type``.
-        validate: Run the reconstruction and routing checks on a short dummy input when wrapping.
-            Default: on for models under 1B parameters.
+        family: Force an address table (a registered name, or a :class:`FamilySpec`) instead of
+            resolving it from ``config.model_type``.
+        validate: Run the checks on a short dummy input when wrapping: the truth test
+            (:func:`expertlens.checks.check_truth`: logits and every MoE block's output equal the
+            uninstrumented model's) and the reconstruction/routing checks (:func:`~expertlens.checks.check_model`).
+            Default (``None``): on at every size, skipped only for a model whose weights sit on the meta device
+            with nothing to load them; ``False`` opts out.
         trust_remote_code: Off unless asked.
         **kwargs: ``from_pretrained`` keyword arguments, and nnsight's (``dispatch``, ``rename``).
 
@@ -662,14 +754,22 @@ class ExpertModel(TransformersModel):
         else:
             raise TypeError(f"`model` must be a hub name, a local folder or a torch module, got {type(model)}")
 
-        try:
-            spec = resolve_family(family if family is not None else hf_model)
-        except UnsupportedModelError as err:
-            if family is not None or "no address table" not in str(err):
-                raise
-            from .infer import infer_family
+        if _instrument.is_installed(hf_model) or "_el_step_tracker" in hf_model.__dict__:
+            raise ValueError(
+                f"this {type(hf_model).__name__} is already wrapped by an ExpertModel (two wrappers would share one "
+                "instrumentation and one edit state); use the existing wrapper, or call its .restore() first"
+            )
+        if isinstance(family, FamilySpec):
+            spec = family
+        else:
+            try:
+                spec = resolve_family(family if family is not None else hf_model)
+            except UnsupportedModelError as err:
+                if family is not None or "no address table" not in str(err):
+                    raise
+                from .infer import infer_family
 
-            spec = infer_family(hf_model, str(err))
+                spec = infer_family(hf_model, str(err))
         reference = None
         if spec.inference is not None:
             from .infer import reference_logits
@@ -677,25 +777,30 @@ class ExpertModel(TransformersModel):
             reference = reference_logits(hf_model)
         info = _layer_table(hf_model, spec)
         hf_model.eval()
+        editable = _editable_modules(hf_model, spec, info)
+        head = _head_transform(hf_model)
+        if head != (1.0, None):
+            editable.append(hf_model)  # the `logits` point is then the model's returned logits
+        _own_config(hf_model)
         if hasattr(hf_model.config, "output_router_logits"):
             # HF's auxiliary-loss path breaks generate() with a KV cache; analysis never needs it.
             hf_model.config.output_router_logits = False
-        editable = _editable_modules(hf_model, spec, info)
-        _instrument.install(hf_model, spec, editable)
         try:
+            _instrument.install(hf_model, spec, editable)
             super().__init__(hf_model, tokenizer=tokenizer, **nnsight_kwargs)
         except Exception:
-            _instrument.restore(hf_model)
+            _release(hf_model)
             raise
+        weakref.finalize(self, _release_ref, weakref.ref(hf_model))
         object.__setattr__(self, "spec", spec)
+        object.__setattr__(self, "_head", head)
         object.__setattr__(self, "_layer_info", info)
         object.__setattr__(self, "_point_cache", {})
         object.__setattr__(self, "edit_context", EditContext())
-        tracker = hf_model.register_forward_pre_hook(self._track_context, with_kwargs=True)
-        object.__setattr__(self, "_tracker", tracker)
-        if validate is None:
-            validate = sum(p.numel() for p in hf_model.parameters()) < 1_000_000_000
+        # Kept on the HF module (never serialised with the wrapper, e.g. for nnsight remote runs).
+        hf_model.__dict__["_el_step_tracker"] = _StepTracker(self.edit_context, hf_model)
         if reference is not None:
+            # a table inferred from structure is accepted only if the truth test passes
             from .infer import verify_inferred
 
             try:
@@ -703,14 +808,23 @@ class ExpertModel(TransformersModel):
             except Exception:
                 self.restore()
                 raise
-        elif validate:
-            from .checks import check_model
+        elif validate is None or validate:
+            from .checks import check_model, check_truth
 
-            try:
-                check_model(self)
-            except Exception:
+            runnable = _can_run(hf_model)
+            if not runnable and validate:
                 self.restore()
-                raise
+                raise ValueError(
+                    "validate=True, but some weights are on the meta device with no offload hooks to load them, "
+                    "so the model cannot run; pass validate=False to wrap it for inspection only"
+                )
+            if runnable:
+                try:
+                    check_model(self)
+                    check_truth(self)
+                except Exception:
+                    self.restore()
+                    raise
 
     # ---- identity ---------------------------------------------------------------------------
     @property
@@ -763,7 +877,9 @@ class ExpertModel(TransformersModel):
 
     @property
     def device(self) -> torch.device:
-        return next(self._module.parameters()).device
+        """Where inputs go: the device the token embedding computes on (its offload hook's execution
+        device when its weights are offloaded to ``meta``), else the first non-meta weight's."""
+        return _execution_device(self._module, self.spec.embed)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -803,12 +919,30 @@ class ExpertModel(TransformersModel):
         _envoy(self, self.spec.embed).output = value
 
     @property
+    def logits_scale(self) -> float:
+        """The factor the model multiplies the unembedding's output by (``1 / logits_scaling`` for
+        Granite-MoE, ``logit_scale`` for Cohere; 1.0 for most families). ``logits`` includes it."""
+        return self._head[0]
+
+    @property
+    def logits_softcap(self) -> float | None:
+        """``c`` when the model soft-caps its logits (``c·tanh(x/c)``, Gemma-style), else ``None``."""
+        return self._head[1]
+
+    @property
     def logits(self) -> Float[Tensor, "batch pos vocab"]:
-        """The unembedding's output."""
+        """The logits the model returns: the unembedding's output, after any scaling or soft-capping
+        the family applies to it (see :attr:`logits_scale`, :attr:`logits_softcap`)."""
+        if self._head != (1.0, None):
+            return self.output.logits
         return _envoy(self, self.spec.lm_head).output
 
     @logits.setter
     def logits(self, value: Tensor) -> None:
+        if self._head != (1.0, None):
+            current = self.output.logits
+            current[...] = value.to(current.dtype)
+            return
         _envoy(self, self.spec.lm_head).output = value
 
     @property
@@ -817,37 +951,6 @@ class ExpertModel(TransformersModel):
         return _envoy(self, self.spec.final_norm)
 
     # ---- edits --------------------------------------------------------------------------------
-    def _track_context(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")
-        if ids is None:
-            return None
-        p = ids.shape[1]
-        mask = kwargs.get("attention_mask")
-        mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
-        # Tokens already in the KV cache decide prefill vs decode; generate() may pass no mask at all
-        # (a single unpadded prompt), so the mask length is only a fallback.
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
-        past = 0
-        if cache is not None and hasattr(cache, "get_seq_length"):
-            try:
-                past = int(cache.get_seq_length())
-            except Exception:  # noqa: BLE001 - caches that cannot say: fall back on the mask
-                past = 0
-        if past == 0 and mask is not None and mask.shape[-1] > p:
-            past = mask.shape[-1] - p
-        total = past + p
-        ctx = self.edit_context
-        ctx.forward_id += 1
-        if past == 0:  # a fresh sequence: trace, or generation's prefill
-            ctx.step, ctx.prompt_len = 0, p
-        else:
-            ctx.step += 1
-        ctx.positions = torch.arange(total - p, total, device=ids.device)
-        ctx.attention_mask = mask if mask is not None and mask.shape[-1] == total else None
-        return None
-
     def add_edit(self, point: str, fn, layer: int | None = None) -> EditHandle:
         """Apply ``fn(value, ctx) -> value`` at a point on every forward until removed.
 
@@ -921,6 +1024,15 @@ class ExpertModel(TransformersModel):
         if point == "embed":
             return out_edit(self.spec.embed)
         if point == "logits":
+            if self._head != (1.0, None):  # edit the returned logits, after the family's head transform
+                st = self._module.__dict__["_el_edit_state"]
+
+                def logits_edit(out, args, kwargs):
+                    out.logits = fn(out.logits, ctx)
+                    return out
+
+                st.edits.append(logits_edit)
+                return EditHandle(st.edits, logits_edit)
             return out_edit(self.spec.lm_head)
         if point == "resid_pre":
             return pre_edit(info["path"])
@@ -995,7 +1107,9 @@ class ExpertModel(TransformersModel):
         return intervene(self, *interventions)
 
     def clear_edits(self) -> None:
-        """Remove every registered edit."""
+        """Remove every registered edit, weight edits (``OrthogonalizeWeights``) included."""
+        for handle in reversed(list(self._module.__dict__.get("_el_weight_edits", ()))):
+            handle.remove()  # latest first, so every weight gets its original back
         for module in self._module.modules():
             if isinstance(module, _instrument.HookPoint):
                 module.edits.clear()
@@ -1008,8 +1122,8 @@ class ExpertModel(TransformersModel):
                     module._forward_pre_hooks_with_kwargs.pop(key, None)
 
     def n_edits(self) -> int:
-        """How many edits are registered (0 when the model is clean)."""
-        n = 0
+        """How many edits are registered (0 when the model is clean), weight edits included."""
+        n = len(self._module.__dict__.get("_el_weight_edits", ()))
         for module in self._module.modules():
             if isinstance(module, _instrument.HookPoint):
                 n += len(module.edits)
@@ -1024,10 +1138,11 @@ class ExpertModel(TransformersModel):
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def restore(self) -> None:
-        """Undo the instrumentation: original router/block classes, no hook points, and the
-        original experts implementation. MoE points are unavailable afterwards."""
-        _instrument.restore(self._module)
-        self._tracker.remove()
+        """Undo everything wrapping did: remove every edit (weight edits restore their weights),
+        original router/block classes, no hook points, the original experts implementation and
+        config object, no step tracker and no nnsight controllers. MoE points are unavailable
+        afterwards. Idempotent; also run when the wrapper is garbage-collected."""
+        _release(self._module)
 
     def __enter__(self) -> ExpertModel:
         return self
@@ -1060,12 +1175,138 @@ def _load_tokenizer(name: str, trust_remote_code: bool):
 def _load_pretrained(name: str, tokenizer: Any, trust_remote_code: bool, kwargs: dict):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+    local = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+    if looks_local and not local.exists():
+        raise FileNotFoundError(
+            f"ExpertModel({name!r}): no such folder. Pass a local folder holding config.json and weights, a hub id "
+            "such as 'allenai/OLMoE-1B-7B-0924', or an already-built transformers model"
+        )
+    if local.is_file():
+        raise ValueError(
+            f"ExpertModel({name!r}): is a file; pass the folder holding config.json and weights (from save_pretrained)"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+    except ValueError as exc:
+        if "custom code" in str(exc) and not trust_remote_code:
+            raise ValueError(
+                f"ExpertModel({name!r}): the checkpoint needs its own Python code (config.json 'auto_map'); "
+                "expertlens never runs remote code unless asked, and its address tables cover transformers' "
+                "built-in families only. Use a checkpoint of a built-in family, or pass trust_remote_code=True "
+                "after reading that code"
+            ) from exc
+        raise
     if tokenizer is None:
         tokenizer = _load_tokenizer(name, trust_remote_code)
     else:
         tokenizer = copy.deepcopy(tokenizer)
     return model, tokenizer
+
+
+def _head_transform(model: nn.Module) -> tuple[float, float | None]:
+    """``(scale, softcap)`` the model applies after its unembedding (``(1.0, None)``: none).
+
+    Read from the config: ``logits_scaling`` (Granite-MoE divides by it), ``logit_scale`` (Cohere
+    multiplies) and ``final_logit_softcapping`` (Gemma). The truth test catches any other transform.
+    """
+    cfg = model.config
+    configs = [cfg]
+    text = getattr(cfg, "get_text_config", None)
+    if callable(text):
+        sub = text()
+        if sub is not cfg:
+            configs.append(sub)
+    scale, cap = 1.0, None
+    for c in configs:
+        ls = getattr(c, "logits_scaling", None)
+        if isinstance(ls, (int, float)) and ls != 1:
+            scale /= float(ls)
+        mult = getattr(c, "logit_scale", None)
+        if isinstance(mult, (int, float)) and mult != 1:
+            scale *= float(mult)
+        sc = getattr(c, "final_logit_softcapping", None)
+        if isinstance(sc, (int, float)) and sc:
+            cap = float(sc)
+        if scale != 1.0 or cap is not None:
+            break
+    return scale, cap
+
+
+def _own_config(model: nn.Module) -> None:
+    """Give ``model`` a private shallow copy of its config (every module that holds it), so that
+    switching its experts implementation never changes another model sharing the config object.
+    :func:`_release` puts the original object back."""
+    cfg = model.config
+    own = copy.copy(cfg)
+    for module in model.modules():
+        if module.__dict__.get("config") is cfg:
+            module.__dict__["config"] = own
+    model.__dict__["_el_shared_config"] = cfg
+
+
+def _release(hf: nn.Module) -> None:
+    """Undo wrapping on the HF model (see ``ExpertModel.restore``); safe to call repeatedly."""
+    from nnsight.intervention.source import STATE, Controller
+
+    for handle in reversed(list(hf.__dict__.get("_el_weight_edits", ()))):
+        handle.remove()  # latest first, so every weight gets its original back
+    for module in hf.modules():  # edits registered as forward pre-hooks (resid_pre, resid_mid, attn.z)
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if getattr(hook, "__qualname__", "").startswith("ExpertModel.add_edit"):
+                del module._forward_pre_hooks[key]
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+    _instrument.restore(hf)
+    tracker = hf.__dict__.pop("_el_step_tracker", None)
+    if tracker is not None:
+        tracker.remove()
+    if not hf.__dict__.get("_el_weight_edits", True):
+        del hf.__dict__["_el_weight_edits"]
+    original = hf.__dict__.pop("_el_shared_config", None)
+    if original is not None:
+        own = hf.config
+        for module in hf.modules():
+            if module.__dict__.get("config") is own:
+                module.__dict__["config"] = original
+    for module in hf.modules():
+        if isinstance(module.__dict__.get("forward"), Controller):
+            del module.__dict__["forward"]
+            module.__dict__.pop(STATE, None)
+        # With no controller left to hold the wrapped forwards, the per-module records can go too.
+        if not _instrument.is_installed(hf):
+            module.__dict__.pop("_el_edit_state", None)
+            module.__dict__.pop("_el_state", None)
+
+
+def _release_ref(ref: weakref.ref) -> None:
+    hf = ref()
+    if hf is not None:
+        try:
+            _release(hf)
+        except Exception:  # noqa: BLE001 - never raise from a finaliser
+            pass
+
+
+def _execution_device(model: nn.Module, embed_path: str) -> torch.device:
+    embed = get_module(model, embed_path)
+    for mod in (embed, model):
+        dev = getattr(getattr(mod, "_hf_hook", None), "execution_device", None)
+        if dev is not None:
+            return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+    weight = getattr(embed, "weight", None)
+    if isinstance(weight, Tensor) and not weight.is_meta:
+        return weight.device
+    for param in model.parameters():
+        if not param.is_meta:
+            return param.device
+    return next(model.parameters()).device
+
+
+def _can_run(model: nn.Module) -> bool:
+    """False when some weight is on the meta device and no accelerate offload hook can load it."""
+    if not any(p.is_meta for p in model.parameters()):
+        return True
+    return any(hasattr(m, "_hf_hook") for m in model.modules())
 
 
 class _nullcontext:
@@ -1171,7 +1412,7 @@ def _layer_table(model: nn.Module, spec: FamilySpec) -> list[dict[str, Any]]:
                 block=f"{path}.{spec.moe}",
                 router=f"{path}.{spec.moe}.{spec.router}",
                 experts=f"{path}.{spec.moe}.{spec.experts}",
-                n_experts=int(experts.num_experts),
+                n_experts=_instrument.global_num_experts(experts),
                 top_k=int(router.top_k),
             )
         rows.append(row)

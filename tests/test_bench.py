@@ -72,3 +72,20 @@ def test_docs_block_rewritten(quick):
     _, _, docs = quick
     assert "old" not in docs and "intro" in docs and "rerun notes" in docs
     assert "| row | setting |" in docs and "capture memory" in docs
+
+
+def test_gpu_bench_runs_on_cpu_tiny(tmp_path):
+    """``bench/gpu.py --device cpu --tiny`` runs the GPU benchmark's code end to end on tiny configs."""
+    gpu = pytest.importorskip("bench.gpu")
+    out = tmp_path / "gpu.json"
+    result = gpu.run(["--device", "cpu", "--tiny", "--out", str(out)], log=lambda *a: None)
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(result))
+    assert [c["name"] for c in data["configs"]] == list(gpu.CONFIGS)
+    for c in data["configs"]:
+        assert "error" not in c, c.get("error")
+        assert c["max_abs_diff_bare_vs_wrapped"] == 0.0  # shared weights, bit-identical experts function
+        assert set(c["ratios"]) >= {"trace_nothing", "trace_capture", "generate_steered_vs_hooks"}
+        assert all(math.isfinite(v) and v > 0 for v in c["tokens_per_s"].values())
+        # expertlens' steering and the plain pre-hook reference produce the same tokens
+        assert c["token_agreement_steered_vs_hooks"] == 1.0

@@ -246,7 +246,18 @@ def test_direction_save_load_and_algebra(tmp_path):
     assert (back.family, back.layer, back.position, back.point, back.method, back.meta) == (
         "olmoe", 1, -1, "resid_pre", "dim", {"n": 3},
     )
-    assert b"pickle" not in path.read_bytes()[:64]
+    # a pickle renamed to .safetensors is refused without being unpickled (it could run code)
+    sentinel = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(sentinel), "w"))
+
+    fake = tmp_path / "fake.safetensors"
+    torch.save({"vector": vec(1), "payload": Payload()}, fake)
+    with pytest.raises(ValueError, match=r"fake\.safetensors.*is a pickle .* never unpickles"):
+        Direction.load(fake)
+    assert not sentinel.exists()
     e = Direction(vec(9), family="olmoe", layer=1, method="probe")
     s = d + e
     assert torch.equal(s.vector, d.vector + e.vector) and s.layer == 1 and s.point is None

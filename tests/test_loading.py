@@ -59,6 +59,22 @@ def test_loading_kwargs_pass_through_and_remote_code_stays_off(saved, monkeypatc
     assert eo.dtype == torch.bfloat16
 
 
+def test_a_folder_with_custom_code_is_refused_without_running_it(tmp_path):
+    import json
+
+    from expertlens.testing import tiny_config
+
+    folder, sentinel = tmp_path / "custom", tmp_path / "imported"
+    folder.mkdir()
+    cfg = {**tiny_config("olmoe").to_dict(), "model_type": "my_custom_moe",
+           "auto_map": {"AutoConfig": "custom.MyConfig", "AutoModelForCausalLM": "custom.MyModel"}}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "custom.py").write_text(f"open({str(sentinel)!r}, 'w').write('ran')\n")
+    with pytest.raises(ValueError, match=r"needs its own Python code .* never runs remote code"):
+        ExpertModel(str(folder))
+    assert not sentinel.exists()
+
+
 def test_layers_on_different_devices_still_resolve(saved, tmp_path):
     """A device map that puts layer 1 on 'disk' (accelerate offload, weights moved in at forward)."""
     path, ids, reference = saved

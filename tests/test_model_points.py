@@ -311,7 +311,7 @@ def _assert_clean(model: ExpertModel, implementation: str = "expertlens"):
     assert model.n_edits() == 0
     assert model.hf_model.config._experts_implementation == implementation
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.hf_model.modules())
-    assert hooks == 1  # the context tracker on the top module, nothing else
+    assert hooks == 2  # the step tracker (pre- and post-hook) on the top module, nothing else
 
 
 def test_layer_and_expert_out_of_range_and_dense_layer(wrapped):

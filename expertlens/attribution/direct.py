@@ -133,7 +133,8 @@ class LogitDiff:
         u = w[pos].mean(0) - w[neg].mean(0)
         b = getattr(head, "bias", None)
         c = float(b[pos].detach().float().mean() - b[neg].detach().float().mean()) if b is not None else 0.0
-        return u, c
+        scale = model.logits_scale  # the family's scaling after the unembedding (Granite-MoE: 1/logits_scaling)
+        return u * scale, c * scale
 
     def describe(self) -> dict[str, Any]:
         return {"type": "logit_diff", "positive": list(self.positive),
@@ -198,6 +199,12 @@ class DirectAttribution(Intervention):
         if isinstance(self.target, LogitDiff):
             if self.layer not in (None, model.n_layers):
                 raise ValueError("a LogitDiff target is read at the final residual stream; leave layer=None")
+            if model.logits_softcap is not None:
+                raise ValueError(
+                    f"this {model.family} model soft-caps its logits (c·tanh(x/c), c = {model.logits_softcap}), "
+                    "so a logit difference is not linear in the residual stream and direct attribution to it "
+                    "would not add up; attribute a direction instead (target=<[d_model] tensor>)"
+                )
             self.target.token_ids(model)
         elif isinstance(self.target, Tensor):
             if self.target.shape != (model.d_model,):

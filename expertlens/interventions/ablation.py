@@ -17,7 +17,7 @@ from .selectors import LayerSpec, Positions, apply_masked, check_vector, resolve
 if TYPE_CHECKING:
     from ..model import EditHandle, ExpertModel
 
-__all__ = ["AblateDirection", "OrthogonalizeWeights", "WeightEditHandle", "WRITES"]
+__all__ = ["AblateDirection", "OrthogonalizeWeights", "WeightEditHandle", "WRITES", "weight_edits"]
 
 #: Residual-stream writes ``AblateDirection`` can edit, and the point each one edits.
 WRITES = {"embed": "embed", "resid_pre": "resid_pre", "attn": "attn_write", "mlp": "mlp_write"}
@@ -115,19 +115,39 @@ class WeightEditHandle:
         True
     """
 
-    def __init__(self, saved: list[tuple[nn.Parameter, Tensor]]):
+    def __init__(self, saved: list[tuple[nn.Parameter, Tensor]], stack: list | None = None):
         self._saved = saved
+        self._stack = stack if stack is not None else []
         self.active = True
+        if saved:
+            self._stack.append(self)
 
     def remove(self) -> None:
+        """Restore the weights. Weight edits on the same model are undone last-in first-out:
+        removing one while a later one is still applied raises before touching any weight (its
+        saved originals would overwrite the later edit)."""
         if not self.active:
             return
+        later = self._stack[self._stack.index(self) + 1:] if self in self._stack else []
+        if later:
+            raise RuntimeError(
+                f"OrthogonalizeWeights: this weight edit is #{self._stack.index(self) + 1} of {len(self._stack)} on "
+                f"the model, and {len(later)} applied after it are still active; remove weight edits in reverse "
+                "order (latest first), or call model.clear_edits() to undo them all. No weight was changed"
+            )
         with torch.no_grad():
             for param, original in reversed(self._saved):
                 param.copy_(original)
         self.active = False
+        if self in self._stack:
+            self._stack.remove(self)
 
     restore = remove
+
+
+def weight_edits(model: ExpertModel) -> list[WeightEditHandle]:
+    """The active weight edits on ``model``, oldest first (shared by every wrapper of the HF model)."""
+    return model.hf_model.__dict__.setdefault("_el_weight_edits", [])
 
 
 _DOWN_NAMES = ("down_proj", "w2", "fc2", "c_proj", "dense_4h_to_h", "output_linear")
@@ -225,11 +245,28 @@ class OrthogonalizeWeights(Intervention):
                 if shared is not None:
                     linear(_down_linear(shared, f"layer {i}'s shared expert"))
         d = model.d_model
+        names = {id(p): n for n, p in hf.named_parameters()}
         for param, how in out:
+            name = names.get(id(param), type(param).__name__)
+            kind = type(param).__name__
+            if param.is_meta or param.device.type == "meta":
+                raise ValueError(
+                    f"OrthogonalizeWeights: {name} is on the meta device (offloaded, e.g. device_map with disk/CPU "
+                    "offload), so it cannot be edited in place; load the model without offloading, or use "
+                    "AblateDirection (the activation-space equivalent)"
+                )
+            quantised = kind in ("Params4bit", "Int8Params") or hasattr(param, "quant_state")
+            if quantised or not param.dtype.is_floating_point:
+                raise ValueError(
+                    f"OrthogonalizeWeights: {name} is quantised ({kind}, dtype {param.dtype}); projecting its "
+                    "packed values would edit bytes, not weights. Load the model unquantised (a float dtype), "
+                    "or use AblateDirection"
+                )
             dim = -1 if how == "rows" else -2
             if param.shape[dim] != d:
                 raise ValueError(
-                    f"OrthogonalizeWeights: unexpected shape {tuple(param.shape)} for a residual write"
+                    f"OrthogonalizeWeights: {name} has shape {tuple(param.shape)}; a residual write needs "
+                    f"d_model = {d} on dim {dim}"
                 )
         return out
 
@@ -254,7 +291,7 @@ class OrthogonalizeWeights(Intervention):
         except BaseException:
             WeightEditHandle(saved).remove()
             raise
-        return WeightEditHandle(saved)
+        return WeightEditHandle(saved, weight_edits(model))
 
     def attach(self, model: ExpertModel) -> list[Any]:
         return [self.apply(model)]

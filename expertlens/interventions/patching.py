@@ -117,6 +117,12 @@ class Patch(Intervention):
                     f"Patch: source for {self.point!r} layer {layer} has shape {tuple(src.shape)}; accepted "
                     f"is [batch, pos, {', '.join(map(str, shape))}]"
                 )
+            if src.is_floating_point() and not bool(torch.isfinite(src).all()):
+                bad = int((~torch.isfinite(src)).sum())
+                raise ValueError(
+                    f"Patch: source for {self.point!r} layer {layer} contains {bad} NaN/inf value(s); only finite "
+                    "sources are accepted (was the source run itself broken?)"
+                )
             out[layer] = src.detach().to(model.device)
         return out
 
@@ -139,9 +145,7 @@ class Patch(Intervention):
                     )
                 absolute = ctx.positions if ctx.positions is not None else torch.arange(p)
                 absolute = absolute.to(src.device)
-                inside = absolute < src.shape[1]
-                if not bool(inside.any()):
-                    return x
+                inside = absolute < src.shape[1]  # past the source (generated tokens): kept as they are
                 gathered = src[:, absolute.clamp(max=src.shape[1] - 1)].to(x)
                 sel = token_selection(pos, rows, ctx, x)
                 keep = inside.unsqueeze(0).expand(b, p)

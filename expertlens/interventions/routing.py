@@ -100,7 +100,9 @@ def _guarantee(
         stash["logits"] = logits
         return logits
 
-    def fix_indices(idx, ctx):
+    def fix_indices(idx, ctx, masked=masked, forced=forced):
+        masked = masked.to(idx.device) if masked is not None else None
+        forced = forced.to(idx.device) if forced is not None else None
         bad = torch.zeros(idx.shape[:-1], dtype=torch.bool, device=idx.device)
         if masked is not None and len(masked):
             bad |= torch.isin(idx, masked).any(-1)
@@ -110,8 +112,8 @@ def _guarantee(
         if sel is not None:
             bad &= sel
         stash["bad"] = bad
-        if not bool(bad.any()):
-            return idx
+        # Re-routed every forward and selected with `where` (no `if bad.any()`: that would be a host sync per
+        # layer per step); where no token is bad the result is `idx` exactly.
         logits = stash["logits"]
         w, new = _reroute(model, layer, logits.reshape(-1, logits.shape[-1]), masked, forced)
         stash["w"] = w.reshape(*idx.shape)
@@ -119,8 +121,6 @@ def _guarantee(
 
     def fix_weights(w, ctx):
         bad = stash.pop("bad")
-        if not bool(bad.any()):
-            return w
         return torch.where(bad.unsqueeze(-1), stash.pop("w").to(w.dtype), w)
 
     return [
@@ -167,9 +167,10 @@ class MaskExperts(Intervention):
         pos, rows = Positions.coerce(self.positions), self.rows
         handles = []
         for layer, ex in resolve_experts(model, self.experts, "MaskExperts").items():
-            idx = torch.tensor(ex, device=model.device)
+            idx = torch.tensor(ex, device=layer_device(model, layer))
 
             def edit(logits, ctx, idx=idx):
+                idx = idx.to(logits.device)
                 new = logits.clone()
                 new[..., idx] = MASK_VALUE
                 return apply_masked(logits, new, token_selection(pos, rows, ctx, logits))
@@ -179,7 +180,34 @@ class MaskExperts(Intervention):
         return handles
 
 
-def _force_logits(model: ExpertModel, layer: int, logits: Tensor, forced: Tensor, margin: float) -> Tensor:
+def layer_device(model: ExpertModel, layer: int) -> torch.device:
+    """The device layer ``layer``'s router computes on (``device_map`` may spread layers over devices).
+
+    An offloaded router (weights on ``meta``, loaded by an accelerate hook) computes on the hook's
+    execution device.
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.interventions.routing import layer_device
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> layer_device(ExpertModel(tiny_model("olmoe"), tiny_tokenizer()), 1).type
+        'cpu'
+    """
+    router = _router(model, layer)
+    for mod in (router, *router.modules()):
+        hook = getattr(mod, "_hf_hook", None)
+        dev = getattr(hook, "execution_device", None)
+        if dev is not None:
+            return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
+    for t in (*router.parameters(), *router.buffers()):
+        if not t.is_meta:
+            return t.device
+    return model.device
+
+
+def _force_logits(
+    model: ExpertModel, layer: int, logits: Tensor, forced: Tensor, margin: float, forced_ids: Sequence[int] = ()
+) -> Tensor:
     """Raise the forced experts' logits so the family's selection score ranks them first."""
     rule, router = model.spec.rule, _router(model, layer)
     new = logits.clone()
@@ -191,7 +219,7 @@ def _force_logits(model: ExpertModel, layer: int, logits: Tensor, forced: Tensor
         # Selection score s = sigmoid(l) + bias. Forced experts need s_f > max over others.
         bias = router.e_score_correction_bias.to(torch.float32)
         score = logits.float().sigmoid() + bias
-        best_other = score[..., others].max(dim=-1, keepdim=True).values
+        best_other = score.masked_fill(~others, float("-inf")).max(dim=-1, keepdim=True).values
         need = (best_other + margin - bias[forced]).clamp(1e-6, 1 - 1e-6)
         target = torch.logit(need).to(logits)
         new[..., forced] = torch.maximum(logits[..., forced], target)
@@ -200,19 +228,20 @@ def _force_logits(model: ExpertModel, layer: int, logits: Tensor, forced: Tensor
         big = torch.full_like(new[..., forced], torch.finfo(logits.dtype).max / 4)
         new[..., forced] = torch.where(saturate, big, new[..., forced])
     else:
-        top = logits[..., others].max(dim=-1, keepdim=True).values
+        top = logits.masked_fill(~others, float("-inf")).max(dim=-1, keepdim=True).values
         new[..., forced] = torch.maximum(logits[..., forced], top + margin)
     if groups is not None:
         n_group, topk_group = groups
         size = E // n_group
-        forced_groups = sorted({int(e) // size for e in forced.tolist()})
+        # from the host-side ids (reading them off the device tensor would sync every step)
+        forced_groups = sorted({int(e) // size for e in (forced_ids or forced.tolist())})
         if len(forced_groups) == topk_group:
             # Only the forced experts' groups can be chosen: the rest cannot win any slot, so masking
             # them changes nothing but makes the group choice certain.
             keep = torch.zeros(E, dtype=torch.bool, device=logits.device)
             for g in forced_groups:
                 keep[g * size : (g + 1) * size] = True
-            new[..., ~keep] = MASK_VALUE
+            new = new.masked_fill(~keep, MASK_VALUE)
     return new
 
 
@@ -268,10 +297,10 @@ class ForceExperts(Intervention):
         pos, rows, margin = Positions.coerce(self.positions), self.rows, float(self.margin)
         handles = []
         for layer, ex in resolve_experts(model, self.experts, "ForceExperts").items():
-            idx = torch.tensor(ex, device=model.device)
+            idx = torch.tensor(ex, device=layer_device(model, layer))
 
-            def edit(logits, ctx, idx=idx, layer=layer):
-                new = _force_logits(model, layer, logits, idx, margin)
+            def edit(logits, ctx, idx=idx, layer=layer, ids=tuple(ex)):
+                new = _force_logits(model, layer, logits, idx.to(logits.device), margin, ids)
                 return apply_masked(logits, new, token_selection(pos, rows, ctx, logits))
 
             handles.append(model.add_edit("moe.router_logits", edit, layer=layer))
@@ -352,7 +381,7 @@ class RouterBias(Intervention):
                 raise ValueError(f"RouterBias: layer {layer} bias has shape {tuple(b.shape)}; accepted is ({E},)")
             if not bool(torch.isfinite(b).all()):
                 raise ValueError(f"RouterBias: layer {layer} bias has NaN/inf; only finite values are accepted")
-            out[layer] = b.detach().to(device=model.device, dtype=torch.float32)
+            out[layer] = b.detach().to(device=layer_device(model, layer), dtype=torch.float32)
         return out
 
     def validate(self, model: ExpertModel) -> None:
@@ -481,10 +510,12 @@ class SteerMoE(Intervention):
         pos, rows, eps = Positions.coerce(self.positions), self.rows, float(self.eps)
         handles = []
         for layer in sorted(set(act) | set(deact)):
-            a = torch.tensor(act.get(layer, []), dtype=torch.long, device=model.device)
-            d = torch.tensor(deact.get(layer, []), dtype=torch.long, device=model.device)
+            dev = layer_device(model, layer)
+            a = torch.tensor(act.get(layer, []), dtype=torch.long, device=dev)
+            d = torch.tensor(deact.get(layer, []), dtype=torch.long, device=dev)
 
             def edit(logits, ctx, a=a, d=d):
+                a, d = a.to(logits.device), d.to(logits.device)
                 s = torch.log_softmax(logits.float(), dim=-1)
                 hi = s.max(dim=-1, keepdim=True).values + eps
                 lo = s.min(dim=-1, keepdim=True).values - eps

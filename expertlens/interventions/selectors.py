@@ -311,7 +311,14 @@ def check_vector(
         )
     if not bool(torch.isfinite(v).all()):
         raise ValueError(f"{what}: vector contains NaN or inf values; only finite vectors are accepted")
-    return v.detach().to(device=model.device, dtype=model.dtype)
+    cast = v.detach().to(device=model.device, dtype=model.dtype)
+    if not bool(torch.isfinite(cast).all()):
+        big = float(v.detach().abs().max())
+        raise ValueError(
+            f"{what}: vector is finite in {v.dtype} but overflows to inf in the model's {model.dtype} "
+            f"(max |value| {big:.3g} > {torch.finfo(model.dtype).max:.3g}); rescale it"
+        )
+    return cast
 
 
 def check_scalar(value: Any, what: str) -> float:
