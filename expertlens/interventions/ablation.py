@@ -146,7 +146,21 @@ class WeightEditHandle:
 
 
 def weight_edits(model: ExpertModel) -> list[WeightEditHandle]:
-    """The active weight edits on ``model``, oldest first (shared by every wrapper of the HF model)."""
+    """The active weight edits on ``model``, oldest first (shared by every wrapper of the HF model).
+
+    Example:
+        >>> import torch
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.interventions import OrthogonalizeWeights
+        >>> from expertlens.interventions.ablation import weight_edits
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+        >>> with model.intervene(OrthogonalizeWeights(torch.ones(model.d_model))):
+        ...     len(weight_edits(model))
+        1
+        >>> len(weight_edits(model))
+        0
+    """
     return model.hf_model.__dict__.setdefault("_el_weight_edits", [])
 
 
