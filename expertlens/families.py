@@ -697,6 +697,8 @@ REFUSED: dict[str, str] = {
     "logits), so the shared output depends on router internals the generic block cannot reproduce",
     "axk1": "the MoE block normalises its output (post_mlp_layernorm) after adding expert outputs, so per-expert "
     "contributions do not sum to the block's output",
+    "dbrx": "experts are unfused 2-D weights (w1/v1/w2 of shape [E*I, d]) looped over in Python and top-k is taken "
+    "in a block method, not a router module: there is no decorated experts module to expose per-slot outputs",
     "doge": "Doge's MoE (CDMoE) retrieves product-key embedding experts by key scores: there is no router/experts "
     "pair; its configs with is_moe=False build a dense model",
 }
@@ -851,6 +853,12 @@ for _spec in [
         )
         for name in ("granitemoeshared", "granitemoe_swa")
     ],
+    FamilySpec(
+        "granitemoehybrid", ("granitemoehybrid",), rule=TopKThenSoftmax(float_logits=True), moe="block_sparse_moe",
+        router="router", residual="scaled", shared="shared_mlp", shared_level="layer", attn_optional=True,
+        notes="hybrid: Mamba-2 layers have no attention points; residual_multiplier scales sublayer writes; the "
+        "layer-level shared_mlp is moe.shared_out",
+    ),
     FamilySpec("llama", ("llama",), rule=None, is_moe=False, notes="dense: residual and attention points"),
     FamilySpec("qwen2", ("qwen2",), rule=None, is_moe=False, notes="dense: residual and attention points"),
 ]:

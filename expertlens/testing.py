@@ -16,7 +16,7 @@ from . import _tiny_configs
 
 __all__ = [
     "TINY_CONFIGS", "tiny_config", "tiny_model", "tiny_tokenizer", "expert_forward", "MOE_FAMILIES", "DENSE_FAMILIES",
-    "ALL_MOE_TYPES", "coverage_families",
+    "ALL_MOE_TYPES", "EXTRA_MOE_CONFIGS", "coverage_families",
 ]
 
 _COMMON = dict(
@@ -104,6 +104,23 @@ for _name, _cfg in _tiny_configs.COVERAGE_CONFIGS.items():
 #: Every text MoE causal-LM type with a tiny config, supported or refused (``REFUSED``).
 ALL_MOE_TYPES = tuple(sorted(_tiny_configs.COVERAGE_CONFIGS))
 
+#: MoE types outside those 54 whose tiny configs needed care (hybrid Mamba state sizes, DSA indexer, DBRX's
+#: nested configs and its broken defaults in 5.24).
+EXTRA_MOE_CONFIGS: dict[str, dict] = {
+    "granitemoehybrid": {
+        **_COMMON, **_MOE, "residual_multiplier": 0.5, "shared_intermediate_size": 64,
+        "layer_types": ["mamba", "attention"], "mamba_d_state": 16, "mamba_n_heads": 4, "mamba_d_head": 32,
+        "mamba_n_groups": 1, "mamba_expand": 2,
+    },
+    "deepseek_v32": {**TINY_CONFIGS["deepseek_v3"], "index_n_heads": 2, "index_head_dim": 16, "index_topk": 4},
+    "dbrx": {
+        "d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 256, "vocab_size": 256,
+        "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 8, "moe_top_k": 2},
+        "attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0, "kv_n_heads": 2},
+    },
+}
+TINY_CONFIGS.update(EXTRA_MOE_CONFIGS)
+
 
 def coverage_families() -> tuple[str, ...]:
     """Every text MoE ``model_type`` with a tiny config that an address table supports (sorted).
@@ -116,7 +133,7 @@ def coverage_families() -> tuple[str, ...]:
     from .families import REFUSED, resolve_family
 
     out = []
-    for name in ALL_MOE_TYPES:
+    for name in sorted((*ALL_MOE_TYPES, *EXTRA_MOE_CONFIGS)):
         if name in REFUSED:
             continue
         try:
