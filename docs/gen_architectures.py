@@ -145,15 +145,17 @@ def render() -> str:
 def _coverage() -> str:
     import transformers
 
-    from expertlens.testing import ALL_MOE_TYPES, coverage_families
+    from expertlens.testing import ALL_MOE_TYPES, EXTRA_MOE_CONFIGS, coverage_families
 
-    n = len(coverage_families())
+    supported = coverage_families()
+    n = len(set(supported) & set(ALL_MOE_TYPES))
+    extra = ", ".join(f"`{t}`" for t in sorted(set(supported) & set(EXTRA_MOE_CONFIGS)))
     return (
         f"Checked against transformers {transformers.__version__}: {n} of its {len(ALL_MOE_TYPES)} text MoE causal-LM "
         f"types (text towers of multimodal models included) are addressed exactly, each tested on a tiny config "
-        f"(`tests/test_coverage.py`); the other {len(ALL_MOE_TYPES) - n} are refused with the structural reason "
-        "below. A model type with no table is wrapped only if a table inferred from its structure passes the "
-        "truth test (with a warning naming the table; see `expertlens.infer`).\n\n"
+        f"(`tests/test_coverage.py`), and so are {extra}; the other {len(ALL_MOE_TYPES) - n} are refused with the "
+        "structural reason below. A model type with no table is wrapped only if a table inferred from its structure "
+        "passes the truth test (with a warning naming the table; see `expertlens.infer`).\n\n"
     )
 
 
