@@ -81,7 +81,8 @@ def check_model(model: ExpertModel, n_tokens: int = 6, atol: float = 1e-4) -> No
     rows = capture_moe(model, ids)
     for layer, row in zip(model.moe_layers, rows):
         w, idx = row["topk_weights"], row["topk_indices"]
-        recon = (row["expert_out"].float() * w.float().unsqueeze(-1)).sum(dim=-2)
+        w_eff = torch.ones_like(w) if model.spec.weights_on_input else w  # Llama-4: weights inside expert_out
+        recon = (row["expert_out"].float() * w_eff.float().unsqueeze(-1)).sum(dim=-2)
         recon = recon * model.spec.routed_factor(model._module.get_submodule(model._layer_info[layer]["block"]))
         if "shared_out" in row and model.spec.shared_level == "block":
             recon = recon + row["shared_out"].float()

@@ -496,6 +496,13 @@ class FamilySpec:
         block_requires: ``(attribute, value)`` pairs an MoE block with a shared expert must satisfy for
             the generic block forward to be exact (how it combines the shared output); anything else is
             refused with the attribute named.
+        router_returns: ``"topk"`` (``(logits, topk_weights, topk_indices)``) or ``"dense_scores"``
+            (``(scores [T, E], logits)`` with zeros off the top-k, Llama-4; the top-k is read from the logits).
+        experts_kind: ``"fused"`` (a decorated fused experts module) or ``"dense_input_scaled"`` (Llama-4: a
+            dense bmm over every expert whose *input* is multiplied by the routing weight). For the latter,
+            ``expert_out`` is each chosen expert applied to its weight-scaled input and
+            ``moe.output == Σ_k expert_out + shared_out`` (exact for top-k ≤ 2; Llama-4 routes top-1).
+        flat_output: The block returns ``[T, d]`` rather than ``[b, p, d]`` (Llama-4).
         inference: ``None`` for a registered table; for a table inferred from structure, the text of
             the warning that names it.
 
@@ -538,6 +545,9 @@ class FamilySpec:
     attn_optional: bool = False
     attn_exclude: tuple[str, ...] = ("*Mamba*", "*ShortConv*", "*MoE", "*Moe", "*MLP")
     block_requires: tuple[tuple[str, object], ...] = ()
+    router_returns: Literal["topk", "dense_scores"] = "topk"
+    experts_kind: Literal["fused", "dense_input_scaled"] = "fused"
+    flat_output: bool = False
     inference: str | None = None
 
     # ---- helpers used by the model layer ---------------------------------------------------
@@ -589,6 +599,11 @@ class FamilySpec:
         if get_module(block, self.router) is None or get_module(block, self.experts) is None:
             return None
         return block
+
+    @property
+    def weights_on_input(self) -> bool:
+        """Routing weights scale the experts' *input* (Llama-4): ``moe.output == Σ_k expert_out (+ shared)``."""
+        return self.experts_kind == "dense_input_scaled"
 
     def routed_factor(self, block: nn.Module) -> float:
         """The factor the MoE block multiplies its routed output by outside the router (1.0 for most).
@@ -687,8 +702,6 @@ REFUSED: dict[str, str] = {
     "returns probabilities, not logits",
     "jetmoe": "experts are unfused ParallelExperts called with per-expert token counts (no @use_experts_implementation "
     "module), and attention is itself a mixture of attention heads with its own router",
-    "llama4_text": "experts are not a decorated fused module: a dense bmm runs every expert on every token, with the "
-    "router's sigmoid scores multiplying the experts' *input*, so no per-slot output exists before a routing weight",
     "longcat_flash": "zero-computation experts (indices >= n_routed_experts are identities) and two attention and two "
     "MLP sublayers per layer around a shortcut-connected MoE",
     "zaya": "the router is an MLP over a down-projected state threaded from layer to layer, with a skip-expert slot; "
@@ -858,6 +871,13 @@ for _spec in [
         router="router", residual="scaled", shared="shared_mlp", shared_level="layer", attn_optional=True,
         notes="hybrid: Mamba-2 layers have no attention points; residual_multiplier scales sublayer writes; the "
         "layer-level shared_mlp is moe.shared_out",
+    ),
+    FamilySpec(
+        "llama4_text", ("llama4_text",), rule=TopKThenScore(fn="sigmoid"), moe="feed_forward", router="router",
+        shared="shared_expert", router_returns="dense_scores", experts_kind="dense_input_scaled", flat_output=True,
+        returns_tuple=True,
+        notes="text tower of Llama-4: sigmoid routing weights scale the experts' input (a dense bmm over all "
+        "experts); expert_out is each chosen expert on its scaled input, moe.output = Σ_k expert_out + shared_out",
     ),
     FamilySpec("llama", ("llama",), rule=None, is_moe=False, notes="dense: residual and attention points"),
     FamilySpec("qwen2", ("qwen2",), rule=None, is_moe=False, notes="dense: residual and attention points"),

@@ -372,13 +372,17 @@ def expert_forward(experts: torch.nn.Module, x: torch.Tensor, expert: int) -> to
         >>> expert_forward(experts, torch.randn(3, 64), expert=5).shape
         torch.Size([3, 64])
     """
-    weights = experts.gate_up_proj if experts.has_gate else experts.up_proj
+    weights = experts.gate_up_proj if getattr(experts, "has_gate", True) else experts.up_proj
     if weights.is_meta or experts.down_proj.is_meta:
         raise ValueError(
             f"expert_forward: the expert weights of {type(experts).__name__} are on the meta device (offloaded), "
             "so they cannot be read directly; load the model without offloading (or run it through a trace, "
             "which onloads them)"
         )
+
+    if not hasattr(experts, "has_gate"):  # Llama-4's dense experts: gate_up [E, d, 2I], down [E, I, d]
+        gate, up = (x @ experts.gate_up_proj[expert]).chunk(2, dim=-1)
+        return (up * experts.act_fn(gate)) @ experts.down_proj[expert]
 
     def lin(inp, w, b):
         out = inp @ w if experts.is_transposed else F.linear(inp, w)
@@ -457,7 +461,7 @@ def _router_forward(self: nn.Module, hidden_states: Tensor, *args, **kwargs):
             probs_idle = _idle(probs_point)
     if logits_idle and probs_idle:
         # Nothing reads or edits the logits: run the router untouched (no interception at all).
-        first, weights, indices = original(self, hidden_states, *args, **kwargs)
+        first, weights, indices = _topk_triple(st, self, original(self, hidden_states, *args, **kwargs))
         logits = None
     else:
         captured: dict[str, Any] = {}
@@ -474,7 +478,7 @@ def _router_forward(self: nn.Module, hidden_states: Tensor, *args, **kwargs):
         real = F.linear
         tap = F.linear = _LinearTap(real, on_logits)
         try:
-            first, weights, indices = original(self, hidden_states, *args, **kwargs)
+            first, weights, indices = _topk_triple(st, self, original(self, hidden_states, *args, **kwargs))
         finally:
             F.linear = real
         if not tap.done:
@@ -494,6 +498,28 @@ def _router_forward(self: nn.Module, hidden_states: Tensor, *args, **kwargs):
     if not _idle(wp):
         weights = wp(weights.reshape(b, p, k)).reshape(-1, k)
     return first, weights, indices
+
+
+def _topk_triple(st: _State, router: nn.Module, out) -> tuple[Tensor, Tensor, Tensor]:
+    """The router's result as ``(logits, topk_weights, topk_indices)`` (``FamilySpec.router_returns``)."""
+    if st.spec.router_returns == "dense_scores":
+        scores, logits = out
+        indices = torch.topk(logits, int(router.top_k), dim=-1)[1]  # the router's own top-k of these logits
+        return logits, scores.gather(-1, indices), indices
+    return out
+
+
+def _dense_input_scaled(experts: nn.Module, flat: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    """Llama-4's experts (``experts_kind="dense_input_scaled"``): every expert runs on every token's input scaled
+    by its routing weight (zero off the top-k, so those rows are exact zeros); per-slot outputs are the chosen
+    experts' rows, passed through the expert points and summed (the weights are already inside)."""
+    n_experts, (n_tokens, d) = int(experts.num_experts), flat.shape
+    scores = torch.zeros(n_tokens, n_experts, dtype=weights.dtype, device=weights.device)
+    scores = scores.scatter(1, indices, weights)
+    routed_in = flat.repeat(n_experts, 1) * scores.transpose(0, 1).reshape(-1, 1)
+    routed_out = experts(routed_in).view(n_experts, n_tokens, d)
+    per_slot = routed_out.permute(1, 0, 2).gather(1, indices.unsqueeze(-1).expand(-1, -1, d))
+    return _weigh_through_points(experts, per_slot, indices, torch.ones_like(weights, dtype=per_slot.dtype))
 
 
 def _is_simple_router(router: nn.Module) -> bool:
@@ -516,7 +542,9 @@ def _block_forward(self: nn.Module, hidden_states: Tensor, *args, **kwargs):
     flat = hidden_states.reshape(-1, d)
     extra = [get_module(self, name) for name in spec.router_extra]
     _, weights, indices = router(hidden_states if spec.router_input == "3d" else flat, *extra)
-    if experts.__dict__.get("_el_ep"):
+    if spec.experts_kind == "dense_input_scaled":
+        out = _dense_input_scaled(experts, flat, indices, weights).to(hidden_states.dtype).reshape(b, p, d)
+    elif experts.__dict__.get("_el_ep"):
         per_slot = _ep_per_slot(experts, flat, indices, weights)
         out = _weigh_through_points(experts, per_slot, indices, weights).to(hidden_states.dtype).reshape(b, p, d)
     else:
@@ -530,6 +558,8 @@ def _block_forward(self: nn.Module, hidden_states: Tensor, *args, **kwargs):
             shared = F.sigmoid(get_module(self, spec.shared_gate)(flat)) * shared
         out = out + _through(self._modules["el_shared_out"], shared.reshape(b, p, d))
     out = _through(self._modules["el_output"], out.to(hidden_states.dtype))
+    if spec.flat_output:
+        out = out.reshape(-1, d)
     if spec.returns_tuple:
         return out, weights
     return out
@@ -599,7 +629,7 @@ def _check_experts(layer: int, experts: nn.Module, block: nn.Module, spec: Famil
             "its routing weight in one fused call: per-expert outputs cannot be exposed. Load the model with "
             "quantization_config=Mxfp4Config(dequantize=True) (bf16 experts, exact points)"
         )
-    if not hasattr(experts, "has_gate"):
+    if not hasattr(experts, "has_gate") and spec.experts_kind == "fused":
         raise UnsupportedModelError(
             f"layer {layer}: {cls} is not a fused experts module decorated with @use_experts_implementation; "
             "expertlens needs transformers>=5 fused experts"
@@ -695,7 +725,7 @@ def install(model: nn.Module, spec: FamilySpec, editable: list[nn.Module] = ()) 
                 _swap_class(router, "router", _router_forward)
                 _swap_class(block, "block", _block_forward)
                 inst.blocks[i], inst.routers[i], inst.experts[i] = block, router, experts
-            if inst.blocks:
+            if any(hasattr(e, "has_gate") for e in inst.experts.values()):  # decorated experts only
                 model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
         for module in editable:
             if "_el_state" not in module.__dict__:

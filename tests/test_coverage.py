@@ -106,7 +106,8 @@ def test_reconstruction_and_routing_recomputation(family, cov):
         assert row["idx"].shape == row["w"].shape == (b, p, k)
         assert row["eo"].shape == (b, p, k, model.d_model)
         factor = model.spec.routed_factor(_module(model, layer, "block"))
-        recon = (row["eo"] * row["w"].unsqueeze(-1).to(row["eo"].dtype)).sum(-2) * factor
+        w_eff = torch.ones_like(row["w"]) if model.spec.weights_on_input else row["w"]  # llama4: weights on input
+        recon = (row["eo"] * w_eff.unsqueeze(-1).to(row["eo"].dtype)).sum(-2) * factor
         if "shared" in row and model.spec.shared_level == "block":
             recon = recon + row["shared"]
         torch.testing.assert_close(recon, row["out"], atol=1e-5, rtol=0)
@@ -156,7 +157,11 @@ def test_router_logit_edits_select_and_move_the_output_as_computed_by_hand(famil
     expected = torch.zeros_like(flat)
     for t in range(flat.shape[0]):
         for s in range(k):
-            expected[t] += w[t, s].to(flat.dtype) * expert_forward(experts, flat[t : t + 1], int(idx_ref[t, s]))[0]
+            ws = w[t, s].to(flat.dtype)
+            if model.spec.weights_on_input:  # llama4: the weight scales the expert's input
+                expected[t] += expert_forward(experts, flat[t : t + 1] * ws, int(idx_ref[t, s]))[0]
+            else:
+                expected[t] += ws * expert_forward(experts, flat[t : t + 1], int(idx_ref[t, s]))[0]
     expected = expected.reshape(x.shape) * model.spec.routed_factor(_module(model, layer, "block"))
     if shared is not None:
         expected = expected + shared
