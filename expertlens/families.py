@@ -503,6 +503,9 @@ class FamilySpec:
             ``expert_out`` is each chosen expert applied to its weight-scaled input and
             ``moe.output == Σ_k expert_out + shared_out`` (exact for top-k ≤ 2; Llama-4 routes top-1).
         flat_output: The block returns ``[T, d]`` rather than ``[b, p, d]`` (Llama-4).
+        block_norm: A norm the MoE block applies to its summed output (AXK1's ``post_mlp_layernorm``):
+            ``moe.output`` is the sum before it (the reconstruction identity holds there) and the norm's
+            output is the sublayer's write (``ffn_write``).
         inference: ``None`` for a registered table; for a table inferred from structure, the text of
             the warning that names it.
 
@@ -548,6 +551,7 @@ class FamilySpec:
     router_returns: Literal["topk", "dense_scores"] = "topk"
     experts_kind: Literal["fused", "dense_input_scaled"] = "fused"
     flat_output: bool = False
+    block_norm: str | None = None
     inference: str | None = None
 
     # ---- helpers used by the model layer ---------------------------------------------------
@@ -708,8 +712,6 @@ REFUSED: dict[str, str] = {
     "its logits are not a linear function of the MoE input",
     "inkling_text": "the router also emits the shared experts' gammas (a joint softmax over routed and shared "
     "logits), so the shared output depends on router internals the generic block cannot reproduce",
-    "axk1": "the MoE block normalises its output (post_mlp_layernorm) after adding expert outputs, so per-expert "
-    "contributions do not sum to the block's output",
     "dbrx": "experts are unfused 2-D weights (w1/v1/w2 of shape [E*I, d]) looped over in Python and top-k is taken "
     "in a block method, not a router module: there is no decorated experts module to expose per-slot outputs",
     "doge": "Doge's MoE (CDMoE) retrieves product-key embedding experts by key scores: there is no router/experts "
@@ -765,6 +767,12 @@ for _spec in [
             ("bailing_hybrid", "linear and full attention layers; DeepSeek-V3 routing; dense prefix layers"),
         ]
     ],
+    FamilySpec(
+        "axk1", ("axk1",), rule=SigmoidGroupTopK(), **_DEEPSEEK_SHARED, block_norm="post_mlp_layernorm",
+        ffn_write="mlp.post_mlp_layernorm", residual="post_norm",
+        notes="MLA attention; the MoE block normalises its summed output: moe.output is the sum before "
+        "post_mlp_layernorm, mlp_write the normalised write; dense prefix layers",
+    ),
     FamilySpec("mimo_v2_flash", ("mimo_v2_flash",), rule=SigmoidGroupTopK(), notes="DeepSeek-V3 routing, no shared"),
     FamilySpec(
         "hy_v4", ("hy_v4",), rule=SigmoidGroupTopK(), **_DEEPSEEK_SHARED, mid="ffn_hc", residual="hyper",

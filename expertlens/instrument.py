@@ -558,6 +558,8 @@ def _block_forward(self: nn.Module, hidden_states: Tensor, *args, **kwargs):
             shared = F.sigmoid(get_module(self, spec.shared_gate)(flat)) * shared
         out = out + _through(self._modules["el_shared_out"], shared.reshape(b, p, d))
     out = _through(self._modules["el_output"], out.to(hidden_states.dtype))
+    if spec.block_norm is not None:
+        out = get_module(self, spec.block_norm)(out)
     if spec.flat_output:
         out = out.reshape(-1, d)
     if spec.returns_tuple:

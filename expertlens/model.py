@@ -1349,6 +1349,10 @@ def _dense_o_weight(o_proj: nn.Module, layer: int) -> Tensor:
     return w
 
 
+def _write_path(layer: nn.Module, path: str, rel: str | None) -> str | None:
+    return f"{path}.{rel}" if rel is not None and get_module(layer, rel) is not None else None
+
+
 def _heads(attn: nn.Module, in_features: int, config) -> tuple[int, int]:
     try:
         config_heads = getattr(config, "num_attention_heads", None)
@@ -1396,8 +1400,9 @@ def _layer_table(model: nn.Module, spec: FamilySpec) -> list[dict[str, Any]]:
             "layer_type": type(layer).__name__,
             "mid": f"{path}.{spec.mid}" if spec.mid is not None else None,
             "mlp": f"{path}.{spec.moe}",
-            "attn_write": f"{path}.{spec.attn_write}" if spec.attn_write else None,
-            "ffn_write": f"{path}.{spec.ffn_write}" if spec.ffn_write else None,
+            # a write module missing on this layer (a dense layer of a family whose MoE block owns it): none
+            "attn_write": _write_path(layer, path, spec.attn_write),
+            "ffn_write": _write_path(layer, path, spec.ffn_write),
             "block": None,
         }
         if block is not None:

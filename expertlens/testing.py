@@ -91,7 +91,7 @@ _COVERAGE_OVERRIDES: dict[str, dict] = {
         for name in ("inkling2_text", "inkling2_loop_text")
     },
     # MLA attention generates only with as many key/value heads as query heads
-    **{name: {"num_key_value_heads": 4} for name in ("bailing_hybrid", "glm4_moe_lite", "kimi_linear")},
+    **{name: {"num_key_value_heads": 4} for name in ("axk1", "bailing_hybrid", "glm4_moe_lite", "kimi_linear")},
     **{name: {"residual_multiplier": 0.5} for name in ("granitemoeshared", "granitemoe_swa")},
     "kolibri1": {"norm_topk_prob": True},
     "flint": {"norm_topk_prob": True},

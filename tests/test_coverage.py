@@ -349,3 +349,15 @@ def test_a_router_no_known_rule_reproduces_is_refused_before_wrapping():
     hf.config.model_type = "unknown_phimoe"
     with pytest.raises(UnsupportedModelError, match="no known routing rule reproduces PhimoeTopKRouter"):
         ExpertModel(hf, tiny_tokenizer())
+
+
+def test_a_block_norm_after_the_expert_sum_keeps_the_sum_as_moe_output_and_the_norm_as_the_write(cov):
+    """axk1 normalises the summed expert outputs inside its MoE block (post_mlp_layernorm)."""
+    model = cov("axk1")
+    layer = model.moe_layers[0]
+    norm = model.hf_model.get_submodule(model._layer_info[layer]["block"]).post_mlp_layernorm
+    with torch.no_grad(), model.trace(make_ids()):
+        out = model.layers[layer].moe.output.save()
+        write = model.layers[layer].mlp_write.save()
+    assert torch.equal(norm(out), write)
+    assert not torch.allclose(out, write)
