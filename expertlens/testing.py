@@ -92,6 +92,18 @@ _COVERAGE_OVERRIDES: dict[str, dict] = {
     },
     # MLA attention generates only with as many key/value heads as query heads
     **{name: {"num_key_value_heads": 4} for name in ("axk1", "bailing_hybrid", "glm4_moe_lite", "kimi_linear")},
+    # dots3_note_text's sparse-attention indexer defaults to 64 heads of 128
+    # and its sliding-window layers to 64 MLA heads of 256 (per_layer_config)
+    "dots3_note_text": {
+        "index_n_heads": 2, "index_head_dim": 16, "index_topk": 4, "shared_experts_intermediate_size": 64,
+        "per_layer_config": {"1": {"num_attention_heads": 4, "num_key_value_heads": 4, "q_lora_rank": 32,
+                                   "kv_lora_rank": 16, "head_dim": 16, "qk_nope_head_dim": 8, "v_head_dim": 16,
+                                   "qk_rope_head_dim": 8}},
+    },
+    # longcat_flash counts layers in num_layers (28 by default) and adds 256 zero-computation experts
+    "longcat_flash": {"num_layers": 2, "zero_expert_num": 2},
+    # kimi_linear's defaults give its KDA layers 32 heads of 128 (2 s a forward on a CPU)
+    "kimi_linear": {"num_key_value_heads": 4, "linear_num_heads": 4, "linear_head_dim": 16},
     **{name: {"residual_multiplier": 0.5} for name in ("granitemoeshared", "granitemoe_swa")},
     "kolibri1": {"norm_topk_prob": True},
     "flint": {"norm_topk_prob": True},
@@ -127,7 +139,7 @@ def coverage_families() -> tuple[str, ...]:
 
     Example:
         >>> from expertlens.testing import coverage_families
-        >>> "qwen3_5_moe_text" in coverage_families() and "llama4_text" not in coverage_families()
+        >>> "qwen3_5_moe_text" in coverage_families() and "jetmoe" not in coverage_families()
         True
     """
     from .families import REFUSED, resolve_family
