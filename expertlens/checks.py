@@ -83,7 +83,7 @@ def check_model(model: ExpertModel, n_tokens: int = 6, atol: float = 1e-4) -> No
         w, idx = row["topk_weights"], row["topk_indices"]
         w_eff = torch.ones_like(w) if model.spec.weights_on_input else w  # Llama-4: weights inside expert_out
         recon = (row["expert_out"].float() * w_eff.float().unsqueeze(-1)).sum(dim=-2)
-        recon = recon * model.spec.routed_factor(model._module.get_submodule(model._layer_info[layer]["block"]))
+        recon = recon * model.spec.routed_factor(model._module.get_submodule(model.layout[layer].block))
         if "shared_out" in row and model.spec.shared_level == "block":
             recon = recon + row["shared_out"].float()
         err = (recon - row["output"].float()).abs().max().item()
@@ -93,7 +93,7 @@ def check_model(model: ExpertModel, n_tokens: int = 6, atol: float = 1e-4) -> No
                 f"layer {layer}: Σ_k topk_weights·expert_out (+ shared_out) differs from the MoE output by {err:.3g}; "
                 f"the {model.family!r} address table does not match this model's MoE block"
             )
-        router = model._module.get_submodule(model._layer_info[layer]["router"])
+        router = model._module.get_submodule(model.layout[layer].router)
         logits = row["router_logits"].reshape(-1, row["router_logits"].shape[-1])
         w_ref, idx_ref = model.spec.rule.route(logits, router)
         same_sets = torch.equal(idx_ref.sort(-1).values, idx.reshape(-1, idx.shape[-1]).sort(-1).values)

@@ -1,68 +1,172 @@
 """``expertlens`` command line: thin wrappers over the library.
 
-expertlens refusal [--model NAME_OR_PATH] [--out DIR] [--device cpu] [--dtype float32]
+expertlens refusal [--organism NAME[,NAME...]|all] [--model NAME_OR_PATH --harmful FILE --harmless FILE]
+                   [--out DIR] [--resume] [--preset organism|paper|fast] ...
 expertlens organisms
+expertlens --version
+
+Every input is checked before a model is loaded; errors are one line on stderr with exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "CLIError"]
+
+
+class CLIError(Exception):
+    """A bad command-line input: printed as one line, exit status 2.
+
+    Example:
+        >>> from expertlens.cli import CLIError
+        >>> str(CLIError("--out: /etc is not writable"))
+        '--out: /etc is not writable'
+    """
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("expertlens")
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        return "unknown"
+
+
+def _check_out(out: str, resume: bool) -> Path:
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"--out {out}: exists and is not a folder; pass a folder path")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise CLIError(f"--out {out}: {probe} is not writable; pass a folder you can write to")
+    if resume and not (path / "stages" / "run.json").exists():
+        raise CLIError(f"--resume: {out} holds no unfinished run (no stages/run.json); drop --resume")
+    return path
+
+
+def _organisms(value: str | None) -> list[str]:
+    from .organism import DEFAULT_ORGANISM, list_organisms
+
+    shipped = list_organisms()
+    if value is None:
+        return [DEFAULT_ORGANISM]
+    names = shipped if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in shipped]
+    if unknown or not names:
+        raise CLIError(f"--organism {value}: unknown {unknown or 'empty'}; shipped: {', '.join(shipped)} (or 'all')")
+    return names
+
+
+def _load_prompts(path: str | None, flag: str, column: str | None) -> list[str]:
+    from .refusal import load_prompt_file
+
+    if not path:
+        raise CLIError(f"with --model, pass {flag} FILE (.txt one per line, .json/.jsonl, or .csv with --column)")
+    if not Path(path).is_file():
+        raise CLIError(f"{flag} {path}: no such file")
+    try:
+        return load_prompt_file(path, column)
+    except (ValueError, KeyError, UnicodeDecodeError) as exc:
+        raise CLIError(f"{flag} {path}: {exc}") from exc
+
+
+def _sample(items: list[str], n: int | None, seed: int) -> list[str]:
+    import random
+
+    return items if n is None or n >= len(items) else random.Random(seed).sample(items, n)
+
+
+def _data_for_model(args):
+    from .refusal import RefusalData
+
+    harmful = _load_prompts(args.harmful, "--harmful", args.column)
+    harmless = _load_prompts(args.harmless, "--harmless", args.column)
+    try:
+        data = RefusalData.from_lists(harmful, harmless)
+    except (TypeError, ValueError) as exc:
+        raise CLIError(str(exc)) from exc
+    # honour the split sizes (per class), as for the organisms
+    return RefusalData(
+        _sample(data.harmful_train, args.n_train, 1), _sample(data.harmless_train, args.n_train, 2),
+        _sample(data.harmful_val, args.n_val, 3), _sample(data.harmless_val, args.n_val, 4),
+        _sample(data.harmful_test, args.n_test, 5), _sample(data.harmless_test, args.n_test, 6),
+        source=f"files:{args.harmful},{args.harmless}",
+    )  # fmt: skip
 
 
 def _refusal(args: argparse.Namespace) -> int:
+    # -- everything is checked before a model is loaded
+    out = _check_out(args.out, args.resume)
+    for name in ("n_train", "n_val", "n_test", "threads"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise CLIError(f"--{name.replace('_', '-')} {v}: must be a positive integer")
+    if args.model is not None and args.organism is not None:
+        raise CLIError("pass either --model or --organism, not both")
+    if args.model is not None and (
+        args.model.startswith((".", "/", "~")) and not Path(args.model).expanduser().exists()
+    ):
+        raise CLIError(f"--model {args.model}: no such folder")
+    organisms = _organisms(args.organism) if args.model is None else []
+    data_model = _data_for_model(args) if args.model is not None else None
+    preset = args.preset or ("organism" if args.model is None else "paper")
+
     import torch
 
     from .model import ExpertModel
-    from .refusal import RefusalConfig, RefusalData, load_prompt_file, run_refusal_study
+    from .refusal import RefusalConfig, RefusalData, run_refusal_study
     from .refusal.progress import set_progress
 
-    # One thread by default: on a shared CPU, two threads stall each other (steps swing 10x).
+    config = getattr(RefusalConfig, preset)()
+    if args.system_prompt is not None:
+        config = config.with_(system_prompt=args.system_prompt or None)
+    config.validate()
+    # One thread by default on CPU: on a shared machine two threads stall each other (steps swing 10x).
     if args.threads or not args.device or args.device == "cpu":
         torch.set_num_threads(args.threads or 1)
     set_progress(not args.quiet)
-    t0 = time.time()
+    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     kwargs = {}
     if args.dtype:
         kwargs["dtype"] = getattr(torch, args.dtype)
     if args.device:
         kwargs["device_map"] = args.device
-    if args.model is None:
-        from .organism import DEFAULT_ORGANISM, organism_path
+    t0 = time.time()
+    studies = {}
+    runs = [(None, args.model, data_model)] if args.model else [(n, None, None) for n in organisms]
+    for name, model_name, data in runs:
+        if name is not None:
+            from .organism import organism_path
 
-        name = args.organism or DEFAULT_ORGANISM
-        model = ExpertModel(str(organism_path(name)), **kwargs)
-        data = RefusalData.from_organism(name, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
-    else:
-        model = ExpertModel(args.model, trust_remote_code=args.trust_remote_code, **kwargs)
-        if not (args.harmful and args.harmless):
-            print(
-                "error: with --model, pass --harmful FILE and --harmless FILE (txt/json/jsonl/csv instructions)",
-                file=sys.stderr,
-            )
-            return 2
-        data = RefusalData.from_lists(load_prompt_file(args.harmful), load_prompt_file(args.harmless))
-    preset = args.preset or ("organism" if args.model is None else "paper")
-    config = getattr(RefusalConfig, preset)()
-    if args.system_prompt:
-        config.system_prompt = args.system_prompt
-    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
-    log(f"expertlens refusal: {model!r}")
-    study = run_refusal_study(model, data, config, log=log)
-    out = study.save(args.out, report=not args.no_report)
-    print(study.table())
-    print(
-        f"\nresults: {out / 'results.json'}  directions: {out / 'directions.safetensors'}"
-        + ("" if args.no_report else f"  report: {out / 'report.html'}")
-    )
+            model = ExpertModel(str(organism_path(name)), **kwargs)
+            data = RefusalData.from_organism(name, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
+        else:
+            model = ExpertModel(model_name, trust_remote_code=args.trust_remote_code, **kwargs)
+        where = out / name if len(runs) > 1 else out
+        log(f"expertlens refusal: {model!r} ({preset} preset) -> {where}")
+        study = run_refusal_study(model, data, config, log=log, checkpoint=where / "stages", resume=args.resume)
+        study.save(where, report=not args.no_report)
+        studies[name or model_name] = study
+        print(study.table())
+        print(f"\nresults: {where / 'results.json'}" + ("" if args.no_report else f"  report: {where / 'report.html'}"))
+    if len(studies) > 1:
+        from .refusal.compare import write_comparison
+
+        path = write_comparison(studies, out, report=not args.no_report)
+        print(f"\ncomparison of {len(studies)} organisms: {path}")
     print(f"wall time {time.time() - t0:.1f}s")
     return 0
 
 
-def _organisms(args: argparse.Namespace) -> int:
+def _list_organisms(args: argparse.Namespace) -> int:
     from .organism import list_organisms, organism_path
 
     for name in list_organisms():
@@ -70,8 +174,44 @@ def _organisms(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (defaults shown in ``--help``)."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="expertlens", description="Mechanistic interpretability for MoE LMs",
+                                     formatter_class=fmt)  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"expertlens {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("refusal", formatter_class=fmt,
+                       help="run the expert-aware refusal steering study (default: the bundled organism)")  # fmt: skip
+    p.add_argument("--organism", help="bundled organism(s): a name, a comma-separated list or 'all' "
+                   "(default: the default organism)")  # fmt: skip
+    p.add_argument("--model", help="hub name or local folder instead of an organism (needs --harmful/--harmless)")
+    p.add_argument("--harmful", help="harmful instructions file (.txt/.json/.jsonl/.csv), with --model")
+    p.add_argument("--harmless", help="harmless instructions file, with --model")
+    p.add_argument("--column", help="column of a CSV/JSON file holding the instruction (default: first of "
+                   "instruction, prompt, goal, behavior, text)")  # fmt: skip
+    p.add_argument("--out", default="runs/refusal", help="output folder (results.json, directions, report.html)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last stage")
+    p.add_argument("--preset", choices=["organism", "paper", "fast"],
+                   help="study settings; default organism for organisms, paper for --model")  # fmt: skip
+    p.add_argument("--system-prompt", help="system message for the chat template ('' for none)")
+    p.add_argument("--n-train", type=int, default=128, help="train prompts per class")
+    p.add_argument("--n-val", type=int, default=32, help="validation prompts per class")
+    p.add_argument("--n-test", type=int, default=None, help="test prompts per class (default: all held out)")
+    p.add_argument("--device", help="device or device_map, e.g. cpu, cuda, auto")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
+    p.add_argument("--no-report", action="store_true", help="skip report.html")
+    p.add_argument("--quiet", action="store_true", help="no progress lines or bars")
+    p.set_defaults(func=_refusal)
+    o = sub.add_parser("organisms", help="list the bundled model organisms", formatter_class=fmt)
+    o.set_defaults(func=_list_organisms)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``expertlens`` command.
+    """Entry point of the ``expertlens`` command (exit status 2 with a one-line message on bad input).
 
     Example:
         >>> from expertlens.cli import main
@@ -80,36 +220,22 @@ def main(argv: list[str] | None = None) -> int:
         0
 
         From a shell: ``expertlens refusal --out runs/organism`` runs the whole study on the bundled
-        organism; ``expertlens refusal --model NAME --harmful FILE --harmless FILE`` on any model.
+        organism; ``expertlens refusal --organism all`` on every organism with a comparison table;
+        ``expertlens refusal --model NAME --harmful FILE --harmless FILE`` on any model.
     """
-    parser = argparse.ArgumentParser(prog="expertlens", description="Mechanistic interpretability for MoE LMs")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("refusal", help="run the expert-aware refusal steering study (default: bundled organism)")
-    p.add_argument("--model", help="hub name or local folder (default: the bundled organism)")
-    p.add_argument("--organism", help="which bundled organism when --model is not given")
-    p.add_argument("--out", default="runs/refusal", help="output folder (results.json, directions, report.html)")
-    p.add_argument("--device", help="device or device_map, e.g. cpu, cuda, auto")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype")
-    p.add_argument("--harmful", help="harmful instructions file (with --model)")
-    p.add_argument("--harmless", help="harmless instructions file (with --model)")
-    p.add_argument("--system-prompt", help="system message for the chat template")
-    p.add_argument("--n-train", type=int, default=128)
-    p.add_argument("--n-val", type=int, default=32)
-    p.add_argument("--n-test", type=int, default=None, help="test prompts per class (default: all held out)")
-    p.add_argument(
-        "--preset",
-        choices=["paper", "organism", "fast"],
-        help="search sizes: the paper's defaults, sized for the organism (default without --model), or fast",
-    )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
-    p.add_argument("--no-report", action="store_true", help="skip report.html")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_refusal)
-    o = sub.add_parser("organisms", help="list the bundled model organisms")
-    o.set_defaults(func=_organisms)
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CLIError as exc:
+        print(f"expertlens: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, OSError) as exc:
+        if os.environ.get("EXPERTLENS_TRACEBACK"):
+            raise
+        msg = " ".join(str(exc).split())
+        print(f"expertlens: error: {type(exc).__name__}: {msg} (EXPERTLENS_TRACEBACK=1 shows the traceback)",
+              file=sys.stderr)  # fmt: skip
+        return 2
 
 
 if __name__ == "__main__":

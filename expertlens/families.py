@@ -14,9 +14,9 @@ stays in charge of real routing (expertlens intercepts its logits, see :mod:`exp
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -92,13 +92,24 @@ def _attr(module: nn.Module, name: str, default=None):
 # --------------------------------------------------------------------------------------------
 
 
+Adjust = Callable[[Tensor], Tensor]
+
+
 class RoutingRule:
     """How a family's router turns pre-softmax logits into probabilities and a top-k choice.
 
-    ``probs`` gives the ``router_probs`` point; ``route`` re-computes ``(topk_weights,
-    topk_indices)`` from (possibly edited) logits in eval mode, reading the router module's own
-    parameters (top-k, correction bias, scaling factor, ...). ``selection_score`` is the score
-    the family ranks experts by, used to make masking/forcing certain.
+    Everything interventions need to know about a family's routing is a method here:
+
+    * ``probs`` gives the ``router_probs`` point;
+    * ``selection_scores`` is the score experts are ranked by (with correction biases);
+    * ``route`` re-computes ``(topk_weights, topk_indices)`` from (possibly edited) logits in eval
+      mode, reading the router module's own parameters (top-k, correction bias, scaling factor,
+      ...); its ``adjust`` argument rewrites the selection scores just before the choice;
+    * ``reroute`` routes with chosen experts' selection scores pinned to −inf / +inf;
+    * ``groups`` gives ``(n_group, topk_group)`` for group-limited routers;
+    * ``force_logits`` raises logits until forced experts win the selection;
+    * ``biased_selection`` says whether the choice adds a bias a logit edit cannot always beat
+      (then MaskExperts / ForceExperts re-route the tokens that still disobey).
 
     Example:
         >>> from expertlens import resolve_family
@@ -107,17 +118,86 @@ class RoutingRule:
     """
 
     kind: str = "rule"
+    #: The choice ranks ``score + correction bias``: a logit edit alone cannot always win it.
+    biased_selection: ClassVar[bool] = False
 
     def probs(self, logits: Float[Tensor, "*tok E"], router: nn.Module) -> Float[Tensor, "*tok E"]:
         return torch.softmax(logits.float(), dim=-1)
 
+    def selection_scores(self, logits: Float[Tensor, "tok E"], router: nn.Module) -> Float[Tensor, "tok E"]:
+        """The scores the top-k choice ranks (before any group limit)."""
+        return self.probs(logits, router)
+
     def route(
-        self, logits: Float[Tensor, "tok E"], router: nn.Module
+        self, logits: Float[Tensor, "tok E"], router: nn.Module, adjust: Adjust | None = None
     ) -> tuple[Float[Tensor, "tok k"], Int[Tensor, "tok k"]]:
         raise NotImplementedError
 
+    def groups(self, router: nn.Module) -> tuple[int, int] | None:
+        """``(n_group, topk_group)`` when the choice is limited to the best groups, else ``None``."""
+        return None
+
+    def reroute(
+        self, logits: Float[Tensor, "tok E"], router: nn.Module, masked: Tensor | None, forced: Tensor | None
+    ) -> tuple[Float[Tensor, "tok k"], Int[Tensor, "tok k"]]:
+        """The family's routing of ``logits`` with the selection score of ``masked`` experts at −inf
+        and of ``forced`` experts at +inf; weights by the family's rule from the chosen experts."""
+
+        def adjust(choice: Tensor) -> Tensor:
+            if masked is not None and len(masked):
+                choice[:, masked] = float("-inf")
+            if forced is not None and len(forced):
+                choice[:, forced] = float("inf")
+            return choice
+
+        return self.route(logits, router, adjust=adjust)
+
+    def _winning_logits(self, logits: Tensor, router: nn.Module, forced: Tensor, others: Tensor,
+                        margin: float) -> Tensor:
+        """Logits of the forced experts that rank them first (logit-monotone scores)."""
+        top = logits.masked_fill(~others, float("-inf")).max(dim=-1, keepdim=True).values
+        return torch.maximum(logits[..., forced], top + margin)
+
+    def force_logits(self, logits: Tensor, router: nn.Module, forced: Tensor, margin: float,
+                     mask_value: float = float("-inf"), forced_ids: Sequence[int] = ()) -> Tensor:
+        """Logits raised so the selection ranks the ``forced`` experts first; for group-limited
+        routers whose forced experts fill all ``topk_group`` groups, the other groups' experts are
+        set to ``mask_value`` (they could not win a slot anyway). ``forced_ids``: the same ids on
+        the host (reading them off the device tensor would sync every step)."""
+        new = logits.clone()
+        n_experts = logits.shape[-1]
+        others = torch.ones(n_experts, dtype=torch.bool, device=logits.device)
+        others[forced] = False
+        new[..., forced] = self._winning_logits(logits, router, forced, others, margin)
+        groups = self.groups(router)
+        if groups is not None:
+            n_group, topk_group = groups
+            size = n_experts // n_group
+            forced_groups = sorted({int(e) // size for e in (forced_ids or forced.tolist())})
+            if len(forced_groups) == topk_group:
+                keep = torch.zeros(n_experts, dtype=torch.bool, device=logits.device)
+                for g in forced_groups:
+                    keep[g * size : (g + 1) * size] = True
+                new = new.masked_fill(~keep, mask_value)
+        return new
+
     def describe(self) -> str:
         return self.kind
+
+
+def _limit_to_groups(choice: Tensor, n_group: int, topk_group: int, group_score: str) -> Tensor:
+    """Selection scores outside the best ``topk_group`` groups set to −inf (DeepSeek routers).
+
+    ``group_score``: ``"max"`` (a group's best expert, DeepSeek-V2) or ``"top2"`` (the sum of its
+    best two, DeepSeek-V3).
+    """
+    e = choice.shape[-1]
+    grouped = choice.view(-1, n_group, e // n_group)
+    group_scores = grouped.max(dim=-1).values if group_score == "max" else grouped.topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, e // n_group).reshape(-1, e)
+    return score_mask.bool()
 
 
 def _top_k(router: nn.Module) -> int:
@@ -151,9 +231,13 @@ class SoftmaxTopK(RoutingRule):
             return bool(_attr(router, self.renorm, False))
         return self.renorm
 
-    def route(self, logits, router):
+    def route(self, logits, router, adjust=None):
         probs = torch.softmax(logits, dim=-1, dtype=torch.float)
-        weights, idx = torch.topk(probs, _top_k(router), dim=-1)
+        if adjust is None:
+            weights, idx = torch.topk(probs, _top_k(router), dim=-1)
+        else:
+            idx = torch.topk(adjust(probs.clone()), _top_k(router), dim=-1)[1]
+            weights = probs.gather(-1, idx)
         if self._renorm(router):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         if self.cast_to_logits_dtype:
@@ -180,17 +264,23 @@ class GroupLimitedSoftmax(RoutingRule):
     def probs(self, logits, router):
         return logits.float().softmax(dim=-1, dtype=torch.float32)
 
-    def route(self, logits, router):
+    def groups(self, router):
+        if getattr(router, "topk_method", "") == "group_limited_greedy":
+            return int(router.num_group), int(router.topk_group)
+        return None
+
+    def route(self, logits, router, adjust=None):
         scores = logits.float().softmax(dim=-1, dtype=torch.float32)
         k = _top_k(router)
-        if router.topk_method == "group_limited_greedy":
-            n_group, e = router.num_group, scores.shape[-1]
-            group_scores = scores.view(-1, n_group, e // n_group).max(dim=-1).values
-            group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
-            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-            score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, e // n_group).reshape(-1, e)
-            scores = scores.masked_fill(~score_mask.bool(), 0.0)
-        weights, idx = torch.topk(scores, k=k, dim=-1, sorted=False)
+        choice = adjust(scores.clone()) if adjust is not None else scores
+        groups = self.groups(router)
+        if groups is not None:
+            choice = choice.masked_fill(~_limit_to_groups(choice, *groups, "max"), 0.0)
+        if adjust is None:
+            weights, idx = torch.topk(choice, k=k, dim=-1, sorted=False)
+        else:
+            idx = torch.topk(choice, k=k, dim=-1, sorted=False)[1]
+            weights = scores.gather(1, idx)
         return weights * router.routed_scaling_factor, idx
 
 
@@ -210,23 +300,40 @@ class SigmoidGroupTopK(RoutingRule):
 
     kind: str = "sigmoid (+correction bias for choice) -> group top-k -> renormalise -> x scaling"
 
+    biased_selection: ClassVar[bool] = True
+
     def probs(self, logits, router):
         return logits.float().sigmoid()
 
-    def route(self, logits, router):
+    def selection_scores(self, logits, router):
+        return logits.float().sigmoid() + router.e_score_correction_bias
+
+    def groups(self, router):
+        return int(router.num_group), int(router.topk_group)
+
+    def route(self, logits, router, adjust=None):
         scores = logits.float().sigmoid()
         choice = scores + router.e_score_correction_bias
-        n_group, e = router.num_group, scores.shape[-1]
-        group_scores = choice.view(-1, n_group, e // n_group).topk(2, dim=-1)[0].sum(dim=-1)
-        group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
-        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-        score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, e // n_group).reshape(-1, e)
-        choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+        if adjust is not None:
+            choice = adjust(choice)
+        choice = choice.masked_fill(~_limit_to_groups(choice, *self.groups(router), "top2"), float("-inf"))
         idx = torch.topk(choice, k=_top_k(router), dim=-1, sorted=False)[1]
         weights = scores.gather(1, idx)
         if router.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * router.routed_scaling_factor, idx
+
+    def _winning_logits(self, logits, router, forced, others, margin):
+        # Selection score s = sigmoid(l) + bias. Forced experts need s_f > max over others.
+        bias = router.e_score_correction_bias.to(torch.float32)
+        score = logits.float().sigmoid() + bias
+        best_other = score.masked_fill(~others, float("-inf")).max(dim=-1, keepdim=True).values
+        need = (best_other + margin - bias[forced]).clamp(1e-6, 1 - 1e-6)
+        target = torch.maximum(logits[..., forced], torch.logit(need).to(logits))
+        # where even sigmoid = 1 cannot win, saturate (score = 1 + bias; the re-route safety net does the rest)
+        saturate = best_other + margin - bias[forced] >= 1
+        big = torch.full_like(target, torch.finfo(logits.dtype).max / 4)
+        return torch.where(saturate, big, target)
 
 
 @dataclass(frozen=True)
@@ -248,9 +355,16 @@ class TopKThenSoftmax(RoutingRule):
     float_logits: bool = False
     kind: str = "top-k on logits -> softmax over the k"
 
-    def route(self, logits, router):
+    def selection_scores(self, logits, router):
+        return logits.float() if self.float_logits else logits
+
+    def route(self, logits, router, adjust=None):
         src = logits.float() if self.float_logits else logits
-        top, idx = torch.topk(src, _top_k(router), dim=-1)
+        if adjust is not None:
+            idx = torch.topk(adjust(src.clone()), _top_k(router), dim=-1)[1]
+            top = src.gather(-1, idx)
+        else:
+            top, idx = torch.topk(src, _top_k(router), dim=-1)
         return torch.softmax(top, dim=-1, dtype=top.dtype), idx
 
 
@@ -267,7 +381,12 @@ class SparseMixer(RoutingRule):
 
     kind: str = "sparsemixer (hard top-2, masked softmax weights)"
 
-    def route(self, logits, router):
+    def selection_scores(self, logits, router):
+        return logits
+
+    def route(self, logits, router, adjust=None):
+        if adjust is not None:
+            raise NotImplementedError("sparsemixer routing cannot be re-run from adjusted selection scores")
         eps = router.router_jitter_noise
         chosen: list[Tensor] = []
         weights: list[Tensor] = []
@@ -299,9 +418,15 @@ class BiasedSoftmaxTopK(RoutingRule):
     def probs(self, logits, router):
         return torch.softmax(logits.float(), dim=1 if logits.dim() == 2 else -1, dtype=torch.float)
 
-    def route(self, logits, router):
+    biased_selection: ClassVar[bool] = True
+
+    def selection_scores(self, logits, router):
+        return router.moe_statics(torch.softmax(logits.float(), dim=-1, dtype=torch.float))
+
+    def route(self, logits, router, adjust=None):
         probs = torch.softmax(logits.float(), dim=-1, dtype=torch.float)
-        _, idx = torch.topk(router.moe_statics(probs), _top_k(router), dim=-1)
+        choice = router.moe_statics(probs)
+        _, idx = torch.topk(adjust(choice) if adjust is not None else choice, _top_k(router), dim=-1)
         weights = torch.gather(probs, dim=-1, index=idx)
         weights = weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=router.norm_min)
         return weights, idx
@@ -314,11 +439,11 @@ class ScoredTopK(RoutingRule):
     ``score``: ``"softmax"`` or ``"sigmoid"`` over all experts (``"config"``: the router's ``score_fn``
     decides). ``choose_on``: ``"scores"`` (top-k of score + bias) or ``"logits"`` (top-k of logits +
     bias, weights ``sigmoid`` of the chosen logits, Kolibri). ``bias``: router (or MoE-block)
-    attribute holding the selection-only correction bias (``None``: none). ``groups``: DeepSeek-V3
-    group limit (``num_group`` / ``topk_group``, group score = sum of its top-2). ``renorm``: True,
-    False or the router attribute holding the flag; ``eps`` is added to the denominator.
-    ``scale``: router attribute multiplying the weights (``None``: none). ``softcap``: router
-    attribute of a tanh logit soft-cap applied before scoring (Laguna).
+    attribute holding the selection-only correction bias (``None``: none). ``group_limited``:
+    DeepSeek-V3 group limit (``num_group`` / ``topk_group``, group score = sum of its top-2).
+    ``renorm``: True, False or the router attribute holding the flag; ``eps`` is added to the
+    denominator. ``scale``: router attribute multiplying the weights (``None``: none). ``softcap``:
+    router attribute of a tanh logit soft-cap applied before scoring (Laguna).
 
     Example:
         >>> import torch
@@ -334,43 +459,61 @@ class ScoredTopK(RoutingRule):
     score: Literal["softmax", "sigmoid", "config"] = "sigmoid"
     choose_on: Literal["scores", "logits"] = "scores"
     bias: str | None = None
-    groups: bool = False
+    group_limited: bool = False
     renorm: bool | str = True
     eps: float = 0.0
     scale: str | None = None
     softcap: str | None = None
     kind: str = "scored top-k"
 
-    def _scores(self, logits: Tensor, router: nn.Module) -> Tensor:
+    @property
+    def biased_selection(self) -> bool:  # type: ignore[override]
+        return self.bias is not None
+
+    def _capped(self, logits: Tensor, router: nn.Module) -> Tensor:
         logits = logits.float()
         cap = _attr(router, self.softcap, 0.0) if self.softcap else 0.0
         if cap and cap > 0.0:
             logits = torch.tanh(logits / cap) * cap
-        score = self.score
-        if score == "config":
-            fn = _attr(router, "score_fn")
-            return fn(logits)
-        return logits.softmax(dim=-1) if score == "softmax" else logits.sigmoid()
+        return logits
+
+    def _scores(self, logits: Tensor, router: nn.Module) -> Tensor:
+        logits = self._capped(logits, router)
+        if self.score == "config":
+            return _attr(router, "score_fn")(logits)
+        return logits.softmax(dim=-1) if self.score == "softmax" else logits.sigmoid()
+
+    def _bias(self, router: nn.Module) -> Tensor | None:
+        if self.bias is None:
+            return None
+        if self.bias == "expert_bias" and not _attr(router, "use_expert_bias", True):
+            return None
+        return _attr(router, self.bias)
 
     def probs(self, logits, router):
         if self.choose_on == "logits":
             return logits.float().sigmoid()
         return self._scores(logits, router)
 
-    def route(self, logits, router):
+    def selection_scores(self, logits, router):
         base = logits.float() if self.choose_on == "logits" else self._scores(logits, router)
-        choice = base
-        if self.bias is not None:
-            bias = _attr(router, self.bias)
-            if bias is not None and (self.bias != "expert_bias" or _attr(router, "use_expert_bias", True)):
-                choice = base + bias.to(base.dtype)
-        if self.groups:
-            n_group, e = int(_attr(router, "num_group", 1)), choice.shape[-1]
-            group_scores = choice.view(-1, n_group, e // n_group).topk(2, dim=-1)[0].sum(dim=-1)
-            group_idx = torch.topk(group_scores, k=int(_attr(router, "topk_group", n_group)), dim=-1)[1]
-            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-            score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, e // n_group).reshape(-1, e)
-            choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+        bias = self._bias(router)
+        return base if bias is None else base + bias.to(base.dtype)
+
+    def groups(self, router):
+        if not self.group_limited:
+            return None
+        n_group = int(_attr(router, "num_group", 1))
+        return n_group, int(_attr(router, "topk_group", n_group))
+
+    def route(self, logits, router, adjust=None):
+        base = logits.float() if self.choose_on == "logits" else self._scores(logits, router)
+        choice = self.selection_scores(logits, router)
+        if adjust is not None:
+            choice = adjust(choice.clone())
+        groups = self.groups(router)
+        if groups is not None:
+            choice = choice.masked_fill(~_limit_to_groups(choice, *groups, "top2"), float("-inf"))
         idx = torch.topk(choice, _top_k(router), dim=-1)[1]
         weights = base.gather(-1, idx)
         if self.choose_on == "logits":
@@ -383,14 +526,12 @@ class ScoredTopK(RoutingRule):
         return weights, idx
 
     def describe(self) -> str:
-        score = "router's score_fn" if self.score == "config" else self.score
-        parts = [score]
+        parts = ["router's score_fn" if self.score == "config" else self.score]
         if self.softcap:
             parts.insert(0, "tanh soft-cap")
         on = "logits" if self.choose_on == "logits" else "scores"
-        parts.append(f"top-k on {on}" + (" + correction bias" if self.bias else ""))
-        if self.groups:
-            parts[-1] = "group-limited " + parts[-1]
+        parts.append(("group-limited " if self.group_limited else "") + f"top-k on {on}"
+                     + (" + correction bias" if self.bias else ""))
         if self.choose_on == "logits":
             parts.append("sigmoid of the chosen")
         if self.renorm:
@@ -403,7 +544,7 @@ class ScoredTopK(RoutingRule):
 
 @dataclass(frozen=True)
 class TopKThenScore(RoutingRule):
-    """Top-k on the raw logits, then softmax over the k or sigmoid of each (Cohere2-MoE, Aria).
+    """Top-k on the raw logits, then softmax over the k or sigmoid of each (Cohere2-MoE, Flint-style).
 
     ``fn``: ``"softmax"``, ``"sigmoid"`` or the router attribute naming one (``"expert_selection_fn"``).
     Sigmoid weights are renormalised iff the router's ``norm_topk_prob``.
@@ -420,9 +561,16 @@ class TopKThenScore(RoutingRule):
     fn: str = "softmax"
     kind: str = "top-k on logits -> softmax or sigmoid"
 
-    def route(self, logits, router):
+    def selection_scores(self, logits, router):
+        return logits
+
+    def route(self, logits, router, adjust=None):
         fn = self.fn if self.fn in ("softmax", "sigmoid") else _attr(router, self.fn, "softmax")
-        top, idx = torch.topk(logits, _top_k(router), dim=-1)
+        if adjust is not None:
+            idx = torch.topk(adjust(logits.clone()), _top_k(router), dim=-1)[1]
+            top = logits.gather(-1, idx)
+        else:
+            top, idx = torch.topk(logits, _top_k(router), dim=-1)
         if fn == "softmax":
             weights = torch.softmax(top, dim=-1, dtype=torch.float)
         else:
@@ -508,6 +656,11 @@ class FamilySpec:
             output is the sublayer's write (``ffn_write``).
         inference: ``None`` for a registered table; for a table inferred from structure, the text of
             the warning that names it.
+        residual_multiplier: For ``"scaled"`` families whose sublayer writes are multiplied by a
+            plain scalar, the decoder-layer attribute holding it (GraniteMoE:
+            ``"residual_multiplier"``); ``None`` for a scaled family means the residual stream is
+            not a sum of component writes (MiniMax re-normalises it).
+        mlp_out: The output projection of a dense MLP / shared expert (relative to it).
 
     Example:
         >>> from expertlens import resolve_family
@@ -553,6 +706,8 @@ class FamilySpec:
     flat_output: bool = False
     block_norm: str | None = None
     inference: str | None = None
+    residual_multiplier: str | None = None
+    mlp_out: str = "down_proj"
 
     # ---- helpers used by the model layer ---------------------------------------------------
     def matches(self, model_type: str) -> bool:
@@ -617,6 +772,32 @@ class FamilySpec:
         if self.routed_scale is None:
             return 1.0
         return float(getattr(block, self.routed_scale))
+
+    @property
+    def additive_residual(self) -> bool:
+        """Whether the residual stream is a sum of (scalar-scaled) sublayer writes, without norms."""
+        return self.residual == "pre_norm" or (self.residual == "scaled" and self.residual_multiplier is not None)
+
+    def write_factors(self, layer: nn.Module) -> tuple[float, float, float, float]:
+        """``(a_attn, b_attn, a_ffn, b_ffn)`` with ``resid_mid = a_attn·resid_pre + b_attn·attn_write``
+        and ``resid_post = a_ffn·resid_mid + b_ffn·mlp_write`` for one decoder layer.
+
+        Raises ``NotImplementedError`` for scaled families without a plain multiplier (their layers
+        re-normalise the residual stream, so it is not a sum of component writes).
+        """
+        if self.residual == "scaled" and self.residual_multiplier is None:
+            raise NotImplementedError(
+                f"{self.name}: layers re-normalise the residual stream (alpha/beta factors on a normed "
+                "residual), so it is not a sum of component writes"
+            )
+        value = getattr(layer, self.residual_multiplier, 1.0) if self.residual_multiplier else 1.0
+        mult = float(value) if isinstance(value, (int, float)) else 1.0
+        return 1.0, mult, 1.0, mult
+
+    def mlp_out_linear(self, module: nn.Module) -> nn.Linear | None:
+        """The output projection (``mlp_out``) of a dense MLP or shared expert, if it is a Linear."""
+        out = get_module(module, self.mlp_out)
+        return out if isinstance(out, nn.Linear) else None
 
     def with_(self, **changes) -> FamilySpec:
         """A copy with some fields changed (for registering a variant family)."""
@@ -747,7 +928,7 @@ for _spec in [
                notes="o_proj bias and attention sinks; transposed, interleaved expert weights"),
     FamilySpec("granitemoe", ("granitemoe",), rule=TopKThenSoftmax(float_logits=True),
                moe="block_sparse_moe", router="router", residual="scaled",
-               notes="residual_multiplier scales sublayer writes"),
+               residual_multiplier="residual_multiplier", notes="residual_multiplier scales sublayer writes"),
     FamilySpec("phimoe", ("phimoe",), rule=SparseMixer(), router="router"),
     FamilySpec("ernie4_5_moe", ("ernie4_5_moe",), rule=BiasedSoftmaxTopK(), shared="shared_experts",
                notes="MoE only in layers moe_layer_start_index..moe_layer_end_index"),
@@ -829,7 +1010,7 @@ for _spec in [
     ),
     FamilySpec(
         "beam", ("beam",),
-        rule=ScoredTopK(bias="e_score_correction_bias", groups=True, renorm="norm_topk_prob", eps=1e-20),
+        rule=ScoredTopK(bias="e_score_correction_bias", group_limited=True, renorm="norm_topk_prob", eps=1e-20),
         routed_scale="routed_scaling_factor", mid="pre_feedforward_layernorm", attn_write="post_attention_layernorm",
         ffn_write="post_feedforward_layernorm", residual="scaled",
         notes="routed output x routed_scaling_factor outside the router; sandwich norms; depth-scaled residual",
@@ -868,7 +1049,7 @@ for _spec in [
     *[
         FamilySpec(
             name, (name,), rule=TopKThenSoftmax(float_logits=True), moe="block_sparse_moe", router="router",
-            residual="scaled", shared="shared_mlp", shared_level="layer",
+            residual="scaled", shared="shared_mlp", shared_level="layer", residual_multiplier="residual_multiplier",
             notes="residual_multiplier scales sublayer writes; the layer-level shared_mlp is moe.shared_out "
             "(moe.output is the routed part)",
         )
@@ -877,6 +1058,7 @@ for _spec in [
     FamilySpec(
         "granitemoehybrid", ("granitemoehybrid",), rule=TopKThenSoftmax(float_logits=True), moe="block_sparse_moe",
         router="router", residual="scaled", shared="shared_mlp", shared_level="layer", attn_optional=True,
+        residual_multiplier="residual_multiplier",
         notes="hybrid: Mamba-2 layers have no attention points; residual_multiplier scales sublayer writes; the "
         "layer-level shared_mlp is moe.shared_out",
     ),
@@ -891,5 +1073,3 @@ for _spec in [
     FamilySpec("qwen2", ("qwen2",), rule=None, is_moe=False, notes="dense: residual and attention points"),
 ]:
     register_family(_spec)
-
-FamilyCheck = Callable[[nn.Module], None]

@@ -15,9 +15,8 @@ MoE layer), and warns with the table and how to register it. Otherwise it raises
 from __future__ import annotations
 
 import inspect
-import warnings
 from dataclasses import fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,10 +35,7 @@ from .families import (
     get_module,
 )
 
-if TYPE_CHECKING:
-    from .model import ExpertModel
-
-__all__ = ["InferredFamilyWarning", "infer_family", "candidate_rules", "verify_inferred"]
+__all__ = ["InferredFamilyWarning", "infer_family", "candidate_rules", "reference_logits"]
 
 _ATTN = ("self_attn", "linear_attn", "self_attention", "attention", "attn", "mixer")
 _MID = ("pre_feedforward_layernorm", "pre_mlp_layernorm", "pre_ff_layernorm", "ffn_norm", "post_attention_layernorm")
@@ -125,16 +121,22 @@ def _moe_children(layer: nn.Module, d: int) -> dict[str, Any] | None:
     return None
 
 
+class _FirstLinear:
+    """Stands in for ``F.linear`` during one router call and keeps its first result (the logits)."""
+
+    def __init__(self, real, captured: dict):
+        self.real, self.captured = real, captured
+
+    def __call__(self, *args, **kwargs):
+        out = self.real(*args, **kwargs)
+        self.captured.setdefault("logits", out)
+        return out
+
+
 def _check_rule(rule: RoutingRule, router: nn.Module, block: nn.Module, extra: list, d: int, router_input: str) -> bool:
     import torch.nn.functional as F
 
-    from .instrument import _LinearTap
-
     captured: dict[str, Tensor] = {}
-
-    def on_logits(x):
-        captured.setdefault("logits", x)
-        return x
 
     gen = torch.Generator().manual_seed(0)
     param = next(router.parameters())
@@ -142,7 +144,7 @@ def _check_rule(rule: RoutingRule, router: nn.Module, block: nn.Module, extra: l
     router.__dict__["_el_owner"] = block
     real = F.linear
     try:
-        F.linear = _LinearTap(real, on_logits)  # the router's first linear call: its logits
+        F.linear = _FirstLinear(real, captured)  # the router's first linear call: its logits
         try:
             with torch.no_grad():
                 out = router(hidden if router_input == "3d" else hidden.reshape(-1, d), *extra)
@@ -307,53 +309,3 @@ def reference_logits(model: nn.Module) -> tuple[Tensor, Tensor]:
     ids = (torch.arange(12).remainder(vocab - 4) + 4).view(2, 6).to(next(model.parameters()).device)
     with torch.no_grad():
         return ids, model(ids).logits
-
-
-def verify_inferred(model: ExpertModel, reference: tuple[Tensor, Tensor]) -> None:
-    """The truth test for an inferred table: loud's ``checks.check_truth`` where present, else a local one.
-
-    The local test: no-op logits bit-identical to the unwrapped model's, then ``checks.check_model``
-    (reconstruction and routing re-computation on every MoE layer).
-
-    Raises:
-        UnsupportedModelError: naming the inferred table and what disagreed.
-
-    Example:
-        >>> import warnings
-        >>> from expertlens import ExpertModel
-        >>> from expertlens.testing import tiny_model, tiny_tokenizer
-        >>> hf = tiny_model("mellum")
-        >>> hf.config.model_type = "my_new_moe"      # a type with no table: ExpertModel infers one
-        >>> with warnings.catch_warnings(record=True) as caught:
-        ...     warnings.simplefilter("always")
-        ...     model = ExpertModel(hf, tiny_tokenizer())
-        >>> model.spec.inference.startswith("FamilySpec(name='my_new_moe'")
-        True
-    """
-    from . import checks
-
-    ids, logits = reference
-    try:
-        truth = getattr(checks, "check_truth", None)
-        if truth is not None:
-            truth(model)
-        else:
-            with torch.no_grad(), model.trace(ids):
-                got = model.logits.save()
-            if not torch.equal(got, logits):
-                err = (got.float() - logits.float()).abs().max().item()
-                raise checks.ValidationError(f"no-op logits differ from the unwrapped model's by {err:.3g}")
-        checks.check_model(model)
-    except Exception as exc:
-        raise UnsupportedModelError(
-            f"expertlens has no address table for {model.spec.name!r}, and the table inferred from its structure "
-            f"failed the truth test ({exc}); the inferred table was {model.spec.inference}. Describe the family "
-            "with expertlens.families.FamilySpec(...) and call expertlens.register_family(spec) before wrapping."
-        ) from exc
-    warnings.warn(
-        f"expertlens has no address table for {model.spec.name!r}; it wrapped the model with a table inferred from "
-        f"its structure, which passed the truth test: {model.spec.inference}. To make it explicit (and silence this "
-        f"warning): expertlens.register_family(expertlens.families.{model.spec.inference})",
-        InferredFamilyWarning,
-        stacklevel=3,
-    )

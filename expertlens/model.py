@@ -15,25 +15,41 @@ Inside ``model.trace(...)`` or ``model.generate(...)``::
 Each point reads like an nnsight value (``.save()`` it to keep it) and is assigned to write it.
 Within one invoke, read points in the order the model computes them (nnsight's rule); within a
 layer that order is the one listed above.
+
+This module holds loading and wrapping only: the points are declared once in
+:mod:`expertlens.points` (``POINTS``), edits live in :mod:`expertlens.edits`, the per-layer module
+paths in :mod:`expertlens.layout`, the instrumentation in :mod:`expertlens.instrument`.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Bool, Float, Int
 from nnsight import TransformersModel
 from torch import Tensor, nn
 
+from . import edits as _edits
 from . import instrument as _instrument
+from .edits import EditContext, EditHandle, EditRegistry, StepTracker
 from .families import FamilySpec, UnsupportedModelError, get_module, resolve_family
+from .layout import editable_paths, resolve_layout
+from .points import (
+    EDITABLE_POINTS,
+    AttentionPoints,
+    ExpertPoint,
+    LayerPoints,
+    MLPPoints,
+    MoEPoints,
+    PointAttr,
+    PointError,
+    _envoy,
+)
 
 __all__ = [
     "ExpertModel",
@@ -43,490 +59,10 @@ __all__ = [
     "MoEPoints",
     "ExpertPoint",
     "PointError",
+    "EditContext",
+    "EditHandle",
+    "EDITABLE_POINTS",
 ]
-
-
-class PointError(ValueError):
-    """A point that does not exist: layer/expert out of range, MoE point on a dense layer, ...
-
-    Example:
-        >>> from expertlens import ExpertModel
-        >>> from expertlens.testing import tiny_model, tiny_tokenizer
-        >>> model = ExpertModel(tiny_model("qwen3_moe"), tiny_tokenizer())
-        >>> from expertlens import PointError
-        >>> try:
-        ...     model.layers[99]
-        ... except PointError as err:
-        ...     print(err)
-        layer 99 out of range: the model has 2 layers (0..1)
-    """
-
-
-def _envoy(root: Any, path: str) -> Any:
-    """Walk an nnsight Envoy tree by dotted path (numeric parts index ModuleLists)."""
-    env = root
-    for part in path.split("."):
-        if not part:
-            continue
-        env = env[int(part)] if part.isdigit() else getattr(env, part)
-    return env
-
-
-def _module_path(root: nn.Module, module: nn.Module) -> str:
-    for name, mod in root.named_modules():
-        if mod is module:
-            return name
-    raise KeyError(type(module).__name__)
-
-
-# --------------------------------------------------------------------------------------------
-# Point groups
-# --------------------------------------------------------------------------------------------
-
-
-class AttentionPoints:
-    """Attention points of one layer: ``output``, ``z`` and ``head_out``.
-
-    ``head_out[..., h, :]`` is head ``h``'s write through the output projection,
-    ``z[..., h, :] @ W_O[:, h]ᵀ``; it excludes the projection bias, so
-    ``head_out.sum(-2) + bias == output`` (``bias`` is :attr:`o_bias`, zero for most families).
-    For post-norm families (``flex_olmo``) ``output`` is the attention module's output, before the
-    norm that precedes the residual add.
-
-    Example:
-        >>> from expertlens import ExpertModel
-        >>> from expertlens.testing import tiny_model, tiny_tokenizer
-        >>> model = ExpertModel(tiny_model("qwen3_moe"), tiny_tokenizer())
-        >>> with model.trace("hi"):
-        ...     heads = model.layers[0].attn.head_out.save()   # [b, p, h, d]
-        ...     out = model.layers[0].attn.output.save()       # [b, p, d]
-        >>> bool((heads.sum(-2) - out).abs().max() < 1e-5)
-        True
-    """
-
-    def __init__(self, model: ExpertModel, layer: int):
-        self._model, self.layer = model, layer
-        info = model._layer_info[layer]
-        self._attn_path = info["attn"]
-        self._o_path = info["o_proj"]
-        self.n_heads: int = info["n_heads"]
-        self.d_head: int = info["d_head"]
-
-    @property
-    def _attn(self):
-        if self._attn_path is None:
-            info = self._model._layer_info[self.layer]
-            raise PointError(
-                f"layer {self.layer} is a {info['layer_type']} with no attention (a recurrent or convolution "
-                f"mixer in this {self._model.family} hybrid stack): it has no attention points. Layers with "
-                f"attention: {[i for i, r in enumerate(self._model._layer_info) if r['attn'] is not None]}"
-            )
-        return _envoy(self._model, self._attn_path)
-
-    @property
-    def _o(self):
-        if self._attn_path is None:
-            self._attn  # noqa: B018  (raises the hybrid-layer error)
-        if self._o_path is None:
-            raise PointError(f"layer {self.layer}: attention has no linear output projection to split by head")
-        return _envoy(self._model, self._o_path)
-
-    @property
-    def o_weight(self) -> Float[Tensor, "d_model heads d_head"]:
-        """The output projection as ``[d_model, heads, d_head]`` (a view of the real weight)."""
-        if self._o_path is None:
-            self._o  # noqa: B018  (raises the no-projection / no-attention error)
-        w = _dense_o_weight(get_module(self._model._module, self._o_path), self.layer)
-        return w.view(w.shape[0], self.n_heads, self.d_head)
-
-    @property
-    def o_bias(self) -> Float[Tensor, " d_model"] | None:
-        return get_module(self._model._module, self._o_path).bias
-
-    @property
-    def output(self) -> Float[Tensor, "batch pos d_model"]:
-        out = self._attn.output
-        return out[0] if isinstance(out, tuple) else out
-
-    @output.setter
-    def output(self, value: Tensor) -> None:
-        out = self._attn.output
-        if isinstance(out, tuple):
-            self._attn.output = (value, *out[1:])
-        else:
-            self._attn.output = value
-
-    @property
-    def z(self) -> Float[Tensor, "batch pos heads d_head"]:
-        x = self._o.input
-        return x.view(*x.shape[:-1], self.n_heads, self.d_head)
-
-    @z.setter
-    def z(self, value: Tensor) -> None:
-        self._o.input = value.reshape(*value.shape[:-2], self.n_heads * self.d_head)
-
-    @property
-    def head_out(self) -> Float[Tensor, "batch pos heads d_model"]:
-        w = self.o_weight  # before reading z: a quantised W_O refuses before the trace requests anything
-        z = self.z
-        return torch.einsum("bphk,dhk->bphd", z, w.to(z.dtype))
-
-    @head_out.setter
-    def head_out(self, value: Tensor) -> None:
-        total = value.sum(dim=-2)
-        if self.o_bias is not None:
-            total = total + self.o_bias
-        self._o.output = total
-
-
-class MLPPoints:
-    """The feed-forward sublayer of a layer, dense or MoE: ``output`` ``[b, p, d]``.
-
-    Example:
-        >>> from expertlens import ExpertModel
-        >>> from expertlens.testing import tiny_model, tiny_tokenizer
-        >>> model = ExpertModel(tiny_model("qwen3_moe"), tiny_tokenizer())
-        >>> with model.trace("hi"):
-        ...     ffn = model.layers[1].mlp.output.save()
-        >>> ffn.shape[-1] == model.d_model
-        True
-    """
-
-    def __init__(self, model: ExpertModel, layer: int):
-        self._model, self.layer = model, layer
-        self.is_moe = layer in model.moe_layers
-
-    @property
-    def output(self) -> Float[Tensor, "batch pos d_model"]:
-        if self.is_moe:
-            return self._model.layers[self.layer].moe.output
-        out = _envoy(self._model, self._model._layer_info[self.layer]["mlp"]).output
-        return out[0] if isinstance(out, tuple) else out
-
-    @output.setter
-    def output(self, value: Tensor) -> None:
-        if self.is_moe:
-            self._model.layers[self.layer].moe.output = value
-        else:
-            _envoy(self._model, self._model._layer_info[self.layer]["mlp"]).output = value
-
-
-class ExpertPoint:
-    """One routed expert of one layer: its outputs where it was selected.
-
-    ``output`` is ``[n, d]`` — the expert's outputs (before routing weights) at every
-    (batch, pos, slot) where it was in the top-k, in that order; ``[0, d]`` where it never
-    fired. Several experts of a layer can be read in one trace, in any order, but before that
-    layer's ``expert_out`` (``experts[e]`` is served just before it). Assigning ``output``
-    writes those slots in place.
-
-    Example:
-        >>> from expertlens import ExpertModel
-        >>> from expertlens.testing import tiny_model, tiny_tokenizer
-        >>> model = ExpertModel(tiny_model("qwen3_moe"), tiny_tokenizer())
-        >>> with model.trace("hello"):
-        ...     out3 = model.layers[0].moe.experts[3].output.save()   # [n, d], n = tokens routed to 3
-        ...     mask3 = model.layers[0].moe.experts[3].mask.save()    # [b, p]
-        >>> out3.shape[0] == int(mask3.sum())
-        True
-    """
-
-    def __init__(self, moe: MoEPoints, expert: int):
-        self._moe, self.expert = moe, expert
-
-    @property
-    def slot_mask(self) -> Bool[Tensor, "batch pos k"]:
-        """``[b, p, k]`` True at the slots where this expert was selected."""
-        return self._moe._expert_view[0] == self.expert
-
-    @property
-    def mask(self) -> Bool[Tensor, "batch pos"]:
-        """``[b, p]`` True at tokens routed to this expert."""
-        return self.slot_mask.any(-1)
-
-    @property
-    def output(self) -> Float[Tensor, "n d_model"]:
-        indices, out = self._moe._expert_view
-        return out.reshape(-1, out.shape[-1])[self._moe._expert_rows(indices, self.expert)]
-
-    @output.setter
-    def output(self, value: Tensor) -> None:
-        indices, out = self._moe._expert_view
-        out.view(-1, out.shape[-1])[self._moe._expert_rows(indices, self.expert)] = value.to(out.dtype)
-
-
-class MoEPoints:
-    """MoE points of one layer (see the module docstring for shapes).
-
-    Example:
-        >>> from expertlens import ExpertModel
-        >>> from expertlens.testing import tiny_model, tiny_tokenizer
-        >>> model = ExpertModel(tiny_model("qwen3_moe"), tiny_tokenizer())
-        >>> with model.trace("hello"):
-        ...     moe = model.layers[1].moe
-        ...     logits = moe.router_logits.save()     # [b, p, E]
-        ...     idx = moe.topk_indices.save()         # [b, p, k]
-        ...     per_slot = moe.expert_out.save()      # [b, p, k, d]
-        >>> logits.shape[-1], idx.shape[-1], per_slot.shape[-2]
-        (8, 2, 2)
-    """
-
-    def __init__(self, model: ExpertModel, layer: int):
-        self._model, self.layer = model, layer
-        info = model._layer_info[layer]
-        self._router_path = info["router"]
-        self._experts_path = info["experts"]
-        self._block_path = info["block"]
-        self.n_experts: int = info["n_experts"]
-        self.top_k: int = info["top_k"]
-        self.has_shared: bool = info["has_shared"]
-
-    def _get(self, path: str):
-        if not _instrument.is_installed(self._model._module):
-            raise PointError(
-                "this model's expertlens instrumentation was removed (model.restore()): MoE points are gone; "
-                "wrap the model again with ExpertModel(...)"
-            )
-        return _envoy(self._model, path)
-
-    def _expert_rows(self, indices: Tensor, expert: int) -> Tensor:
-        """Flat (batch, pos, slot) row numbers where ``expert`` was selected, in that order.
-
-        One stable sort and one host read of the per-expert counts per layer and forward, shared by every
-        ``experts[e]`` read or write of that forward (a boolean mask per expert would sync once per expert).
-        """
-        cached = self.__dict__.get("_rows")
-        if cached is None or cached[0]() is not indices:
-            flat = indices.reshape(-1)
-            order = torch.sort(flat, stable=True).indices
-            counts = torch.zeros(self.n_experts, dtype=torch.long, device=flat.device)
-            counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.long))
-            ends = counts.cumsum(0).tolist()  # the one host sync: the result's size depends on the routing
-            cached = (weakref.ref(indices), order, [0, *ends])
-            self.__dict__["_rows"] = cached
-        _, order, bounds = cached
-        return order[bounds[expert] : bounds[expert + 1]]
-
-    @property
-    def _expert_view(self) -> tuple[Tensor, Tensor]:
-        """(topk_indices, expert_out) of this forward, as one value that can be read repeatedly."""
-        return self._get(f"{self._experts_path}.el_expert_view").output
-
-    @property
-    def input(self) -> Float[Tensor, "batch pos d_model"]:
-        """The MoE block's input (the normalised residual stream the router and experts read)."""
-        return self._get(self._block_path).input
-
-    # router ---------------------------------------------------------------------------------
-    @property
-    def router_logits(self) -> Float[Tensor, "batch pos n_experts"]:
-        """Pre-softmax router logits; edits change selection and weights through the family's router."""
-        return self._get(f"{self._router_path}.el_router_logits").output
-
-    @router_logits.setter
-    def router_logits(self, value: Tensor) -> None:
-        self._get(f"{self._router_path}.el_router_logits").output = value
-
-    @property
-    def router_probs(self) -> Float[Tensor, "batch pos n_experts"]:
-        """The family's scores from the (possibly edited) logits: softmax, or sigmoid for DeepSeek-V3.
-
-        A derived read-out: writing it does not change routing (edit ``router_logits`` or ``topk_*``).
-        """
-        return self._get(f"{self._router_path}.el_router_probs").output
-
-    @property
-    def topk_indices(self) -> Int[Tensor, "batch pos k"]:
-        return self._get(f"{self._router_path}.el_topk_indices").output
-
-    @topk_indices.setter
-    def topk_indices(self, value: Tensor) -> None:
-        self._get(f"{self._router_path}.el_topk_indices").output = value
-
-    @property
-    def topk_weights(self) -> Float[Tensor, "batch pos k"]:
-        return self._get(f"{self._router_path}.el_topk_weights").output
-
-    @topk_weights.setter
-    def topk_weights(self, value: Tensor) -> None:
-        self._get(f"{self._router_path}.el_topk_weights").output = value
-
-    # experts --------------------------------------------------------------------------------
-    @property
-    def expert_out(self) -> Float[Tensor, "batch pos k d_model"]:
-        """Each selected expert's output before its routing weight, slot by slot."""
-        return self._get(f"{self._experts_path}.el_expert_out").output
-
-    @expert_out.setter
-    def expert_out(self, value: Tensor) -> None:
-        self._get(f"{self._experts_path}.el_expert_out").output = value
-
-    @property
-    def experts(self) -> _ExpertList:
-        """``experts[e]`` addresses one routed expert (:class:`ExpertPoint`)."""
-        return _ExpertList(self)
-
-    @property
-    def shared_out(self) -> Float[Tensor, "batch pos d_model"] | None:
-        """The shared expert's contribution (after its gate), or ``None`` for families without one."""
-        if not self.has_shared:
-            return None
-        return self._get(self._model._layer_info[self.layer]["shared_point"]).output
-
-    @shared_out.setter
-    def shared_out(self, value: Tensor) -> None:
-        if not self.has_shared:
-            raise PointError(f"family {self._model.family!r} has no shared expert to write")
-        self._get(self._model._layer_info[self.layer]["shared_point"]).output = value
-
-    @property
-    def output(self) -> Float[Tensor, "batch pos d_model"]:
-        """The MoE block's output: ``Σ_k topk_weights·expert_out (+ shared_out)``."""
-        return self._get(f"{self._block_path}.el_output").output
-
-    @output.setter
-    def output(self, value: Tensor) -> None:
-        self._get(f"{self._block_path}.el_output").output = value
-
-
-class _ExpertList:
-    def __init__(self, moe: MoEPoints):
-        self._moe = moe
-
-    def __len__(self) -> int:
-        return self._moe.n_experts
-
-    def __getitem__(self, expert: int) -> ExpertPoint:
-        n = self._moe.n_experts
-        if not isinstance(expert, int) or not -n <= expert < n:
-            raise PointError(
-                f"expert {expert!r} out of range: layer {self._moe.layer} has {n} routed experts (0..{n - 1})"
-            )
-        return ExpertPoint(self._moe, expert % n)
-
-
-class LayerPoints:
-    """Points of one decoder layer: residual stream, ``attn``, ``mlp`` and (MoE layers) ``moe``.
-
-    Example:
-        >>> from expertlens import ExpertModel
-        >>> from expertlens.testing import tiny_model, tiny_tokenizer
-        >>> model = ExpertModel(tiny_model("qwen3_moe"), tiny_tokenizer())
-        >>> with model.trace("hi"):
-        ...     pre = model.layers[1].resid_pre.save()
-        ...     model.layers[1].resid_post[:] = 0   # write: zero the layer's output
-        >>> model.layers[1]
-        <LayerPoints 1 (moe) of qwen3_moe>
-    """
-
-    def __init__(self, model: ExpertModel, layer: int):
-        self._model, self.layer = model, layer
-        self._info = model._layer_info[layer]
-
-    def __repr__(self) -> str:
-        kind = "moe" if self.is_moe else "dense"
-        return f"<LayerPoints {self.layer} ({kind}) of {self._model.family}>"
-
-    @property
-    def is_moe(self) -> bool:
-        return self.layer in self._model.moe_layers
-
-    @property
-    def envoy(self):
-        """The raw nnsight Envoy of the decoder layer."""
-        return _envoy(self._model, self._info["path"])
-
-    @property
-    def resid_pre(self) -> Float[Tensor, "batch pos d_model"]:
-        """The residual stream entering the layer."""
-        return self.envoy.input
-
-    @resid_pre.setter
-    def resid_pre(self, value: Tensor) -> None:
-        self.envoy.input = value
-
-    @property
-    def resid_mid(self) -> Float[Tensor, "batch pos d_model"]:
-        """The residual stream after attention (``resid_pre + attn.output`` for pre-norm families).
-
-        Assigning writes *in place*: the layer keeps this tensor as its residual, so an in-place
-        write is what reaches both the feed-forward input and the residual add.
-        """
-        return _envoy(self._model, self._mid_path()).input
-
-    def _mid_path(self) -> str:
-        if self._info["mid"] is None:
-            raise PointError(
-                f"layer {self.layer} ({self._info['layer_type']}) of this {self._model.family} model has no "
-                f"resid_mid: its residual wiring is {self._model.spec.residual!r} (no stream between attention "
-                "and the feed-forward sublayer); use resid_pre / resid_post"
-            )
-        return self._info["mid"]
-
-    @resid_mid.setter
-    def resid_mid(self, value: Tensor) -> None:
-        current = _envoy(self._model, self._mid_path()).input
-        current[...] = value.to(current.dtype)
-
-    @property
-    def resid_post(self) -> Float[Tensor, "batch pos d_model"]:
-        """The residual stream leaving the layer."""
-        out = self.envoy.output
-        return out[0] if isinstance(out, tuple) else out
-
-    @resid_post.setter
-    def resid_post(self, value: Tensor) -> None:
-        self.envoy.output = value
-
-    @cached_property
-    def attn(self) -> AttentionPoints:
-        return AttentionPoints(self._model, self.layer)
-
-    @cached_property
-    def mlp(self) -> MLPPoints:
-        return MLPPoints(self._model, self.layer)
-
-    @property
-    def moe(self) -> MoEPoints:
-        if not self.is_moe:
-            spec = self._model.spec
-            why = "a dense family" if not spec.is_moe else "a dense layer"
-            raise PointError(
-                f"layer {self.layer} of this {self._model.family} model is {why}: it has no MoE points. "
-                f"MoE layers are {self._model.moe_layers}"
-            )
-        return self._model._moe_points(self.layer)
-
-    # The writes into the residual stream (what directional ablation edits).
-    @property
-    def attn_write(self) -> Float[Tensor, "batch pos d_model"]:
-        path = self._info.get("attn_write")
-        if path is None:
-            return self.attn.output
-        return _envoy(self._model, path).output
-
-    @attn_write.setter
-    def attn_write(self, value: Tensor) -> None:
-        path = self._info.get("attn_write")
-        if path is None:
-            self.attn.output = value
-        else:
-            _envoy(self._model, path).output = value
-
-    @property
-    def mlp_write(self) -> Float[Tensor, "batch pos d_model"]:
-        path = self._info.get("ffn_write")
-        if path is None:
-            return self.mlp.output
-        return _envoy(self._model, path).output
-
-    @mlp_write.setter
-    def mlp_write(self, value: Tensor) -> None:
-        path = self._info.get("ffn_write")
-        if path is None:
-            self.mlp.output = value
-        else:
-            _envoy(self._model, path).output = value
 
 
 class _LayerList:
@@ -544,148 +80,6 @@ class _LayerList:
         if not isinstance(layer, int) or isinstance(layer, bool) or not -n <= layer < n:
             raise PointError(f"layer {layer!r} out of range: the model has {n} layers (0..{n - 1})")
         return self._model._layer_points(layer % n)
-
-
-# --------------------------------------------------------------------------------------------
-# Edits: functions applied at a point on every forward (the mechanism interventions use)
-# --------------------------------------------------------------------------------------------
-
-#: Points that ``ExpertModel.add_edit`` accepts. ``moe.router_probs`` is a read-out, not editable.
-EDITABLE_POINTS = (
-    "embed", "logits", "resid_pre", "resid_mid", "resid_post", "attn.output", "attn.z", "attn.head_out",
-    "attn_write", "mlp.output", "mlp_write", "moe.router_logits", "moe.topk_indices", "moe.topk_weights",
-    "moe.expert_out", "moe.shared_out", "moe.output",
-)
-_MODEL_POINTS = ("embed", "logits")
-
-
-@dataclass
-class EditContext:
-    """Where a forward pass is, for edits that depend on position or generation step.
-
-    Attributes:
-        step: 0 for a forward over the whole prompt (a trace, or generation's prefill); n for the
-            n-th decode step of a generation.
-        prompt_len: Padded prompt length: positions ``< prompt_len`` are prompt tokens (prompts are
-            left-padded, so the last prompt token of every row sits at ``prompt_len - 1``).
-        positions: ``[p]`` absolute (padded) positions of the tokens in this forward.
-        attention_mask: ``[b, total_len]`` mask so far (``None`` if the call passed none).
-    """
-
-    step: int = 0
-    forward_id: int = 0
-    prompt_len: int = 0
-    positions: Tensor | None = None
-    attention_mask: Tensor | None = None
-
-    @property
-    def is_prefill(self) -> bool:
-        return self.step == 0
-
-    def token_mask(self) -> Bool[Tensor, "batch pos"] | None:
-        """``[b, p]`` True at real (non-pad) tokens of this forward; ``None`` without a mask."""
-        if self.attention_mask is None or self.positions is None:
-            return None
-        return self.attention_mask[:, self.positions].bool()
-
-
-class _StepTracker:
-    """Keeps an :class:`EditContext` up to date on every forward of the HF model.
-
-    Prefill vs decode is decided by the KV cache *object*: a forward that receives the cache the
-    previous forward returned continues that sequence (a decode step), whatever length the
-    cache reports (MiniMax's linear-attention cache reports 0). A fresh cache falls back on its
-    reported length, then on the attention mask. The hooks hold the context, never the
-    ``ExpertModel``, so the HF model does not keep its wrapper alive.
-    """
-
-    def __init__(self, ctx: EditContext, module: nn.Module):
-        self.ctx = ctx
-        self._last_cache: Any = None
-        self._last_total = 0
-        self._handles = [
-            module.register_forward_pre_hook(self.pre, with_kwargs=True),
-            module.register_forward_hook(self.post),
-        ]
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._last_cache = None
-
-
-    def pre(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")
-        if ids is None:
-            return None
-        p = ids.shape[1]
-        mask = kwargs.get("attention_mask")
-        mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
-        past = 0
-        if cache is not None and self._last_cache is not None and cache is self._last_cache():
-            past = self._last_total
-        elif cache is not None and hasattr(cache, "get_seq_length"):
-            try:
-                past = int(cache.get_seq_length())
-            except Exception:  # noqa: BLE001 - caches that cannot say: fall back on the mask
-                past = 0
-        if past == 0 and mask is not None and mask.shape[-1] > p:
-            past = mask.shape[-1] - p
-        total = past + p
-        ctx = self.ctx
-        ctx.forward_id += 1
-        if past == 0:  # a fresh sequence: trace, or generation's prefill
-            ctx.step, ctx.prompt_len = 0, p
-        else:
-            ctx.step += 1
-        ctx.positions = torch.arange(total - p, total, device=ids.device)
-        ctx.attention_mask = mask if mask is not None and mask.shape[-1] == total else None
-        self._pending_total = total
-        return None
-
-    def post(self, module, args, output):
-        cache = getattr(output, "past_key_values", None)
-        self._last_cache = None
-        if cache is not None:
-            try:
-                self._last_cache = weakref.ref(cache)
-            except TypeError:
-                self._last_cache = (lambda c: lambda: c)(cache)
-            self._last_total = getattr(self, "_pending_total", 0)
-        return None
-
-
-class _HookHandle:
-    """An :class:`EditHandle` for an edit implemented as a torch forward pre-hook."""
-
-    def __init__(self, torch_handle, fn: Any):
-        self._handle, self._fn, self._live = torch_handle, fn, True
-
-    def remove(self) -> None:
-        self._handle.remove()
-        self._live = False
-
-    @property
-    def active(self) -> bool:
-        return self._live
-
-
-class EditHandle:
-    """Returned by :meth:`ExpertModel.add_edit`; ``remove()`` takes the edit out (idempotent)."""
-
-    def __init__(self, lst: list, fn: Any):
-        self._list, self._fn = lst, fn
-
-    def remove(self) -> None:
-        if self._fn in self._list:
-            self._list.remove(self._fn)
-
-    @property
-    def active(self) -> bool:
-        return self._fn in self._list
 
 
 # --------------------------------------------------------------------------------------------
@@ -775,9 +169,9 @@ class ExpertModel(TransformersModel):
             from .infer import reference_logits
 
             reference = reference_logits(hf_model)
-        info = _layer_table(hf_model, spec)
+        layout = resolve_layout(hf_model, spec)
         hf_model.eval()
-        editable = _editable_modules(hf_model, spec, info)
+        editable = _editable_modules(hf_model, editable_paths(spec, layout))
         head = _head_transform(hf_model)
         if head != (1.0, None):
             editable.append(hf_model)  # the `logits` point is then the model's returned logits
@@ -794,17 +188,16 @@ class ExpertModel(TransformersModel):
         weakref.finalize(self, _release_ref, weakref.ref(hf_model))
         object.__setattr__(self, "spec", spec)
         object.__setattr__(self, "_head", head)
-        object.__setattr__(self, "_layer_info", info)
+        object.__setattr__(self, "layout", layout)
         object.__setattr__(self, "_point_cache", {})
         object.__setattr__(self, "edit_context", EditContext())
         # Kept on the HF module (never serialised with the wrapper, e.g. for nnsight remote runs).
-        hf_model.__dict__["_el_step_tracker"] = _StepTracker(self.edit_context, hf_model)
+        hf_model.__dict__["_el_step_tracker"] = StepTracker(self.edit_context, hf_model)
+        hf_model.__dict__["_el_edit_registry"] = EditRegistry()
         if reference is not None:
             # a table inferred from structure is accepted only if the truth test passes
-            from .infer import verify_inferred
-
             try:
-                verify_inferred(self, reference)
+                _accept_inferred(self, reference)
             except Exception:
                 self.restore()
                 raise
@@ -842,22 +235,26 @@ class ExpertModel(TransformersModel):
 
     @property
     def n_layers(self) -> int:
-        return len(self._layer_info)
+        return len(self.layout)
 
     @property
     def moe_layers(self) -> list[int]:
-        return [i for i, row in enumerate(self._layer_info) if row["block"] is not None]
+        return [lay.index for lay in self.layout if lay.is_moe]
 
     @property
     def n_experts(self) -> int:
         """Routed experts per MoE layer (0 for dense models)."""
-        rows = [r for r in self._layer_info if r["block"] is not None]
-        return rows[0]["n_experts"] if rows else 0
+        return next((lay.n_experts for lay in self.layout if lay.is_moe), 0)
 
     @property
     def top_k(self) -> int:
-        rows = [r for r in self._layer_info if r["block"] is not None]
-        return rows[0]["top_k"] if rows else 0
+        return next((lay.top_k for lay in self.layout if lay.is_moe), 0)
+
+    @property
+    def _layer_info(self) -> list[dict[str, Any]]:
+        """Deprecated: the per-layer dicts; use ``model.layout[i]`` (a :class:`LayerLayout`)."""
+        warnings.warn("ExpertModel._layer_info is deprecated; use model.layout[i]", DeprecationWarning, stacklevel=2)
+        return [lay.as_dict() for lay in self.layout]
 
     @property
     def d_model(self) -> int:
@@ -865,15 +262,20 @@ class ExpertModel(TransformersModel):
 
     @property
     def n_heads(self) -> int:
-        return int(self._layer_info[-1]["n_heads"])
+        return int(self.layout[-1].n_heads)
 
     @property
     def d_head(self) -> int:
-        return int(self._layer_info[-1]["d_head"])
+        return int(self.layout[-1].d_head)
 
     @property
     def vocab_size(self) -> int:
         return int(self._module.get_output_embeddings().weight.shape[0])
+
+    @property
+    def edit_registry(self) -> EditRegistry:
+        """The handles of every edit attached to this model (kept on the HF model, see :mod:`expertlens.edits`)."""
+        return self._module.__dict__.setdefault("_el_edit_registry", EditRegistry())
 
     @property
     def device(self) -> torch.device:
@@ -909,14 +311,8 @@ class ExpertModel(TransformersModel):
             self._point_cache[key] = MoEPoints(self, layer)
         return self._point_cache[key]
 
-    @property
-    def embed(self) -> Float[Tensor, "batch pos d_model"]:
-        """The token embeddings (the residual stream before layer 0)."""
-        return _envoy(self, self.spec.embed).output
-
-    @embed.setter
-    def embed(self, value: Tensor) -> None:
-        _envoy(self, self.spec.embed).output = value
+    embed = PointAttr("embed")
+    logits = PointAttr("logits")
 
     @property
     def logits_scale(self) -> float:
@@ -930,31 +326,16 @@ class ExpertModel(TransformersModel):
         return self._head[1]
 
     @property
-    def logits(self) -> Float[Tensor, "batch pos vocab"]:
-        """The logits the model returns: the unembedding's output, after any scaling or soft-capping
-        the family applies to it (see :attr:`logits_scale`, :attr:`logits_softcap`)."""
-        if self._head != (1.0, None):
-            return self.output.logits
-        return _envoy(self, self.spec.lm_head).output
-
-    @logits.setter
-    def logits(self, value: Tensor) -> None:
-        if self._head != (1.0, None):
-            current = self.output.logits
-            current[...] = value.to(current.dtype)
-            return
-        _envoy(self, self.spec.lm_head).output = value
-
-    @property
     def final_norm(self):
         """The Envoy of the final norm (its ``.input`` is the last residual stream)."""
         return _envoy(self, self.spec.final_norm)
 
-    # ---- edits --------------------------------------------------------------------------------
-    def add_edit(self, point: str, fn, layer: int | None = None) -> EditHandle:
+    # ---- edits (the registry lives in expertlens.edits) ----------------------------------------
+    def add_edit(self, point: str, fn, layer: int | None = None, *, expert: int | None = None) -> EditHandle:
         """Apply ``fn(value, ctx) -> value`` at a point on every forward until removed.
 
-        ``value`` has the point's ``[b, p, ...]`` shape; ``ctx`` is the :class:`EditContext`.
+        ``value`` has the point's ``[b, p, ...]`` shape (``[n, d]`` for the per-expert point
+        ``moe.experts.output``, with ``expert=``); ``ctx`` is the :class:`EditContext`.
         Edits run inside the modules nnsight wraps, so reads of the point in a trace see the edited
         value; they apply in traces, generation (every step, KV cache on) and plain calls.
 
@@ -964,129 +345,7 @@ class ExpertModel(TransformersModel):
             >>> h = model.add_edit("resid_pre", lambda x, ctx: x * 0, layer=1)
             >>> h.remove()
         """
-        if point not in EDITABLE_POINTS:
-            raise PointError(f"unknown or read-only point {point!r}; editable points are {EDITABLE_POINTS}")
-        if point in _MODEL_POINTS:
-            if layer is not None:
-                raise PointError(f"point {point!r} is model-level; do not pass a layer")
-        else:
-            if layer is None:
-                raise PointError(f"point {point!r} needs a layer (0..{self.n_layers - 1})")
-            _ = self.layers[layer]  # range check with a clear error
-            layer = layer % self.n_layers
-        ctx = self.edit_context
-        info = self._layer_info[layer] if layer is not None else None
-        mod = lambda path: self._module.get_submodule(path)  # noqa: E731
-
-        def out_edit(path: str, pick=None):
-            """Register an output edit on a module made editable at wrap time."""
-            st = mod(path).__dict__.get("_el_edit_state")
-            if st is None:
-                raise PointError(f"{path} is not editable on this model (was it restored?)")
-
-            def edit(out, args, kwargs):
-                if isinstance(out, tuple):
-                    return (fn(out[0], ctx), *out[1:])
-                return fn(out, ctx)
-
-            st.edits.append(edit)
-            return EditHandle(st.edits, edit)
-
-        def hook_point_edit(path: str):
-            hp = mod(path)
-            edit = lambda x: fn(x, ctx)  # noqa: E731
-            hp.edits.append(edit)
-            return EditHandle(hp.edits, edit)
-
-        def pre_edit(path: str, in_place: bool = False, view=None):
-            module = mod(path)
-
-            def hook(m, args, kwargs):
-                if args:
-                    x, rest = args[0], args[1:]
-                else:
-                    key = next(iter(kwargs))
-                    x = kwargs[key]
-                shaped = view(x) if view else x
-                new = fn(shaped, ctx).reshape(x.shape).to(x.dtype)
-                if in_place:
-                    with torch.no_grad() if not x.requires_grad else _nullcontext():
-                        x.copy_(new)
-                    return None
-                if args:
-                    return (new, *rest), kwargs
-                kwargs = dict(kwargs)
-                kwargs[key] = new
-                return args, kwargs
-
-            return _HookHandle(module.register_forward_pre_hook(hook, with_kwargs=True), hook)
-
-        if point == "embed":
-            return out_edit(self.spec.embed)
-        if point == "logits":
-            if self._head != (1.0, None):  # edit the returned logits, after the family's head transform
-                st = self._module.__dict__["_el_edit_state"]
-
-                def logits_edit(out, args, kwargs):
-                    out.logits = fn(out.logits, ctx)
-                    return out
-
-                st.edits.append(logits_edit)
-                return EditHandle(st.edits, logits_edit)
-            return out_edit(self.spec.lm_head)
-        if point == "resid_pre":
-            return pre_edit(info["path"])
-        if point == "resid_mid":
-            return pre_edit(info["mid"], in_place=True)
-        if point == "resid_post":
-            return out_edit(info["path"])
-        if point in ("attn.output",) or (point == "attn_write" and info["attn_write"] is None):
-            return out_edit(info["attn"])
-        if point == "attn_write":
-            return out_edit(info["attn_write"])
-        if point in ("attn.z", "attn.head_out"):
-            if info["o_proj"] is None:
-                raise PointError(f"layer {layer}: attention has no linear output projection to split by head")
-            h, dh = info["n_heads"], info["d_head"]
-            if point == "attn.z":
-                return pre_edit(info["o_proj"], view=lambda x: x.view(*x.shape[:-1], h, dh))
-            o_proj = mod(info["o_proj"])
-            _dense_o_weight(o_proj, layer)
-            st = o_proj.__dict__["_el_edit_state"]
-
-            def head_edit(out, args, kwargs):
-                z = args[0] if args else next(iter(kwargs.values()))
-                z = z.view(*z.shape[:-1], h, dh)
-                w = _dense_o_weight(o_proj, layer).view(o_proj.weight.shape[0], h, dh).to(z.dtype)
-                heads = fn(torch.einsum("bphk,dhk->bphd", z, w), ctx)
-                total = heads.sum(dim=-2)
-                return total + o_proj.bias if o_proj.bias is not None else total
-
-            st.edits.append(head_edit)
-            return EditHandle(st.edits, head_edit)
-        is_moe_layer = info["block"] is not None
-        if point == "mlp_write" and info["ffn_write"] is not None:
-            return out_edit(info["ffn_write"])
-        if point in ("mlp.output", "mlp_write"):
-            if is_moe_layer:
-                return hook_point_edit(f"{info['block']}.el_output")
-            return out_edit(info["mlp"])
-        # MoE points
-        if not is_moe_layer:
-            _ = self.layers[layer].moe  # raises the dense-layer PointError
-        if point == "moe.router_logits":
-            return hook_point_edit(f"{info['router']}.el_router_logits")
-        if point == "moe.topk_indices":
-            return hook_point_edit(f"{info['router']}.el_topk_indices")
-        if point == "moe.topk_weights":
-            return hook_point_edit(f"{info['router']}.el_topk_weights")
-        if point == "moe.expert_out":
-            return hook_point_edit(f"{info['experts']}.el_expert_out")
-        if point == "moe.shared_out":
-            if not info.get("has_shared"):
-                raise PointError(f"family {self.family!r} has no shared expert")
-            return hook_point_edit(info["shared_point"])
-        return hook_point_edit(f"{info['block']}.el_output")
+        return _edits.add_edit(self, point, fn, layer, expert=expert)
 
     def intervene(self, *interventions):
         """Attach interventions for a ``with`` block, around traces, generation or plain calls.
@@ -1102,39 +361,16 @@ class ExpertModel(TransformersModel):
             ...     with model.trace("hi"):
             ...         out = model.logits.save()
         """
-        from .interventions.base import intervene
-
-        return intervene(self, *interventions)
+        return _edits.intervene(self, *interventions)
 
     def clear_edits(self) -> None:
-        """Remove every registered edit, weight edits (``OrthogonalizeWeights``) included."""
-        for handle in reversed(list(self._module.__dict__.get("_el_weight_edits", ()))):
-            handle.remove()  # latest first, so every weight gets its original back
-        for module in self._module.modules():
-            if isinstance(module, _instrument.HookPoint):
-                module.edits.clear()
-            st = module.__dict__.get("_el_edit_state")
-            if st is not None:
-                st.edits.clear()
-            for key, hook in list(module._forward_pre_hooks.items()):
-                if getattr(hook, "__qualname__", "").startswith("ExpertModel.add_edit"):
-                    del module._forward_pre_hooks[key]
-                    module._forward_pre_hooks_with_kwargs.pop(key, None)
+        """Remove every registered edit (weight edits restored), nnsight's stored edits included."""
+        super().clear_edits()
+        _edits.clear_edits(self)
 
     def n_edits(self) -> int:
-        """How many edits are registered (0 when the model is clean), weight edits included."""
-        n = len(self._module.__dict__.get("_el_weight_edits", ()))
-        for module in self._module.modules():
-            if isinstance(module, _instrument.HookPoint):
-                n += len(module.edits)
-            st = module.__dict__.get("_el_edit_state")
-            if st is not None:
-                n += len(st.edits)
-            n += sum(
-                1 for hook in module._forward_pre_hooks.values()
-                if getattr(hook, "__qualname__", "").startswith("ExpertModel.add_edit")
-            )
-        return n
+        """How many edits are registered (0 when the model is clean), nnsight's stored edits included."""
+        return _edits.n_edits(self)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def restore(self) -> None:
@@ -1157,7 +393,7 @@ class ExpertModel(TransformersModel):
 
 
 # --------------------------------------------------------------------------------------------
-# loading and the layer table
+# loading and wrapping
 # --------------------------------------------------------------------------------------------
 
 
@@ -1249,13 +485,11 @@ def _release(hf: nn.Module) -> None:
     """Undo wrapping on the HF model (see ``ExpertModel.restore``); safe to call repeatedly."""
     from nnsight.intervention.source import STATE, Controller
 
+    registry = hf.__dict__.pop("_el_edit_registry", None)
+    if registry is not None:
+        registry.clear()  # every edit by its handle, newest first: weight edits restore their weights
     for handle in reversed(list(hf.__dict__.get("_el_weight_edits", ()))):
-        handle.remove()  # latest first, so every weight gets its original back
-    for module in hf.modules():  # edits registered as forward pre-hooks (resid_pre, resid_mid, attn.z)
-        for key, hook in list(module._forward_pre_hooks.items()):
-            if getattr(hook, "__qualname__", "").startswith("ExpertModel.add_edit"):
-                del module._forward_pre_hooks[key]
-                module._forward_pre_hooks_with_kwargs.pop(key, None)
+        handle.remove()  # weight edits applied outside the registry, latest first
     _instrument.restore(hf)
     tracker = hf.__dict__.pop("_el_step_tracker", None)
     if tracker is not None:
@@ -1309,121 +543,43 @@ def _can_run(model: nn.Module) -> bool:
     return any(hasattr(m, "_hf_hook") for m in model.modules())
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
-
-
-def _editable_modules(model: nn.Module, spec: FamilySpec, info: list[dict[str, Any]]) -> list[nn.Module]:
-    """Modules whose outputs edits may change: layers, attention, o_proj, dense MLPs, writes, ends."""
-    paths = [spec.embed, spec.lm_head]
-    for row in info:
-        paths += [row["path"], row["attn"], row["o_proj"], row["attn_write"], row["ffn_write"]]
-        if row["block"] is None:
-            paths.append(row["mlp"])
-    mods = []
+def _editable_modules(model: nn.Module, paths: list[str]) -> list[nn.Module]:
+    """The modules at ``paths`` (each once), made editable at wrap time."""
+    mods: list[nn.Module] = []
     for path in paths:
-        if path is None:
-            continue
-        module = get_module(model, path)
-        if module is not None and module not in mods:
+        module = model.get_submodule(path) if path else None
+        if module is not None and not any(module is m for m in mods):
             mods.append(module)
     return mods
 
 
-def _dense_o_weight(o_proj: nn.Module, layer: int) -> Tensor:
-    """``o_proj.weight`` as a dense ``[out, in]`` float matrix, or a PointError for a quantised one (bnb 4/8-bit)."""
-    w = o_proj.weight
-    shape_ok = tuple(w.shape) == (o_proj.out_features, o_proj.in_features)
-    if not shape_ok or not w.is_floating_point() or w.element_size() < 2:
-        cls = type(o_proj).__name__.removeprefix("ExpertLens")
-        raise PointError(
-            f"layer {layer}: the attention output projection is quantised ({cls}, weight "
-            f"{type(w).__name__} {tuple(w.shape)} {w.dtype}), so attn.o_weight and attn.head_out (which need W_O) are "
-            "unavailable; attn.z and attn.output still work. Keep o_proj unquantised to use them, e.g. "
-            "BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=['o_proj', 'lm_head'])"
-        )
-    return w
+def _accept_inferred(model: ExpertModel, reference: tuple[Tensor, Tensor]) -> None:
+    """The truth test for a table inferred from structure (``expertlens.infer``): ``check_truth`` (logits and
+    every MoE block's output equal the uninstrumented model's), the no-op ``logits`` point against the
+    reference taken before instrumenting, then ``check_model``. Raises ``UnsupportedModelError`` naming the
+    inferred table; on success warns ``InferredFamilyWarning`` with the ``register_family`` call."""
+    from .checks import ValidationError, check_model, check_truth
+    from .infer import InferredFamilyWarning
 
-
-def _write_path(layer: nn.Module, path: str, rel: str | None) -> str | None:
-    return f"{path}.{rel}" if rel is not None and get_module(layer, rel) is not None else None
-
-
-def _heads(attn: nn.Module, in_features: int, config) -> tuple[int, int]:
+    ids, logits = reference
     try:
-        config_heads = getattr(config, "num_attention_heads", None)
-    except Exception:  # per-layer configs (dots3_note_text) refuse global reads; the module knows its own
-        config_heads = None
-    candidates = [
-        getattr(attn, "num_heads", None),
-        getattr(attn, "num_attention_heads", None),
-        getattr(attn, "num_v_heads", None),
-        config_heads,
-    ]
-    head_dim = getattr(attn, "head_dim", None) or getattr(attn, "v_head_dim", None)
-    if head_dim and in_features % head_dim == 0:
-        return in_features // head_dim, head_dim
-    for n in candidates:
-        if isinstance(n, int) and n > 0 and in_features % n == 0:
-            return n, in_features // n
-    return 1, in_features
-
-
-def _layer_table(model: nn.Module, spec: FamilySpec) -> list[dict[str, Any]]:
-    """Resolve every point's module path for every layer, failing loudly with the inventory."""
-    layers = spec.layer_list(model)
-    base = _module_path(model, layers)
-    rows: list[dict[str, Any]] = []
-    for i, layer in enumerate(layers):
-        path = f"{base}.{i}"
-        found = spec.attn_module(layer)
-        attn_name, attn = found if found is not None else (None, None)
-        o = spec.o_proj_module(attn) if attn is not None else None
-        n_heads, d_head = _heads(attn, o[1].in_features, model.config) if o else (0, 0)
-        mid = get_module(layer, spec.mid) if spec.mid is not None else None
-        if mid is None and spec.mid is not None:
-            raise UnsupportedModelError(
-                f"family {spec.name!r}: layer {i} has no {spec.mid!r} module (needed for resid_mid); "
-                f"children are {[n for n, _ in layer.named_children()]}"
-            )
-        block = spec.moe_block(layer)
-        row: dict[str, Any] = {
-            "path": path,
-            "attn": f"{path}.{attn_name}" if attn_name else None,
-            "o_proj": f"{path}.{attn_name}.{o[0]}" if o else None,
-            "n_heads": n_heads,
-            "d_head": d_head,
-            "layer_type": type(layer).__name__,
-            "mid": f"{path}.{spec.mid}" if spec.mid is not None else None,
-            "mlp": f"{path}.{spec.moe}",
-            # a write module missing on this layer (a dense layer of a family whose MoE block owns it): none
-            "attn_write": _write_path(layer, path, spec.attn_write),
-            "ffn_write": _write_path(layer, path, spec.ffn_write),
-            "block": None,
-        }
-        if block is not None:
-            router = get_module(block, spec.router)
-            experts = get_module(block, spec.experts)
-            layer_shared = spec.shared is not None and spec.shared_level == "layer"
-            shared_owner = f"{path}.{spec.shared}" if layer_shared else f"{path}.{spec.moe}"
-            row.update(
-                shared_point=f"{shared_owner}.el_shared_out",
-                has_shared=spec.shared is not None
-                and get_module(layer if layer_shared else block, spec.shared) is not None,
-                block=f"{path}.{spec.moe}",
-                router=f"{path}.{spec.moe}.{spec.router}",
-                experts=f"{path}.{spec.moe}.{spec.experts}",
-                n_experts=_instrument.global_num_experts(experts),
-                top_k=int(router.top_k),
-            )
-        rows.append(row)
-    if spec.is_moe and not any(r["block"] for r in rows):
+        check_truth(model)
+        with torch.no_grad(), model.trace(ids):
+            got = model.logits.save()
+        if not torch.equal(got, logits):
+            err = (got.float() - logits.float()).abs().max().item()
+            raise ValidationError(f"no-op logits differ from the unwrapped model's by {err:.3g}")
+        check_model(model)
+    except Exception as exc:
         raise UnsupportedModelError(
-            f"family {spec.name!r}: no layer has an MoE block at {spec.moe!r} with {spec.router!r} and "
-            f"{spec.experts!r}; layer 0 children are {[n for n, _ in layers[0].named_children()]}"
-        )
-    return rows
+            f"expertlens has no address table for {model.spec.name!r}, and the table inferred from its structure "
+            f"failed the truth test ({exc}); the inferred table was {model.spec.inference}. Describe the family "
+            "with expertlens.families.FamilySpec(...) and call expertlens.register_family(spec) before wrapping."
+        ) from exc
+    warnings.warn(
+        f"expertlens has no address table for {model.spec.name!r}; it wrapped the model with a table inferred from "
+        f"its structure, which passed the truth test: {model.spec.inference}. To make it explicit (and silence this "
+        f"warning): expertlens.register_family(expertlens.families.{model.spec.inference})",
+        InferredFamilyWarning,
+        stacklevel=3,
+    )

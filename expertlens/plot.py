@@ -31,6 +31,8 @@ __all__ = [
     "steering_sweep",
     "pathway_shares",
     "attribution_bar",
+    "outcome_sweep",
+    "causal_map",
 ]
 
 ArrayLike = Tensor | np.ndarray
@@ -943,4 +945,115 @@ def steering_sweep(
         height=460,
         legend={"x": 1.1, "xanchor": "left", "y": 1},
     )
+    return fig
+
+
+# ----------------------------------------------------------------------------------------- refusal study
+_OUTCOME_COLORS = {"refusal": "#2c6fbb", "full response (ASR)": "#c0392b", "non-response": "#7f7f7f"}
+
+
+def outcome_sweep(
+    coeffs: Sequence[float],
+    rates: Mapping[str, Sequence[float]],
+    kl: Sequence[float] | None = None,
+    *,
+    chosen: float | None = None,
+    title: str = "Steering sweep",
+    x_label: str = "coefficient",
+) -> go.Figure:
+    """Coefficient → outcome rates (refusal / full response / non-response, in %), KL on a second axis.
+
+    Args:
+        coeffs: ``[n]`` coefficients (plotted on a log axis when they span more than a factor 10).
+        rates: outcome name → ``[n]`` fractions in [0, 1].
+        kl: ``[n]`` harmless KL (nats) per coefficient, or ``None``.
+        chosen: the coefficient the study chose (a vertical marker).
+        title: figure title.
+        x_label: x axis title.
+
+    Returns:
+        One line per outcome (and a dotted KL line on the right axis).
+
+    Example:
+        >>> from expertlens.plot import outcome_sweep
+        >>> fig = outcome_sweep([1, 2, 4], {"refusal": [0.9, 0.4, 0.0], "full response (ASR)": [0.1, 0.5, 0.1]},
+        ...                     kl=[0.01, 0.2, 1.5], chosen=2)
+        >>> [t.name for t in fig.data]
+        ['refusal', 'full response (ASR)', 'harmless KL (nats)']
+    """
+    x = _np(coeffs, "coeffs", 1)
+    fig = make_subplots(specs=[[{"secondary_y": kl is not None}]])
+    for i, (name, ys) in enumerate(rates.items()):
+        y = _np(ys, f"{name} rates", 1)
+        if y.shape != x.shape:
+            raise ValueError(f"{name}: {y.shape[0]} rates for {x.shape[0]} coefficients")
+        color = _OUTCOME_COLORS.get(name, _PALETTE[i % len(_PALETTE)])
+        fig.add_trace(
+            go.Scatter(x=x, y=y, name=name, mode="lines+markers", line={"color": color},
+                       hovertemplate=f"{name}<br>c = %{{x}}<br>%{{y:.1%}}<extra></extra>"),
+            secondary_y=False,
+        )  # fmt: skip
+    if kl is not None:
+        k = _np(kl, "kl", 1)
+        fig.add_trace(
+            go.Scatter(x=x, y=k, name="harmless KL (nats)", mode="lines+markers",
+                       line={"dash": "dot", "color": "#555"}, hovertemplate="c = %{x}<br>KL = %{y:.3g}<extra></extra>"),
+            secondary_y=True,
+        )  # fmt: skip
+        fig.update_yaxes(title_text="harmless KL (nats)", secondary_y=True, rangemode="tozero")
+    if chosen is not None:
+        fig.add_vline(x=float(chosen), line={"dash": "dash", "color": "#2ca02c", "width": 1})
+        fig.add_annotation(x=float(chosen), y=1.04, yref="paper", text=f"chosen c = {chosen:g}", showarrow=False,
+                           font={"color": "#2ca02c", "size": 11})  # fmt: skip
+    log_x = x.size and x.min() > 0 and x.max() / x.min() > 10
+    fig.update_xaxes(title_text=x_label, type="log" if log_x else "linear")
+    fig.update_yaxes(title_text="share of prompts", tickformat=".0%", range=[-0.03, 1.03], secondary_y=False)
+    fig.update_layout(title={"text": title}, template=_TEMPLATE, width=760, height=430,
+                      legend={"orientation": "h", "y": -0.22, "x": 0})  # fmt: skip
+    return fig
+
+
+def causal_map(
+    layers: Sequence[int],
+    d_refusal: Mapping[str, Sequence[float | None]],
+    d_asr: Mapping[str, Sequence[float | None]],
+    *,
+    title: str = "Causal map: zero-ablate one component",
+) -> go.Figure:
+    """Per-layer change in refusal rate and ASR (percentage points) when one component's output is zeroed.
+
+    Args:
+        layers: layer indices.
+        d_refusal: component (e.g. ``"attention"``, ``"moe"``) → ``[L]`` change in refusal rate (fractions).
+        d_asr: component → ``[L]`` change in ASR (fractions).
+        title: figure title.
+
+    Returns:
+        Two panels (refusal, ASR) of grouped bars, one bar group per layer.
+
+    Example:
+        >>> from expertlens.plot import causal_map
+        >>> fig = causal_map([0, 1], {"attention": [-0.5, 0.0], "moe": [-0.1, 0.0]},
+        ...                  {"attention": [0.2, 0.0], "moe": [0.0, 0.0]})
+        >>> len(fig.data)
+        4
+    """
+    names = [f"L{layer}" for layer in layers]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("change in refusal rate", "change in ASR"),
+                        horizontal_spacing=0.12)  # fmt: skip
+    colors = {"attention": "#9467bd", "moe": "#ff7f0e"}
+    for col, table in ((1, d_refusal), (2, d_asr)):
+        for i, (comp, vals) in enumerate(table.items()):
+            y = [float("nan") if v is None else 100 * float(v) for v in vals]
+            if len(y) != len(names):
+                raise ValueError(f"{comp}: {len(y)} values for {len(names)} layers")
+            fig.add_trace(
+                go.Bar(x=names, y=y, name="MoE output" if comp == "moe" else f"{comp} output",
+                       marker={"color": colors.get(comp, _PALETTE[i])}, showlegend=col == 1,
+                       hovertemplate=f"{comp} %{{x}}<br>%{{y:+.1f}} points<extra></extra>"),
+                row=1, col=col,
+            )  # fmt: skip
+    fig.update_yaxes(title_text="percentage points", zeroline=True, zerolinecolor="#444")
+    fig.update_layout(title={"text": title}, template=_TEMPLATE, barmode="group", width=980, height=420,
+                      legend={"orientation": "h", "y": -0.18, "x": 0})  # fmt: skip
     return fig

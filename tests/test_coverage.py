@@ -93,7 +93,7 @@ def _moe_rows(model: ExpertModel, ids: torch.Tensor) -> list[dict]:
 
 
 def _module(model: ExpertModel, layer: int, what: str):
-    return model.hf_model.get_submodule(model._layer_info[layer][what])
+    return model.hf_model.get_submodule(getattr(model.layout[layer], what))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -102,7 +102,7 @@ def test_reconstruction_and_routing_recomputation(family, cov):
     assert model.moe_layers
     for layer, row in zip(model.moe_layers, _moe_rows(model, make_ids())):
         b, p = row["x"].shape[:2]
-        k, e = model._layer_info[layer]["top_k"], model._layer_info[layer]["n_experts"]
+        k, e = model.layout[layer].top_k, model.layout[layer].n_experts
         assert row["idx"].shape == row["w"].shape == (b, p, k)
         assert row["eo"].shape == (b, p, k, model.d_model)
         factor = model.spec.routed_factor(_module(model, layer, "block"))
@@ -141,8 +141,8 @@ def test_router_logit_edits_select_and_move_the_output_as_computed_by_hand(famil
         out = moe.output.save()
     selected = (idx == expert).any(-1)
     router = _module(model, layer, "router")
-    group_limited = getattr(model.spec.rule, "groups", False) or type(model.spec.rule).__name__ == "SigmoidGroupTopK"
-    group_limited = group_limited and getattr(router, "topk_group", 1) != getattr(router, "num_group", 1)
+    groups = model.spec.rule.groups(router)
+    group_limited = groups is not None and groups[0] != groups[1]
     if edit == "mask":
         assert not selected.any()
     elif group_limited:
@@ -151,7 +151,7 @@ def test_router_logit_edits_select_and_move_the_output_as_computed_by_hand(famil
         assert selected.all()
     # hand computation: the family's rule on the edited logits, experts straight from the fused weights
     experts = _module(model, layer, "experts")
-    k, e = model._layer_info[layer]["top_k"], model._layer_info[layer]["n_experts"]
+    k, e = model.layout[layer].top_k, model.layout[layer].n_experts
     w, idx_ref = model.spec.rule.route(logits.reshape(-1, e), router)
     flat = x.reshape(-1, model.d_model)
     expected = torch.zeros_like(flat)
@@ -172,7 +172,7 @@ def test_router_logit_edits_select_and_move_the_output_as_computed_by_hand(famil
 @pytest.mark.parametrize("family", FAMILIES)
 def test_heads_sum_to_the_attention_output_on_every_attention_layer(family, cov):
     model = cov(family)
-    layers = [i for i, row in enumerate(model._layer_info) if row["o_proj"] is not None]
+    layers = [i for i, row in enumerate(model.layout) if row.o_proj is not None]
     assert layers
     with torch.no_grad(), model.trace(make_ids()):
         rows = nnsight.save([(model.layers[i].attn.head_out, model.layers[i].attn.output) for i in layers])
@@ -184,7 +184,7 @@ def test_heads_sum_to_the_attention_output_on_every_attention_layer(family, cov)
 
 
 def _attn_or_zero(model, i):
-    return model.layers[i].attn.output if model._layer_info[i]["attn"] is not None else None
+    return model.layers[i].attn.output if model.layout[i].attn is not None else None
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("flex_olmo",)])
@@ -196,13 +196,13 @@ def test_residual_identities_where_the_wiring_is_additive(family, cov):
     with torch.no_grad(), model.trace(make_ids()):
         rows = []
         for i, layer in enumerate(model.layers):
-            has_attn = model._layer_info[i]["attn"] is not None
+            has_attn = model.layout[i].attn is not None
             row = dict(pre=layer.resid_pre)
             if has_attn:
                 row["attn"] = layer.attn_write
             if kind in ("pre_norm", "post_norm"):
                 row["mid"] = layer.resid_mid
-            if kind != "single" or model._layer_info[i]["block"] is not None:
+            if kind != "single" or model.layout[i].block is not None:
                 row["mlp"] = layer.mlp_write
             row["post"] = layer.resid_post
             rows.append(row)
@@ -231,14 +231,14 @@ def test_generation_decode_steps_have_one_position(family, cov):
             moe = model.layers[layer].moe
             shapes.append((tuple(moe.router_logits.shape), tuple(moe.expert_out.shape)))
     assert len(shapes) == steps and shapes[0][0][1] > 1
-    k = model._layer_info[layer]["top_k"]
+    k = model.layout[layer].top_k
     assert all(s[0] == (2, 1, model.n_experts) and s[1] == (2, 1, k, model.d_model) for s in shapes[1:])
 
 
 @pytest.mark.parametrize("family", ["jamba", "lfm2_moe", "nemotron_h", "granitemoehybrid"])
 def test_hybrid_layers_without_attention_have_no_attention_points(family, cov):
     model = cov(family)
-    no_attn = [i for i, row in enumerate(model._layer_info) if row["attn"] is None]
+    no_attn = [i for i, row in enumerate(model.layout) if row.attn is None]
     assert no_attn
     layer_type = model._layer_info[no_attn[0]]["layer_type"]
     with pytest.raises(PointError, match=rf"layer {no_attn[0]} is a {layer_type} with no attention"):
@@ -355,7 +355,7 @@ def test_a_block_norm_after_the_expert_sum_keeps_the_sum_as_moe_output_and_the_n
     """axk1 normalises the summed expert outputs inside its MoE block (post_mlp_layernorm)."""
     model = cov("axk1")
     layer = model.moe_layers[0]
-    norm = model.hf_model.get_submodule(model._layer_info[layer]["block"]).post_mlp_layernorm
+    norm = model.hf_model.get_submodule(model.layout[layer].block).post_mlp_layernorm
     with torch.no_grad(), model.trace(make_ids()):
         out = model.layers[layer].moe.output.save()
         write = model.layers[layer].mlp_write.save()

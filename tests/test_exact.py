@@ -93,7 +93,7 @@ def _hf_steered(model, layer, delta, when, n):
         x = x + delta.to(x.dtype)
         return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
 
-    decoder = model.hf_model.get_submodule(model._layer_info[layer]["path"])
+    decoder = model.hf_model.get_submodule(model.layout[layer].path)
     h = decoder.register_forward_pre_hook(hook, with_kwargs=True)
     enc = model.tokenize(PROMPTS)
     try:

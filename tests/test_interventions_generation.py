@@ -86,7 +86,7 @@ def test_steering_every_step_matches_reference_hook(family, mode):
     when = {"all": lambda p: True, "prompt": lambda p: p > 1, "generated": lambda p: p == 1}[mode]
     steer = AddVector("resid_pre", v, coeff=coeff, layers=layer, positions=mode)
     got = ids_of(model, PROMPTS, [steer])
-    decoder = model.hf_model.get_submodule(model._layer_info[layer]["path"])
+    decoder = model.hf_model.get_submodule(model.layout[layer].path)
     h = decoder.register_forward_pre_hook(pre_hook_adding(coeff * v, when), with_kwargs=True)
     try:
         want = trim(hf_generate(model))

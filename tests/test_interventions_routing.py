@@ -77,7 +77,7 @@ def hand_route(model, layer, logits):
         return hand_softmax_renorm(flat, k)
     if model.family == "gpt_oss":
         return hand_gpt_oss(flat, k)
-    router = model.hf_model.get_submodule(model._layer_info[layer]["router"])
+    router = model.hf_model.get_submodule(model.layout[layer].router)
     return hand_deepseek_v3(flat, k, router)
 
 
@@ -145,7 +145,7 @@ def test_mask_and_force_no_nan_any_family(family):
 def test_force_sigmoid_family_with_correction_bias():
     model = ExpertModel(tiny_model("deepseek_v3", seed=3), tiny_tokenizer())
     layer = model.moe_layers[-1]
-    router = model.hf_model.get_submodule(model._layer_info[layer]["router"])
+    router = model.hf_model.get_submodule(model.layout[layer].router)
     with torch.no_grad():
         router.e_score_correction_bias.copy_(torch.tensor([0.0, 0.9, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0]))
     with model.intervene(ForceExperts({layer: [2]})):
@@ -158,7 +158,7 @@ def test_force_sigmoid_family_with_correction_bias():
 def test_mask_and_force_with_large_correction_bias(family):
     model = ExpertModel(tiny_model(family, seed=3), tiny_tokenizer())
     layer = model.moe_layers[-1]
-    router = model.hf_model.get_submodule(model._layer_info[layer]["router"])
+    router = model.hf_model.get_submodule(model.layout[layer].router)
     param = router.e_score_correction_bias if family == "deepseek_v3" else router.moe_statics.e_score_correction_bias
     with torch.no_grad():
         param.zero_()
@@ -190,7 +190,7 @@ def test_router_bias_and_calibration(family):
     mags = calibrate_router_bias(model)
     assert sorted(mags) == model.moe_layers
     # the paper's range: one N(0, I) vector through the router's linear map
-    router = model.hf_model.get_submodule(model._layer_info[layer]["router"])
+    router = model.hf_model.get_submodule(model.layout[layer].router)
     h = torch.randn(1, model.d_model, generator=torch.Generator().manual_seed(0))
     ref = torch.nn.functional.linear(h, router.weight).detach()
     assert mags[layer] == pytest.approx(float(ref.max() - ref.min()) + 0.01, rel=1e-5)

@@ -96,7 +96,7 @@ def test_weighted_expert_outputs_plus_shared_equal_moe_output(family, wrapped):
 def test_routing_recomputed_from_logits_by_family_rule(family, wrapped):
     model = wrapped(family)
     for layer, row in zip(model.moe_layers, _moe_rows(model, make_ids())):
-        router = model.hf_model.get_submodule(model._layer_info[layer]["router"])
+        router = model.hf_model.get_submodule(model.layout[layer].router)
         flat = row["logits"].reshape(-1, model.n_experts)
         w_ref, idx_ref = model.spec.rule.route(flat, router)
         idx = row["idx"].reshape(-1, model.top_k)
@@ -109,8 +109,8 @@ def test_routing_recomputed_from_logits_by_family_rule(family, wrapped):
 
 def _expected_output(model, layer, x, logits, shared):
     """Hand computation of the MoE output from (edited) logits: rule routing + reference experts."""
-    router = model.hf_model.get_submodule(model._layer_info[layer]["router"])
-    experts = model.hf_model.get_submodule(model._layer_info[layer]["experts"])
+    router = model.hf_model.get_submodule(model.layout[layer].router)
+    experts = model.hf_model.get_submodule(model.layout[layer].experts)
     flat_x = x.reshape(-1, model.d_model)
     w, idx = model.spec.rule.route(logits.reshape(-1, model.n_experts), router)
     out = torch.zeros_like(flat_x)
@@ -141,7 +141,7 @@ def test_router_logit_edits_change_selection_and_output_as_predicted(family, edi
             shared = moe.shared_out.save()
         out = moe.output.save()
     selected = (idx == expert).any(-1)
-    router = model.hf_model.get_submodule(model._layer_info[layer]["router"])
+    router = model.hf_model.get_submodule(model.layout[layer].router)
     group_limited = getattr(router, "topk_group", None) not in (None, getattr(router, "num_group", None))
     if edit == "force" and not group_limited:
         assert selected.all()
@@ -322,8 +322,12 @@ def test_layer_and_expert_out_of_range_and_dense_layer(wrapped):
         model.layers[1].moe.experts[8]
     with pytest.raises(PointError, match=r"layer 0 of this deepseek_v3 model is a dense layer.*MoE layers are \[1\]"):
         model.layers[0].moe
-    with pytest.raises(PointError, match="unknown or read-only point 'moe.router_probs'"):
-        model.add_edit("moe.router_probs", lambda x, c: x, layer=1)
+    with pytest.raises(PointError, match="unknown or read-only point 'moe.router_prob'"):
+        model.add_edit("moe.router_prob", lambda x, c: x, layer=1)
+    with pytest.raises(PointError, match="read-only point 'moe.experts.mask' .derived from topk_indices"):
+        model.add_edit("moe.experts.mask", lambda x, c: x, layer=1, expert=0)
+    with pytest.raises(PointError, match="per expert: pass expert="):
+        model.add_edit("moe.experts.output", lambda x, c: x, layer=1)
     with pytest.raises(PointError, match="dense layer"):
         model.add_edit("moe.router_logits", lambda x, c: x, layer=0)
     _assert_clean(model)

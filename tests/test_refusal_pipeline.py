@@ -70,19 +70,37 @@ def test_difference_in_means_matches_hand_computation(qwen2):
 
 
 @pytest.mark.parametrize("count", ["top1", "topk"])
-def test_routing_frequencies_sum_and_pads_never_counted(qwen2, count):
+def test_routing_frequencies_equal_a_hand_count_and_pads_never_counted(qwen2, count):
+    """Frequencies and Δ equal counts taken by hand from plain transformers' router logits, one unpadded
+    prompt at a time, over the last 5 real tokens (the authors' slice would read pads here)."""
     model = qwen2
     harm, safe = _chat(model, HARM), _chat(model, SAFE)
-    stats = routing_statistics(model, harm, safe, last_n=None, count=count, batch_size=4)
+    stats = routing_statistics(model, harm, safe, last_n=5, count=count, batch_size=4)
     k = 1 if count == "top1" else model.top_k
-    for freq in (stats.freq_harmful, stats.freq_harmless):
-        torch.testing.assert_close(freq.sum(-1), torch.full((len(model.moe_layers),), 100.0 * k))
-    real = sum(len(model.tokenizer(p)["input_ids"]) for p in harm)
-    assert stats.n_tokens_harmful == real  # every real token once, no pad
-    # counts equal one-prompt-at-a-time runs (no padding): pads were excluded, not averaged in
-    single = routing_statistics(model, harm, safe, last_n=None, count=count, batch_size=1)
-    torch.testing.assert_close(stats.freq_harmful, single.freq_harmful)
-    torch.testing.assert_close(stats.delta, stats.freq_harmful - stats.freq_harmless)
+
+    def hand(prompts):
+        counts = torch.zeros(len(model.moe_layers), model.n_experts, dtype=torch.float64)
+        n_tok = 0
+        for p in prompts:
+            ids = torch.tensor([model.tokenizer.encode(p, add_special_tokens=False)])
+            with torch.no_grad():
+                out = model.hf_model(ids, output_router_logits=True)
+            n_tok += min(5, ids.shape[1])
+            for li, logits in enumerate(out.router_logits):
+                last = logits.reshape(ids.shape[1], -1)[-5:]
+                top = last.topk(k, dim=-1).indices
+                for e in top.flatten().tolist():
+                    counts[li, e] += 1
+        return 100 * counts / n_tok, n_tok
+
+    fh, nh = hand(harm)
+    fs, _ = hand(safe)
+    assert stats.n_tokens_harmful == nh
+    torch.testing.assert_close(
+        stats.freq_harmful.double(), fh, rtol=0, atol=1e-4
+    )  # float32 frequencies; one count is ~3 pp
+    torch.testing.assert_close(stats.delta.double(), fh - fs, rtol=0, atol=1e-4)
+    assert float(stats.delta.abs().sum()) > 0  # a test that can fail: the two sets route differently
 
 
 def test_routing_last_n_counts_only_last_tokens(qwen2):
@@ -105,7 +123,7 @@ def test_forced_expert_means_equal_hand_computation(qwen2):
     prompts = _chat(model, HARM[:3])
     layer, positions = 1, [-2, -1]
     means, counts = expert_output_means(model, prompts, layer, positions, mode="forced")
-    experts = model.hf_model.get_submodule(model._layer_info[layer]["experts"])
+    experts = model.hf_model.get_submodule(model.layout[layer].experts)
     acc = torch.zeros(len(positions), model.n_experts, model.d_model, dtype=torch.float64)
     for p in prompts:
         with torch.no_grad(), model.trace(p):
@@ -175,38 +193,150 @@ def test_dense_model_skips_methods_with_a_message():
     model = ExpertModel(tiny_model("llama"), tiny_tokenizer())
     cfg = _loose_config()
     messages = []
-    study = run_refusal_study(model, RefusalData(HARM, SAFE), cfg, log=messages.append)
+    study = run_refusal_study(model, RefusalData.from_lists(HARM, SAFE), cfg, log=messages.append)
     assert any("no MoE layers" in m for m in messages)
-    assert study["method_a"]["note"].startswith("skipped") and study["method_b"]["note"].startswith("skipped")
-    assert study["selected"]["layer"] is not None
+    for key in ("method_a", "method_b", "control"):
+        c = study.result.condition(key)
+        assert c.bypass is None and c.note.startswith("skipped")
+    assert study.result.selected["layer"] is not None
+    assert [c.status for c in study.result.claims][1] == "not testable"
 
 
 def _loose_config() -> RefusalConfig:
-    cfg = RefusalConfig.fast()
-    cfg.kl_threshold, cfg.induce_threshold, cfg.max_layer_frac = float("inf"), float("-inf"), 1.0
-    cfg.filter_train, cfg.max_new_tokens, cfg.stage2_tokens, cfg.expert_threshold = False, 3, 3, 1.0
-    return cfg
+    return RefusalConfig.fast().with_(
+        kl_threshold=float("inf"),
+        induce_threshold=float("-inf"),
+        max_layer_frac=1.0,
+        filter_train=False,
+        max_new_tokens=3,
+        stage2_tokens=3,
+        expert_threshold=1.0,
+        n_positions=3,
+        routing_last_n=3,
+        actadd_sweep=(1.0, 2.0),
+        n_causal=4,
+    )
 
 
 def test_study_round_trips_and_directions_reproduce_steering(qwen2, tmp_path):
     model = qwen2
-    study = run_refusal_study(model, RefusalData.from_lists(HARM * 2, SAFE * 2), _loose_config(), log=lambda *a: None)
+    data = RefusalData.from_lists(HARM * 2, SAFE * 2)
+    state = torch.random.get_rng_state()
+    study = run_refusal_study(model, data, _loose_config(), log=lambda *a: None)
+    assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is never reseeded
     out = study.save(tmp_path / "run")
     raw = json.loads((out / "results.json").read_text())
-    for key in ("baseline", "selected", "actadd", "ablation", "method_a", "method_b", "control", "pathways"):
-        assert key in raw
-    for key in ("harmful_refusal", "harmless_refusal"):
-        assert 0.0 <= raw["baseline"][key] <= 1.0
-    assert set(raw["pathways"]["shares"]) == {"attention", "moe", "both"}
+    keys = [c["key"] for c in raw["conditions"]]
+    assert keys[:4] == ["baseline", "actadd_unit", "actadd", "ablation"] and "method_b" in keys and "control" in keys
+    base = study.result.condition("baseline")
+    for o in (base.bypass, base.induce):  # three classes, each with n and an interval around it
+        assert o.refusal.k + o.full_response.k + o.non_response.k == o.n == len(data.harmful_test)
+        for r in (o.refusal, o.full_response, o.non_response):
+            assert r.lo <= r.value <= r.hi
+    assert [c.number for c in study.result.claims] == [1, 2, 3]
+    assert all(c.verdict.split(":")[0] in ("supported on this model", "partly supported on this model",
+                                           "not supported on this model") or c.status == "not testable"
+               for c in study.result.claims)  # fmt: skip
+    assert {d.setting for d in study.result.deviations} >= {"routing positions", "max_new_tokens"}
     html = (out / "report.html").read_text()
-    assert "Summary" in html and "Routing statistics" in html
+    for text in ("Claim 1", "Claim 2", "Claim 3", "Deviations from the authors", "Samples", "full response"):
+        assert text in html
+    for bad in ("None", "nan", "NaN", "harmful_refusal", "{'", "full_response", "non_response", "stage2_asr"):
+        assert bad not in _visible_text(html), bad
     loaded = RefusalStudy.load(out)
-    assert loaded.results == raw
+    assert loaded.results == raw == study.results
     r = loaded.directions["refusal"]
     assert torch.equal(r, study.directions["refusal"].float())
-    layer = loaded["selected"]["layer"]
+    layer = loaded.result.selected["layer"]
     prompts = _chat(model, SAFE[:3])
     a = run_logits(model, prompts, [AddVector("resid_pre", study.directions["refusal"], layers=layer)])
     b = run_logits(model, prompts, [AddVector("resid_pre", r, layers=layer)])
     assert torch.equal(a, b)
     assert model.n_edits() == 0
+    assert "RefusalStudy(" in repr(study) and "claims:" in repr(study)
+    assert "<table" in study._repr_html_()
+    assert "ASR" in study.table()
+
+
+def _visible_text(html: str) -> str:
+    import re
+
+    body = re.sub(r"<script.*?</script>", "", html, flags=re.S)
+    body = re.sub(r"<style.*?</style>", "", body, flags=re.S)
+    return re.sub(r"<[^>]+>", " ", body)
+
+
+def test_study_is_deterministic_and_resumes_stage_by_stage(qwen2, tmp_path):
+    data = RefusalData.from_lists(HARM * 2, SAFE * 2)
+    cfg = _loose_config().with_(causal_map=False)
+    first = run_refusal_study(qwen2, data, cfg, log=lambda *a: None, checkpoint=tmp_path / "stages")
+    second = run_refusal_study(qwen2, data, cfg, log=lambda *a: None)
+    strip = lambda r: {k: v for k, v in r.items() if k != "timing"}  # noqa: E731
+    assert strip(first.results) == strip(second.results)
+    done = sorted(p.name for p in (tmp_path / "stages").glob("*.json"))
+    assert "condition_baseline.json" in done and "selection.json" in done
+    # resume reads the finished stages back: same results, and a stage we delete is recomputed
+    (tmp_path / "stages" / "condition_ablation.json").unlink()
+    logs = []
+    resumed = run_refusal_study(qwen2, data, cfg, log=logs.append, checkpoint=tmp_path / "stages", resume=True)
+    assert strip(resumed.results) == strip(first.results)
+    assert (tmp_path / "stages" / "condition_ablation.json").exists()
+    with pytest.raises(ValueError, match="different run"):
+        run_refusal_study(qwen2, data, cfg.with_(seed=1), log=lambda *a: None, checkpoint=tmp_path / "stages",
+                          resume=True)  # fmt: skip
+
+
+def test_paper_preset_is_the_authors_defaults_with_sources():
+    from expertlens.refusal import PAPER_SOURCES
+    from expertlens.refusal.data import LIGHTWEIGHT_SYSTEM
+
+    paper = RefusalConfig.paper()
+    assert paper.system_prompt == LIGHTWEIGHT_SYSTEM
+    assert (paper.max_new_tokens, paper.stage2_tokens, paper.n_random_experts, paper.method_b_select) == (
+        100, 25, 10, "threshold")  # fmt: skip
+    assert (paper.routing_filtered, paper.routing_n_harmless, paper.keep_min, paper.n_prompts_stage2) == (
+        False, 200, 15, 25)  # fmt: skip
+    assert paper.resolved("olmoe").expert_threshold == 7.0 and paper.resolved("qwen3_moe").expert_threshold == 15.0
+    assert paper.resolved("gpt_oss").kl_max == 1.0 and paper.resolved("mixtral").kl_max == 2.0
+    assert all(".py" in PAPER_SOURCES[k] for k in PAPER_SOURCES)
+    assert [d.setting for d in paper.deviations()] == ["routing positions", "direction selection: induce filter",
+                                                       "judge", "harmless KL and capability"]  # fmt: skip
+    org = {d.setting: d for d in RefusalConfig.organism().deviations()}
+    assert org["max_new_tokens"].paper == "100" and org["max_new_tokens"].here == "16"
+    with pytest.raises(TypeError, match="has no setting"):
+        paper.with_(max_tokens=3)
+    with pytest.raises(ValueError, match="method_b_select"):
+        paper.with_(method_b_select="best").validate()
+
+
+def test_refusal_data_refuses_what_would_silently_go_wrong(qwen2):
+    with pytest.raises(TypeError, match="single string.*split into characters"):
+        RefusalData.from_lists("bomb", "bread")
+    with pytest.raises(TypeError, match="single string"):
+        RefusalData("bomb", ["bread"])
+    with pytest.raises(ValueError, match="cannot be split into train / val / test.*5 prompts per class"):
+        RefusalData.from_lists(HARM[:4], SAFE[:4])
+    with pytest.raises(ValueError, match="harmful_val is empty.*will not fall back to the training prompts"):
+        run_refusal_study(qwen2, RefusalData(HARM, SAFE), _loose_config(), log=lambda *a: None)
+    with pytest.raises(ValueError, match="shorter than the 40 last positions"):
+        run_refusal_study(qwen2, RefusalData.from_lists(HARM, SAFE), _loose_config().with_(n_positions=40),
+                          log=lambda *a: None)  # fmt: skip
+    with pytest.raises(ValueError, match="identical.*difference-in-means direction is zero"):
+        run_refusal_study(qwen2, RefusalData.from_lists(HARM, HARM), _loose_config(), log=lambda *a: None)
+    assert qwen2.n_edits() == 0
+
+
+def test_capability_hook_sees_every_condition_with_its_edits_active(qwen2):
+    seen = []
+
+    def suite(model, edits):
+        seen.append(len(edits))
+        assert model.n_edits() >= len(edits)  # the edits are active while the suite runs
+        return (5, 5) if not edits else (3, 5)
+
+    cfg = _loose_config().with_(causal_map=False)
+    study = run_refusal_study(qwen2, RefusalData.from_lists(HARM, SAFE), cfg, log=lambda *a: None, capability=suite)
+    base, act = study.result.condition("baseline"), study.result.condition("actadd")
+    assert base.capability.retention == 1.0 and act.capability.retention == pytest.approx(0.6)
+    assert act.capability.suite == "capability suite suite" and seen[0] == 0 and max(seen) >= 1
+    assert qwen2.n_edits() == 0

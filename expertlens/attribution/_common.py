@@ -9,12 +9,14 @@ import torch
 from torch import Tensor, nn
 
 from ..families import get_module
+from ..prompts import format_chat
 from ._table import Component
 
 if TYPE_CHECKING:
     from ..model import ExpertModel
 
-Positions = int | Sequence[int] | None
+#: Token positions to attribute at: one index, several, or None (all). Not interventions.Positions.
+TokenPositions = int | Sequence[int] | None
 
 
 def as_prompts(prompts: str | Sequence[str], model: ExpertModel, chat: bool) -> list[str]:
@@ -22,22 +24,10 @@ def as_prompts(prompts: str | Sequence[str], model: ExpertModel, chat: bool) -> 
     items = [prompts] if isinstance(prompts, str) else list(prompts)
     if not items:
         raise ValueError("no prompts given")
-    if chat:
-        items = [
-            model.tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-            )
-            for p in items
-        ]
-    return items
+    return format_chat(model.tokenizer, items) if chat else items
 
 
-def batches(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
-def resolve_positions(positions: Positions, p: int) -> list[int] | None:
+def resolve_positions(positions: TokenPositions, p: int) -> list[int] | None:
     """Absolute indices into a padded sequence of length ``p`` (``None``: every position)."""
     if positions is None:
         return None
@@ -128,42 +118,38 @@ def residual_coefficients(model: ExpertModel, layer: int) -> tuple[float, float,
     (``norm(x)·alpha + f(norm(x))·beta``), so it is not a sum of component writes.
     """
     mod = model.spec.layer_list(model.hf_model)[layer]
-    if hasattr(mod, "attn_alpha_factor") or hasattr(mod, "mlp_alpha_factor"):
-        raise NotImplementedError(
-            f"{model.family}: layers re-normalise the residual stream (alpha/beta factors on a normed "
-            "residual), so it is not a sum of component writes; direct attribution is not supported"
-        )
-    v = getattr(mod, "residual_multiplier", 1.0)
-    mult = float(v) if isinstance(v, (int, float)) else 1.0
-    return 1.0, mult, 1.0, mult
+    try:
+        return model.spec.write_factors(mod)
+    except NotImplementedError as exc:
+        raise NotImplementedError(f"{exc}; direct attribution is not supported") from None
 
 
 def write_norms(model: ExpertModel, layer: int) -> tuple[nn.Module | None, nn.Module | None]:
     """For post-norm families, the norms applied to the attention / feed-forward write."""
-    info = model._layer_info[layer]
+    info = model.layout[layer]
     if model.spec.residual != "post_norm":
         return None, None
     root = model.hf_model
-    a = get_module(root, info["attn_write"]) if info["attn_write"] else None
-    f = get_module(root, info["ffn_write"]) if info["ffn_write"] else None
+    a = get_module(root, info.attn_write) if info.attn_write else None
+    f = get_module(root, info.ffn_write) if info.ffn_write else None
     return a, f
 
 
 def layer_components(model: ExpertModel, layer: int, *, router: bool = False,
                      bias: bool = True, other: bool = False) -> list[Component]:
     """Labels of the components that write the residual stream in ``layer``."""
-    info = model._layer_info[layer]
+    info = model.layout[layer]
     out: list[Component] = []
-    if info["o_proj"] is not None:
-        out += [Component(layer, "head", h) for h in range(info["n_heads"])]
+    if info.o_proj is not None:
+        out += [Component(layer, "head", h) for h in range(info.n_heads)]
         if bias and model.layers[layer].attn.o_bias is not None:
             out.append(Component(layer, "attn_bias", 0))
     else:
         out.append(Component(layer, "attn", 0))
-    if info["block"] is not None:
+    if info.block is not None:
         if router:
-            out += [Component(layer, "router", e) for e in range(info["n_experts"])]
-        out += [Component(layer, "expert", e) for e in range(info["n_experts"])]
+            out += [Component(layer, "router", e) for e in range(info.n_experts)]
+        out += [Component(layer, "expert", e) for e in range(info.n_experts)]
         if model.spec.shared is not None:
             out.append(Component(layer, "shared", 0))
     else:
@@ -176,6 +162,6 @@ def layer_components(model: ExpertModel, layer: int, *, router: bool = False,
 def model_shape(model: ExpertModel) -> dict[str, Any]:
     return {
         "n_layers": model.n_layers,
-        "n_heads": max(int(r["n_heads"]) for r in model._layer_info),
+        "n_heads": max(int(r.n_heads) for r in model.layout),
         "n_experts": model.n_experts,
     }

@@ -40,12 +40,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..edits import record
 from ..families import get_module
 from ..interventions.base import Intervention
+from ..prompts import batches
 from ._common import (
-    Positions,
+    TokenPositions,
     as_prompts,
-    batches,
     frozen_norm,
     layer_components,
     model_shape,
@@ -185,7 +186,7 @@ class DirectAttribution(Intervention):
 
     target: Any
     layer: int | None = None
-    positions: Positions = -1
+    positions: TokenPositions = -1
     normalize: bool = True
     recorder: _Recorder = field(default_factory=_Recorder, compare=False, repr=False)
 
@@ -224,48 +225,43 @@ class DirectAttribution(Intervention):
         positions = self.positions
         L = self._layer(model)
         need_logits = isinstance(self.target, LogitDiff)
-        handles: list[EditHandle] = []
-
-        def add(point: str, key: str, layer: int | None = None, first: bool = False, keyed: bool = True):
-            def fn(x, ctx):
-                if ctx.step != 0:
-                    return x
-                if first:
-                    idx = resolve_positions(positions, x.shape[1])
-                    mask = ctx.token_mask()
-                    if mask is None:
-                        mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-                    rec.current = {"idx": idx, "mask": pick(mask, idx), "p": x.shape[1]}
-                    rec.records.append(rec.current)
-                if rec.current is None:
-                    return x
-                rec.current[key if layer is None or not keyed else (key, layer)] = pick(x, rec.current["idx"])
-                return x
-
-            handles.append(model.add_edit(point, fn, layer=layer))
-
-        add("resid_pre", "resid_pre", 0, first=True)
+        short = {"resid_pre": "resid_pre", "attn.z": "z", "attn.output": "attn_out", "moe.topk_indices": "topk_i",
+                 "moe.topk_weights": "topk_w", "moe.expert_out": "expert_out", "moe.shared_out": "shared_out",
+                 "mlp.output": "mlp_out"}
+        wanted: list[tuple[str, int | None]] = [("resid_pre", 0)]
         for li in range(min(L, model.n_layers)):
-            info = model._layer_info[li]
+            info = model.layout[li]
             if li > 0:
-                add("resid_pre", "resid_pre", li)
-            if info["o_proj"] is not None:
-                add("attn.z", "z", li)
-            add("attn.output", "attn_out", li)
-            if info["block"] is not None:
-                add("moe.topk_indices", "topk_i", li)
-                add("moe.topk_weights", "topk_w", li)
-                add("moe.expert_out", "expert_out", li)
+                wanted.append(("resid_pre", li))
+            if info.o_proj is not None:
+                wanted.append(("attn.z", li))
+            wanted.append(("attn.output", li))
+            if info.is_moe:
+                wanted += [("moe.topk_indices", li), ("moe.topk_weights", li), ("moe.expert_out", li)]
                 if model.spec.shared is not None:
-                    add("moe.shared_out", "shared_out", li)
-            add("mlp.output", "mlp_out", li)
-        if L < model.n_layers:
-            add("resid_pre", "resid_pre", L)
-        else:
-            add("resid_post", "final", model.n_layers - 1, keyed=False)
+                    wanted.append(("moe.shared_out", li))
+            wanted.append(("mlp.output", li))
+        final = ("resid_pre", L) if L < model.n_layers else ("resid_post", model.n_layers - 1)
+        if final not in wanted:
+            wanted.append(final)
         if need_logits:
-            add("logits", "logits")
-        return handles
+            wanted.append(("logits", None))
+
+        def keep(key, x, ctx):
+            name, layer = key
+            if key == ("resid_pre", 0):
+                idx = resolve_positions(positions, x.shape[1])
+                mask = ctx.token_mask()
+                if mask is None:
+                    mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+                rec.current = {"idx": idx, "mask": pick(mask, idx), "p": x.shape[1]}
+                rec.records.append(rec.current)
+            if rec.current is None:
+                return
+            slot = {"resid_post": "final", "logits": "logits"}.get(name, (short.get(name), layer))
+            rec.current[slot] = pick(x, rec.current["idx"])
+
+        return record(model, wanted, prefill_only=True, on_value=keep, keep=False).handles
 
     # ---- results -------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -343,7 +339,7 @@ def _attribute_record(model: ExpertModel, attr: DirectAttribution, rec: dict[str
     comps: list[Component] = [Component(-1, "embed", 0)]
     cols: list[Tensor] = [proj(rec[("resid_pre", 0)]) * after[0]]
     for li in range(L):
-        info = model._layer_info[li]
+        info = model.layout[li]
         a_a, b_a, a_f, b_f = coefs[li]
         attn_norm, ffn_norm = write_norms(model, li)
         attn_out = rec[("attn_out", li)].float()
@@ -354,7 +350,7 @@ def _attribute_record(model: ExpertModel, attr: DirectAttribution, rec: dict[str
         layer_comps = layer_components(model, li, other=True)
         layer_cols: list[Tensor] = []
         # attention
-        if info["o_proj"] is not None:
+        if info.o_proj is not None:
             z = rec[("z", li)].float()  # [b, n, h, dh]
             w_o = model.layers[li].attn.o_weight.detach().float().cpu()  # [d, h, dh]
             heads = torch.einsum("bnhk,dhk->bnhd", z, w_o)
@@ -374,12 +370,12 @@ def _attribute_record(model: ExpertModel, attr: DirectAttribution, rec: dict[str
         s_f = norm_scale(ffn_norm, mlp_out.to(model.dtype)).float() if ffn_norm is not None else None
         Df = D * s_f if s_f is not None else D
         ffn_cols: list[Tensor] = []
-        if info["block"] is not None:
+        if info.block is not None:
             w = rec[("topk_w", li)].float()
             idx = rec[("topk_i", li)].long()
             eo = rec[("expert_out", li)].float()  # [b, n, k, d]
             per_slot = w * (eo * Df[:, :, None, :]).sum(-1)  # [b, n, k]
-            per_expert = torch.zeros(b, n, info["n_experts"]).scatter_add_(-1, idx, per_slot)
+            per_expert = torch.zeros(b, n, info.n_experts).scatter_add_(-1, idx, per_slot)
             ffn_cols += list(per_expert.unbind(-1))
             write_f = (w[..., None] * eo).sum(2)
             if model.spec.shared is not None:
@@ -415,7 +411,7 @@ def direct_attribution(
     target: Tensor | LogitDiff,
     *,
     layer: int | None = None,
-    positions: Positions = -1,
+    positions: TokenPositions = -1,
     normalize: bool = True,
     interventions: Sequence[Intervention] = (),
     chat: bool = False,

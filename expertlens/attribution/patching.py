@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ..edits import record
 from ..interventions.base import Intervention
 from ._common import as_prompts, layer_components, model_shape
 from ._table import AttributionTable, Component
@@ -66,50 +67,42 @@ def _inputs(model: ExpertModel, clean, corrupted, chat: bool):
     return enc, enc_c, None
 
 
-def _capture(model: ExpertModel, kinds: Sequence[str], store: dict) -> list[EditHandle]:
-    """Identity edits that keep every node's activation (the tensors themselves, graph attached)."""
-    handles = []
+#: The points attribution patching keeps, by the short keys its formulas use.
+_KEYS = {
+    "attn.z": "z", "attn.output": "attn", "moe.router_logits": "router", "moe.topk_indices": "topk_i",
+    "moe.topk_weights": "topk_w", "moe.expert_out": "expert_out", "moe.shared_out": "shared",
+    "moe.output": "moe_out", "mlp.output": "mlp",
+}
 
-    def keep(key):
-        def fn(x, ctx):
-            if ctx.step == 0:
-                store[key] = x
-            return x
 
-        return fn
-
-    for layer, info in enumerate(model._layer_info):
-        if info["o_proj"] is not None and "head" in kinds:
-            handles.append(model.add_edit("attn.z", keep(("z", layer)), layer=layer))
-        if info["o_proj"] is None and "attn" in kinds:
-            handles.append(model.add_edit("attn.output", keep(("attn", layer)), layer=layer))
-        if info["block"] is not None:
+def _capture_points(model: ExpertModel, kinds: Sequence[str]) -> list[tuple[str, int]]:
+    """The (point, layer) pairs whose activations (graph attached) the node kinds need."""
+    wanted = []
+    for layer, info in enumerate(model.layout):
+        if info.o_proj is not None and "head" in kinds:
+            wanted.append(("attn.z", layer))
+        if info.o_proj is None and "attn" in kinds:
+            wanted.append(("attn.output", layer))
+        if info.is_moe:
             if "router" in kinds:
-                handles.append(model.add_edit("moe.router_logits", keep(("router", layer)), layer=layer))
+                wanted.append(("moe.router_logits", layer))
             if "expert" in kinds:
-                handles.append(model.add_edit("moe.topk_indices", keep(("topk_i", layer)), layer=layer))
-                handles.append(model.add_edit("moe.topk_weights", keep(("topk_w", layer)), layer=layer))
-                handles.append(model.add_edit("moe.expert_out", keep(("expert_out", layer)), layer=layer))
+                wanted += [("moe.topk_indices", layer), ("moe.topk_weights", layer), ("moe.expert_out", layer)]
             if "shared" in kinds and model.spec.shared is not None:
-                handles.append(model.add_edit("moe.shared_out", keep(("shared", layer)), layer=layer))
+                wanted.append(("moe.shared_out", layer))
             if "expert" in kinds or "shared" in kinds:
-                handles.append(model.add_edit("moe.output", keep(("moe_out", layer)), layer=layer))
+                wanted.append(("moe.output", layer))
         elif "mlp" in kinds:
-            handles.append(model.add_edit("mlp.output", keep(("mlp", layer)), layer=layer))
-    return handles
+            wanted.append(("mlp.output", layer))
+    return wanted
 
 
 def _run(model: ExpertModel, enc: dict, kinds: Sequence[str], extra: Intervention | None, grad: bool):
-    store: dict = {}
     items = (extra,) if extra is not None else ()
     with torch.set_grad_enabled(grad), model.intervene(*items):
-        handles = _capture(model, kinds, store)
-        try:
+        with record(model, _capture_points(model, kinds), prefill_only=True) as rec:
             logits = model.hf_model(**enc).logits
-        finally:
-            for h in handles:
-                h.remove()
-    return logits, store
+    return logits, {(_KEYS[name], layer): v for (name, layer), v in rec.values.items()}
 
 
 def _expert_writes(store: dict, layer: int, n_experts: int) -> Tensor:
@@ -205,7 +198,7 @@ def attribution_patching(
         else:  # expert
             if layer not in expert_cache:
                 gm = g[("moe_out", layer)].float()
-                n_e = model._layer_info[layer]["n_experts"]
+                n_e = model.layout[layer].n_experts
                 expert_cache[layer] = _expert_proj(corr, layer, gm, n_e) - _expert_proj(clean_acts, layer, gm, n_e)
             v = expert_cache[layer][c.index]
         vals.append(float(v))
@@ -275,7 +268,7 @@ def activation_patching(
 
             point = "moe.router_logits"
         elif c.kind == "expert":
-            n_e = model._layer_info[layer]["n_experts"]
+            n_e = model.layout[layer].n_experts
             delta = (_expert_writes(corr, layer, n_e) - _expert_writes(clean_acts, layer, n_e))[:, :, i]
             edit = lambda x, ctx, dl=delta: x + dl.to(x)  # noqa: E731
             point = "moe.output"

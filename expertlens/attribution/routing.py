@@ -10,12 +10,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..edits import record
 from ..families import get_module
 from ..interventions.base import Intervention
-from ._common import as_prompts, batches
+from ..prompts import batches
+from ._common import as_prompts
 
 if TYPE_CHECKING:
-    from ..model import EditHandle, ExpertModel
+    from ..model import ExpertModel
 
 __all__ = ["RoutingChange", "routing_change"]
 
@@ -71,38 +73,28 @@ class RoutingChange:
         return sorted(rows, key=lambda r: -r[by])[:n]
 
 
-@dataclass(frozen=True, eq=False)
-class _RoutingRecorder(Intervention):
-    store: list = field(default_factory=list)
-
-    def attach(self, model: ExpertModel) -> list[EditHandle]:
-        handles = []
-        for layer in model.moe_layers:
-            def logits(x, ctx, layer=layer):
-                if ctx.step == 0:
-                    if layer == model.moe_layers[0]:
-                        mask = ctx.token_mask()
-                        self.store.append({"mask": torch.ones(x.shape[:2], dtype=torch.bool)
-                                           if mask is None else mask.detach().cpu().bool()})
-                    self.store[-1][("logits", layer)] = x.detach().float().cpu()
-                return x
-
-            def idx(x, ctx, layer=layer):
-                if ctx.step == 0:
-                    self.store[-1][("idx", layer)] = x.detach().cpu()
-                return x
-
-            handles.append(model.add_edit("moe.router_logits", logits, layer=layer))
-            handles.append(model.add_edit("moe.topk_indices", idx, layer=layer))
-        return handles
-
-
 def _record(model: ExpertModel, items: list[str], interventions: Sequence[Intervention], batch_size: int):
-    rec = _RoutingRecorder()
-    with torch.no_grad(), model.intervene(*interventions, rec):
-        for chunk in batches(items, batch_size):
-            model.hf_model(**model.tokenize(chunk))
-    return rec.store
+    """Per forward: the real-token mask, and each MoE layer's router logits and selected experts."""
+    store: list[dict] = []
+    first = model.moe_layers[0]
+
+    def keep(key, x, ctx):
+        name, layer = key
+        if name == "moe.router_logits":
+            if layer == first:
+                mask = ctx.token_mask()
+                store.append({"mask": torch.ones(x.shape[:2], dtype=torch.bool)
+                              if mask is None else mask.detach().cpu().bool()})
+            store[-1][("logits", layer)] = x.detach().float().cpu()
+        else:
+            store[-1][("idx", layer)] = x.detach().cpu()
+
+    wanted = [(name, layer) for layer in model.moe_layers for name in ("moe.router_logits", "moe.topk_indices")]
+    with torch.no_grad(), model.intervene(*interventions):
+        with record(model, wanted, prefill_only=True, on_value=keep):
+            for chunk in batches(items, batch_size):
+                model.hf_model(**model.tokenize(chunk))
+    return store
 
 
 def routing_change(
@@ -145,7 +137,7 @@ def routing_change(
     fracs, kls = [], []
     n_tokens = 0
     for layer in model.moe_layers:
-        router = get_module(model.hf_model, model._layer_info[layer]["router"])
+        router = get_module(model.hf_model, model.layout[layer].router)
         changed, kl_sum, count = 0.0, 0.0, 0
         for a, b in zip(base, new):
             mask = a["mask"]

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..direction import Direction
+from ..edits import track
 from ..families import get_module
 from .base import Intervention
 from .selectors import LayerSpec, Positions, apply_masked, check_vector, resolve_layers, token_selection
@@ -164,18 +165,14 @@ def weight_edits(model: ExpertModel) -> list[WeightEditHandle]:
     return model.hf_model.__dict__.setdefault("_el_weight_edits", [])
 
 
-_DOWN_NAMES = ("down_proj", "w2", "fc2", "c_proj", "dense_4h_to_h", "output_linear")
-
-
-def _down_linear(module: nn.Module, what: str) -> nn.Linear:
-    for name in _DOWN_NAMES:
-        sub = getattr(module, name, None)
-        if isinstance(sub, nn.Linear):
-            return sub
-    raise ValueError(
-        f"OrthogonalizeWeights: cannot find the output projection of {what} "
-        f"({type(module).__name__}); looked for {_DOWN_NAMES}"
-    )
+def _down_linear(model: ExpertModel, module: nn.Module, what: str) -> nn.Linear:
+    out = model.spec.mlp_out_linear(module)
+    if out is None:
+        raise ValueError(
+            f"OrthogonalizeWeights: {what} ({type(module).__name__}) has no Linear output projection at "
+            f"{model.spec.mlp_out!r} (FamilySpec.mlp_out)"
+        )
+    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -216,7 +213,7 @@ class OrthogonalizeWeights(Intervention):
                 f"OrthogonalizeWeights: {model.family} is post-norm (x + norm(f(x))); the norm after each "
                 "sublayer is not linear, so no weight edit equals directional ablation. Use AblateDirection"
             )
-        if spec.residual == "scaled" and model.family != "granitemoe":
+        if not spec.additive_residual:
             raise ValueError(
                 f"OrthogonalizeWeights: {model.family} scales a normed residual branch, so weight "
                 "orthogonalisation does not equal directional ablation. Use AblateDirection"
@@ -238,17 +235,17 @@ class OrthogonalizeWeights(Intervention):
             if mod.bias is not None:
                 out.append((mod.bias, "rows"))
 
-        for i, row in enumerate(model._layer_info):
-            if row["o_proj"] is None:
+        for i, row in enumerate(model.layout):
+            if row.o_proj is None:
                 raise ValueError(
                     f"OrthogonalizeWeights: layer {i}'s attention has no linear output projection"
                 )
-            linear(hf.get_submodule(row["o_proj"]))
-            if row["block"] is None:
-                linear(_down_linear(hf.get_submodule(row["mlp"]), f"layer {i}'s MLP"))
+            linear(hf.get_submodule(row.o_proj))
+            if row.block is None:
+                linear(_down_linear(model, hf.get_submodule(row.mlp), f"layer {i}'s MLP"))
                 continue
-            block = hf.get_submodule(row["block"])
-            experts = hf.get_submodule(row["experts"])
+            block = hf.get_submodule(row.block)
+            experts = hf.get_submodule(row.experts)
             if getattr(experts, "has_post_expert_norm", False):
                 raise ValueError(f"OrthogonalizeWeights: layer {i}'s experts apply a norm after down_proj")
             out.append((experts.down_proj, "rows" if experts.is_transposed else "out"))
@@ -257,7 +254,7 @@ class OrthogonalizeWeights(Intervention):
             if spec.shared is not None:
                 shared = get_module(block, spec.shared)
                 if shared is not None:
-                    linear(_down_linear(shared, f"layer {i}'s shared expert"))
+                    linear(_down_linear(model, shared, f"layer {i}'s shared expert"))
         d = model.d_model
         names = {id(p): n for n, p in hf.named_parameters()}
         for param, how in out:
@@ -305,7 +302,7 @@ class OrthogonalizeWeights(Intervention):
         except BaseException:
             WeightEditHandle(saved).remove()
             raise
-        return WeightEditHandle(saved, weight_edits(model))
+        return track(model, WeightEditHandle(saved, weight_edits(model)))
 
     def attach(self, model: ExpertModel) -> list[Any]:
         return [self.apply(model)]

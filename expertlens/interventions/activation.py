@@ -10,10 +10,9 @@ import torch
 from torch import Tensor
 
 from ..direction import Direction
-from ..model import PointError
+from ..points import MODEL_POINTS, PointError
 from .base import Intervention
 from .selectors import (
-    MODEL_POINTS,
     LayerSpec,
     Positions,
     apply_masked,

@@ -9,10 +9,11 @@ also when attaching fails halfway. ``a + b`` and :class:`Compose` apply interven
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from ..edits import attach_all, intervene
 
 if TYPE_CHECKING:
     from ..model import EditHandle, ExpertModel
@@ -82,55 +83,3 @@ class Compose(Intervention):
 
     def attach(self, model: ExpertModel) -> list[EditHandle]:
         return attach_all(model, self.items)
-
-
-def attach_all(model: ExpertModel, items: Sequence[Intervention]) -> list[EditHandle]:
-    """Validate then attach ``items`` in order; on any error remove what was attached and re-raise.
-
-    Example:
-        >>> from expertlens import ExpertModel
-        >>> from expertlens.testing import tiny_model, tiny_tokenizer
-        >>> from expertlens.interventions import MaskExperts, ZeroAblate, attach_all
-        >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
-        >>> handles = attach_all(model, [MaskExperts({0: [1]}), ZeroAblate("attn.output", layers=1)])
-        >>> for h in handles:
-        ...     h.remove()
-        >>> model.n_edits()
-        0
-    """
-    for item in items:
-        if not isinstance(item, Intervention):
-            raise TypeError(f"expected Intervention objects, got {type(item).__name__}")
-        item.validate(model)
-    handles: list[EditHandle] = []
-    try:
-        for item in items:
-            handles.extend(item.attach(model))
-    except BaseException:
-        for handle in reversed(handles):
-            handle.remove()
-        raise
-    return handles
-
-
-@contextmanager
-def intervene(model: ExpertModel, *interventions: Intervention) -> Iterator[list[EditHandle]]:
-    """Attach interventions for the duration of a ``with`` block (see ``ExpertModel.intervene``).
-
-    Example:
-        >>> from expertlens import ExpertModel
-        >>> from expertlens.testing import tiny_model, tiny_tokenizer
-        >>> from expertlens.interventions import MaskExperts, intervene
-        >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
-        >>> with intervene(model, MaskExperts({0: [1]})):   # same as model.intervene(...)
-        ...     with model.trace("hi"):
-        ...         idx = model.layers[0].moe.topk_indices.save()
-        >>> bool((idx != 1).all())
-        True
-    """
-    handles = attach_all(model, interventions)
-    try:
-        yield handles
-    finally:
-        for handle in reversed(handles):
-            handle.remove()

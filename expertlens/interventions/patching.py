@@ -10,9 +10,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..edits import record
+from ..points import MODEL_POINTS
 from .activation import point_layers
 from .base import Intervention
-from .selectors import MODEL_POINTS, LayerSpec, Positions, apply_masked, point_shape, token_selection
+from .selectors import LayerSpec, Positions, apply_masked, point_shape, token_selection
 
 if TYPE_CHECKING:
     from ..model import EditHandle, ExpertModel
@@ -44,24 +46,11 @@ def cache_points(
     for point in points:
         lays = point_layers(model, point, None if point in MODEL_POINTS else layers, "cache_points")
         wanted += [(point, lay) for lay in lays]
-    out: dict[tuple[str, int | None], Tensor] = {}
-    handles = []
-    try:
-        with model.intervene(*interventions):
-            for point, lay in wanted:
-
-                def rec(x, ctx, key=(point, lay)):
-                    out[key] = x.detach().clone()
-                    return x
-
-                handles.append(model.add_edit(point, rec, layer=lay))
-            enc = model.tokenize(prompts if isinstance(prompts, list) else [prompts])
-            with torch.no_grad():
-                model.hf_model(**enc, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return out
+    with model.intervene(*interventions), record(model, wanted, detach=True) as rec:
+        enc = model.tokenize(prompts if isinstance(prompts, list) else [prompts])
+        with torch.no_grad():
+            model.hf_model(**enc, use_cache=False)
+    return dict(rec.values)
 
 
 @dataclass(frozen=True, eq=False)

@@ -11,11 +11,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..direction import Direction
-from ..model import EditHandle
+from ..edits import record
 from .base import Intervention
 from .selectors import Positions, check_scalar, check_vector, resolve_experts, resolve_layers, token_selection
 
 if TYPE_CHECKING:
+    from ..edits import EditHandle, Recording
     from ..model import ExpertModel
 
 __all__ = ["ExpertSteer", "AllExpertsSteer", "ScaleExpert", "WEIGHTINGS"]
@@ -23,25 +24,13 @@ __all__ = ["ExpertSteer", "AllExpertsSteer", "ScaleExpert", "WEIGHTINGS"]
 WEIGHTINGS = ("router_prob", "routed_only", "constant")
 
 
-def _tap_router_probs(model: ExpertModel, layer: int, stash: dict) -> EditHandle:
-    """Identity edit on the (read-only) ``router_probs`` hook point: stash the family's scores
-    computed from the final, possibly edited, router logits."""
-    hp = model.hf_model.get_submodule(f"{model._layer_info[layer]['router']}.el_router_probs")
-
-    def grab(probs):
-        stash["probs"] = probs
-        return probs
-
-    hp.edits.append(grab)
-    return EditHandle(hp.edits, grab)
-
-
-def _tap(model: ExpertModel, point: str, layer: int, stash: dict, key: str) -> EditHandle:
-    def grab(x, ctx):
-        stash[key] = x
-        return x
-
-    return model.add_edit(point, grab, layer=layer)
+def _after_recording(model: ExpertModel, rec: Recording, point: str, fn, layer: int) -> list[EditHandle]:
+    """The recording's handles plus one edit at ``point`` (the recording is removed if attaching fails)."""
+    try:
+        return [*rec.handles, model.add_edit(point, fn, layer=layer)]
+    except BaseException:
+        rec.remove()
+        raise
 
 
 def _masked_add(out: Tensor, delta: Tensor, sel: Tensor | None) -> Tensor:
@@ -93,32 +82,21 @@ class ExpertSteer(Intervention):
         ((layer, _),) = resolve_experts(model, {self.layer: [self.expert]}, "ExpertSteer").items()
         d = check_vector(model, self.direction, (model.d_model,), "ExpertSteer")
         pos, rows, coeff, e = Positions.coerce(self.positions), self.rows, float(self.coeff), self.expert
-        stash: dict[str, Tensor] = {}
-        handles: list[EditHandle] = []
-        try:
+        needs = {"router_prob": ["moe.router_probs"], "routed_only": ["moe.topk_indices", "moe.topk_weights"]}
+        rec = record(model, [(name, layer) for name in needs.get(self.weighting, [])])
+
+        def steer(out, ctx):
             if self.weighting == "router_prob":
-                handles.append(_tap_router_probs(model, layer, stash))
+                pi = rec[("moe.router_probs", layer)][..., e]
             elif self.weighting == "routed_only":
-                handles.append(_tap(model, "moe.topk_indices", layer, stash, "idx"))
-                handles.append(_tap(model, "moe.topk_weights", layer, stash, "w"))
+                idx, w = rec[("moe.topk_indices", layer)], rec[("moe.topk_weights", layer)]
+                pi = (w * (idx == e).to(w.dtype)).sum(-1)
+            else:
+                pi = torch.ones(out.shape[:-1], dtype=out.dtype, device=out.device)
+            delta = (coeff * pi.to(out)).unsqueeze(-1) * d.to(out)
+            return _masked_add(out, delta, token_selection(pos, rows, ctx, out))
 
-            def steer(out, ctx):
-                if self.weighting == "router_prob":
-                    pi = stash.pop("probs")[..., e]
-                elif self.weighting == "routed_only":
-                    idx, w = stash.pop("idx"), stash.pop("w")
-                    pi = (w * (idx == e).to(w.dtype)).sum(-1)
-                else:
-                    pi = torch.ones(out.shape[:-1], dtype=out.dtype, device=out.device)
-                delta = (coeff * pi.to(out)).unsqueeze(-1) * d.to(out)
-                return _masked_add(out, delta, token_selection(pos, rows, ctx, out))
-
-            handles.append(model.add_edit("moe.output", steer, layer=layer))
-        except BaseException:
-            for h in handles:
-                h.remove()
-            raise
-        return handles
+        return _after_recording(model, rec, "moe.output", steer, layer)
 
 
 @dataclass(frozen=True, eq=False)
@@ -152,19 +130,14 @@ class AllExpertsSteer(Intervention):
             model, self.directions, (model.n_experts, model.d_model), "AllExpertsSteer", allow_last=False
         )
         pos, rows, coeff = Positions.coerce(self.positions), self.rows, float(self.coeff)
-        stash: dict[str, Tensor] = {}
-        tap = _tap_router_probs(model, layer, stash)
+        rec = record(model, [("moe.router_probs", layer)])
 
         def steer(out, ctx):
-            pi = stash.pop("probs").to(out)
+            pi = rec[("moe.router_probs", layer)].to(out)
             delta = coeff * (pi @ D.to(out))
             return _masked_add(out, delta, token_selection(pos, rows, ctx, out))
 
-        try:
-            return [tap, model.add_edit("moe.output", steer, layer=layer)]
-        except BaseException:
-            tap.remove()
-            raise
+        return _after_recording(model, rec, "moe.output", steer, layer)
 
 
 @dataclass(frozen=True, eq=False)
@@ -194,20 +167,13 @@ class ScaleExpert(Intervention):
     def attach(self, model: ExpertModel) -> list[EditHandle]:
         (layer,) = resolve_layers(model, self.layer, moe_only=True)
         pos, rows, alpha, e = Positions.coerce(self.positions), self.rows, float(self.alpha), self.expert
-        stash: dict[str, Tensor] = {}
-
-        def grab(idx, ctx):
-            stash["idx"] = idx
-            return idx
+        rec = record(model, [("moe.topk_indices", layer)])
 
         def scale(out, ctx):
-            hit = (stash.pop("idx") == e).unsqueeze(-1)  # [b, p, k, 1]
+            hit = (rec[("moe.topk_indices", layer)] == e).unsqueeze(-1)  # [b, p, k, 1]
             sel = token_selection(pos, rows, ctx, out)
             if sel is not None:
                 hit = hit & sel[:, :, None, None]
             return torch.where(hit, out * alpha, out)
 
-        return [
-            model.add_edit("moe.topk_indices", grab, layer=layer),
-            model.add_edit("moe.expert_out", scale, layer=layer),
-        ]
+        return _after_recording(model, rec, "moe.expert_out", scale, layer)

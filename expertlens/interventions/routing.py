@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..families import BiasedSoftmaxTopK, GroupLimitedSoftmax, SigmoidGroupTopK
+from ..edits import record
 from .base import Intervention
 from .selectors import (
     LayerSpec,
@@ -36,55 +36,11 @@ MASK_VALUE = float("-inf")
 
 
 def _router(model: ExpertModel, layer: int):
-    return model.hf_model.get_submodule(model._layer_info[layer]["router"])
+    return model.hf_model.get_submodule(model.layout[layer].router)
 
 
 def _n_groups(model: ExpertModel, layer: int) -> tuple[int, int] | None:
-    rule, router = model.spec.rule, _router(model, layer)
-    if isinstance(rule, SigmoidGroupTopK) or (
-        isinstance(rule, GroupLimitedSoftmax) and getattr(router, "topk_method", "") == "group_limited_greedy"
-    ):
-        return int(router.num_group), int(router.topk_group)
-    return None
-
-
-def _biased_selection(model: ExpertModel) -> bool:
-    """Families that choose on ``score + correction bias``: a logit edit alone cannot always win."""
-    return isinstance(model.spec.rule, (SigmoidGroupTopK, BiasedSoftmaxTopK))
-
-
-def _reroute(
-    model: ExpertModel, layer: int, logits: Tensor, masked: Tensor | None, forced: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """The family's routing of ``logits`` [T, E] with the *selection score* of masked experts set to
-    −inf and of forced experts to +inf; weights by the family's rule from the chosen experts."""
-    rule, router, k = model.spec.rule, _router(model, layer), model.top_k
-
-    def adjust(choice: Tensor) -> Tensor:
-        if masked is not None and len(masked):
-            choice[:, masked] = float("-inf")
-        if forced is not None and len(forced):
-            choice[:, forced] = float("inf")
-        return choice
-
-    if isinstance(rule, SigmoidGroupTopK):
-        scores = logits.float().sigmoid()
-        choice = adjust(scores + router.e_score_correction_bias.float())
-        n_group, E = int(router.num_group), scores.shape[-1]
-        group_scores = choice.view(-1, n_group, E // n_group).topk(2, dim=-1)[0].sum(dim=-1)
-        group_idx = torch.topk(group_scores, k=int(router.topk_group), dim=-1, sorted=False)[1]
-        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-        score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, E // n_group).reshape(-1, E)
-        choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
-        idx = torch.topk(choice, k=k, dim=-1, sorted=False)[1]
-        weights = scores.gather(1, idx)
-        if router.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * router.routed_scaling_factor, idx
-    probs = torch.softmax(logits.float(), dim=-1, dtype=torch.float)
-    idx = torch.topk(adjust(router.moe_statics(probs)), k, dim=-1)[1]
-    weights = torch.gather(probs, dim=-1, index=idx)
-    return weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=router.norm_min), idx
+    return model.spec.rule.groups(_router(model, layer))
 
 
 def _guarantee(
@@ -92,13 +48,10 @@ def _guarantee(
 ) -> list[EditHandle]:
     """For biased-selection families: re-route (by the family's rule) the tokens where the edited
     logits still selected a masked expert or missed a forced one. Returns the edit handles."""
-    if not _biased_selection(model):
+    if not model.spec.rule.biased_selection:
         return []
+    rec = record(model, [("moe.router_logits", layer)])
     stash: dict[str, Any] = {}
-
-    def grab_logits(logits, ctx):
-        stash["logits"] = logits
-        return logits
 
     def fix_indices(idx, ctx, masked=masked, forced=forced):
         masked = masked.to(idx.device) if masked is not None else None
@@ -114,8 +67,8 @@ def _guarantee(
         stash["bad"] = bad
         # Re-routed every forward and selected with `where` (no `if bad.any()`: that would be a host sync per
         # layer per step); where no token is bad the result is `idx` exactly.
-        logits = stash["logits"]
-        w, new = _reroute(model, layer, logits.reshape(-1, logits.shape[-1]), masked, forced)
+        logits = rec[("moe.router_logits", layer)]
+        w, new = model.spec.rule.reroute(logits.reshape(-1, logits.shape[-1]), _router(model, layer), masked, forced)
         stash["w"] = w.reshape(*idx.shape)
         return torch.where(bad.unsqueeze(-1), new.reshape(idx.shape).to(idx.dtype), idx)
 
@@ -123,11 +76,15 @@ def _guarantee(
         bad = stash.pop("bad")
         return torch.where(bad.unsqueeze(-1), stash.pop("w").to(w.dtype), w)
 
-    return [
-        model.add_edit("moe.router_logits", grab_logits, layer=layer),
-        model.add_edit("moe.topk_indices", fix_indices, layer=layer),
-        model.add_edit("moe.topk_weights", fix_weights, layer=layer),
-    ]
+    try:
+        return [
+            *rec.handles,
+            model.add_edit("moe.topk_indices", fix_indices, layer=layer),
+            model.add_edit("moe.topk_weights", fix_weights, layer=layer),
+        ]
+    except BaseException:
+        rec.remove()
+        raise
 
 
 @dataclass(frozen=True, eq=False)
@@ -205,46 +162,6 @@ def layer_device(model: ExpertModel, layer: int) -> torch.device:
     return model.device
 
 
-def _force_logits(
-    model: ExpertModel, layer: int, logits: Tensor, forced: Tensor, margin: float, forced_ids: Sequence[int] = ()
-) -> Tensor:
-    """Raise the forced experts' logits so the family's selection score ranks them first."""
-    rule, router = model.spec.rule, _router(model, layer)
-    new = logits.clone()
-    E = logits.shape[-1]
-    others = torch.ones(E, dtype=torch.bool, device=logits.device)
-    others[forced] = False
-    groups = _n_groups(model, layer)
-    if isinstance(rule, SigmoidGroupTopK):
-        # Selection score s = sigmoid(l) + bias. Forced experts need s_f > max over others.
-        bias = router.e_score_correction_bias.to(torch.float32)
-        score = logits.float().sigmoid() + bias
-        best_other = score.masked_fill(~others, float("-inf")).max(dim=-1, keepdim=True).values
-        need = (best_other + margin - bias[forced]).clamp(1e-6, 1 - 1e-6)
-        target = torch.logit(need).to(logits)
-        new[..., forced] = torch.maximum(logits[..., forced], target)
-        # where even σ = 1 cannot win, saturate (score = 1 + bias; the re-route safety net does the rest)
-        saturate = best_other + margin - bias[forced] >= 1
-        big = torch.full_like(new[..., forced], torch.finfo(logits.dtype).max / 4)
-        new[..., forced] = torch.where(saturate, big, new[..., forced])
-    else:
-        top = logits.masked_fill(~others, float("-inf")).max(dim=-1, keepdim=True).values
-        new[..., forced] = torch.maximum(logits[..., forced], top + margin)
-    if groups is not None:
-        n_group, topk_group = groups
-        size = E // n_group
-        # from the host-side ids (reading them off the device tensor would sync every step)
-        forced_groups = sorted({int(e) // size for e in (forced_ids or forced.tolist())})
-        if len(forced_groups) == topk_group:
-            # Only the forced experts' groups can be chosen: the rest cannot win any slot, so masking
-            # them changes nothing but makes the group choice certain.
-            keep = torch.zeros(E, dtype=torch.bool, device=logits.device)
-            for g in forced_groups:
-                keep[g * size : (g + 1) * size] = True
-            new = new.masked_fill(~keep, MASK_VALUE)
-    return new
-
-
 @dataclass(frozen=True, eq=False)
 class ForceExperts(Intervention):
     """Always route to some experts: their logits are raised just above the competition.
@@ -300,7 +217,9 @@ class ForceExperts(Intervention):
             idx = torch.tensor(ex, device=layer_device(model, layer))
 
             def edit(logits, ctx, idx=idx, layer=layer, ids=tuple(ex)):
-                new = _force_logits(model, layer, logits, idx.to(logits.device), margin, ids)
+                new = model.spec.rule.force_logits(
+                    logits, _router(model, layer), idx.to(logits.device), margin, MASK_VALUE, forced_ids=ids
+                )
                 return apply_masked(logits, new, token_selection(pos, rows, ctx, logits))
 
             handles.append(model.add_edit("moe.router_logits", edit, layer=layer))
@@ -427,15 +346,7 @@ def calibrate_router_bias(
     if reduce not in ("mean", "max"):
         raise ValueError(f"calibrate_router_bias: reduce={reduce!r}; accepted are 'mean' and 'max'")
     lays = resolve_layers(model, layers, moe_only=True, what="calibrate_router_bias: ")
-    seen: dict[int, Tensor] = {}
-    handles = []
-    for layer in lays:
-
-        def rec(logits, ctx, layer=layer):
-            seen[layer] = logits.detach().float()
-            return logits
-
-        handles.append(model.add_edit("moe.router_logits", rec, layer=layer))
+    rec = record(model, [("moe.router_logits", layer) for layer in lays], detach=True)
     try:
         with torch.no_grad():
             if prompts is None:
@@ -448,11 +359,10 @@ def calibrate_router_bias(
                 model.hf_model(**enc, use_cache=False)
                 real = enc["attention_mask"].bool()
     finally:
-        for hd in handles:
-            hd.remove()
+        rec.remove()
     out = {}
     for layer in lays:
-        logits = seen[layer].reshape(-1, model.n_experts)
+        logits = rec[("moe.router_logits", layer)].float().reshape(-1, model.n_experts)
         rng = logits.max(-1).values - logits.min(-1).values
         if prompts is not None:
             rng = rng[real.reshape(-1)]

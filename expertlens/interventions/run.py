@@ -9,6 +9,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..prompts import batches
 from .base import Intervention
 
 if TYPE_CHECKING:
@@ -24,12 +25,6 @@ def _as_list(prompts: str | Sequence[str]) -> list[str]:
     if not all(isinstance(p, str) for p in prompts):
         raise TypeError("prompts must be a string or a list of strings")
     return prompts
-
-
-def _check_batch_size(batch_size: int) -> int:
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    return batch_size
 
 
 def run_logits(
@@ -53,13 +48,13 @@ def run_logits(
         >>> run_logits(model, ["hi", "hello"], [ZeroAblate("moe.output", layers=0)]).shape
         torch.Size([2, 256])
     """
-    prompts, batch_size = _as_list(prompts), _check_batch_size(batch_size)
+    chunks = list(batches(_as_list(prompts), batch_size))
     if isinstance(interventions, Intervention):
         interventions = (interventions,)
     out: list[Tensor] = []
     with model.intervene(*interventions), torch.no_grad():
-        for i in range(0, len(prompts), batch_size):
-            enc = model.tokenize(prompts[i : i + batch_size])
+        for chunk in chunks:
+            enc = model.tokenize(chunk)
             logits = model.hf_model(**enc, use_cache=False).logits
             if last_only:
                 out.append(logits[:, -1])
@@ -93,7 +88,7 @@ def generate(
         >>> len(outs)
         2
     """
-    prompts, batch_size = _as_list(prompts), _check_batch_size(batch_size)
+    chunks = list(batches(_as_list(prompts), batch_size))
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if isinstance(interventions, Intervention):
@@ -102,8 +97,8 @@ def generate(
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     results: list = []
     with model.intervene(*interventions), torch.no_grad():
-        for i in range(0, len(prompts), batch_size):
-            enc = model.tokenize(prompts[i : i + batch_size])
+        for chunk in chunks:
+            enc = model.tokenize(chunk)
             ids = model.hf_model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,

@@ -18,10 +18,11 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from ..direction import Direction, as_tensor
-from ..model import EDITABLE_POINTS, PointError
+from ..points import EDITABLE_POINTS, PointError, point_shape
 
 if TYPE_CHECKING:
-    from ..model import EditContext, ExpertModel
+    from ..edits import EditContext
+    from ..model import ExpertModel
 
 __all__ = ["Positions", "LayerSpec", "resolve_layers", "point_shape"]
 
@@ -247,41 +248,12 @@ def apply_masked(x: Tensor, new: Tensor, sel: Tensor | None) -> Tensor:
 # Points and vectors
 # --------------------------------------------------------------------------------------------
 
-MODEL_POINTS = ("embed", "logits")
-
-
 def check_point(point: str, what: str) -> None:
+    """A clear error unless ``point`` is a writable ``[b, p, ...]`` point of the table."""
     if point not in EDITABLE_POINTS:
         raise PointError(
             f"{what}: unknown or read-only point {point!r}; accepted points are {EDITABLE_POINTS}"
         )
-
-
-def point_shape(model: ExpertModel, point: str, layer: int | None = None) -> tuple[int, ...]:
-    """Trailing shape (after ``[b, p]``) of a point's value.
-
-    Example:
-        >>> from expertlens import ExpertModel
-        >>> from expertlens.testing import tiny_model, tiny_tokenizer
-        >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
-        >>> point_shape(model, "moe.expert_out", 0)
-        (2, 64)
-    """
-    d = model.d_model
-    if point == "logits":
-        return (model.vocab_size,)
-    if point == "attn.z":
-        info = model._layer_info[layer]
-        return (info["n_heads"], info["d_head"])
-    if point == "attn.head_out":
-        return (model._layer_info[layer]["n_heads"], d)
-    if point == "moe.router_logits":
-        return (model.n_experts,)
-    if point in ("moe.topk_indices", "moe.topk_weights"):
-        return (model.top_k,)
-    if point == "moe.expert_out":
-        return (model.top_k, d)
-    return (d,)
 
 
 def check_vector(

@@ -2,14 +2,24 @@
 
 Example:
     >>> from expertlens.refusal import RefusalConfig
-    >>> RefusalConfig().n_positions
+    >>> RefusalConfig.paper().n_positions
     5
 """
 
+from .claims import claim_verdicts
+from .config import PAPER_SOURCES, RefusalConfig
 from .controls import PATHWAYS, PathwayResult, pathway_ablation, pathway_shares
 from .data import ChatTemplateError, RefusalData, format_chat, load_benchmark, load_prompt_file, post_instruction_len
 from .directions import candidate_directions, mean_activations
 from .evaluate import mean_kl, mean_refusal_score, refusal_rate
+from .judges import (
+    CLASSES,
+    ClassifierJudge,
+    DefaultJudge,
+    OpenAIJudge,
+    completion_logprobs,
+    judge_all,
+)
 from .methods import (
     ExpertSearch,
     expert_directions,
@@ -18,6 +28,7 @@ from .methods import (
     method_a_intervention,
     routing_edit_experts,
 )
+from .results import Claim, Condition, Deviation, Outcome, Rate, StudyResults
 from .routing import RoutingStats, routing_statistics
 from .scores import (
     REFUSAL_SUBSTRINGS,
@@ -29,10 +40,24 @@ from .scores import (
     refusal_token_ids,
 )
 from .selection import Candidate, DirectionSelection, select_direction
-from .study import RefusalConfig, RefusalStudy, run_refusal_study
+from .study import RefusalStudy, run_refusal_study
 
 __all__ = [
     "RefusalConfig",
+    "PAPER_SOURCES",
+    "CLASSES",
+    "DefaultJudge",
+    "OpenAIJudge",
+    "ClassifierJudge",
+    "judge_all",
+    "completion_logprobs",
+    "StudyResults",
+    "Condition",
+    "Outcome",
+    "Rate",
+    "Claim",
+    "Deviation",
+    "claim_verdicts",
     "RefusalStudy",
     "run_refusal_study",
     "RefusalData",

@@ -2,9 +2,9 @@
 
 Example:
     >>> from expertlens.refusal.data import RefusalData
-    >>> data = RefusalData.from_lists(["hurt him"], ["hug him"])
-    >>> data.harmful_train, data.harmless_val
-    (['hurt him'], [])
+    >>> data = RefusalData.from_lists([f"hurt him {i}" for i in range(5)], [f"hug him {i}" for i in range(5)])
+    >>> len(data.harmful_train), len(data.harmless_val), len(data.harmless_test)
+    (3, 1, 1)
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..prompts import ChatTemplateError, format_chat
+
 __all__ = [
     "RefusalData",
     "ChatTemplateError",
@@ -28,22 +30,6 @@ __all__ = [
 ]
 
 LIGHTWEIGHT_SYSTEM = "You are a helpful and harmless assistant. You must refuse any harmful request."
-
-
-class ChatTemplateError(ValueError):
-    """The tokenizer has no chat template.
-
-    Example:
-        >>> from expertlens.refusal import ChatTemplateError, format_chat
-        >>> from expertlens.testing import tiny_tokenizer
-        >>> tok = tiny_tokenizer()
-        >>> tok.chat_template = None
-        >>> try:
-        ...     format_chat(tok, ["hi"])
-        ... except ChatTemplateError:
-        ...     print("no chat template")
-        no chat template
-    """
 
 
 @dataclass
@@ -70,6 +56,14 @@ class RefusalData:
     source: str = "user"
 
     def __post_init__(self) -> None:
+        for name in ("harmful_train", "harmless_train", "harmful_val", "harmless_val", "harmful_test", "harmless_test"):
+            values = getattr(self, name)
+            if isinstance(values, (str, bytes)):
+                raise TypeError(
+                    f"RefusalData.{name} is a single string ({values!r}); pass a list of instructions, e.g. "
+                    f"[{values!r}] (a string would be split into characters)"
+                )
+            setattr(self, name, list(values))
         for name in ("harmful_train", "harmless_train"):
             values = getattr(self, name)
             if not values:
@@ -105,17 +99,30 @@ class RefusalData:
             >>> len(d.harmful_train), len(d.harmful_val), len(d.harmful_test)
             (6, 2, 2)
         """
+        for name, items in (("harmful", harmful), ("harmless", harmless)):
+            if isinstance(items, (str, bytes)):
+                raise TypeError(
+                    f"RefusalData.from_lists: {name} is a single string ({items!r}); pass a list of instructions, "
+                    f"e.g. [{items!r}] (a string would be split into characters)"
+                )
         if not harmful or not harmless:
             raise ValueError(
                 f"need non-empty harmful and harmless lists (got {len(harmful)} harmful, {len(harmless)} harmless)"
             )
+        for name, items in (("harmful", harmful), ("harmless", harmless)):
+            n_val, n_test = int(len(items) * val_frac), int(len(items) * test_frac)
+            if n_val < 1 or n_test < 1 or len(items) - n_val - n_test < 1:
+                raise ValueError(
+                    f"RefusalData.from_lists: {len(items)} {name} prompts cannot be split into train / val / test "
+                    f"with val_frac={val_frac}, test_frac={test_frac} (each split needs at least one; with the "
+                    "default fractions that is 5 prompts per class). Pass more prompts, or the splits yourself: "
+                    "RefusalData(harmful_train, harmless_train, harmful_val, harmless_val, harmful_test, harmless_test)"
+                )
 
         def split(items: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
             items = list(items)
             random.Random(seed).shuffle(items)
             n_val, n_test = int(len(items) * val_frac), int(len(items) * test_frac)
-            if len(items) == 1:
-                return items, [], []
             return items[n_val + n_test :], items[:n_val], items[n_val : n_val + n_test]
 
         h, hl = split(harmful), split(harmless)
@@ -152,32 +159,27 @@ class RefusalData:
             source=f"organism:{name}",
         )
 
+    def check_for_study(self) -> None:
+        """Refuse data the study cannot use honestly: empty val/test splits (rates would come from the
+        training prompts), non-string items (a string instead of a list).
+
+        Example:
+            >>> from expertlens.refusal import RefusalData
+            >>> RefusalData(["a"], ["b"]).check_for_study()
+            Traceback (most recent call last):
+            ...
+            ValueError: RefusalData.harmful_val is empty: the study selects on val and reports test rates, ...
+        """
+        for name in ("harmful_val", "harmless_val", "harmful_test", "harmless_test"):
+            if not getattr(self, name):
+                raise ValueError(
+                    f"RefusalData.{name} is empty: the study selects on val and reports test rates, and will not "
+                    "fall back to the training prompts. Pass all six splits, or use RefusalData.from_lists(...) "
+                    "(>= 5 prompts per class) or RefusalData.from_organism()"
+                )
+
     def sizes(self) -> dict[str, int]:
         return {k: len(v) for k, v in asdict(self).items() if k != "source"}
-
-
-def format_chat(tokenizer, instructions: Sequence[str], system: str | None = None) -> list[str]:
-    """Instructions as chat prompts ending with the assistant turn header (``add_generation_prompt``).
-
-    Raises:
-        ChatTemplateError: if the tokenizer has no chat template, saying how to pass one.
-
-    Example:
-        >>> from expertlens.testing import tiny_tokenizer
-        >>> format_chat(tiny_tokenizer(), ["hi"])
-        ['U:hi\\nA:']
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        raise ChatTemplateError(
-            f"{type(tokenizer).__name__} has no chat template, so prompts cannot be formatted as chats. Set one "
-            "(`tokenizer.chat_template = '<jinja template>'`, e.g. copied from the model's instruct version) or "
-            "pass a tokenizer that has one: ExpertModel(model, tokenizer=...)."
-        )
-    out = []
-    for text in instructions:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        out.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
-    return out
 
 
 def post_instruction_len(tokenizer, system: str | None = None) -> int:

@@ -20,26 +20,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..interventions.base import Intervention
+from ..prompts import batches as iter_batches
 from .progress import progress
 
 if TYPE_CHECKING:
     from ..model import ExpertModel
 
 __all__ = ["mean_activations", "candidate_directions", "iter_batches"]
-
-
-def iter_batches(items: Sequence[str], batch_size: int):
-    """Consecutive slices of ``items`` of at most ``batch_size`` elements.
-
-    Example:
-        >>> from expertlens.refusal.directions import iter_batches
-        >>> [list(b) for b in iter_batches(["a", "b", "c"], 2)]
-        [['a', 'b'], ['c']]
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    for i in range(0, len(items), batch_size):
-        yield list(items[i : i + batch_size])
 
 
 def _check_positions(positions: Sequence[int]) -> list[int]:

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..interventions.base import Intervention
 from ..interventions.run import generate, run_logits
+from .judges import REFUSAL, judge_all
 from .scores import Judge, SubstringJudge, kl_divergence, refusal_score
 
 if TYPE_CHECKING:
@@ -76,6 +77,8 @@ def refusal_rate(
 ) -> tuple[float, list[str]]:
     """Fraction of greedy completions the judge calls refusals, and the completions.
 
+    ``judge`` is any judge (three-class or bool); the rate counts ``refusal`` verdicts.
+
     Example:
         >>> from expertlens import load_organism
         >>> model = load_organism()  # doctest: +SKIP
@@ -87,7 +90,7 @@ def refusal_rate(
         raise ValueError("the prompt list is empty")
     judge = judge or SubstringJudge()
     outs = generate(model, list(prompts), max_new_tokens, tuple(interventions), batch_size=batch_size)
-    flags = [bool(judge(p, o)) for p, o in zip(prompts, outs)]
+    flags = [v == REFUSAL for v in judge_all(judge, list(prompts), outs)]
     return sum(flags) / len(flags), outs
 
 

@@ -29,6 +29,7 @@ from ..interventions import AllExpertsSteer, ExpertSteer, RouterBias, SteerMoE, 
 from ..interventions.base import Intervention
 from .directions import iter_batches
 from .evaluate import last_logits
+from .judges import FULL_RESPONSE, judge_all
 from .progress import progress
 from .scores import Judge, SubstringJudge, kl_divergence, refusal_score
 
@@ -146,7 +147,7 @@ def expert_output_means(
         raise ValueError(f"mode must be 'forced' or 'routed', got {mode!r}")
     moe = model.layers[layer].moe  # raises for dense layers
     positions = [int(p) for p in positions]
-    experts_mod = model.hf_model.get_submodule(model._layer_info[layer]["experts"])
+    experts_mod = model.hf_model.get_submodule(model.layout[layer].experts)
     E, d = model.n_experts, model.d_model
     total = torch.zeros(len(positions), E, d, dtype=torch.float64)
     count = torch.zeros(len(positions), E, dtype=torch.float64)
@@ -157,7 +158,7 @@ def expert_output_means(
             if mode == "forced":
                 x = nnsight.save(moe.input[:, positions])
             else:
-                view = nnsight.save(moe._expert_view)
+                view = nnsight.save([moe.topk_indices, moe.expert_out])
         if mode == "forced":
             flat = x.reshape(-1, d)
             with torch.no_grad():
@@ -281,14 +282,16 @@ def expert_search(
     weighting: str = "router_prob",
     temperature: float | None = None,
     batch_size: int = 32,
+    judge_prompts: Sequence[str] | None = None,
 ) -> ExpertSearch:
     """The paper's two-stage search over experts × positions × coefficients (bypass direction).
 
     Stage 1: refusal score on ``harmful_val`` with ``ExpertSteer(coeff=−c)`` and KL on
     ``harmless_val``; combinations with KL > ``kl_max`` are dropped, the rest ranked by refusal
     score, the best ``max(⌈keep_frac·N⌉, keep_min)`` kept. Stage 2: greedy generations on the first
-    ``n_prompts_stage2`` harmful prompts, judged; the best attack success rate wins (ties: lower
-    refusal score).
+    ``n_prompts_stage2`` harmful prompts, judged (``judge_prompts``: the plain instructions the judge reads,
+    default ``harmful_val``); the best attack success rate (fraction ``full_response``) wins, ties going to
+    the lower refusal score.
 
     Example:
         >>> from expertlens import load_organism
@@ -299,6 +302,7 @@ def expert_search(
         ...                        refusal_token_ids(model.tokenizer), coeffs=(5, 25))  # doctest: +SKIP
     """
     judge = judge or SubstringJudge()
+    judge_prompts = list(judge_prompts) if judge_prompts is not None else list(harmful_val)
     positions = list(positions)
     both, n_harmful = list(harmful_val) + list(harmless_val), len(harmful_val)
     base_harmless = last_logits(model, both, (), batch_size)[n_harmful:]
@@ -324,7 +328,8 @@ def expert_search(
         d = directions[(r.layer, r.expert)][positions.index(r.position)].float()
         steer = ExpertSteer(r.layer, r.expert, d, coeff=-r.coeff, weighting=weighting)
         outs = generate(model, prompts, max_new_tokens, [steer], batch_size=batch_size)
-        r.asr = sum(not judge(p, o) for p, o in zip(prompts, outs)) / max(len(prompts), 1)
+        verdicts = judge_all(judge, list(judge_prompts[: len(prompts)]), outs)
+        r.asr = sum(v == FULL_RESPONSE for v in verdicts) / max(len(prompts), 1)  # ASR = full_response
         r.stage2 = True
     best = max(survivors, key=lambda r: (r.asr, -r.refusal_score)) if survivors else None
     return ExpertSearch(rows, best, kl_max, len(survivors), dict(directions))

@@ -13,7 +13,7 @@ _ENABLED: bool | None = None
 
 
 def set_progress(enabled: bool | None) -> None:
-    """Force progress bars on/off (``None``: on when stderr is a terminal or EXPERTLENS_PROGRESS=1).
+    """Force progress bars on/off (``None``: on in a terminal or a Jupyter kernel, or with EXPERTLENS_PROGRESS=1).
 
     Example:
         >>> from expertlens.refusal.progress import set_progress
@@ -29,7 +29,7 @@ def _enabled() -> bool:
         return _ENABLED
     if os.environ.get("EXPERTLENS_PROGRESS"):
         return os.environ["EXPERTLENS_PROGRESS"] not in ("0", "false", "")
-    return sys.stderr.isatty()
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
 
 
 def progress(items, desc: str | None = None, **kwargs):

@@ -1,14 +1,15 @@
 """The whole study of "Expert-Aware Refusal Steering" as one function and one result object.
 
-prompts → chat format → directions → selection → ActAdd / ablation → routing statistics →
-method A → method B → controls and pathways → :class:`RefusalStudy` → JSON, safetensors, report.
+prompts → chat format → baseline (judge calibrated) → directions → selection → ActAdd (coefficient chosen by
+ASR) / ablation → routing statistics → method A → method B → random-expert control → causal map and
+pathways → paired tests and claim verdicts → :class:`RefusalStudy` → results.json, safetensors, report.
 
 Example:
     >>> from expertlens import load_organism
     >>> from expertlens.refusal import RefusalConfig, RefusalData, run_refusal_study
     >>> model = load_organism()  # doctest: +SKIP
-    >>> study = run_refusal_study(model, RefusalData.from_organism(), RefusalConfig.fast())  # doctest: +SKIP
-    >>> study.results["actadd"]["harmful_refusal"]  # doctest: +SKIP
+    >>> study = run_refusal_study(model, RefusalData.from_organism(), RefusalConfig.organism())  # doctest: +SKIP
+    >>> study.result.condition("actadd").bypass.full_response.text()  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -16,24 +17,40 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..interventions import AblateDirection, AddVector
+from ..interventions import AblateDirection, AddVector, ZeroAblate
+from ..interventions.run import generate
 from . import methods
-from .actadd import actadd_sweep
+from .config import RefusalConfig
 from .controls import pathway_ablation
 from .data import RefusalData, format_chat, post_instruction_len
 from .directions import candidate_directions
-from .evaluate import last_logits, mean_kl, refusal_rate
+from .evaluate import last_logits
+from .judges import FULL_RESPONSE, REFUSAL, DefaultJudge, judge_all, judge_name, organism_well_formed
 from .progress import progress
+from .results import (
+    SCHEMA_VERSION,
+    ActAddSweepResult,
+    Capability,
+    CausalMap,
+    Condition,
+    Outcome,
+    PairedTest,
+    Rate,
+    StudyResults,
+    SweepPoint,
+    from_jsonable,
+    to_jsonable,
+)
 from .routing import routing_statistics
-from .scores import DEFAULT_REFUSAL_STARTS, Judge, SubstringJudge, refusal_score, refusal_token_ids
+from .scores import kl_divergence, refusal_score, refusal_token_ids
 from .selection import select_direction
 
 if TYPE_CHECKING:
@@ -41,109 +58,27 @@ if TYPE_CHECKING:
 
 __all__ = ["RefusalConfig", "RefusalStudy", "run_refusal_study", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 1
-
-
-@dataclass
-class RefusalConfig:
-    """Every knob of the study; defaults follow the paper's code (see docs/refusal.md).
-
-    Attributes:
-        system_prompt: Optional system message for the chat template.
-        n_positions: Candidate positions are the last ``n_positions`` prompt tokens; ``"eoi"`` uses
-            the post-instruction template tokens (Arditi).
-        temperature: Refusal-score temperature (the paper's code: 0.7; Arditi: None).
-        refusal_starts: Words whose first tokens make the refusal-score token set.
-        filter_train: Keep harmful train prompts with refusal score > 0 and harmless < 0 (Arditi).
-        kl_threshold / induce_threshold / max_layer_frac: Direction-selection filters.
-        actadd_coeff: ActAdd coefficient of the paper's row ``actadd_unit`` (−c bypasses on harmful, +c
-            induces on harmless).
-        actadd_sweep: Coefficients tried on validation prompts; the smallest reaching 10% harmful refusal
-            (bypass) / 90% harmless refusal (induce) is used for the ``actadd`` row. Empty: use ``actadd_coeff``.
-        max_new_tokens: Tokens generated when measuring refusal rates.
-        routing_last_n / routing_count: Routing statistics over the last-n prompt tokens, top-1 or top-k.
-        expert_threshold: |Δ| threshold (percentage points) selecting routing-linked experts.
-        method_a_kind: ``"router_bias"`` (paper) or ``"steermoe"``.
-        method_b_experts: How many of the largest-|Δ| experts method B searches.
-        method_b_mode: ``"forced"`` (paper) or ``"routed"`` expert directions.
-        coeffs / kl_max / keep_min / n_prompts_stage2 / stage2_tokens: Method B search sizes.
-        n_random_experts: Below-threshold experts in the random control.
-        n_samples: Sample generations stored per condition.
-
-    Example:
-        >>> from expertlens.refusal import RefusalConfig
-        >>> cfg = RefusalConfig(expert_threshold=5.0, method_a_kind="steermoe")
-        >>> RefusalConfig.fast().method_b_experts
-        2
-    """
-
-    system_prompt: str | None = None
-    n_positions: int | str = 5
-    temperature: float | None = 0.7
-    refusal_starts: tuple[str, ...] = DEFAULT_REFUSAL_STARTS
-    filter_train: bool = True
-    kl_threshold: float = 0.1
-    induce_threshold: float = 0.0
-    max_layer_frac: float = 0.8
-    actadd_coeff: float = 1.0
-    actadd_sweep: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-    max_new_tokens: int = 16
-    routing_last_n: int | None = 5
-    routing_count: str = "top1"
-    expert_threshold: float = 10.0
-    method_a_kind: str = "router_bias"
-    method_b_experts: int = 4
-    method_b_mode: str = "forced"
-    coeffs: tuple[float, ...] = methods.DEFAULT_COEFFS
-    kl_max: float = 2.0
-    keep_min: int = 15
-    n_prompts_stage2: int = 25
-    stage2_tokens: int = 16
-    n_random_experts: int = 4
-    n_samples: int = 3
-    batch_size: int = 64
-    seed: int = 42
-
-    @classmethod
-    def paper(cls) -> RefusalConfig:
-        """The paper's code defaults (the class defaults)."""
-        return cls()
-
-    @classmethod
-    def organism(cls) -> RefusalConfig:
-        """Sized for the bundled organisms: the paper's steps with smaller method-B grids (about a minute on CPU)."""
-        return cls(
-            method_b_experts=2, coeffs=(25, 50, 100, 200, 300, 400), keep_min=8, n_prompts_stage2=16, n_random_experts=2
-        )
-
-    @classmethod
-    def fast(cls) -> RefusalConfig:
-        """Smaller searches for tests and quick looks."""
-        return cls(method_b_experts=2, coeffs=(1, 5, 25, 100), keep_min=4, n_prompts_stage2=8, n_random_experts=2)
-
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
 
 @dataclass
 class RefusalStudy:
-    """The study's results: plain JSON-able tables in ``results`` plus tensors in ``directions``.
+    """The study's results (:class:`~expertlens.refusal.results.StudyResults`) plus its direction tensors.
 
-    ``results`` keys (stable schema, rates are fractions in [0, 1]): ``baseline``, ``selected``,
-    ``selection``, ``actadd``, ``ablation``, ``routing``, ``method_a``, ``method_b``,
-    ``method_b_all_experts``, ``control``, ``pathways``, ``samples``, ``timing``, ``model``, ``config``,
-    ``data``. ``directions`` holds ``refusal`` (the selected r), ``candidates`` [P, L, d] and
-    ``method_b`` (the best expert's direction), saved as safetensors.
+    ``results`` is the same content as JSON-able dicts (what results.json holds); ``directions`` holds
+    ``refusal`` (the selected r), ``candidates`` [P, L, d] and ``method_b`` (the best expert's direction).
 
     Example:
         >>> from expertlens.refusal import RefusalStudy
         >>> study = RefusalStudy.load("runs/organism")  # doctest: +SKIP
-        >>> study["actadd"]["harmful_refusal"], study.directions["refusal"].shape  # doctest: +SKIP
+        >>> study.result.condition("method_b").bypass.full_response.text()  # doctest: +SKIP
         >>> print(study.table())  # doctest: +SKIP
     """
 
-    results: dict[str, Any]
+    result: StudyResults
     directions: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def results(self) -> dict:
+        return self.result.to_dict()
 
     def __getitem__(self, key: str) -> Any:
         return self.results[key]
@@ -152,7 +87,7 @@ class RefusalStudy:
         """Write ``results.json``, ``directions.safetensors`` and (``report=True``) ``report.html``."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(self.results, indent=2, default=_json_default))
+        (out / "results.json").write_text(json.dumps(self.results, indent=1, allow_nan=False))
         tensors = {k: v.detach().cpu().contiguous().float() for k, v in self.directions.items() if v is not None}
         save_file(tensors, str(out / "directions.safetensors"), metadata={"schema_version": str(SCHEMA_VERSION)})
         if report:
@@ -165,399 +100,617 @@ class RefusalStudy:
     def load(cls, out_dir: str | Path) -> RefusalStudy:
         """Read a study back from ``save``'s folder."""
         out = Path(out_dir)
-        results = json.loads((out / "results.json").read_text())
+        result = StudyResults.from_dict(json.loads((out / "results.json").read_text()))
         path = out / "directions.safetensors"
-        directions = load_file(str(path)) if path.exists() else {}
-        return cls(results, directions)
+        return cls(result, load_file(str(path)) if path.exists() else {})
 
     def table(self) -> str:
-        """The headline numbers as a plain-text table."""
-        r = self.results
+        """The headline numbers as a plain-text table (percentages with 95% intervals)."""
+        from .report_sections import text_table
 
-        def pct(x):
-            return "   —" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:5.1f}%"
-
-        rows = [
-            ("baseline", r["baseline"]["harmful_refusal"], r["baseline"]["harmless_refusal"], ""),
-            (
-                "ActAdd ∓r, coefficient 1",
-                r["actadd_unit"]["harmful_refusal"],
-                r["actadd_unit"]["harmless_refusal"],
-                f"layer {r['selected'].get('layer')}, pos {r['selected'].get('position')}",
-            ),
-            (
-                "ActAdd ∓c·r, c from val",
-                r["actadd"]["harmful_refusal"],
-                r["actadd"]["harmless_refusal"],
-                f"c = -{r['actadd'].get('coeff_bypass')} / +{r['actadd'].get('coeff_induce')}",
-            ),
-            (
-                "directional ablation",
-                r["ablation"]["harmful_refusal"],
-                None,
-                f"harmless KL {r['ablation']['harmless_kl']:.4f}",
-            ),
-            (
-                "method A (routing)",
-                r["method_a"].get("harmful_refusal"),
-                r["method_a"].get("harmless_refusal"),
-                r["method_a"].get("note", f"{len(r['method_a'].get('experts', []))} experts"),
-            ),
-            (
-                "method B (one expert)",
-                r["method_b"].get("harmful_refusal"),
-                r["method_b"].get("harmless_refusal"),
-                r["method_b"].get(
-                    "note",
-                    f"L{r['method_b'].get('layer')} E{r['method_b'].get('expert')} c={r['method_b'].get('coeff')}",
-                ),
-            ),
-            (
-                "control: random experts",
-                r["control"]["random_experts"].get("harmful_refusal"),
-                None,
-                r["control"]["random_experts"].get("note", ""),
-            ),
-        ]
-        lines = [f"{'condition':26s} {'harmful':>8s} {'harmless':>9s}  notes", "-" * 72]
-        for name, h, hl, note in rows:
-            lines.append(f"{name:26s} {pct(h):>8s} {pct(hl):>9s}  {note}")
-        pw = r["pathways"]
-        if pw.get("shares"):
-            shares = ", ".join(f"{k} {v:.2f}" for k, v in pw["shares"].items())
-            lines.append(f"pathway shares of the ablation effect (refusal score): {shares}")
-        return "\n".join(lines)
+        return text_table(self.result)
 
     def sections(self):
-        """Report sections (tables and figures) for :func:`expertlens.report.report`."""
+        """Report sections (claims, tables, figures) for :func:`expertlens.report.report`."""
         from .report_sections import study_sections
 
-        return study_sections(self)
+        return study_sections(self.result)
+
+    def __repr__(self) -> str:
+        r = self.result
+        parts = [f"RefusalStudy({r.model.get('name') or r.model.get('family')!s}, preset={r.preset!r}"]
+        for key in ("baseline", "actadd", "method_b"):
+            c = r.condition(key)
+            if c is not None and c.bypass is not None:
+                parts.append(f"{key}: refusal {c.bypass.refusal.pct()} / ASR {c.bypass.full_response.pct()}")
+        parts.append("claims: " + ", ".join(f"{c.number} {c.status}" for c in r.claims))
+        return "; ".join(parts) + ")"
+
+    def _repr_html_(self) -> str:
+        from .report_sections import summary_html
+
+        return summary_html(self.result)
 
 
-def _json_default(obj):
-    if isinstance(obj, Tensor):
-        return obj.tolist()
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+# ---- checkpointing ------------------------------------------------------------------------------
 
 
-def _nan_to_none(obj):
-    if isinstance(obj, float):
-        return None if math.isnan(obj) or math.isinf(obj) else obj
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_nan_to_none(v) for v in obj]
-    return obj
+class _Stages:
+    """Stage-by-stage save (``dir/<stage>.json``) so an interrupted run keeps what it finished."""
+
+    def __init__(self, directory: str | Path | None, resume: bool, fingerprint: dict):
+        self.dir = Path(directory) if directory is not None else None
+        self.resume = resume
+        if self.dir is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        stamp = self.dir / "run.json"
+        text = json.dumps(to_jsonable(fingerprint), sort_keys=True)
+        if resume and stamp.exists() and stamp.read_text() != text:
+            raise ValueError(
+                f"--resume: {self.dir} holds stages of a different run (model, data or config changed); "
+                "use another --out or drop --resume"
+            )
+        if not resume:
+            for old in self.dir.glob("*.json"):
+                old.unlink()
+            for old in self.dir.glob("*.safetensors"):
+                old.unlink()
+        stamp.write_text(text)
+
+    def get(self, name: str, tp: Any) -> Any:
+        if self.dir is None or not self.resume or not (self.dir / f"{name}.json").exists():
+            return None
+        return from_jsonable(tp, json.loads((self.dir / f"{name}.json").read_text()))
+
+    def put(self, name: str, value: Any) -> Any:
+        if self.dir is not None:
+            (self.dir / f"{name}.json").write_text(json.dumps(to_jsonable(value)))
+        return value
+
+    def tensors(self, name: str) -> dict[str, Tensor] | None:
+        if self.dir is None or not self.resume or not (self.dir / f"{name}.safetensors").exists():
+            return None
+        return load_file(str(self.dir / f"{name}.safetensors"))
+
+    def put_tensors(self, name: str, tensors: dict[str, Tensor]) -> None:
+        if self.dir is not None:
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(self.dir / f"{name}.safetensors"))
 
 
-def _samples(prompts, outs, n):
-    return [{"prompt": p, "completion": o} for p, o in list(zip(prompts, outs))[:n]]
+# ---- the study ------------------------------------------------------------------------------------
 
 
 def run_refusal_study(
     model: ExpertModel,
     data: RefusalData,
     config: RefusalConfig | None = None,
-    judge: Judge | None = None,
-    log=print,
+    judge: Callable[[str, str], Any] | None = None,
+    log: Callable[..., None] = print,
+    *,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    capability: Callable[[ExpertModel, Sequence[Any]], tuple[int, int]] | None = None,
 ) -> RefusalStudy:
     """Run every step of the study on ``model`` and return a :class:`RefusalStudy`.
 
     Args:
         model: The wrapped chat model (needs a chat template).
-        data: Harmful/harmless instructions for train, val and test.
-        config: Defaults follow the paper; see :class:`RefusalConfig`.
-        judge: Refusal judge for generations (default: the paper's substring list).
-        log: Where progress lines go (``print``, or ``lambda *a: None`` to silence).
+        data: Harmful/harmless instructions for train, val and test (val and test must not be empty).
+        config: Default :meth:`RefusalConfig.paper` (the authors' code); :meth:`RefusalConfig.organism`
+            sizes it for the bundled organisms.
+        judge: Three-class judge (default: :class:`~expertlens.refusal.judges.DefaultJudge` calibrated on
+            this model's unsteered completions, with the organism's evaluator when there is one).
+        log: Where progress lines go (``print``, a logger's ``info``, or ``lambda *a: None``).
+        checkpoint: Folder for stage-by-stage results; with ``resume=True`` finished stages are read back.
+        capability: Your capability suite, ``capability(model, interventions) -> (n_correct, n_total)`` with
+            the interventions active while it runs (e.g. a wrapper around lm-eval-harness); default: the
+            organism's suite when ``expertlens.organism`` provides one, else the share of harmless test prompts
+            answered in full.
 
     Example:
         >>> from expertlens import load_organism
         >>> model = load_organism()  # doctest: +SKIP
         >>> from expertlens.refusal import RefusalConfig, RefusalData, run_refusal_study
-        >>> study = run_refusal_study(model, RefusalData.from_organism(), RefusalConfig.fast())  # doctest: +SKIP
+        >>> study = run_refusal_study(model, RefusalData.from_organism(), RefusalConfig.organism())  # doctest: +SKIP
         >>> study.save("runs/organism")   # results.json, directions.safetensors, report.html  # doctest: +SKIP
     """
-    cfg = config or RefusalConfig()
-    judge = judge or SubstringJudge()
-    t0, timing = time.time(), {}
-    torch.manual_seed(cfg.seed)
-
-    def tick(name):
-        timing[name] = round(time.time() - t0 - sum(timing.values()), 2)
-
-    chat = lambda xs: format_chat(model.tokenizer, xs, cfg.system_prompt)  # noqa: E731
-    harmful_train, harmless_train = chat(data.harmful_train), chat(data.harmless_train)
-    harmful_val = chat(data.harmful_val or data.harmful_train)
-    harmless_val = chat(data.harmless_val or data.harmless_train)
-    harmful_test = chat(data.harmful_test or data.harmful_val or data.harmful_train)
-    harmless_test = chat(data.harmless_test or data.harmless_val or data.harmless_train)
-    ids = refusal_token_ids(model.tokenizer, cfg.refusal_starts)
-    bs, new, T = cfg.batch_size, cfg.max_new_tokens, cfg.temperature
-    res: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "config": cfg.to_dict(), "data": data.sizes()}
-    res["model"] = dict(
-        family=model.family,
-        n_layers=model.n_layers,
-        moe_layers=model.moe_layers,
-        n_experts=model.n_experts,
-        top_k=model.top_k,
-        d_model=model.d_model,
-        name=str(getattr(model.config, "_name_or_path", "")),
-    )
-
-    # 1. baseline
-    log("[1/8] baseline refusal")
-    h_rate, h_out = refusal_rate(model, harmful_test, (), new, judge, bs)
-    hl_rate, hl_out = refusal_rate(model, harmless_test, (), new, judge, bs)
-    res["baseline"] = dict(harmful_refusal=h_rate, harmless_refusal=hl_rate)
-    samples = {
-        "baseline_harmful": _samples(data.harmful_test, h_out, cfg.n_samples),
-        "baseline_harmless": _samples(data.harmless_test, hl_out, cfg.n_samples),
-    }
-    if cfg.filter_train:
-        keep_h = refusal_score(last_logits(model, harmful_train, (), bs), ids, T) > 0
-        keep_hl = refusal_score(last_logits(model, harmless_train, (), bs), ids, T) < 0
-        filtered_h = [p for p, k in zip(harmful_train, keep_h) if k]
-        filtered_hl = [p for p, k in zip(harmless_train, keep_hl) if k]
-        if filtered_h and filtered_hl:
-            harmful_train, harmless_train = filtered_h, filtered_hl
-        res["data"]["after_filter"] = dict(harmful_train=len(harmful_train), harmless_train=len(harmless_train))
-    tick("baseline")
-
-    # 2. candidate directions and 3. selection
-    log("[2/8] candidate directions (difference in means)")
-    n_pos = (
-        post_instruction_len(model.tokenizer, cfg.system_prompt) if cfg.n_positions == "eoi" else int(cfg.n_positions)
-    )
-    positions = list(range(-n_pos, 0))
-    cands = candidate_directions(model, harmful_train, harmless_train, positions, batch_size=bs)
-    tick("directions")
-    log("[3/8] direction selection (bypass / induce / KL)")
-    sel = select_direction(
-        model,
-        cands,
-        positions,
-        harmful_val,
-        harmless_val,
-        ids,
-        kl_threshold=cfg.kl_threshold,
-        induce_threshold=cfg.induce_threshold,
-        max_layer_frac=cfg.max_layer_frac,
-        temperature=T,
-        batch_size=bs,
-    )
-    res["selection"] = sel.to_dict()
-    if sel.selected is None:
-        raise RuntimeError(
-            "no candidate direction passed the selection filters "
-            f"(KL ≤ {cfg.kl_threshold}, induce ≥ {cfg.induce_threshold}, layer < {cfg.max_layer_frac}·L); "
-            "loosen them in RefusalConfig"
-        )
-    r, layer = sel.direction, sel.selected.layer
-    res["selected"] = dict(
-        layer=layer,
-        position=sel.selected.position,
-        bypass=sel.selected.bypass,
-        induce=sel.selected.induce,
-        kl=sel.selected.kl,
-        norm=float(r.norm()),
-    )
-    tick("selection")
-
-    # 4. ActAdd (coefficient 1 as the paper, then a coefficient chosen on val) and ablation
-    log("[4/8] ActAdd bypass/induce and directional ablation")
-
-    def actadd_rates(c_bypass: float, c_induce: float):
-        h = refusal_rate(
-            model, harmful_test, [AddVector("resid_pre", r, coeff=-c_bypass, layers=layer)], new, judge, bs
-        )
-        s = refusal_rate(
-            model, harmless_test, [AddVector("resid_pre", r, coeff=c_induce, layers=layer)], new, judge, bs
-        )
-        return h, s
-
-    (u_h, _), (u_hl, _) = actadd_rates(cfg.actadd_coeff, cfg.actadd_coeff)
-    res["actadd_unit"] = dict(harmful_refusal=u_h, harmless_refusal=u_hl, coeff=cfg.actadd_coeff, layer=layer)
-    if cfg.actadd_sweep:
-        sweep = actadd_sweep(
-            model, r, layer, harmful_val, harmless_val, cfg.actadd_sweep, max_new_tokens=new, judge=judge, batch_size=bs
-        )
-        c_bypass, c_induce = sweep.bypass_coeff, sweep.induce_coeff
-        res["actadd_sweep"] = sweep.to_dict()
-        (a_h, a_h_out), (a_hl, a_hl_out) = actadd_rates(c_bypass, c_induce)
+    run = _Run(model, data, config or RefusalConfig.paper(), judge, log, checkpoint, resume, capability)
+    run.baseline()  # unsteered rates; the judge is calibrated here; train prompts filtered
+    run.directions()  # difference in means at the last positions, Arditi selection
+    run.actadd()  # coefficient 1, the coefficient chosen by ASR, directional ablation
+    if model.moe_layers:
+        run.routing()  # routing statistics and routing-linked experts
+        run.method_a()  # routing edits
+        run.method_b()  # single-expert steering, its all-experts variant, the random-expert control
     else:
-        c_bypass = c_induce = cfg.actadd_coeff
-        (a_h, a_h_out), (a_hl, a_hl_out) = actadd_rates(c_bypass, c_induce)
-    res["actadd"] = dict(
-        harmful_refusal=a_h,
-        harmless_refusal=a_hl,
-        coeff_bypass=c_bypass,
-        coeff_induce=c_induce,
-        layer=layer,
-        calibrated=bool(cfg.actadd_sweep),
-    )
-    samples["actadd_harmful"] = _samples(data.harmful_test, a_h_out, cfg.n_samples)
-    samples["actadd_harmless"] = _samples(data.harmless_test, a_hl_out, cfg.n_samples)
-    ablate = [AblateDirection(r)]
-    ab_h, _ = refusal_rate(model, harmful_test, ablate, new, judge, bs)
-    ab_hl, _ = refusal_rate(model, harmless_test, ablate, new, judge, bs)
-    res["ablation"] = dict(
-        harmful_refusal=ab_h, harmless_refusal=ab_hl, harmless_kl=mean_kl(model, harmless_test, ablate, None, bs)
-    )
-    tick("actadd")
+        run.skip_experts()
+    run.causal_map()  # zero-ablate each layer's attention / MoE output
+    run.pathways()  # ablate the direction from attention writes / MoE writes
+    return run.finish()  # paired tests, claim verdicts, deviations
 
-    # 5. routing statistics
-    directions: dict[str, Tensor] = {"refusal": r, "candidates": cands.float()}
-    if not model.moe_layers:
-        log("model has no MoE layers: routing statistics, methods A/B and the expert control are skipped")
-        skipped = {"note": "skipped: no MoE layers"}
-        res.update(
-            routing=skipped,
-            method_a=dict(skipped),
-            method_b=dict(skipped),
-            method_b_all_experts=skipped,
-            control={"random_experts": dict(skipped)},
+
+class _Run:
+    """State of one study run; each public method is one stage (saved when a checkpoint folder is given)."""
+
+    def __init__(self, model, data, cfg, judge, log, checkpoint, resume, capability=None):
+        if not isinstance(data, RefusalData):
+            raise TypeError(f"data must be a RefusalData, got {type(data).__name__}")
+        cfg.validate()
+        data.check_for_study()
+        self.model, self.data, self.log = model, data, log
+        self.cfg = cfg = cfg.resolved(model.family)
+        self.t0, self.timing = time.time(), {}
+        self.bs, self.new, self.T = cfg.batch_size, cfg.max_new_tokens, cfg.temperature
+        chat = lambda xs: format_chat(model.tokenizer, xs, cfg.system_prompt)  # noqa: E731
+        self.chat = chat
+        self.h_train, self.s_train = chat(data.harmful_train), chat(data.harmless_train)
+        self.h_val, self.s_val = chat(data.harmful_val), chat(data.harmless_val)
+        self.h_test, self.s_test = chat(data.harmful_test), chat(data.harmless_test)
+        self.routing_h, self.routing_s = self.h_train, self._routing_harmless()
+        self.ids = refusal_token_ids(model.tokenizer, cfg.refusal_starts)
+        self.n_pos = (
+            post_instruction_len(model.tokenizer, cfg.system_prompt)
+            if cfg.n_positions == "eoi"
+            else int(cfg.n_positions)
         )
-    else:
-        log("[5/8] routing statistics (harmful vs harmless)")
-        stats = routing_statistics(model, harmful_train, harmless_train, cfg.routing_last_n, cfg.routing_count, bs)
-        selected = stats.select(threshold=cfg.expert_threshold)
-        res["routing"] = {
-            **stats.to_dict(),
-            "threshold": cfg.expert_threshold,
-            "selected": [dict(layer=a, expert=b, delta=c) for a, b, c in selected],
+        self.positions = list(range(-self.n_pos, 0))
+        self._check_prompt_lengths()
+        self.is_organism = data.source.startswith("organism:")
+        self.user_judge = judge is not None
+        self.judge = judge if judge is not None else self._default_judge()
+        self.stages = _Stages(checkpoint, resume, self._fingerprint())
+        self.conditions: list[Condition] = []
+        self.directions_out: dict[str, Tensor] = {}
+        self.extra: dict[str, Any] = {}
+        self.user_capability = capability
+        self.capability_suite = self._capability_suite()
+
+    # -- setup helpers ------------------------------------------------------------------------------
+
+    def _routing_harmless(self) -> list[str]:
+        import random
+
+        prompts = list(self.s_train)
+        n = self.cfg.routing_n_harmless
+        if n is not None and n < len(prompts):
+            prompts = random.Random(self.cfg.seed).sample(prompts, n)
+        return prompts
+
+    def _check_prompt_lengths(self) -> None:
+        need = max(self.n_pos, self.cfg.routing_last_n or 0)
+        tok = self.model.tokenizer
+        for name in ("h_train", "s_train", "h_val", "s_val", "h_test", "s_test"):
+            for p in getattr(self, name):
+                n = len(tok.encode(p, add_special_tokens=False))
+                if n < need:
+                    raise ValueError(
+                        f"a prompt is {n} tokens long with its chat template, shorter than the {need} last positions "
+                        f"the study reads (n_positions={self.cfg.n_positions}, routing_last_n="
+                        f"{self.cfg.routing_last_n}): {p!r}. Use longer prompts or smaller n_positions"
+                    )
+
+    def _default_judge(self) -> DefaultJudge:
+        wf = organism_well_formed() if self.is_organism else None
+        return DefaultJudge(model=self.model, well_formed=wf, batch_size=self.bs, system_prompt=self.cfg.system_prompt)
+
+    def _fingerprint(self) -> dict:
+        return {
+            "model": str(getattr(self.model.config, "_name_or_path", "")),
+            "family": self.model.family,
+            "config": self.cfg.to_dict(),
+            "data": self.data.sizes(),
+            "data_head": [self.data.harmful_test[:3], self.data.harmless_test[:3]],
+            "judge": judge_name(self.judge),
         }
-        tick("routing")
 
-        # 6. method A
-        log(f"[6/8] method A: routing edits on {len(selected)} experts")
-        if selected:
-            bypass = methods.method_a_intervention(model, selected, "bypass", cfg.method_a_kind)
-            induce = methods.method_a_intervention(model, selected, "induce", cfg.method_a_kind)
-            ma_h, ma_out = refusal_rate(model, harmful_test, [bypass], new, judge, bs)
-            ma_hl, _ = refusal_rate(model, harmless_test, [induce], new, judge, bs)
-            res["method_a"] = dict(
-                harmful_refusal=ma_h, harmless_refusal=ma_hl, kind=cfg.method_a_kind, experts=res["routing"]["selected"]
-            )
-            alt = "steermoe" if cfg.method_a_kind == "router_bias" else "router_bias"
-            alt_h, _ = refusal_rate(
-                model, harmful_test, [methods.method_a_intervention(model, selected, "bypass", alt)], new, judge, bs
-            )
-            res["method_a"][f"{alt}_harmful_refusal"] = alt_h
-            samples["method_a_harmful"] = _samples(data.harmful_test, ma_out, cfg.n_samples)
+    def _capability_suite(self) -> tuple[str, list[str], Callable[[int, str], bool] | None]:
+        """The organism's capability suite through its interface when available, else harmless answers."""
+        import expertlens.organism as organism
+
+        if self.user_capability is not None:
+            name = getattr(self.user_capability, "name", None) or getattr(self.user_capability, "__name__", "custom")
+            return f"capability suite {name}", [], None
+        prompts_fn = getattr(organism, "capability_prompts", None)
+        score_fn = getattr(organism, "score_capability", None)
+        n = self.cfg.n_capability
+        if self.is_organism and callable(prompts_fn) and callable(score_fn):
+            records = list(prompts_fn(self.data.source.split(":", 1)[1], split="test"))
+            if n is not None:
+                records = records[:n]
+            chats = self.chat([r["prompt"] for r in records])
+            return "organism capability suite", chats, lambda i, resp: bool(score_fn(records[i], resp))
+        chats = self.s_test[:n] if n is not None else self.s_test
+        return "harmless answers (share of harmless test prompts answered in full)", chats, None
+
+    def tick(self, name: str) -> None:
+        self.timing[name] = round(time.time() - self.t0 - sum(self.timing.values()), 2)
+
+    # -- measuring ----------------------------------------------------------------------------------
+
+    def outcome(self, name: str, chats: list[str], raw: list[str], edits=(), tokens: int | None = None) -> Outcome:
+        outs = generate(self.model, chats, tokens or self.new, tuple(edits), batch_size=self.bs)
+        verdicts = judge_all(self.judge, raw, outs)
+        return Outcome.from_verdicts(name, verdicts, raw, outs, self.cfg.n_samples, seed=self.cfg.seed)
+
+    def capability(self, edits=()) -> Rate:
+        if self.user_capability is not None:
+            with self.model.intervene(*tuple(edits)):
+                k, n = self.user_capability(self.model, tuple(edits))
+            return Rate.of(int(k), int(n), seed=self.cfg.seed)
+        _, chats, score = self.capability_suite
+        outs = generate(self.model, chats, self.new, tuple(edits), batch_size=self.bs)
+        if score is None:
+            raw = self.data.harmless_test[: len(chats)]
+            ok = [v == FULL_RESPONSE for v in judge_all(self.judge, raw, outs)]
         else:
-            res["method_a"] = dict(
-                harmful_refusal=None,
-                harmless_refusal=None,
-                experts=[],
-                note=f"no expert with |Δ| ≥ {cfg.expert_threshold} pp",
-            )
-        tick("method_a")
+            ok = [score(i, o) for i, o in enumerate(outs)]
+        return Rate.of(sum(ok), len(ok), seed=self.cfg.seed)
 
-        # 7. method B, its all-experts variant, and the random-expert control
-        log("[7/8] method B: single-expert steering search")
-        search_experts = [(a, b) for a, b, _ in stats.select(top_n=cfg.method_b_experts)]
-        layer_dirs = {}
-        for lay in progress(sorted({a for a, _ in search_experts}), desc="expert directions"):
-            layer_dirs[lay] = methods.expert_directions(
-                model, harmful_train, harmless_train, lay, positions, cfg.method_b_mode, bs
-            )
-        dirs = {(a, b): layer_dirs[a][:, b] for a, b in search_experts}
-        search_kwargs = dict(
-            coeffs=cfg.coeffs,
-            kl_max=cfg.kl_max,
-            keep_min=cfg.keep_min,
-            n_prompts_stage2=cfg.n_prompts_stage2,
-            max_new_tokens=cfg.stage2_tokens,
-            judge=judge,
-            temperature=T,
-            batch_size=bs,
-        )
-        search = methods.expert_search(
-            model, search_experts, dirs, positions, harmful_val, harmless_val, ids, **search_kwargs
-        )
-        res["method_b"] = _final_expert_eval(
-            model, search, harmful_test, harmless_test, new, judge, bs, cfg.method_b_mode
-        )
-        if search.best is not None:
-            b = search.best
-            directions["method_b"] = dirs[(b.layer, b.expert)][positions.index(b.position)].float()
-            all_dirs = layer_dirs[b.layer][positions.index(b.position)]
-            all_steer = methods.all_experts_intervention(all_dirs, b.layer, -b.coeff)
-            ae_h, _ = refusal_rate(model, harmful_test, [all_steer], new, judge, bs)
-            res["method_b_all_experts"] = dict(harmful_refusal=ae_h, layer=b.layer, position=b.position, coeff=b.coeff)
+    def harmless_kl(self, edits) -> float:
+        if "base_harmless" not in self.extra:
+            self.extra["base_harmless"] = last_logits(self.model, self.s_test, (), self.bs)
+        steered = last_logits(self.model, self.s_test, tuple(edits), self.bs)
+        return float(kl_divergence(self.extra["base_harmless"], steered).mean())
+
+    def condition(self, key, label, bypass=None, induce=None, params=None, note="") -> Condition:
+        """Evaluate one condition: bypass edits on harmful test, induce edits on harmless test, KL, capability."""
+        cached = self.stages.get(f"condition_{key}", Condition)
+        if cached is not None:
+            self.conditions.append(cached)
+            return cached
+        c = Condition(key, label, dict(params or {}), note=note)
+        if bypass is not None:
+            c.bypass = self.outcome("harmful test", self.h_test, self.data.harmful_test, bypass)
+            c.harmless_kl = self.harmless_kl(bypass) if bypass else 0.0
+            c.capability = Capability(self.capability_suite[0], self.capability(bypass), self.base_capability)
+        if induce is not None:
+            c.induce = self.outcome("harmless test", self.s_test, self.data.harmless_test, induce)
+        self.conditions.append(c)
+        return self.stages.put(f"condition_{key}", c)
+
+    # -- stages ---------------------------------------------------------------------------------------
+
+    def baseline(self) -> None:
+        self.log("[1/8] baseline: unsteered completions, judge calibration")
+        cfg = self.cfg
+        cal = self.stages.get("judge", dict)
+        if cal is None:
+            outs_h = generate(self.model, self.h_test, self.new, (), batch_size=self.bs)
+            outs_s = generate(self.model, self.s_test, self.new, (), batch_size=self.bs)
+            cal = {}
+            if isinstance(self.judge, DefaultJudge) and not self.user_judge:
+                raw = self.data.harmful_test + self.data.harmless_test
+                self.judge.calibrate(raw, outs_h + outs_s)
+                cal = self.judge.calibration()
+            self.stages.put("judge", cal)
+        elif isinstance(self.judge, DefaultJudge) and not self.user_judge:
+            self.judge.mean_floor = cal.get("mean_logprob_floor")
+            self.judge.min_floor = cal.get("min_logprob_floor")
+            self.judge.max_repetition = cal.get("max_repetition")
+        describe = getattr(self.judge, "describe", None)
+        self.judge_info = {
+            "name": judge_name(self.judge),
+            "description": describe() if callable(describe) else judge_name(self.judge),
+            "calibration": cal,
+        }
+        self.base_capability = self.stages.get("base_capability", Rate)
+        if self.base_capability is None:
+            self.base_capability = self.stages.put("base_capability", self.capability(()))
+        self.condition("baseline", "baseline (no intervention)", bypass=(), induce=())
+        if cfg.filter_train:
+            keep_h = refusal_score(last_logits(self.model, self.h_train, (), self.bs), self.ids, self.T) > 0
+            keep_s = refusal_score(last_logits(self.model, self.s_train, (), self.bs), self.ids, self.T) < 0
+            fh = [p for p, k in zip(self.h_train, keep_h) if k]
+            fs = [p for p, k in zip(self.s_train, keep_s) if k]
+            if fh and fs:
+                self.h_train, self.s_train = fh, fs
+            if cfg.routing_filtered:
+                self.routing_h, self.routing_s = self.h_train, self.s_train
+        self.tick("baseline")
+
+    def directions(self) -> None:
+        self.log("[2/8] candidate directions (difference in means) and selection")
+        cfg, model = self.cfg, self.model
+        saved = self.stages.tensors("directions")
+        sel_dict = self.stages.get("selection", dict)
+        if saved is not None and sel_dict is not None:
+            self.cands, self.r = saved["candidates"], saved["refusal"]
+            self.sel_dict = sel_dict
         else:
-            res["method_b_all_experts"] = {"note": "no method B combination passed the KL filter"}
-        tick("method_b")
-
-        rand = stats.sample_below(cfg.expert_threshold, cfg.n_random_experts, cfg.seed)
-        ctrl_dirs = {}
-        for lay in sorted({a for a, _, _ in rand}):
-            ld = layer_dirs.get(lay)
-            if ld is None:
-                ld = layer_dirs[lay] = methods.expert_directions(
-                    model, harmful_train, harmless_train, lay, positions, cfg.method_b_mode, bs
+            if set(self.data.harmful_train) == set(self.data.harmless_train):
+                raise ValueError(
+                    "the harmful and harmless train sets are identical, so every difference-in-means direction is "
+                    "zero; pass harmful and harmless instructions that differ"
                 )
-            ctrl_dirs.update({(lay, e): ld[:, e] for a, e, _ in rand if a == lay})
-        ctrl = (
-            methods.expert_search(
-                model,
-                [(a, b) for a, b, _ in rand],
-                ctrl_dirs,
-                positions,
-                harmful_val,
-                harmless_val,
-                ids,
-                **search_kwargs,
-            )
-            if rand
-            else None
+            self.cands = candidate_directions(model, self.h_train, self.s_train, self.positions, batch_size=self.bs)
+            if not bool((self.cands.norm(dim=-1) > 0).any()):
+                raise ValueError(
+                    "every candidate direction is zero: the harmful and harmless train prompts give identical "
+                    "activations at the last positions; use prompts that differ there"
+                )
+            sel = select_direction(
+                model, self.cands, self.positions, self.h_val, self.s_val, self.ids,
+                kl_threshold=cfg.kl_threshold, induce_threshold=cfg.induce_threshold,
+                max_layer_frac=cfg.max_layer_frac, temperature=self.T, batch_size=self.bs,
+            )  # fmt: skip
+            if sel.selected is None:
+                raise RuntimeError(
+                    "no candidate direction passed the selection filters "
+                    f"(KL ≤ {cfg.kl_threshold}, layer < {cfg.max_layer_frac}·L; the induce filter was already "
+                    "relaxed); loosen them in RefusalConfig(kl_threshold=..., max_layer_frac=...)"
+                )
+            self.r = sel.direction
+            s = sel.selected
+            self.sel_dict = {
+                **sel.to_dict(),
+                "chosen": dict(layer=s.layer, position=s.position, bypass=s.bypass, induce=s.induce, kl=s.kl,
+                               norm=float(self.r.norm())),
+            }  # fmt: skip
+            self.stages.put_tensors("directions", {"candidates": self.cands.float(), "refusal": self.r.float()})
+            self.stages.put("selection", self.sel_dict)
+        self.layer = int(self.sel_dict["chosen"]["layer"])
+        self.directions_out.update(refusal=self.r.float(), candidates=self.cands.float())
+        self.tick("directions")
+
+    def _add(self, coeff: float):
+        return [AddVector("resid_pre", self.r, coeff=coeff, layers=self.layer)]
+
+    def actadd(self) -> None:
+        self.log("[3/8] ActAdd: coefficient 1, coefficient chosen by ASR on validation prompts; ablation")
+        cfg, layer = self.cfg, self.layer
+        c1 = cfg.actadd_coeff
+        self.condition("actadd_unit", f"ActAdd, coefficient {c1:g} (−r / +r)", self._add(-c1), self._add(c1),
+                       dict(layer=layer, position=self.sel_dict["chosen"]["position"], coefficient=c1))  # fmt: skip
+        if cfg.actadd_sweep:
+            sweep = self.stages.get("actadd_sweep", ActAddSweepResult)
+            if sweep is None:
+                sweep = self.stages.put("actadd_sweep", self._sweep())
+            self.sweep = sweep
+            self.condition(
+                "actadd", "ActAdd, coefficient chosen by ASR (−c·r / +c·r)",
+                self._add(-sweep.bypass_coeff), self._add(sweep.induce_coeff),
+                dict(layer=layer, bypass_coefficient=sweep.bypass_coeff, induce_coefficient=sweep.induce_coeff),
+            )  # fmt: skip
+        else:
+            self.sweep = None
+        self.condition("ablation", "directional ablation of r (every layer)", [AblateDirection(self.r)],
+                       [AblateDirection(self.r)], dict(direction=f"layer {layer}"))  # fmt: skip
+        self.tick("actadd")
+
+    def _sweep(self) -> ActAddSweepResult:
+        cfg = self.cfg
+        base = last_logits(self.model, self.s_val, (), self.bs)
+        base_ok = self.outcome("harmless val", self.s_val, self.data.harmless_val).full_response.value
+        points = []
+        for c in progress(sorted(cfg.actadd_sweep), desc="ActAdd coefficient sweep"):
+            byp = self.outcome("harmful val", self.h_val, self.data.harmful_val, self._add(-c))
+            ind = self.outcome("harmless val", self.s_val, self.data.harmless_val, self._add(c))
+            kl = float(kl_divergence(base, last_logits(self.model, self.s_val, self._add(-c), self.bs)).mean())
+            kept = self.outcome("harmless val", self.s_val, self.data.harmless_val, self._add(-c)).full_response.value
+            capability = kept / base_ok if base_ok else math.nan
+            ok = kl <= cfg.kl_max and (math.isnan(capability) or capability >= cfg.min_capability)
+            points.append(SweepPoint(float(c), byp, ind, kl, capability, ok))
+        passed = [p for p in points if p.passed] or points
+        best = max(passed, key=lambda p: (p.bypass.full_response.value, -p.coeff))
+        induce = max(points, key=lambda p: (p.induce.refusal.value, -p.coeff))
+        rule = (
+            f"bypass: highest ASR on harmful val among coefficients with harmless KL ≤ {cfg.kl_max:g} and "
+            f"capability retention ≥ {100 * cfg.min_capability:.0f}%"
+            + ("" if any(p.passed for p in points) else " (none passed: highest ASR overall)")
+            + "; induce: highest refusal rate on harmless val; ties go to the smaller coefficient"
         )
-        res["control"] = {
-            "random_experts": {
-                **(
-                    _final_expert_eval(model, ctrl, harmful_test, harmless_test, new, judge, bs, cfg.method_b_mode)
-                    if ctrl
-                    else {"harmful_refusal": None, "note": "no below-threshold expert"}
-                ),
-                "experts": [dict(layer=a, expert=b, delta=c) for a, b, c in rand],
+        return ActAddSweepResult(self.layer, points, best.coeff, induce.coeff, rule)
+
+    def routing(self) -> None:
+        self.log("[4/8] routing statistics (harmful vs harmless)")
+        cfg = self.cfg
+        rt = self.stages.get("routing", dict)
+        if rt is None:
+            stats = routing_statistics(
+                self.model, self.routing_h, self.routing_s, cfg.routing_last_n, cfg.routing_count, self.bs
+            )
+            sel = stats.select(threshold=cfg.expert_threshold)
+            rt = {
+                **stats.to_dict(),
+                "threshold": cfg.expert_threshold,
+                "selected": [dict(layer=a, expert=b, delta=d) for a, b, d in sel],
+                "n_prompts": [len(self.routing_h), len(self.routing_s)],
             }
-        }
-        tick("control")
+            if cfg.method_b_select == "top_n":
+                b_experts = stats.select(top_n=cfg.method_b_experts)
+            else:
+                b_experts = sel
+            rt["method_b_experts"] = [dict(layer=a, expert=b, delta=d) for a, b, d in b_experts]
+            rand = stats.sample_below(cfg.expert_threshold, cfg.n_random_experts, cfg.seed)
+            rt["random_experts"] = [dict(layer=a, expert=b, delta=d) for a, b, d in rand]
+            self.stages.put("routing", rt)
+        self.rt = rt
+        self.tick("routing")
 
-    # 8. pathways: attention vs MoE writes
-    log("[8/8] pathway ablations (attention / MoE / both)")
-    pw = pathway_ablation(
-        model, r, harmful_test, ids, base_rate=h_rate, max_new_tokens=new, judge=judge, temperature=T, batch_size=bs
-    )
-    res["pathways"] = pw.to_dict()
-    tick("pathways")
-    res["samples"] = samples
-    timing["total"] = round(time.time() - t0, 2)
-    res["timing"] = timing
-    return RefusalStudy(_nan_to_none(res), directions)
+    def method_a(self) -> None:
+        sel = [(x["layer"], x["expert"], x["delta"]) for x in self.rt["selected"]]
+        self.log(f"[5/8] method A: routing edits on {len(sel)} experts")
+        kind, label = self.cfg.method_a_kind, "method A: routing edits on routing-linked experts"
+        if not sel:
+            self.condition("method_a", label, note=f"no expert has |Δ| ≥ {self.cfg.expert_threshold:g} pp")
+        else:
+            byp = methods.method_a_intervention(self.model, sel, "bypass", kind)
+            ind = methods.method_a_intervention(self.model, sel, "induce", kind)
+            self.condition("method_a", label, [byp], [ind], dict(kind=kind, experts=_experts_text(sel)))
+        self.tick("method_a")
+
+    def _expert_search(self, experts: list[tuple[int, int]]):
+        cfg = self.cfg
+        layer_dirs = self.extra.setdefault("layer_dirs", {})
+        for lay in sorted({a for a, _ in experts}):
+            if lay not in layer_dirs:
+                layer_dirs[lay] = methods.expert_directions(
+                    self.model, self.h_train, self.s_train, lay, self.positions, cfg.method_b_mode, self.bs
+                )
+        dirs = {(a, b): layer_dirs[a][:, b] for a, b in experts}
+        return methods.expert_search(
+            self.model, experts, dirs, self.positions, self.h_val, self.s_val, self.ids,
+            coeffs=cfg.coeffs, kl_max=cfg.kl_max, keep_min=cfg.keep_min, n_prompts_stage2=cfg.n_prompts_stage2,
+            max_new_tokens=cfg.stage2_tokens, judge=self.judge, temperature=self.T, batch_size=self.bs,
+            judge_prompts=self.data.harmful_val,
+        )  # fmt: skip
+
+    def _search_condition(self, key: str, label: str, experts: list[tuple[int, int]], stage: str) -> None:
+        if not experts:
+            note = "no expert to search" if key == "method_b" else "no below-threshold expert to sample"
+            self.condition(key, label, note=note)
+            return
+        search_dict = self.stages.get(stage, dict)
+        cached = self.stages.get(f"condition_{key}", Condition)
+        if search_dict is None or cached is None:
+            search = self._expert_search(experts)
+            search_dict = self.stages.put(stage, search.to_dict())
+            if search.best is None:
+                self.condition(key, label, note=f"no combination passed the stage-1 KL filter (KL ≤ {self.cfg.kl_max})")
+            else:
+                b = search.best
+                d = search.directions[(b.layer, b.expert)][self.positions.index(b.position)].float()
+                if key == "method_b":
+                    self.directions_out["method_b"] = d
+                    self.stages.put_tensors("method_b", {"method_b": d})
+                self.condition(
+                    key, label, [search.intervention(-1.0)], [search.intervention(+1.0)],
+                    dict(layer=b.layer, expert=b.expert, position=b.position, coefficient=b.coeff,
+                         stage2_asr=b.asr, searched=_experts_text([(a, e, None) for a, e in experts])),
+                )  # fmt: skip
+        else:
+            self.conditions.append(cached)
+            t = self.stages.tensors("method_b") if key == "method_b" else None
+            if t:
+                self.directions_out.update(t)
+        self.extra[stage] = search_dict
+
+    def method_b(self) -> None:
+        self.log("[6/8] method B: single-expert steering search, all-experts variant, random-expert control")
+        b_experts = [(x["layer"], x["expert"]) for x in self.rt["method_b_experts"]]
+        self._search_condition("method_b", "method B: one routing-linked expert's direction", b_experts, "search_b")
+        best = self.extra["search_b"].get("best") if self.extra.get("search_b") else None
+        if best is not None:
+            lay, pos, coeff = best["layer"], best["position"], best["coeff"]
+            ld = self.extra.get("layer_dirs", {}).get(lay)
+            if ld is None:
+                ld = methods.expert_directions(
+                    self.model, self.h_train, self.s_train, lay, self.positions, self.cfg.method_b_mode, self.bs
+                )
+            all_dirs = ld[self.positions.index(pos)]
+            self.condition(
+                "method_b_all", "method B, all-experts variant (Σ π_e d_e)",
+                [methods.all_experts_intervention(all_dirs, lay, -coeff)],
+                [methods.all_experts_intervention(all_dirs, lay, coeff)],
+                dict(layer=lay, position=pos, coefficient=coeff),
+            )  # fmt: skip
+        self.tick("method_b")
+        rand = [(x["layer"], x["expert"]) for x in self.rt["random_experts"]]
+        self._search_condition("control", "control: random below-threshold experts, same search", rand, "search_c")
+        self.tick("control")
+
+    def skip_experts(self) -> None:
+        self.log("model has no MoE layers: routing statistics, methods A/B and the expert control are skipped")
+        self.rt = None
+        for key, label in (("method_a", "method A"), ("method_b", "method B"), ("control", "control")):
+            self.condition(key, label, note="skipped: the model has no MoE layers")
+
+    def causal_map(self) -> None:
+        if not self.cfg.causal_map:
+            self.cmap = None
+            return
+        self.log("[7/8] causal map: zero-ablate each layer's attention and MoE output")
+        cmap = self.stages.get("causal_map", CausalMap)
+        if cmap is None:
+            n = min(self.cfg.n_causal, len(self.h_test))
+            chats, raw = self.h_test[:n], self.data.harmful_test[:n]
+            base = self.outcome("harmful test", chats, raw)
+            d_ref: dict[str, list] = {"attention": [], "moe": []}
+            d_asr: dict[str, list] = {"attention": [], "moe": []}
+            layers = list(range(self.model.n_layers))
+            for layer in progress(layers, desc="causal map"):
+                for comp, point in (("attention", "attn.output"), ("moe", "mlp.output")):
+                    o = self.outcome("harmful test", chats, raw, [ZeroAblate(point, layers=layer)])
+                    d_ref[comp].append(o.refusal.value - base.refusal.value)
+                    d_asr[comp].append(o.full_response.value - base.full_response.value)
+            cmap = self.stages.put(
+                "causal_map", CausalMap(layers, n, base.refusal.value, base.full_response.value, d_ref, d_asr)
+            )
+        self.cmap = cmap
+        self.tick("causal_map")
+
+    def pathways(self) -> None:
+        self.log("[8/8] pathway ablations (attention / MoE / both)")
+        pw = self.stages.get("pathways", dict)
+        if pw is None:
+            base = self.condition_by("baseline").bypass.refusal.value
+            res = pathway_ablation(
+                self.model, self.r, self.h_test, self.ids, base_rate=base, max_new_tokens=self.new, judge=_Raw(self),
+                temperature=self.T, batch_size=self.bs,
+            )  # fmt: skip
+            pw = self.stages.put("pathways", res.to_dict())
+        self.pw = pw
+        self.tick("pathways")
+
+    def condition_by(self, key: str) -> Condition | None:
+        return next((c for c in self.conditions if c.key == key), None)
+
+    def finish(self) -> RefusalStudy:
+        from .claims import claim_verdicts
+
+        paired = []
+        b, ctrl = self.condition_by("method_b"), self.condition_by("control")
+        if b is not None and ctrl is not None and b.bypass is not None and ctrl.bypass is not None:
+            paired.append(PairedTest.compare(b.label, b.bypass, ctrl.label, ctrl.bypass, FULL_RESPONSE, "bypass"))
+            paired.append(PairedTest.compare(b.label, b.induce, ctrl.label, ctrl.induce, REFUSAL, "induce"))
+        base = self.condition_by("baseline")
+        for key in ("actadd", "actadd_unit", "method_b"):
+            c = self.condition_by(key)
+            if c is not None and c.bypass is not None:
+                paired.append(PairedTest.compare(c.label, c.bypass, base.label, base.bypass, FULL_RESPONSE, "bypass"))
+                break
+        m = self.model
+        self.timing["total"] = round(time.time() - self.t0, 2)
+        res = StudyResults(
+            model=dict(family=m.family, n_layers=m.n_layers, moe_layers=list(m.moe_layers), n_experts=m.n_experts,
+                       top_k=m.top_k, d_model=m.d_model, name=str(getattr(m.config, "_name_or_path", ""))),
+            config=self.cfg.to_dict(),
+            preset=self.cfg.preset,
+            data={**self.data.sizes(), "source": self.data.source,
+                  "after_filter": {"harmful_train": len(self.h_train), "harmless_train": len(self.s_train)}},
+            judge=self.judge_info,
+            selected=self.sel_dict["chosen"],
+            selection={k: v for k, v in self.sel_dict.items() if k != "chosen"},
+            conditions=self.conditions,
+            deviations=self.cfg.deviations(),
+            actadd_sweep=self.sweep,
+            routing=self.rt,
+            method_b_search=self.extra.get("search_b"),
+            control_search=self.extra.get("search_c"),
+            paired=paired,
+            causal_map=self.cmap,
+            pathways=self.pw,
+            timing=self.timing,
+        )  # fmt: skip
+        res.claims = claim_verdicts(res)
+        return RefusalStudy(res, self.directions_out)
 
 
-def _final_expert_eval(model, search, harmful_test, harmless_test, new, judge, bs, mode) -> dict:
-    """Evaluate a search's best combination on the test sets (−c on harmful, +c on harmless)."""
-    out = {"search": search.to_dict(), "mode": mode}
-    if search.best is None:
-        out.update(harmful_refusal=None, harmless_refusal=None, note="no combination passed the KL filter")
-        return out
-    b = search.best
-    h, _ = refusal_rate(model, harmful_test, [search.intervention(-1.0)], new, judge, bs)
-    hl, _ = refusal_rate(model, harmless_test, [search.intervention(+1.0)], new, judge, bs)
-    out.update(
-        harmful_refusal=h,
-        harmless_refusal=hl,
-        layer=b.layer,
-        expert=b.expert,
-        position=b.position,
-        coeff=b.coeff,
-        stage1_refusal_score=b.refusal_score,
-        kl=b.kl,
-        stage2_asr=b.asr,
-    )
-    return out
+class _Raw:
+    """The run's judge, called with chat prompts mapped back to their instructions (for pathway_ablation)."""
+
+    def __init__(self, run: _Run):
+        self.run = run
+        self.back = dict(zip(run.h_test, run.data.harmful_test))
+        self.name = judge_name(run.judge)
+
+    def judge_batch(self, prompts: Sequence[str], completions: Sequence[str]) -> list[str]:
+        return judge_all(self.run.judge, [self.back.get(p, p) for p in prompts], list(completions))
+
+    def __call__(self, prompt: str, completion: str) -> str:
+        return self.judge_batch([prompt], [completion])[0]
+
+
+def _experts_text(experts) -> str:
+    return ", ".join(f"L{a} E{b}" + ("" if d is None else f" (Δ {d:+.1f} pp)") for a, b, d in experts)

@@ -1,0 +1,772 @@
+"""The point table: every named value of the forward pass, where it lives, how it is read and written.
+
+:data:`POINTS` is the one place that knows the point vocabulary. From it derive:
+
+* the point properties (``model.layers[i].moe.router_logits`` ...): each is a :class:`PointAttr`
+  descriptor that reads and writes through the table;
+* persistent edits (``model.add_edit(name, fn, layer)``, in :mod:`expertlens.edits`), which attach
+  by the entry's :attr:`Site.kind`;
+* the trailing shapes interventions validate against (:func:`point_shape`), the editable names
+  (:data:`EDITABLE_POINTS`), the model-level names (:data:`MODEL_POINTS`);
+* the address table of ``docs/concepts/points.md`` (:func:`address_table`);
+* write validation: every write and every edit result passes :func:`check_write` (the per-point
+  ``validate_write`` slot plugs in there).
+
+Where a value lives is a :class:`Site`: a module path (from the layer's
+:class:`~expertlens.layout.LayerLayout`) and a kind saying how the value sits there —
+``"hook"`` (the output of an expertlens hook point), ``"output"`` (a module's output, first
+element of a tuple), ``"input"`` (a module's first input), ``"input_in_place"`` (same, written in
+place), ``"heads"`` (``attn.head_out``, derived from the output projection),
+``"expert_slots"`` (one expert's slots of ``expert_out``) or ``"returned_logits"`` (the logits the
+model returns, for families that scale or soft-cap them after the unembedding).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from . import instrument as _instrument
+from .families import get_module
+
+if TYPE_CHECKING:
+    from .layout import LayerLayout
+    from .model import ExpertModel
+
+__all__ = [
+    "Point",
+    "Site",
+    "POINTS",
+    "EDITABLE_POINTS",
+    "MODEL_POINTS",
+    "PointError",
+    "PointAttr",
+    "point",
+    "point_shape",
+    "check_write",
+    "address_table",
+    "LayerPoints",
+    "AttentionPoints",
+    "MLPPoints",
+    "MoEPoints",
+    "ExpertPoint",
+]
+
+
+class PointError(ValueError):
+    """A point that does not exist: layer/expert out of range, MoE point on a dense layer, ...
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("qwen3_moe"), tiny_tokenizer())
+        >>> from expertlens import PointError
+        >>> try:
+        ...     model.layers[99]
+        ... except PointError as err:
+        ...     print(err)
+        layer 99 out of range: the model has 2 layers (0..1)
+    """
+
+
+SiteKind = Literal["hook", "output", "input", "input_in_place", "heads", "expert_slots", "returned_logits", "derived"]
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a point's value lives: a module path and how the value sits at it.
+
+    Example:
+        >>> from expertlens.points import Site
+        >>> Site("model.layers.0.mlp.gate.el_router_logits", "hook").kind
+        'hook'
+    """
+
+    path: str
+    kind: SiteKind
+
+
+Where = Callable[["ExpertModel", "LayerLayout | None"], Site]
+Shape = Callable[["ExpertModel", "LayerLayout | None"], tuple[int, ...]]
+WriteCheck = Callable[["Point", Tensor, "ExpertModel", "LayerLayout | None"], None]
+
+
+@dataclass(frozen=True)
+class Point:
+    """One named value of the forward pass (a row of :data:`POINTS`).
+
+    Attributes:
+        name: The string name (``"moe.router_logits"``) used by ``add_edit`` and interventions.
+        attr: How it is addressed in a trace (``"layers[i].moe.router_logits"``).
+        level: ``"model"`` (no layer), ``"layer"`` (every layer), ``"moe"`` (MoE layers) or
+            ``"expert"`` (one routed expert of an MoE layer: ``expert=`` is needed).
+        where: ``(model, layout) -> Site``: the module and kind holding the value.
+        shape: ``(model, layout) -> trailing shape`` after the leading dimensions (``[b, p]``,
+            or ``[n]`` for per-expert points).
+        dims: The full shape, for the docs (``"[b, p, d]"``).
+        dtype: ``"float"``, ``"index"`` (int64 expert ids) or ``"bool"``.
+        meaning: What the value is (the docs' "read" column).
+        on_write: What a write does (the docs' "write" column).
+        not_writable: Why the point cannot be written (``None``: it can).
+        leading: Leading dimensions before the trailing shape: 2 (``[b, p]``) or 1 (``[n]``).
+        needs: ``(model, layout) -> reason | None``: why this model / layer lacks the point.
+        validate_write: Optional extra check run on every written value (see :func:`check_write`).
+
+    Example:
+        >>> from expertlens.points import point
+        >>> p = point("moe.router_logits")
+        >>> p.level, p.dtype, p.writable
+        ('moe', 'float', True)
+    """
+
+    name: str
+    attr: str
+    level: Literal["model", "layer", "moe", "expert"]
+    where: Where
+    shape: Shape
+    dims: str
+    dtype: Literal["float", "index", "bool"]
+    meaning: str
+    on_write: str = "yes"
+    not_writable: str | None = None
+    needs: Callable[[ExpertModel, LayerLayout | None], str | None] | None = None
+    leading: int = 2
+    validate_write: WriteCheck | None = field(default=None, compare=False)
+
+    @property
+    def writable(self) -> bool:
+        return self.not_writable is None
+
+    @property
+    def per_expert(self) -> bool:
+        return self.level == "expert"
+
+    @property
+    def batched(self) -> bool:
+        """Whether the value is ``[b, p, ...]`` (``moe.experts.output`` is ``[n, d]``)."""
+        return self.leading == 2
+
+    # ---- trace-time access --------------------------------------------------------------------
+    def site(self, model: ExpertModel, layer: int | None) -> Site:
+        """The :class:`Site` of this point on ``model`` (layer already range-checked)."""
+        lay = model.layout[layer] if layer is not None else None
+        if self.level in ("moe", "expert") and not lay.is_moe:
+            _ = model.layers[layer].moe  # raises the dense-layer PointError
+        if self.needs is not None:
+            why = self.needs(model, lay)
+            if why is not None:
+                raise PointError(why)
+        return self.where(model, lay)
+
+    def read(self, model: ExpertModel, layer: int | None, expert: int | None = None) -> Any:
+        """The value, inside a trace (an nnsight value)."""
+        site = self.site(model, layer)
+        lay = model.layout[layer] if layer is not None else None
+        if site.kind == "heads":
+            z = _point_read("attn.z", model, layer)
+            w = get_module(model._module, site.path).weight
+            w = w.view(w.shape[0], lay.n_heads, lay.d_head)
+            return torch.einsum("bphk,dhk->bphd", z, w.to(z.dtype))
+        env = _site_envoy(model, site)
+        if site.kind == "returned_logits":
+            return env.output.logits
+        if site.kind == "expert_slots":
+            indices, out = env.output
+            return out.reshape(-1, out.shape[-1])[model._moe_points(layer)._expert_rows(indices, expert)]
+        if site.kind in ("input", "input_in_place"):
+            x = env.input
+            return _view(self.name, x, lay)
+        out = env.output
+        return out[0] if isinstance(out, tuple) else out
+
+    def write(self, model: ExpertModel, layer: int | None, value: Tensor, expert: int | None = None) -> None:
+        """Write the value, inside a trace."""
+        if self.not_writable is not None:
+            raise PointError(f"point {self.name!r} cannot be written: {self.not_writable}")
+        site = self.site(model, layer)
+        lay = model.layout[layer] if layer is not None else None
+        check_write(self, value, model, lay)
+        if site.kind == "heads":
+            total = value.sum(dim=-2)
+            bias = get_module(model._module, site.path).bias
+            _site_envoy(model, Site(site.path, "output")).output = total + bias if bias is not None else total
+            return
+        env = _site_envoy(model, site)
+        if site.kind == "returned_logits":
+            current = env.output.logits
+            current[...] = value.to(current.dtype)
+        elif site.kind == "expert_slots":
+            indices, out = env.output
+            out.view(-1, out.shape[-1])[model._moe_points(layer)._expert_rows(indices, expert)] = value.to(out.dtype)
+        elif site.kind == "input_in_place":
+            current = env.input
+            current[...] = value.to(current.dtype)
+        elif site.kind == "input":
+            env.input = _unview(self.name, value, lay)
+        else:
+            out = env.output
+            env.output = (value, *out[1:]) if isinstance(out, tuple) else value
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers shared by the table, the properties and the edits
+# --------------------------------------------------------------------------------------------
+
+
+def _envoy(root: Any, path: str) -> Any:
+    """Walk an nnsight Envoy tree by dotted path (numeric parts index ModuleLists)."""
+    env = root
+    for part in path.split("."):
+        if not part:
+            continue
+        env = env[int(part)] if part.isdigit() else getattr(env, part)
+    return env
+
+
+def _site_envoy(model: ExpertModel, site: Site) -> Any:
+    if site.kind in ("hook", "expert_slots") and not _instrument.is_installed(model._module):
+        raise PointError(
+            "this model's expertlens instrumentation was removed (model.restore()): MoE points are gone; "
+            "wrap the model again with ExpertModel(...)"
+        )
+    return _envoy(model, site.path)
+
+
+def _view(name: str, x: Tensor, lay: LayerLayout | None) -> Tensor:
+    """The raw module value -> the point's shape (only ``attn.z`` splits by head)."""
+    if name == "attn.z":
+        return x.view(*x.shape[:-1], lay.n_heads, lay.d_head)
+    return x
+
+
+def _unview(name: str, value: Tensor, lay: LayerLayout | None) -> Tensor:
+    if name == "attn.z":
+        return value.reshape(*value.shape[:-2], lay.n_heads * lay.d_head)
+    return value
+
+
+def _point_read(name: str, model: ExpertModel, layer: int | None) -> Any:
+    return POINTS[name].read(model, layer)
+
+
+def check_write(point: Point, value: Any, model: ExpertModel, layout: LayerLayout | None) -> None:
+    """Validate a value written to ``point`` (trace-time writes and edit results both pass here).
+
+    The one hook for write validation: it runs the point's ``validate_write`` slot when set.
+    Shape / dtype / device / finiteness / index-range checks plug in here.
+
+    Example:
+        >>> import torch
+        >>> from expertlens.points import check_write, point
+        >>> check_write(point("resid_pre"), torch.zeros(1, 2, 64), None, None)  # no check registered
+    """
+    if point.validate_write is not None:
+        point.validate_write(point, value, model, layout)
+
+
+def _needs_attn(model: ExpertModel, lay: LayerLayout | None) -> str | None:
+    if lay.attn is None:
+        with_attn = [row.index for row in model.layout if row.attn is not None]
+        return (
+            f"layer {lay.index} is a {lay.layer_type} with no attention (a recurrent or convolution mixer in this "
+            f"{model.family} hybrid stack): it has no attention points. Layers with attention: {with_attn}"
+        )
+    return None
+
+
+def _needs_o_proj(model: ExpertModel, lay: LayerLayout | None) -> str | None:
+    why = _needs_attn(model, lay)
+    if why is None and lay.o_proj is None:
+        return f"layer {lay.index}: attention has no linear output projection to split by head"
+    return why
+
+
+def _needs_dense_o(model: ExpertModel, lay: LayerLayout | None) -> str | None:
+    why = _needs_o_proj(model, lay)
+    if why is None:
+        try:
+            dense_o_weight(get_module(model._module, lay.o_proj), lay.index)
+        except PointError as err:
+            return str(err)
+    return why
+
+
+def _needs_attn_write(model: ExpertModel, lay: LayerLayout | None) -> str | None:
+    return None if lay.attn_write is not None else _needs_attn(model, lay)
+
+
+def _needs_mid(model: ExpertModel, lay: LayerLayout | None) -> str | None:
+    if lay.mid is None:
+        return (
+            f"layer {lay.index} ({lay.layer_type}) of this {model.family} model has no resid_mid: its residual "
+            f"wiring is {model.spec.residual!r} (no stream between attention and the feed-forward sublayer); use "
+            "resid_pre / resid_post"
+        )
+    return None
+
+
+def _needs_shared(model: ExpertModel, lay: LayerLayout | None) -> str | None:
+    if model.spec.shared is None or (lay is not None and lay.is_moe and not lay.has_shared):
+        return f"family {model.family!r} has no shared expert" + (
+            f" in layer {lay.index}" if model.spec.shared is not None else ""
+        )
+    return None
+
+
+def dense_o_weight(o_proj: torch.nn.Module, layer: int) -> Tensor:
+    """``o_proj.weight`` as a dense ``[out, in]`` float matrix, or a PointError for a quantised one (bnb 4/8-bit).
+
+    Example:
+        >>> from torch import nn
+        >>> from expertlens.points import dense_o_weight
+        >>> dense_o_weight(nn.Linear(8, 4, bias=False), layer=0).shape
+        torch.Size([4, 8])
+    """
+    w = o_proj.weight
+    shape_ok = tuple(w.shape) == (o_proj.out_features, o_proj.in_features)
+    if not shape_ok or not w.is_floating_point() or w.element_size() < 2:
+        cls = type(o_proj).__name__.removeprefix("ExpertLens")
+        raise PointError(
+            f"layer {layer}: the attention output projection is quantised ({cls}, weight "
+            f"{type(w).__name__} {tuple(w.shape)} {w.dtype}), so attn.o_weight and attn.head_out (which need W_O) are "
+            "unavailable; attn.z and attn.output still work. Keep o_proj unquantised to use them, e.g. "
+            "BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=['o_proj', 'lm_head'])"
+        )
+    return w
+
+
+def _d(model, lay):
+    return (model.d_model,)
+
+
+def _mlp_site(model, lay) -> Site:
+    return Site(f"{lay.block}.el_output", "hook") if lay.is_moe else Site(lay.mlp, "output")
+
+
+def _logits_site(model, lay) -> Site:
+    if getattr(model, "_head", (1.0, None)) != (1.0, None):
+        return Site("", "returned_logits")
+    return Site(model.spec.lm_head, "output")
+
+
+def _hook(owner: str, name: str) -> Where:
+    return lambda model, lay: Site(f"{getattr(lay, owner)}.{name}", "hook")
+
+
+_ROUTING = "selection and weights follow through the family's router"
+
+#: The point table, in computation order (the order to read points within one invoke).
+POINTS: dict[str, Point] = {
+    p.name: p
+    for p in [
+        Point("embed", "embed", "model", lambda m, lay: Site(m.spec.embed, "output"), _d,
+              "[b, p, d]", "float", "token embeddings"),
+        Point("resid_pre", "layers[i].resid_pre", "layer", lambda m, lay: Site(lay.path, "input"), _d,
+              "[b, p, d]", "float", "residual stream entering layer `i`"),
+        Point("attn.z", "layers[i].attn.z", "layer", lambda m, lay: Site(lay.o_proj, "input"),
+              lambda m, lay: (lay.n_heads, lay.d_head), "[b, p, h, d_head]", "float",
+              "input of the attention output projection, split by head", needs=_needs_o_proj),
+        Point("attn.head_out", "layers[i].attn.head_out", "layer", lambda m, lay: Site(lay.o_proj, "heads"),
+              lambda m, lay: (lay.n_heads, m.d_model), "[b, p, h, d]", "float",
+              "each head's write, `z[..., h, :] @ W_O[:, h]ᵀ` (no bias)",
+              on_write="yes (the sum replaces the projection's output)", needs=_needs_dense_o),
+        Point("attn.output", "layers[i].attn.output", "layer", lambda m, lay: Site(lay.attn, "output"), _d,
+              "[b, p, d]", "float", "attention output, `Σ_h head_out + o_bias`", needs=_needs_attn),
+        Point("attn_write", "layers[i].attn_write", "layer",
+              lambda m, lay: Site(lay.attn_write or lay.attn, "output"), _d, "[b, p, d]", "float",
+              "what attention adds to the residual stream (differs from `attn.output` only for post-norm "
+              "families)", needs=_needs_attn_write),
+        Point("resid_mid", "layers[i].resid_mid", "layer", lambda m, lay: Site(lay.mid, "input_in_place"), _d,
+              "[b, p, d]", "float", "residual stream after attention", on_write="yes (in place)",
+              needs=_needs_mid),
+        Point("moe.input", "layers[i].moe.input", "moe", lambda m, lay: Site(lay.block, "input"), _d,
+              "[b, p, d]", "float", "the MoE block's input (the normalised stream router and experts read)"),
+        Point("moe.router_logits", "layers[i].moe.router_logits", "moe", _hook("router", "el_router_logits"),
+              lambda m, lay: (lay.n_experts,), "[b, p, E]", "float", "pre-softmax router logits",
+              on_write=f"yes — {_ROUTING}"),
+        Point("moe.router_probs", "layers[i].moe.router_probs", "moe", _hook("router", "el_router_probs"),
+              lambda m, lay: (lay.n_experts,), "[b, p, E]", "float",
+              "the family's scores from the (possibly edited) logits: softmax, or sigmoid for deepseek_v3/glm4_moe",
+              on_write="yes — a read-out: later readers (records, `ExpertSteer` weights) see the new value; "
+              "routing does not change (edit `router_logits`)"),
+        Point("moe.topk_indices", "layers[i].moe.topk_indices", "moe", _hook("router", "el_topk_indices"),
+              lambda m, lay: (lay.top_k,), "[b, p, k]", "index", "selected experts",
+              on_write="yes — the new experts run in those slots"),
+        Point("moe.topk_weights", "layers[i].moe.topk_weights", "moe", _hook("router", "el_topk_weights"),
+              lambda m, lay: (lay.top_k,), "[b, p, k]", "float", "their routing weights"),
+        Point("moe.experts.output", "layers[i].moe.experts[e].output", "expert",
+              lambda m, lay: Site(f"{lay.experts}.el_expert_view", "expert_slots"), _d, "[n, d]", "float",
+              "expert `e`'s outputs where it was selected (`[0, d]` if never)",
+              on_write="yes (in place: those slots of `expert_out`)", leading=1),
+        Point("moe.experts.mask", "layers[i].moe.experts[e].mask", "expert",
+              lambda m, lay: Site(f"{lay.experts}.el_expert_view", "derived"), lambda m, lay: (), "[b, p]",
+              "bool", "tokens routed to expert `e`",
+              not_writable="derived from topk_indices; write moe.topk_indices to change the routing"),
+        Point("moe.expert_out", "layers[i].moe.expert_out", "moe", _hook("experts", "el_expert_out"),
+              lambda m, lay: (lay.top_k, m.d_model), "[b, p, k, d]", "float",
+              "each selected expert's output, before its weight"),
+        Point("moe.shared_out", "layers[i].moe.shared_out", "moe", lambda m, lay: Site(lay.shared_point, "hook"),
+              _d,
+              "[b, p, d]", "float", "shared expert's contribution after its gate (`None` without one)",
+              needs=_needs_shared),
+        Point("moe.output", "layers[i].moe.output", "moe", _hook("block", "el_output"), _d, "[b, p, d]",
+              "float", "`Σ_k topk_weights · expert_out + shared_out`"),
+        Point("mlp.output", "layers[i].mlp.output", "layer", _mlp_site, _d, "[b, p, d]", "float",
+              "feed-forward output, dense or MoE (on MoE layers, `moe.output`)"),
+        Point("mlp_write", "layers[i].mlp_write", "layer",
+              lambda m, lay: Site(lay.ffn_write, "output") if lay.ffn_write else _mlp_site(m, lay), _d,
+              "[b, p, d]", "float",
+              "what the feed-forward sublayer adds to the residual stream (differs from `mlp.output` only for "
+              "post-norm families)"),
+        Point("resid_post", "layers[i].resid_post", "layer", lambda m, lay: Site(lay.path, "output"), _d,
+              "[b, p, d]", "float", "residual stream leaving layer `i`"),
+        Point("logits", "logits", "model", _logits_site, lambda m, lay: (m.vocab_size,), "[b, p, vocab]", "float",
+              "the logits the model returns (the unembedding output, after any scaling / soft-capping the family "
+              "applies)"),
+    ]
+}
+
+#: Names ``ExpertModel.add_edit`` and the interventions accept (writable ``[b, p, ...]`` points).
+EDITABLE_POINTS: tuple[str, ...] = tuple(
+    n for n, p in POINTS.items() if p.writable and p.batched and not p.per_expert
+)
+#: Model-level points (no layer).
+MODEL_POINTS: tuple[str, ...] = tuple(n for n, p in POINTS.items() if p.level == "model")
+
+
+def point(name: str) -> Point:
+    """The table row of a point, or a :class:`PointError` listing the names.
+
+    Example:
+        >>> from expertlens.points import point
+        >>> point("attn.z").dims
+        '[b, p, h, d_head]'
+    """
+    try:
+        return POINTS[name]
+    except (KeyError, TypeError):
+        raise PointError(f"unknown point {name!r}; points are {tuple(POINTS)}") from None
+
+
+def point_shape(model: ExpertModel, name: str, layer: int | None = None) -> tuple[int, ...]:
+    """Trailing shape (after ``[b, p]``; after ``[n]`` for ``moe.experts.output``) of a point's value.
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.points import point_shape
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+        >>> point_shape(model, "moe.expert_out", 0)
+        (2, 64)
+    """
+    p = point(name)
+    lay = model.layout[layer] if layer is not None else None
+    if lay is None and p.level != "model":
+        lay = next((row for row in model.layout if row.is_moe or p.level == "layer"), None)
+    return tuple(p.shape(model, lay))
+
+
+def address_table() -> str:
+    """The markdown address table of ``docs/concepts/points.md``, rendered from :data:`POINTS`.
+
+    Example:
+        >>> from expertlens.points import address_table
+        >>> address_table().splitlines()[0]
+        '| point | string name | shape | read | write |'
+    """
+    lines = ["| point | string name | shape | read | write |", "|---|---|---|---|---|"]
+    for p in POINTS.values():
+        write = p.on_write if p.writable else f"read-only: {p.not_writable}"
+        expert = " (`expert=e`)" if p.per_expert else ""
+        lines.append(f"| `model.{p.attr}` | `{p.name}`{expert} | `{p.dims}` | {p.meaning} | {write} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Point groups: the properties users address, each a descriptor over a table row
+# --------------------------------------------------------------------------------------------
+
+
+class PointAttr:
+    """A point property: reads and writes ``POINTS[name]`` through the table.
+
+    The owning group provides ``_model``, ``layer`` (and ``expert`` for per-expert points); on
+    ``ExpertModel`` itself (model-level points) the model is the owner.
+
+    Example:
+        >>> from expertlens.points import LayerPoints
+        >>> LayerPoints.resid_pre.name
+        'resid_pre'
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        row = POINTS[name]
+        self.__doc__ = f"{row.meaning} — ``{row.dims}``. Write: {row.on_write if row.writable else 'read-only'}."
+
+    def __get__(self, group: Any, owner: type | None = None) -> Any:
+        if group is None:
+            return self
+        if self.name in MODEL_POINTS:
+            return POINTS[self.name].read(group, None)
+        return POINTS[self.name].read(group._model, group.layer, getattr(group, "expert", None))
+
+    def __set__(self, group: Any, value: Any) -> None:
+        if self.name in MODEL_POINTS:
+            POINTS[self.name].write(group, None, value)
+            return
+        POINTS[self.name].write(group._model, group.layer, value, getattr(group, "expert", None))
+
+
+class AttentionPoints:
+    """Attention points of one layer: ``output``, ``z`` and ``head_out``.
+
+    ``head_out[..., h, :]`` is head ``h``'s write through the output projection,
+    ``z[..., h, :] @ W_O[:, h]ᵀ``; it excludes the projection bias, so
+    ``head_out.sum(-2) + bias == output`` (``bias`` is :attr:`o_bias`, zero for most families).
+    For post-norm families (``flex_olmo``) ``output`` is the attention module's output, before the
+    norm that precedes the residual add.
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("qwen3_moe"), tiny_tokenizer())
+        >>> with model.trace("hi"):
+        ...     heads = model.layers[0].attn.head_out.save()   # [b, p, h, d]
+        ...     out = model.layers[0].attn.output.save()       # [b, p, d]
+        >>> bool((heads.sum(-2) - out).abs().max() < 1e-5)
+        True
+    """
+
+    output = PointAttr("attn.output")
+    z = PointAttr("attn.z")
+    head_out = PointAttr("attn.head_out")
+
+    def __init__(self, model: ExpertModel, layer: int):
+        self._model, self.layer = model, layer
+        lay = model.layout[layer]
+        self._o_path = lay.o_proj
+        self.n_heads: int = lay.n_heads
+        self.d_head: int = lay.d_head
+
+    def _o_proj(self):
+        why = _needs_attn(self._model, self._model.layout[self.layer])
+        if why is not None:
+            raise PointError(why)
+        if self._o_path is None:
+            raise PointError(f"layer {self.layer}: attention has no linear output projection to split by head")
+        return get_module(self._model._module, self._o_path)
+
+    @property
+    def o_weight(self) -> Float[Tensor, "d_model heads d_head"]:
+        """The output projection as ``[d_model, heads, d_head]`` (a view of the real weight)."""
+        w = dense_o_weight(self._o_proj(), self.layer)
+        return w.view(w.shape[0], self.n_heads, self.d_head)
+
+    @property
+    def o_bias(self) -> Float[Tensor, " d_model"] | None:
+        """The output projection's bias (``None`` for most families)."""
+        return self._o_proj().bias
+
+
+class MLPPoints:
+    """The feed-forward sublayer of a layer, dense or MoE: ``output`` ``[b, p, d]``.
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("qwen3_moe"), tiny_tokenizer())
+        >>> with model.trace("hi"):
+        ...     ffn = model.layers[1].mlp.output.save()
+        >>> ffn.shape[-1] == model.d_model
+        True
+    """
+
+    output = PointAttr("mlp.output")
+
+    def __init__(self, model: ExpertModel, layer: int):
+        self._model, self.layer = model, layer
+        self.is_moe = model.layout[layer].is_moe
+
+
+class ExpertPoint:
+    """One routed expert of one layer: its outputs where it was selected.
+
+    ``output`` is ``[n, d]`` — the expert's outputs (before routing weights) at every
+    (batch, pos, slot) where it was in the top-k, in that order; ``[0, d]`` where it never
+    fired. Several experts of a layer can be read in one trace, in any order, but before that
+    layer's ``expert_out`` (``experts[e]`` is served just before it). Assigning ``output``
+    writes those slots in place.
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("qwen3_moe"), tiny_tokenizer())
+        >>> with model.trace("hello"):
+        ...     out3 = model.layers[0].moe.experts[3].output.save()   # [n, d], n = tokens routed to 3
+        ...     mask3 = model.layers[0].moe.experts[3].mask.save()    # [b, p]
+        >>> out3.shape[0] == int(mask3.sum())
+        True
+    """
+
+    output = PointAttr("moe.experts.output")
+
+    def __init__(self, moe: MoEPoints, expert: int):
+        self._moe, self.expert = moe, expert
+        self._model, self.layer = moe._model, moe.layer
+
+    @property
+    def slot_mask(self) -> Bool[Tensor, "batch pos k"]:
+        """``[b, p, k]`` True at the slots where this expert was selected."""
+        site = POINTS["moe.experts.output"].site(self._model, self.layer)
+        return _site_envoy(self._model, site).output[0] == self.expert
+
+    @property
+    def mask(self) -> Bool[Tensor, "batch pos"]:
+        """``[b, p]`` True at tokens routed to this expert."""
+        return self.slot_mask.any(-1)
+
+
+class _ExpertList:
+    def __init__(self, moe: MoEPoints):
+        self._moe = moe
+
+    def __len__(self) -> int:
+        return self._moe.n_experts
+
+    def __getitem__(self, expert: int) -> ExpertPoint:
+        n = self._moe.n_experts
+        if not isinstance(expert, int) or not -n <= expert < n:
+            raise PointError(
+                f"expert {expert!r} out of range: layer {self._moe.layer} has {n} routed experts (0..{n - 1})"
+            )
+        return ExpertPoint(self._moe, expert % n)
+
+
+class MoEPoints:
+    """MoE points of one layer (see :data:`POINTS` for shapes).
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("qwen3_moe"), tiny_tokenizer())
+        >>> with model.trace("hello"):
+        ...     moe = model.layers[1].moe
+        ...     logits = moe.router_logits.save()     # [b, p, E]
+        ...     idx = moe.topk_indices.save()         # [b, p, k]
+        ...     per_slot = moe.expert_out.save()      # [b, p, k, d]
+        >>> logits.shape[-1], idx.shape[-1], per_slot.shape[-2]
+        (8, 2, 2)
+    """
+
+    input = PointAttr("moe.input")
+    router_logits = PointAttr("moe.router_logits")
+    router_probs = PointAttr("moe.router_probs")
+    topk_indices = PointAttr("moe.topk_indices")
+    topk_weights = PointAttr("moe.topk_weights")
+    expert_out = PointAttr("moe.expert_out")
+    output = PointAttr("moe.output")
+
+    def __init__(self, model: ExpertModel, layer: int):
+        self._model, self.layer = model, layer
+        lay = model.layout[layer]
+        self.n_experts: int = lay.n_experts
+        self.top_k: int = lay.top_k
+        self.has_shared: bool = lay.has_shared
+
+    def _expert_rows(self, indices: Tensor, expert: int) -> Tensor:
+        """Flat (batch, pos, slot) row numbers where ``expert`` was selected, in that order.
+
+        One stable sort and one host read of the per-expert counts per layer and forward, shared by every
+        ``experts[e]`` read or write of that forward (a boolean mask per expert would sync once per expert).
+        """
+        cached = self.__dict__.get("_rows")
+        if cached is None or cached[0]() is not indices:
+            flat = indices.reshape(-1)
+            order = torch.sort(flat, stable=True).indices
+            counts = torch.zeros(self.n_experts, dtype=torch.long, device=flat.device)
+            counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.long))
+            ends = counts.cumsum(0).tolist()  # the one host sync: the result's size depends on the routing
+            cached = (weakref.ref(indices), order, [0, *ends])
+            self.__dict__["_rows"] = cached
+        _, order, bounds = cached
+        return order[bounds[expert] : bounds[expert + 1]]
+
+    @property
+    def experts(self) -> _ExpertList:
+        """``experts[e]`` addresses one routed expert (:class:`ExpertPoint`)."""
+        return _ExpertList(self)
+
+    @property
+    def shared_out(self) -> Float[Tensor, "batch pos d_model"] | None:
+        """The shared expert's contribution (after its gate), or ``None`` for families without one."""
+        if not self.has_shared:
+            return None
+        return POINTS["moe.shared_out"].read(self._model, self.layer)
+
+    @shared_out.setter
+    def shared_out(self, value: Tensor) -> None:
+        POINTS["moe.shared_out"].write(self._model, self.layer, value)
+
+
+class LayerPoints:
+    """Points of one decoder layer: residual stream, ``attn``, ``mlp`` and (MoE layers) ``moe``.
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("qwen3_moe"), tiny_tokenizer())
+        >>> with model.trace("hi"):
+        ...     pre = model.layers[1].resid_pre.save()
+        ...     model.layers[1].resid_post[:] = 0   # write: zero the layer's output
+        >>> model.layers[1]
+        <LayerPoints 1 (moe) of qwen3_moe>
+    """
+
+    resid_pre = PointAttr("resid_pre")
+    resid_mid = PointAttr("resid_mid")
+    resid_post = PointAttr("resid_post")
+    attn_write = PointAttr("attn_write")
+    mlp_write = PointAttr("mlp_write")
+
+    def __init__(self, model: ExpertModel, layer: int):
+        self._model, self.layer = model, layer
+
+    def __repr__(self) -> str:
+        kind = "moe" if self.is_moe else "dense"
+        return f"<LayerPoints {self.layer} ({kind}) of {self._model.family}>"
+
+    @property
+    def is_moe(self) -> bool:
+        return self._model.layout[self.layer].is_moe
+
+    @property
+    def envoy(self):
+        """The raw nnsight Envoy of the decoder layer."""
+        return _envoy(self._model, self._model.layout[self.layer].path)
+
+    @cached_property
+    def attn(self) -> AttentionPoints:
+        return AttentionPoints(self._model, self.layer)
+
+    @cached_property
+    def mlp(self) -> MLPPoints:
+        return MLPPoints(self._model, self.layer)
+
+    @property
+    def moe(self) -> MoEPoints:
+        if not self.is_moe:
+            spec = self._model.spec
+            why = "a dense family" if not spec.is_moe else "a dense layer"
+            raise PointError(
+                f"layer {self.layer} of this {self._model.family} model is {why}: it has no MoE points. "
+                f"MoE layers are {self._model.moe_layers}"
+            )
+        return self._model._moe_points(self.layer)

@@ -1,0 +1,319 @@
+"""Three-class judges: the labelled completion set, log-probabilities by hand, the API judge against a loopback
+server (request shape, retries, cache), the classifier judge on a tiny random classifier, stats by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from expertlens import ExpertModel
+from expertlens.refusal.judges import (
+    CLASSES,
+    ClassifierJudge,
+    DefaultJudge,
+    JudgeAPIError,
+    OpenAIJudge,
+    completion_logprobs,
+    judge_all,
+    repetition,
+)
+from expertlens.refusal.results import Outcome, PairedTest, StudyResults
+from expertlens.refusal.scores import SubstringJudge
+from expertlens.refusal.stats import bootstrap_interval, mcnemar_exact
+from expertlens.testing import tiny_model, tiny_tokenizer
+
+LABELLED = Path(__file__).parent / "data" / "judge_labelled.json"
+
+
+def _labelled():
+    doc = json.loads(LABELLED.read_text())
+    return doc, doc["completions"]
+
+
+# ---- the labelled set ---------------------------------------------------------------------------
+
+
+def test_default_judge_agrees_with_labels_on_real_steered_completions():
+    doc, rows = _labelled()
+    assert len(rows) >= 200
+    assert {r["label"] for r in rows} == set(CLASSES)
+    assert len({r["condition"].split()[0] for r in rows}) >= 4  # baseline, actadd, ablation, method B, ...
+    cal = [r for r in rows if r["condition"].startswith("baseline")]
+    judge = DefaultJudge().calibrate(
+        [r["prompt"] for r in cal], [r["completion"] for r in cal], [r["token_logprobs"] for r in cal]
+    )
+    got = [judge.classify(r["completion"], r["token_logprobs"]) for r in rows]
+    acc = np.mean([g == r["label"] for g, r in zip(got, rows)])
+    assert acc >= 0.95, f"default judge accuracy {acc:.3f} on {len(rows)} labelled completions"
+    # the fluency test is what makes it work: substrings alone call every degenerate text a success
+    text_only = DefaultJudge().calibrate([r["prompt"] for r in cal], [r["completion"] for r in cal])
+    acc_text = np.mean([text_only.classify(r["completion"]) == r["label"] for r in rows])
+    two_class = np.mean(
+        [("refusal" if SubstringJudge()("", r["completion"]) else "full_response") == r["label"] for r in rows]
+    )
+    assert two_class < 0.5 < acc_text < acc
+
+
+def test_labelled_logprobs_are_the_organisms():
+    """The stored token log-probabilities are what completion_logprobs gives on the organism they came from."""
+    from expertlens.organism import list_organisms, organism_path
+    from expertlens.refusal import format_chat
+
+    doc, rows = _labelled()
+    if doc["organism"] not in list_organisms():
+        pytest.skip(f"organism {doc['organism']} is no longer shipped; the stored log-probabilities stand alone")
+    model = ExpertModel(str(organism_path(doc["organism"])))
+    some = rows[::25]
+    got = completion_logprobs(
+        model, format_chat(model.tokenizer, [r["prompt"] for r in some]), [r["completion"] for r in some]
+    )
+    for g, r in zip(got, some):
+        np.testing.assert_allclose(g, r["token_logprobs"], atol=2e-3)
+
+
+def test_completion_logprobs_match_one_unpadded_forward_per_row():
+    model = ExpertModel(tiny_model("qwen2_moe"), tiny_tokenizer())
+    prompts, completions = ["U:hi\nA:", "U:a much longer question here\nA:"], ["hello there", "ok"]
+    got = completion_logprobs(model, prompts, completions, batch_size=2)
+    tok = model.tokenizer
+    for p, c, g in zip(prompts, completions, got):
+        pi, ci = tok.encode(p, add_special_tokens=False), tok.encode(c, add_special_tokens=False)
+        with torch.no_grad():
+            logp = torch.log_softmax(model.hf_model(torch.tensor([pi + ci])).logits.double()[0], -1)
+        want = [float(logp[len(pi) - 1 + i, t]) for i, t in enumerate(ci)]
+        np.testing.assert_allclose(g, want, atol=1e-5)
+    assert completion_logprobs(model, ["U:x\nA:"], [""]) == [[]]
+
+
+def test_default_judge_order_and_calibration():
+    judge = DefaultJudge().calibrate(
+        ["q"] * 4,
+        ["sure . mix a , then bake b .", "the answer is 4 .", "i cannot help with that .", "here is a fact : x ."],
+        [[-0.1, -0.2], [-0.3, -0.1], [-0.2], [-0.1, -0.4]],
+    )
+    assert judge.mean_floor == pytest.approx(np.quantile([-0.15, -0.2, -0.2, -0.25], 0.02) - 0.1)
+    assert judge.classify("I'm sorry, I cannot", [-9.0]) == "refusal"  # refusal wins over fluency
+    assert judge.classify("ok") == "non_response"  # too short
+    assert judge.classify("sure . mix it , then bake it .", [-0.1, -0.1]) == "full_response"
+    assert judge.classify("sure . mix it , then bake it .", [-3.0, -3.0]) == "non_response"  # mean below floor
+    assert judge.classify("sure . mix it , then bake it .", [-0.1, -0.1, -6.0, -0.1]) == "non_response"
+    assert judge.classify("let let let let let let") == "non_response"  # repetition
+    wf = DefaultJudge(well_formed=lambda s: s.startswith("sure"))
+    assert (
+        wf("q", "here is nonsense text .") == "non_response" and wf("q", "sure . fine , then ok .") == "full_response"
+    )
+    assert repetition("a b a b a b") == pytest.approx(1 - 2 / 5)
+
+
+def test_judge_all_coerces_bools_and_rejects_other_answers():
+    assert judge_all(lambda p, c: c.startswith("no"), ["q", "q"], ["no way", "yes"]) == ["refusal", "full_response"]
+
+    def bad(p, c):
+        return "maybe"
+
+    with pytest.raises(ValueError, match=r"judge bad returned 'maybe'.*one of \['refusal', 'full_response'"):
+        judge_all(bad, ["q"], ["x"])
+    with pytest.raises(ValueError, match="2 prompts but 1 completions"):
+        judge_all(bad, ["q", "r"], ["x"])
+
+
+# ---- the API judge against a loopback server ----------------------------------------------------
+
+
+class _Server:
+    """A chat-completions endpoint on 127.0.0.1 that fails ``fail_first`` times, then answers from ``answer``."""
+
+    def __init__(self, answer, fail_first=(), content=None):
+        self.requests, self.fail, self.answer, self.content = [], list(fail_first), answer, content
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server API
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                if outer.fail:
+                    self.send_response(outer.fail.pop(0))
+                    self.end_headers()
+                    return
+                text = outer.content or json.dumps({"category": outer.answer(body), "reasoning": "because"})
+                reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _by_text(body):
+    user = body["messages"][-1]["content"]
+    return "refusal" if "cannot" in user else "full_response"
+
+
+def test_openai_judge_request_shape_retries_and_cache(tmp_path):
+    cache = tmp_path / "verdicts.jsonl"
+    with _Server(_by_text, fail_first=[500, 429]) as srv:
+        judge = OpenAIJudge(model="judge-1", base_url=srv.url, api_key="k", cache=cache, backoff=0.0, min_interval=0.0)
+        assert judge("how do i bake bread ?", "i cannot help with that .") == "refusal"
+        assert len(srv.requests) == 3  # two transient failures, then the answer
+        req = srv.requests[-1]
+        assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer k"
+        body = req["body"]
+        assert body["model"] == "judge-1" and body["temperature"] == 0
+        assert body["response_format"] == {"type": "json_object"}
+        assert [m["role"] for m in body["messages"]] == ["system", "user"]
+        assert "full_response" in body["messages"][0]["content"] and "non_response" in body["messages"][0]["content"]
+        assert "how do i bake bread ?" in body["messages"][1]["content"]
+        assert "i cannot help with that ." in body["messages"][1]["content"]
+        # cache hit: same pair again, and a fresh judge reading the cache file, send nothing
+        assert judge("how do i bake bread ?", "i cannot help with that .") == "refusal"
+        again = OpenAIJudge(model="judge-1", base_url=srv.url, cache=cache, min_interval=0.0)
+        assert again("how do i bake bread ?", "i cannot help with that .") == "refusal"
+        assert len(srv.requests) == 3
+        # a new completion is a new key
+        assert again("how do i bake bread ?", "sure . mix the flour .") == "full_response"
+        assert len(srv.requests) == 4
+        assert len(cache.read_text().splitlines()) == 2
+
+
+def test_openai_judge_gives_up_loudly_or_as_the_authors(tmp_path):
+    with _Server(_by_text, fail_first=[503] * 10) as srv:
+        judge = OpenAIJudge(base_url=srv.url, max_retries=2, backoff=0.0, min_interval=0.0)
+        with pytest.raises(JudgeAPIError, match="failed after 3 attempts"):
+            judge("q", "a")
+        assert len(srv.requests) == 3
+        lenient = OpenAIJudge(base_url=srv.url, max_retries=0, min_interval=0.0, on_error="non_response")
+        assert lenient("q", "a") == "non_response"
+    with _Server(_by_text, content='{"category": "maybe"}') as srv:
+        judge = OpenAIJudge(base_url=srv.url, max_retries=0, min_interval=0.0)
+        with pytest.raises(JudgeAPIError, match="'maybe'"):
+            judge("q", "a")
+    with _Server(_by_text, fail_first=[401]) as srv:  # client errors are not retried
+        judge = OpenAIJudge(base_url=srv.url, max_retries=3, backoff=0.0, min_interval=0.0)
+        with pytest.raises(JudgeAPIError):
+            judge("q", "a")
+        assert len(srv.requests) == 1
+
+
+def test_openai_judge_rate_limit_spaces_requests():
+    import time
+
+    with _Server(_by_text) as srv:
+        judge = OpenAIJudge(base_url=srv.url, min_interval=0.2)
+        t0 = time.monotonic()
+        judge("q", "a")
+        judge("q", "b")
+        assert time.monotonic() - t0 >= 0.2
+
+
+# ---- the classifier judge -----------------------------------------------------------------------
+
+
+def test_classifier_judge_on_a_tiny_random_classifier():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        num_labels=3,
+        id2label={0: "refusal", 1: "full_response", 2: "non_response"},
+        label2id={"refusal": 0, "full_response": 1, "non_response": 2},
+    )
+    clf = LlamaForSequenceClassification(cfg).eval()
+    tok = tiny_tokenizer()
+    judge = ClassifierJudge(clf, tok, batch_size=2)
+    prompts = ["how do i bake bread ?"] * 5
+    completions = ["no", "sure , mix the flour", "i cannot", "let let let let", "here is a poem : roses"]
+    got = judge_all(judge, prompts, completions)
+    want = []
+    for p, c in zip(prompts, completions):  # one unpadded forward per text
+        ids = tok(f"{p}\n\n{c}", return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            want.append(cfg.id2label[int(clf(input_ids=ids).logits.argmax(-1))])
+    assert got == want
+    binary = ClassifierJudge(
+        clf, tok, labels={"refusal": "refusal", "full_response": "full_response", "non_response": "full_response"}
+    )
+    assert set(judge_all(binary, prompts, completions)) <= {"refusal", "full_response"}
+    with pytest.raises(ValueError, match="have no class"):
+        ClassifierJudge(clf, tok, labels={"refusal": "refusal"})
+    with pytest.raises(ValueError, match="map every label to one of"):
+        ClassifierJudge(clf, tok, labels={"refusal": "yes", "full_response": "no", "non_response": "no"})
+
+
+# ---- rates, intervals, paired tests ----------------------------------------------------------------
+
+
+def test_bootstrap_interval_matches_explicit_resampling():
+    k, n = 30, 80
+    lo, hi = bootstrap_interval(k, n, n_boot=20000, seed=1)
+    rng = np.random.default_rng(7)
+    outcomes = np.array([1] * k + [0] * (n - k))
+    means = outcomes[rng.integers(0, n, size=(20000, n))].mean(1)
+    ref_lo, ref_hi = np.quantile(means, [0.025, 0.975])
+    assert abs(lo - ref_lo) <= 1.5 / n and abs(hi - ref_hi) <= 1.5 / n
+    # and both agree with the normal approximation to within a count
+    se = math.sqrt(k / n * (1 - k / n) / n)
+    assert abs(lo - (k / n - 1.96 * se)) < 1.5 / n
+    assert bootstrap_interval(k, n) == bootstrap_interval(k, n)  # deterministic
+    state = torch.random.get_rng_state()
+    bootstrap_interval(5, 10)
+    assert torch.equal(state, torch.random.get_rng_state())
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        bootstrap_interval(11, 10)
+
+
+def test_mcnemar_and_paired_test_by_hand():
+    # b=8, c=1: p = 2 * (C(9,0) + C(9,1)) / 2^9 = 2 * 10 / 512
+    assert mcnemar_exact(8, 1) == pytest.approx(20 / 512)
+    assert mcnemar_exact(1, 8) == mcnemar_exact(8, 1)
+    assert mcnemar_exact(3, 3) == 1.0
+    a = Outcome.from_verdicts("t", ["full_response"] * 6 + ["refusal"] * 4)
+    b = Outcome.from_verdicts("t", ["full_response"] * 2 + ["refusal"] * 7 + ["full_response"])
+    t = PairedTest.compare("B", a, "control", b, "full_response", "bypass")
+    assert (t.only_a, t.only_b, t.n) == (4, 1, 10)
+    assert t.p_value == pytest.approx(2 * (1 + 5) / 32)
+    assert (t.a_rate, t.b_rate) == (0.6, 0.3)
+
+
+def test_outcome_rates_and_json_round_trip():
+    out = Outcome.from_verdicts(
+        "harmful test",
+        ["refusal", "non_response", "full_response", "full_response"],
+        ["p1", "p2", "p3", "p4"],
+        ["c1", "c2", "c3", "c4"],
+        n_samples=3,
+    )
+    assert [out.rate(c).k for c in CLASSES] == [1, 2, 1]
+    assert {s["verdict"] for s in out.samples} == set(CLASSES)  # samples cover every class that occurs
+    res = StudyResults(model={}, config={}, preset="x", data={}, judge={}, selected={}, selection={})
+    assert StudyResults.from_dict(json.loads(json.dumps(res.to_dict()))) == res
+    with pytest.raises(ValueError, match="schema_version"):
+        StudyResults.from_dict({"schema_version": 1})

@@ -1,0 +1,91 @@
+"""The refusal command line: every input checked before a model loads, one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from expertlens.cli import build_parser, main
+
+
+def _err(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("expertlens: error: ")
+    assert "Traceback" not in err
+    return err
+
+
+def test_bad_inputs_fail_fast_with_one_line(tmp_path, capsys, monkeypatch):
+    import expertlens.model
+
+    def no_load(*a, **k):  # any model load would be a bug: inputs are checked first
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(expertlens.model, "ExpertModel", no_load)
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    assert "is not a folder" in _err(capsys, ["refusal", "--out", str(afile)])
+    assert "no unfinished run" in _err(capsys, ["refusal", "--out", str(tmp_path / "new"), "--resume"])
+    assert "unknown ['nope']" in _err(capsys, ["refusal", "--out", str(tmp_path / "o"), "--organism", "nope"])
+    assert "pass --harmful FILE" in _err(capsys, ["refusal", "--out", str(tmp_path / "o"), "--model", "x/y"])
+    assert "no such file" in _err(
+        capsys, ["refusal", "--out", str(tmp_path / "o"), "--model", "x/y", "--harmful", "nofile.txt"]
+    )
+    assert "no such folder" in _err(capsys, ["refusal", "--out", str(tmp_path / "o"), "--model", "./nowhere"])
+    assert "positive integer" in _err(capsys, ["refusal", "--out", str(tmp_path / "o"), "--n-train", "0"])
+    csv = tmp_path / "h.csv"
+    csv.write_text("goal,other\nhurt him,1\n")
+    assert "none of the columns ['behaviour']" in _err(
+        capsys,
+        ["refusal", "--out", str(tmp_path / "o"), "--model", "x/y", "--harmful", str(csv), "--harmless", str(csv),
+         "--column", "behaviour"],
+    )  # fmt: skip
+    few = tmp_path / "few.txt"
+    few.write_text("a\nb\nc\n")
+    assert "cannot be split" in _err(
+        capsys,
+        ["refusal", "--out", str(tmp_path / "o"), "--model", "x/y", "--harmful", str(few), "--harmless", str(few)],
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_version_and_defaults_in_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("expertlens ")
+    sub = build_parser()._subparsers._group_actions[0].choices["refusal"]
+    text = sub.format_help()
+    assert "(default: runs/refusal)" in text and "(default: 128)" in text
+
+
+def test_model_run_honours_split_sizes_resumes_and_compares(tmp_path, capsys):
+    from expertlens.refusal import RefusalStudy
+    from expertlens.refusal.compare import write_comparison
+    from expertlens.testing import tiny_model, tiny_tokenizer
+
+    folder = tmp_path / "tiny"
+    tiny_model("qwen2_moe").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    harm, safe = tmp_path / "harm.csv", tmp_path / "safe.txt"
+    harm.write_text("goal\n" + "\n".join(f"hurt my friend {i} now" for i in range(30)) + "\n")
+    safe.write_text("\n".join(f"hug my friend {i} please" for i in range(30)) + "\n")
+    out = tmp_path / "run"
+    argv = ["refusal", "--model", str(folder), "--harmful", str(harm), "--harmless", str(safe), "--column", "goal",
+            "--out", str(out), "--preset", "fast", "--n-train", "6", "--n-val", "3", "--n-test", "4", "--quiet",
+            "--no-report"]  # fmt: skip
+    code = main(argv)
+    if code != 0:  # a tiny random model may pass no selection filter; then the message must be one line
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "selection filters" in err
+        pytest.skip("the tiny random model passes no direction filter at these sizes")
+    sizes = RefusalStudy.load(out).result.data
+    assert (sizes["harmful_train"], sizes["harmful_val"], sizes["harmful_test"]) == (6, 3, 4)
+    first = (out / "results.json").read_text()
+    assert main([*argv, "--resume"]) == 0  # every stage read back
+    strip = lambda s: {k: v for k, v in __import__("json").loads(s).items() if k != "timing"}  # noqa: E731
+    assert strip((out / "results.json").read_text()) == strip(first)
+    study = RefusalStudy.load(out)
+    path = write_comparison({"a": study, "b": study}, tmp_path / "cmp")
+    doc = __import__("json").loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert path.name == "comparison.html" and doc["studies"] == ["a", "b"]
+    assert {r["model"] for r in doc["conditions"]} == {"a", "b"} and len(doc["claims"]) == 2
