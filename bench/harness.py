@@ -69,6 +69,13 @@ MEDIUM = dict(
     max_position_embeddings=512,
 )
 TINY: dict = dict(max_position_embeddings=512)  # the tiny qwen3_moe test config (hidden 64, 2 layers, 8 experts)
+#: OLMoE's routing shape (64 experts, top-8, expert width d/2, no shared expert) at a CPU-sized width and depth.
+OLMOE_SHAPED = {
+    **{k: MEDIUM[k] for k in ("hidden_size", "vocab_size", "max_position_embeddings", "num_attention_heads")},
+    "head_dim": MEDIUM["head_dim"],
+    "intermediate_size": 256, "num_hidden_layers": 4, "num_experts": 64, "num_local_experts": 64,
+    "num_experts_per_tok": 8, "num_key_value_heads": 8,
+}
 
 
 def synthetic_config(base: dict, n_experts: int | None = None, top_k: int | None = None) -> dict:
@@ -85,11 +92,17 @@ def random_text(rng: random.Random, n_chars: int) -> str:
     return "".join(rng.choice(alphabet) for _ in range(n_chars))
 
 
+def shared_copy(model):
+    """A second module tree over the same parameters and buffers (no copy of the weights)."""
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
+
+
 def _pair_from(hf, tokenizer):
     """(bare copy with grouped_mm, ExpertModel around the original): two models, same weights."""
     from expertlens import ExpertModel
 
-    bare = copy.deepcopy(hf)
+    bare = shared_copy(hf)
     bare.set_experts_implementation("grouped_mm")
     bare.eval()
     wrapped = ExpertModel(hf, tokenizer)
@@ -100,33 +113,35 @@ def _pair_from(hf, tokenizer):
 
 
 def synthetic_setting(name: str, quick: bool) -> Setting:
+    """``medium`` / ``tiny`` (qwen3_moe) or ``olmoe`` (OLMoE-shaped routing; forward rows only)."""
     from expertlens.testing import tiny_model, tiny_tokenizer
 
-    kw = TINY if quick else MEDIUM
+    family = "olmoe" if name == "olmoe" else "qwen3_moe"
+    kw = OLMOE_SHAPED if name == "olmoe" else TINY if quick else MEDIUM
     n_tok = 16 if quick else 64
     batch = 2 if quick else 8
     n_extract = 16 if quick else 256
     rng = random.Random(0)
 
     def build():
-        return _pair_from(tiny_model("qwen3_moe", **kw), tiny_tokenizer())
+        return _pair_from(tiny_model(family, **kw), tiny_tokenizer())
 
     prompts = [random_text(rng, n_tok) for _ in range(batch)]
     extract = [random_text(rng, rng.randint(16, 32)) for _ in range(n_extract)]
     cfg = {k: v for k, v in kw.items() if k != "num_local_experts"}
     return Setting(
         name=name,
-        describe=f"qwen3_moe {cfg or '(tiny test config)'}; batch {batch} x {n_tok} tokens",
+        describe=f"{family} {cfg or '(tiny test config)'}; batch {batch} x {n_tok} tokens",
         build=build,
         forward_prompts=prompts,
         gen_prompts=prompts,
         harmful=extract[: n_extract // 2],
         harmless=extract[n_extract // 2 :],
         new_tokens=4 if quick else 32,
-        rounds=1 if quick else 7,
-        gen_rounds=1 if quick else 5,
+        rounds=1 if quick else 15,
+        gen_rounds=1 if quick else 5,  # no generation target on the synthetic configs
         extract_rounds=1 if quick else 5,
-        extra={"config": cfg, "family": "qwen3_moe"},
+        extra={"config": cfg, "family": family},
     )
 
 
@@ -177,8 +192,8 @@ def organism_setting(quick: bool, path: str | None = None) -> Setting | None:
         harmful=format_chat(tok, harmful),
         harmless=format_chat(tok, harmless),
         new_tokens=4 if quick else 32,
-        rounds=1 if quick else 15,
-        gen_rounds=1 if quick else 7,
+        rounds=1 if quick else 21,
+        gen_rounds=1 if quick else 15,
         extract_rounds=1 if quick else 7,
         extra={"organism": name, "path": folder},
     )

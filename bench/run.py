@@ -39,8 +39,10 @@ from bench import sections  # noqa: E402
 from bench.harness import REPO, load_average, machine_info, organism_setting, synthetic_setting  # noqa: E402
 from bench.memory import MemoryRun, memory_specs  # noqa: E402
 
-FORWARD_KEYS = ("bare", "wrapped_call", "trace_nothing", "trace_capture", "trace_addvector")
-GENERATE_KEYS = ("bare", "expertlens_plain", "expertlens_steered", "hooks_nocache")
+FORWARD_KEYS = (
+    "bare", "wrapped_call", "trace_nothing", "trace_capture", "trace_addvector", "nnsight_nothing", "nnsight_capture",
+)
+GENERATE_KEYS = ("bare", "expertlens_plain", "expertlens_steered", "hooks_nocache", "hooks_cached")
 EXTRACT_KEYS = ("plain_hooks", "expertlens")
 SECTIONS = ("forward", "generate", "extract", "memory", "e2e")
 DOCS_BEGIN, DOCS_END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -50,8 +52,10 @@ def expected_row_ids(quick: bool) -> list[str]:
     """Every row a run's JSON has (organism rows are present and marked ``skipped`` when unavailable)."""
     synthetic = "tiny" if quick else "medium"
     ids = []
-    for setting in (synthetic, "organism"):
+    for setting in (synthetic, "olmoe", "organism"):
         ids += [f"forward/{setting}/{k}" for k in FORWARD_KEYS]
+        if setting == "olmoe":  # the OLMoE-shaped config has forward targets only
+            continue
         ids += [f"generate/{setting}/{k}" for k in GENERATE_KEYS]
         ids += [f"extract/{setting}/{k}" for k in EXTRACT_KEYS]
     ids += [rid for rid, _ in memory_specs(quick, "organism")]
@@ -67,9 +71,13 @@ def _skipped(ids: list[str], why: str) -> list[dict]:
 
 def _setting_rows(setting, wanted: set[str], log) -> list[dict]:
     t0 = time.perf_counter()
-    bare, model, tok = setting.build()
-    log(f"  built {setting.name} in {time.perf_counter() - t0:.1f}s: {setting.describe}")
     rows: list[dict] = []
+    try:
+        bare, model, tok = setting.build()
+    except Exception as e:  # noqa: BLE001  (a setting that cannot be built must not lose the others)
+        log(f"  building {setting.name} FAILED: {e!r}")
+        return rows  # its rows are filled in as "not run"
+    log(f"  built {setting.name} in {time.perf_counter() - t0:.1f}s: {setting.describe}")
     for section, fn in (
         ("forward", sections.forward_rows),
         ("generate", sections.generation_rows),
@@ -78,8 +86,12 @@ def _setting_rows(setting, wanted: set[str], log) -> list[dict]:
         if section not in wanted:
             continue
         t0 = time.perf_counter()
+        load = load_average()
         try:
-            rows += fn(bare, model, tok, setting)
+            new_rows = fn(bare, model, tok, setting)
+            for r in new_rows:
+                r["load_average"] = load  # the machine's load when this section started
+            rows += new_rows
         except Exception as e:  # noqa: BLE001  (one broken section must not lose the others)
             import traceback
 
@@ -153,6 +165,10 @@ def run(
     syn = synthetic_setting("tiny" if quick else "medium", quick)
     meta["synthetic"] = {"name": syn.name, "describe": syn.describe, **syn.extra}
     rows += _setting_rows(syn, wanted, log)
+    if not quick:
+        olmoe = synthetic_setting("olmoe", quick)
+        meta["olmoe"] = {"name": olmoe.name, "describe": olmoe.describe, **olmoe.extra}
+        rows += _setting_rows(olmoe, wanted & {"forward"}, log)
     if org is not None:
         meta["organism"] = {"describe": org.describe, **org.extra}
         rows += _setting_rows(org, wanted, log)
@@ -193,6 +209,8 @@ def run(
             why = notes[0] if notes else "no organism"
         elif section == "e2e" and quick:
             why = "--quick (the study takes minutes)"
+        elif setting == "olmoe" and quick:
+            why = "--quick (the OLMoE-shaped config is a full-run setting)"
         else:
             why = "not run"
         rows += _skipped([rid], why)
@@ -225,11 +243,16 @@ def _clean(x):
 
 
 def targets_summary(rows: list[dict]) -> list[dict]:
-    return [
-        {"id": r["id"], "target": r["target"], "value": r.get("ratio"), "met": r.get("met")}
-        for r in rows
-        if "target" in r
-    ]
+    out = []
+    for r in rows:
+        if "target" not in r:
+            continue
+        t = {"id": r["id"], "target": r["target"], "value": r.get("ratio"), "met": r.get("met")}
+        for key in ("nnsight_floor", "ratio_vs_nnsight", "ratio_vs_bare", "load_average"):
+            if key in r:
+                t[key] = r[key]
+        out.append(t)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,6 +298,8 @@ def markdown(result: dict) -> str:
         )
     if "synthetic" in m:
         out.append(f"\nSynthetic setting `{m['synthetic']['name']}`: {m['synthetic']['describe']}.")
+    if "olmoe" in m:
+        out.append(f"OLMoE-shaped setting `olmoe`: {m['olmoe']['describe']}.")
     if "organism" in m:
         out.append(f"Organism setting: {m['organism']['describe']}.")
     for note in result.get("notes", []):
@@ -331,8 +356,15 @@ def markdown(result: dict) -> str:
     if tg:
         out.append("\nTargets:")
         for t in tg:
-            v = "–" if t["value"] is None else f"{t['value']:.2f}"
-            out.append(f"- `{t['id']}`: {t['target']}: {v} — {'met' if t['met'] else 'MISSED'}")
+            v = "–" if t["value"] is None else f"{t['value']:.3f}"
+            extra = ""
+            if t.get("nnsight_floor") is not None:
+                extra = (f" (nnsight's own floor in the same run: {t['nnsight_floor']:.3f}; expertlens over plain "
+                         f"nnsight: {t['ratio_vs_nnsight']:.3f})")
+            elif t.get("ratio_vs_bare") is not None:
+                extra = f" (vs bare unsteered generate: {t['ratio_vs_bare']:.3f})"
+            load = f"; load {t['load_average']}" if t.get("load_average") else ""
+            out.append(f"- `{t['id']}`: {t['target']}: {v} — {'met' if t['met'] else 'MISSED'}{extra}{load}")
     return "\n".join(out)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from expertlens.families import get_module as fl_get
 from expertlens.families import resolve_family
 from expertlens.interventions import AddVector, generate
 from expertlens.refusal.directions import candidate_directions
@@ -55,7 +56,22 @@ def steering_vector(model, seed: int = 0) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+#: Overhead targets (issue 15): ratio of CPU-time medians to the bare forward / the same-token reference.
+TARGETS = {
+    "organism": {"trace_nothing": 1.05, "trace_capture": 1.15, "steered_vs_hooks": 1.10},
+    "medium": {"trace_nothing": 1.03, "trace_capture": 1.10},
+    "olmoe": {"trace_nothing": 1.03, "trace_capture": 1.10},
+    "tiny": {"trace_nothing": 1.05, "trace_capture": 1.15, "steered_vs_hooks": 1.10},
+}
+
+
 def forward_rows(bare, model, tok, s: Setting) -> list[dict]:
+    from nnsight.modeling.transformers import TransformersModel
+
+    from .harness import shared_copy
+
+    # nnsight's own floor: a plain nnsight wrapper around a third tree over the same weights
+    floor = TransformersModel(shared_copy(bare), tokenizer=tok)
     enc = tok(s.forward_prompts, return_tensors="pt", padding=True)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     layers = list(range(model.n_layers))
@@ -87,12 +103,36 @@ def forward_rows(bare, model, tok, s: Setting) -> list[dict]:
         with model.intervene(steer), model.trace(ids, attention_mask=mask, use_cache=False):
             pass
 
+    fl = resolve_family(floor._module)
+    floor_layers = fl.layer_list(floor._module)
+    floor_paths = []
+    for i in moe_layers:
+        block = fl.moe_block(floor_layers[i])
+        floor_paths.append((_module_path(floor._module, fl_get(block, fl.router)),
+                            _module_path(floor._module, fl_get(block, fl.experts))))
+
+    def nnsight_nothing():
+        with floor.trace(ids, attention_mask=mask, use_cache=False):
+            pass
+
+    def nnsight_capture():
+        # the same amount of saving through plain nnsight: the router's and the experts' outputs per MoE layer
+        kept.clear()
+        saved = []
+        with floor.trace(ids, attention_mask=mask, use_cache=False):
+            for router_path, experts_path in floor_paths:
+                saved.append(_walk(floor, router_path).output.save())
+                saved.append(_walk(floor, experts_path).output.save())
+        kept.extend(saved)
+
     fns = {
         "bare": bare_fwd,
         "wrapped_call": wrapped_call,
         "trace_nothing": trace_nothing,
         "trace_capture": trace_capture,
         "trace_addvector": trace_addvector,
+        "nnsight_nothing": nnsight_nothing,
+        "nnsight_capture": nnsight_capture,
     }
     with torch.no_grad():
         # Sanity: the two copies compute the same logits, and capture has the documented shapes.
@@ -108,17 +148,37 @@ def forward_rows(bare, model, tok, s: Setting) -> list[dict]:
         "trace_nothing": "ExpertModel trace, nothing saved",
         "trace_capture": f"trace saving router_logits + expert_out, {len(moe_layers)} layers",
         "trace_addvector": "trace with one AddVector (resid_pre)",
+        "nnsight_nothing": "nnsight's floor: plain nnsight trace, nothing saved",
+        "nnsight_capture": "nnsight's floor: plain nnsight trace saving router + experts outputs",
     }
     rows = [_row("forward", s.name, k, names[k], timing[k]) for k in fns]
+    by = {r["id"].rsplit("/", 1)[1]: r for r in rows}
     base = rows[0]
     for r in rows:
         _ratios(r, base)
     rows[0]["max_abs_diff_vs_wrapped"] = same
-    _target(rows[2], "<=", 1.05, "time / bare")
-    _target(rows[3], "<=", 1.25, "time / bare")
+    goals = TARGETS.get(s.name, TARGETS["organism"])
+    for key, floor_key in (("trace_nothing", "nnsight_nothing"), ("trace_capture", "nnsight_capture")):
+        _target(by[key], "<=", goals[key], "time / bare")
+        # what expertlens adds on top of nnsight itself, and nnsight's own ratio (the floor)
+        by[key]["ratio_vs_nnsight"] = ratio(by[key]["cpu_s"], by[floor_key]["cpu_s"])
+        by[key]["nnsight_floor"] = by[floor_key]["ratio"]
     rows[0]["shape"] = list(ids.shape)
     del layers
     return rows
+
+
+def _walk(envoy, path: str):
+    for part in path.split("."):
+        envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+    return envoy
+
+
+def _module_path(root, module) -> str:
+    for name, m in root.named_modules():
+        if m is module:
+            return name
+    raise KeyError(type(module).__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,9 +186,8 @@ def forward_rows(bare, model, tok, s: Setting) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 
 
-def hooks_nocache_generate(bare, tok, prompts: list[str], layer: int, vector: torch.Tensor, n: int) -> torch.Tensor:
-    """The reference way: a plain torch forward pre-hook adds the vector to the layer's input, and
-    every step re-runs the whole sequence (``use_cache=False``), greedy, token by token."""
+def add_vector_hook(bare, layer: int, vector: torch.Tensor):
+    """A plain torch forward pre-hook adding ``vector`` to decoder layer ``layer``'s input; returns the handle."""
     layer_mod = resolve_family(bare).layer_list(bare)[layer]
     vec = vector.to(next(bare.parameters()).dtype)
 
@@ -139,7 +198,13 @@ def hooks_nocache_generate(bare, tok, prompts: list[str], layer: int, vector: to
         kwargs["hidden_states"] = kwargs["hidden_states"] + vec
         return args, kwargs
 
-    handle = layer_mod.register_forward_pre_hook(add, with_kwargs=True)
+    return layer_mod.register_forward_pre_hook(add, with_kwargs=True)
+
+
+def hooks_nocache_generate(bare, tok, prompts: list[str], layer: int, vector: torch.Tensor, n: int) -> torch.Tensor:
+    """The reference way: a plain torch forward pre-hook adds the vector to the layer's input, and
+    every step re-runs the whole sequence (``use_cache=False``), greedy, token by token."""
+    handle = add_vector_hook(bare, layer, vector)
     try:
         enc = tok(prompts, return_tensors="pt", padding=True)
         ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -155,6 +220,16 @@ def hooks_nocache_generate(bare, tok, prompts: list[str], layer: int, vector: to
     new = ids[:, start:]
     [tok.decode(row, skip_special_tokens=True) for row in new]
     return new
+
+
+def hooks_cached_generate(bare, tok, prompts: list[str], layer: int, vector: torch.Tensor, n: int) -> torch.Tensor:
+    """The same-token reference for steered generation: a plain torch pre-hook adds the vector to the layer's
+    input inside bare HF ``generate`` (KV cache on) — what expertlens' AddVector does, without expertlens."""
+    handle = add_vector_hook(bare, layer, vector)
+    try:
+        return bare_generate(bare, tok, prompts, n)
+    finally:
+        handle.remove()
 
 
 def bare_generate(bare, tok, prompts: list[str], n: int) -> torch.Tensor:
@@ -189,6 +264,9 @@ def generation_rows(bare, model, tok, s: Setting) -> list[dict]:
         "hooks_nocache": lambda: out.__setitem__(
             "hooks", hooks_nocache_generate(bare, tok, prompts, layer, v, n)
         ),
+        "hooks_cached": lambda: out.__setitem__(
+            "hooks_cached", hooks_cached_generate(bare, tok, prompts, layer, v, n)
+        ),
     }
     with torch.no_grad():
         timing = interleaved(fns, s.gen_rounds, warmup=1, no_warmup=("hooks_nocache",))
@@ -197,17 +275,29 @@ def generation_rows(bare, model, tok, s: Setting) -> list[dict]:
     n_same = sum(int((row == hooks[i, : len(row)]).sum()) for i, row in enumerate(out["steered"]))
     agree = n_same / max(1, sum(len(row) for row in out["steered"]))
     plain_same = all(torch.equal(row, bare_ids[i, : len(row)]) for i, row in enumerate(out["plain"]))
+    cached = out["hooks_cached"]
+    n_same_cached = sum(int((row == cached[i, : len(row)]).sum()) for i, row in enumerate(out["steered"]))
+    agree_cached = n_same_cached / max(1, sum(len(row) for row in out["steered"]))
     names = {
         "bare": f"bare HF generate ({n} new tokens, KV cache)",
         "expertlens_plain": "expertlens generate, no intervention",
         "expertlens_steered": "expertlens generate, AddVector every step (KV cache)",
         "hooks_nocache": "reference: torch hook, no KV cache, full re-run per token",
+        "hooks_cached": "same-token reference: torch pre-hook inside bare generate (KV cache)",
     }
     rows = [_row("generate", s.name, k, names[k], timing[k]) for k in fns]
     base = rows[0]
     for r in rows[:3]:
         _ratios(r, base)
-    _target(rows[2], "<=", 1.15, "time / bare generate")
+    # steered expertlens vs the same-token plain-hook reference (routing changes from the steering cancel out)
+    rows[2]["ratio_vs_bare"], rows[2]["ratio_vs_bare_wall"] = rows[2]["ratio"], rows[2]["ratio_wall"]
+    _ratios(rows[2], rows[4])
+    rows[2]["ratio_of"] = "time / same-token hook reference"
+    goal = TARGETS.get(s.name, TARGETS["organism"]).get("steered_vs_hooks")
+    if goal is not None:
+        _target(rows[2], "<=", goal, "time / same-token hook reference")
+    _ratios(rows[4], base)
+    rows[4]["token_agreement_with_expertlens_steered"] = agree_cached
     # speed-up of expertlens steered over the reference: reference time / steered time
     _ratios(rows[3], rows[2])
     rows[3]["ratio_of"] = "time / expertlens steered"

@@ -26,7 +26,7 @@ from jaxtyping import Bool
 from torch import Tensor, nn
 
 from . import instrument as _instrument
-from .points import MODEL_POINTS, POINTS, PointError, check_write, point
+from .points import MODEL_POINTS, POINTS, PointError, check_edit, point
 
 if TYPE_CHECKING:
     from .model import ExpertModel
@@ -241,12 +241,9 @@ def add_edit(
     ctx = model.edit_context
     module = model._module.get_submodule(site.path)
     label = f"{name}@{layer}" if layer is not None else name
-    model_ref = weakref.ref(model)  # edits live on the HF model; they must not keep the wrapper alive
 
     def apply(x: Tensor) -> Tensor:
-        new = fn(x, ctx)
-        check_write(row, new, model_ref(), lay)
-        return new
+        return check_edit(row, fn(x, ctx), x, lay)
 
     if site.kind == "hook":
 

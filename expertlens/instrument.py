@@ -21,21 +21,25 @@ Three pieces, all undone by :func:`restore`:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _torch_module
 
 from .families import FamilySpec, get_module
 
 __all__ = [
     "HookPoint",
+    "plain_calls",
     "EXPERTS_IMPLEMENTATION",
     "expertlens_experts_forward",
     "expertlens_fp8_experts_forward",
     "expert_forward",
+    "all_experts_forward",
     "global_num_experts",
     "register_experts_implementation",
     "Instrumentation",
@@ -118,14 +122,54 @@ def _idle(point: nn.Module) -> bool:
 
 
 def _global_hooks() -> bool:
-    from torch.nn.modules import module as _m
-
-    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks)
+    return bool(_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks)
 
 
 def _through(point: nn.Module, x):
     """``x`` through the hook point, skipping the module call when the point is idle."""
     return x if _idle(point) else point(x)
+
+
+@contextlib.contextmanager
+def plain_calls(model: nn.Module):
+    """Run ordinary (untraced) calls of an nnsight-wrapped model without nnsight's per-module controllers.
+
+    Outside a trace a controller only forwards to the module's body, but it costs a Python call per module per
+    forward; :func:`expertlens.interventions.generate` drops them for its duration (registered edits live in the
+    modules' own forwards and still apply). Modules whose controller runs something other than their class's
+    forward (accelerate's device hooks, transformers' expert-parallel wrapper, ``.source``) keep it. Not for use
+    while a trace of the model runs.
+
+    Example:
+        >>> import torch
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.instrument import plain_calls
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+        >>> with plain_calls(model.hf_model), torch.no_grad():
+        ...     logits = model.hf_model(torch.tensor([[5, 6, 7]])).logits
+    """
+    try:
+        from nnsight.intervention.source import Controller
+    except ImportError:  # another nnsight: leave everything as it is
+        yield
+        return
+    removed = []
+    for module in model.modules():
+        d = module.__dict__
+        controller = d.get("forward")
+        if not isinstance(controller, Controller) or "_hf_hook" in d:
+            continue
+        state = d.get(_NNSIGHT_STATE)
+        if state is None or getattr(state, "sourced", True) or getattr(state, "body", None) is not type(module).forward:
+            continue
+        del d["forward"]
+        removed.append((module, controller))
+    try:
+        yield
+    finally:
+        for module, controller in removed:
+            module.__dict__["forward"] = controller
 
 
 def _editable_forward(self: nn.Module, *args, **kwargs):
@@ -339,6 +383,62 @@ def expertlens_fp8_experts_forward(
     return _weigh_through_points(self, per_slot, top_k_index, weights).to(hidden_states.dtype)
 
 
+def _refuse_meta_experts(experts: nn.Module, caller: str) -> None:
+    """Offloaded (meta) expert weights hold no numbers: computing with them returns finite garbage."""
+    weights = experts.gate_up_proj if getattr(experts, "has_gate", True) else experts.up_proj
+    if weights.is_meta or experts.down_proj.is_meta:
+        raise ValueError(
+            f"{caller}: the expert weights of {type(experts).__name__} are on the meta device (offloaded), "
+            "so they cannot be read directly; load the model without offloading (or run it through a trace, "
+            "which onloads them)"
+        )
+
+
+def all_experts_forward(experts: nn.Module, x: Tensor, chunk: int | None = None) -> Tensor:
+    """Every routed expert applied to every row of ``x`` [n, d]: ``[E, n, d]``, in one grouped pass on ``x``'s device.
+
+    The grouped GEMM of the experts implementation with each row sent to every expert (what forcing the routing
+    to each expert in turn computes), so no Python loop over experts and no host copies. ``chunk`` bounds how
+    many experts run per pass (memory ``chunk·n·d_ff``); default all. Not for expert-parallel shards.
+
+    Example:
+        >>> import torch
+        >>> from expertlens.instrument import all_experts_forward, expert_forward
+        >>> from expertlens.testing import tiny_model
+        >>> experts = tiny_model("olmoe").model.layers[0].mlp.experts
+        >>> x = torch.randn(3, 64)
+        >>> out = all_experts_forward(experts, x)
+        >>> out.shape, bool(torch.allclose(out[5], expert_forward(experts, x, 5), atol=1e-5))
+        (torch.Size([8, 3, 64]), True)
+    """
+    from transformers.integrations.moe import _grouped_linear
+
+    _refuse_meta_experts(experts, "all_experts_forward")
+    n_experts, n = int(experts.num_experts), x.shape[0]
+    chunk = n_experts if chunk is None else max(1, int(chunk))
+    outs = []
+    for start in range(0, n_experts, chunk):
+        ids = torch.arange(start, min(start + chunk, n_experts), device=x.device)
+        e = ids.numel()
+        ids_g = ids.repeat_interleave(n, output_size=e * n)  # sorted by expert, as the grouped GEMM needs
+        rows = x.repeat(e, 1)
+        offsets = torch.zeros(n_experts, dtype=torch.int32, device=x.device)
+        offsets[ids] = n
+        offsets = torch.cumsum(offsets, dim=0, dtype=torch.int32)
+        if experts.has_gate:
+            w_up, b_up = experts.gate_up_proj, experts.gate_up_proj_bias[ids_g] if experts.has_bias else None
+        else:
+            w_up, b_up = experts.up_proj, experts.up_proj_bias[ids_g] if experts.has_bias else None
+        h = _grouped_linear(rows, w_up, offsets, bias=b_up, is_transposed=experts.is_transposed)
+        h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+        b_down = experts.down_proj_bias[ids_g] if experts.has_bias else None
+        out = _grouped_linear(h, experts.down_proj, offsets, bias=b_down, is_transposed=experts.is_transposed)
+        if experts.has_post_expert_norm:
+            out = experts.post_expert_norm(out)
+        outs.append(out.view(e, n, -1))
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
 def register_experts_implementation() -> None:
     """Register ``"expertlens"`` in transformers' experts registry (idempotent), and in its FP8 one.
 
@@ -372,13 +472,7 @@ def expert_forward(experts: torch.nn.Module, x: torch.Tensor, expert: int) -> to
         >>> expert_forward(experts, torch.randn(3, 64), expert=5).shape
         torch.Size([3, 64])
     """
-    weights = experts.gate_up_proj if getattr(experts, "has_gate", True) else experts.up_proj
-    if weights.is_meta or experts.down_proj.is_meta:
-        raise ValueError(
-            f"expert_forward: the expert weights of {type(experts).__name__} are on the meta device (offloaded), "
-            "so they cannot be read directly; load the model without offloading (or run it through a trace, "
-            "which onloads them)"
-        )
+    _refuse_meta_experts(experts, "expert_forward")
 
     if not hasattr(experts, "has_gate"):  # Llama-4's dense experts: gate_up [E, d, 2I], down [E, I, d]
         gate, up = (x @ experts.gate_up_proj[expert]).chunk(2, dim=-1)

@@ -36,8 +36,9 @@ class LayerLayout:
         block, router, experts: The MoE block and its router / fused experts (``None`` on dense
             layers).
         n_experts, top_k: Routed experts and slots per token (0 on dense layers).
-        layer_type: The decoder layer's class name (named in errors on hybrid stacks).
-        shared_point, has_shared: The shared expert's hook point and whether this layer has one.
+        layer_type: The decoder layer's class name (hybrid stacks mix several).
+        has_shared: Whether this layer has a shared expert; ``shared_point`` is the hook point its
+            contribution passes through (``None`` without one).
 
     Example:
         >>> from expertlens import ExpertModel
@@ -64,8 +65,8 @@ class LayerLayout:
     n_experts: int = 0
     top_k: int = 0
     layer_type: str = ""
-    shared_point: str | None = None
     has_shared: bool = False
+    shared_point: str | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -77,7 +78,7 @@ class LayerLayout:
         row = asdict(self)
         row.pop("index")
         if not self.is_moe:
-            for key in ("router", "experts", "n_experts", "top_k"):
+            for key in ("router", "experts", "n_experts", "top_k", "has_shared", "shared_point"):
                 row.pop(key)
         return row
 

@@ -110,6 +110,9 @@ class ExpertModel(TransformersModel):
 
     Attributes:
         family: The family name (e.g. ``"qwen3_moe"``); ``spec`` is its :class:`FamilySpec`.
+        layout: One frozen :class:`~expertlens.layout.LayerLayout` per layer (module paths, heads, experts).
+        edit_context: The :class:`~expertlens.edits.EditContext` edits receive; ``edit_registry`` holds
+            every attached edit's handle.
         n_layers, moe_layers, n_experts, top_k, d_model, n_heads, d_head, vocab_size.
 
     Example:

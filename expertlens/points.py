@@ -9,8 +9,9 @@
 * the trailing shapes interventions validate against (:func:`point_shape`), the editable names
   (:data:`EDITABLE_POINTS`), the model-level names (:data:`MODEL_POINTS`);
 * the address table of ``docs/concepts/points.md`` (:func:`address_table`);
-* write validation: every write and every edit result passes :func:`check_write` (the per-point
-  ``validate_write`` slot plugs in there).
+* write validation: every trace-time write passes :func:`check_write` and every edit result
+  :func:`check_edit` (shape / dtype / device / finiteness / index-range checks go there; each
+  point's ``validate_write`` / ``validate_edit`` slot plugs in too).
 
 Where a value lives is a :class:`Site`: a module path (from the layer's
 :class:`~expertlens.layout.LayerLayout`) and a kind saying how the value sits there —
@@ -51,6 +52,7 @@ __all__ = [
     "point",
     "point_shape",
     "check_write",
+    "check_edit",
     "address_table",
     "LayerPoints",
     "AttentionPoints",
@@ -95,7 +97,10 @@ class Site:
 
 Where = Callable[["ExpertModel", "LayerLayout | None"], Site]
 Shape = Callable[["ExpertModel", "LayerLayout | None"], tuple[int, ...]]
-WriteCheck = Callable[["Point", Tensor, "ExpertModel", "LayerLayout | None"], None]
+#: ``(point, value, model, layout, current) -> value to write``; ``current()`` reads the value now there.
+WriteCheck = Callable[["Point", Any, "ExpertModel", "LayerLayout | None", Callable[[], Tensor]], Any]
+#: ``(point, new, old, layout) -> value to pass on`` for what an edit function returned.
+EditCheck = Callable[["Point", Any, Tensor, "LayerLayout | None"], Any]
 
 
 @dataclass(frozen=True)
@@ -117,7 +122,8 @@ class Point:
         not_writable: Why the point cannot be written (``None``: it can).
         leading: Leading dimensions before the trailing shape: 2 (``[b, p]``) or 1 (``[n]``).
         needs: ``(model, layout) -> reason | None``: why this model / layer lacks the point.
-        validate_write: Optional extra check run on every written value (see :func:`check_write`).
+        validate_write: Optional check of every trace-time write (see :func:`check_write`).
+        validate_edit: Optional check of every edit result (see :func:`check_edit`).
 
     Example:
         >>> from expertlens.points import point
@@ -139,6 +145,7 @@ class Point:
     needs: Callable[[ExpertModel, LayerLayout | None], str | None] | None = None
     leading: int = 2
     validate_write: WriteCheck | None = field(default=None, compare=False)
+    validate_edit: EditCheck | None = field(default=None, compare=False)
 
     @property
     def writable(self) -> bool:
@@ -192,7 +199,7 @@ class Point:
             raise PointError(f"point {self.name!r} cannot be written: {self.not_writable}")
         site = self.site(model, layer)
         lay = model.layout[layer] if layer is not None else None
-        check_write(self, value, model, lay)
+        value = check_write(self, value, model, lay, lambda: self.read(model, layer, expert))
         if site.kind == "heads":
             total = value.sum(dim=-2)
             bias = get_module(model._module, site.path).bias
@@ -256,19 +263,41 @@ def _point_read(name: str, model: ExpertModel, layer: int | None) -> Any:
     return POINTS[name].read(model, layer)
 
 
-def check_write(point: Point, value: Any, model: ExpertModel, layout: LayerLayout | None) -> None:
-    """Validate a value written to ``point`` (trace-time writes and edit results both pass here).
+def check_write(
+    point: Point, value: Any, model: ExpertModel, layout: LayerLayout | None, current: Callable[[], Tensor]
+) -> Any:
+    """Validate a trace-time write to ``point``; return the value to write.
 
-    The one hook for write validation: it runs the point's ``validate_write`` slot when set.
-    Shape / dtype / device / finiteness / index-range checks plug in here.
+    The one place write validation goes (shape, dtype, device, finiteness, index range):
+    ``current()`` reads the point's value now (call it only if needed; inside a trace it is
+    served before the write). Runs the point's ``validate_write`` slot when set.
 
     Example:
         >>> import torch
         >>> from expertlens.points import check_write, point
-        >>> check_write(point("resid_pre"), torch.zeros(1, 2, 64), None, None)  # no check registered
+        >>> v = torch.zeros(1, 2, 64)
+        >>> check_write(point("resid_pre"), v, None, None, lambda: v) is v   # no check registered
+        True
     """
     if point.validate_write is not None:
-        point.validate_write(point, value, model, layout)
+        return point.validate_write(point, value, model, layout, current)
+    return value
+
+
+def check_edit(point: Point, new: Any, old: Tensor, layout: LayerLayout | None) -> Any:
+    """Validate what an edit function returned at ``point`` (``old``: the value it received);
+    return the value to pass on. Runs the point's ``validate_edit`` slot when set.
+
+    Example:
+        >>> import torch
+        >>> from expertlens.points import check_edit, point
+        >>> x = torch.zeros(1, 2, 64)
+        >>> check_edit(point("resid_pre"), x + 1, x, None).sum().item()
+        128.0
+    """
+    if point.validate_edit is not None:
+        return point.validate_edit(point, new, old, layout)
+    return new
 
 
 def _needs_attn(model: ExpertModel, lay: LayerLayout | None) -> str | None:
@@ -282,10 +311,11 @@ def _needs_attn(model: ExpertModel, lay: LayerLayout | None) -> str | None:
 
 
 def _needs_o_proj(model: ExpertModel, lay: LayerLayout | None) -> str | None:
-    why = _needs_attn(model, lay)
-    if why is None and lay.o_proj is None:
+    if lay.attn is None:
+        return _needs_attn(model, lay)
+    if lay.o_proj is None:
         return f"layer {lay.index}: attention has no linear output projection to split by head"
-    return why
+    return None
 
 
 def _needs_dense_o(model: ExpertModel, lay: LayerLayout | None) -> str | None:
@@ -313,10 +343,9 @@ def _needs_mid(model: ExpertModel, lay: LayerLayout | None) -> str | None:
 
 
 def _needs_shared(model: ExpertModel, lay: LayerLayout | None) -> str | None:
-    if model.spec.shared is None or (lay is not None and lay.is_moe and not lay.has_shared):
-        return f"family {model.family!r} has no shared expert" + (
-            f" in layer {lay.index}" if model.spec.shared is not None else ""
-        )
+    if not lay.has_shared:
+        return f"family {model.family!r} has no shared expert" + ("" if model.spec.shared is None else
+                                                                    f" at layer {lay.index}")
     return None
 
 
@@ -382,10 +411,9 @@ POINTS: dict[str, Point] = {
         Point("attn_write", "layers[i].attn_write", "layer",
               lambda m, lay: Site(lay.attn_write or lay.attn, "output"), _d, "[b, p, d]", "float",
               "what attention adds to the residual stream (differs from `attn.output` only for post-norm "
-              "families)", needs=_needs_attn_write),
+              "families)", needs=lambda m, lay: None if lay.attn_write else _needs_attn(m, lay)),
         Point("resid_mid", "layers[i].resid_mid", "layer", lambda m, lay: Site(lay.mid, "input_in_place"), _d,
-              "[b, p, d]", "float", "residual stream after attention", on_write="yes (in place)",
-              needs=_needs_mid),
+              "[b, p, d]", "float", "residual stream after attention", on_write="yes (in place)", needs=_needs_mid),
         Point("moe.input", "layers[i].moe.input", "moe", lambda m, lay: Site(lay.block, "input"), _d,
               "[b, p, d]", "float", "the MoE block's input (the normalised stream router and experts read)"),
         Point("moe.router_logits", "layers[i].moe.router_logits", "moe", _hook("router", "el_router_logits"),
@@ -412,8 +440,7 @@ POINTS: dict[str, Point] = {
         Point("moe.expert_out", "layers[i].moe.expert_out", "moe", _hook("experts", "el_expert_out"),
               lambda m, lay: (lay.top_k, m.d_model), "[b, p, k, d]", "float",
               "each selected expert's output, before its weight"),
-        Point("moe.shared_out", "layers[i].moe.shared_out", "moe", lambda m, lay: Site(lay.shared_point, "hook"),
-              _d,
+        Point("moe.shared_out", "layers[i].moe.shared_out", "moe", lambda m, lay: Site(lay.shared_point, "hook"), _d,
               "[b, p, d]", "float", "shared expert's contribution after its gate (`None` without one)",
               needs=_needs_shared),
         Point("moe.output", "layers[i].moe.output", "moe", _hook("block", "el_output"), _d, "[b, p, d]",

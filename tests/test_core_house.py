@@ -481,3 +481,69 @@ def test_modules_import_only_from_their_layer_or_below():
                 if not (path.name == "__init__.py" and cand.startswith(name)):
                     offenders.append(f"{path.relative_to(ROOT)}:{line} ({group}) imports {cand} ({t_group})")
     assert not offenders, "\n".join(offenders)
+
+
+def test_points_a_layer_lacks_say_why(wrap):
+    """Hybrid layers without attention or resid_mid (rows of the layout) refuse those points, naming the layer."""
+    model = wrap("olmoe")
+    lay = model.layout[0]
+    object.__setattr__(model, "layout", (dataclasses.replace(lay, attn=None, o_proj=None, mid=None,
+                                                             layer_type="MambaLayer"), *model.layout[1:]))
+    model._point_cache.clear()
+    for name in ("attn.output", "attn.z", "attn.head_out", "attn_write"):
+        with pytest.raises(PointError, match=r"layer 0 is a MambaLayer with no attention.*with attention: \[1\]"):
+            POINTS[name].site(model, 0)
+    with pytest.raises(PointError, match="layer 0 .MambaLayer. of this olmoe model has no resid_mid"):
+        POINTS["resid_mid"].site(model, 0)
+    with pytest.raises(PointError, match="family 'olmoe' has no shared expert"):
+        model.add_edit("moe.shared_out", lambda x, ctx: x, layer=1)
+    assert model.layers[1].moe.has_shared is False
+
+
+def test_moved_modules_keep_their_old_paths_with_a_warning():
+    import expertlens.instrument as instrument
+    import expertlens.interventions as interventions
+
+    moved = [("expertlens.experts", "HookPoint", instrument.HookPoint),
+             ("expertlens.experts", "install", instrument.install),
+             ("expertlens.interventions.steering", "AddVector", interventions.AddVector),
+             ("expertlens.interventions.steering", "Patch", interventions.Patch),
+             ("expertlens.interventions.steering", "cache_points", interventions.cache_points),
+             ("expertlens.interventions.steering", "ScaleExpert", interventions.ScaleExpert),
+             ("expertlens.interventions.expert_steer", "ExpertSteer", interventions.ExpertSteer)]
+    for old, name, obj in moved:
+        module = importlib.import_module(old)
+        with pytest.warns(DeprecationWarning, match=f"{old}.{name} moved to expertlens"):
+            assert getattr(module, name) is obj
+    with pytest.raises(AttributeError, match="has no 'nope'"):
+        importlib.import_module("expertlens.experts").nope
+
+
+def test_write_validation_hooks_see_every_write_and_edit_result(wrap, monkeypatch):
+    model = wrap("olmoe")
+    seen = []
+
+    def on_write(point, value, model_, layout, current):
+        seen.append(("write", point.name, layout.index, tuple(current().shape)))
+        if not bool(torch.isfinite(value).all()):
+            raise PointError(f"{point.name}: non-finite write")
+        return value
+
+    def on_edit(point, new, old, layout):
+        seen.append(("edit", point.name, layout.index, tuple(old.shape)))
+        return new * 0
+
+    for name in ("resid_post", "moe.output"):
+        monkeypatch.setitem(POINTS, name, dataclasses.replace(POINTS[name], validate_write=on_write,
+                                                              validate_edit=on_edit))
+    with torch.no_grad(), model.trace("hey"):
+        model.layers[0].resid_post = model.layers[0].resid_post * 2
+    with pytest.raises(PointError, match="resid_post: non-finite write"):
+        with torch.no_grad(), model.trace("hey"):
+            model.layers[0].resid_post = model.layers[0].resid_post * float("nan")
+    h = model.add_edit("moe.output", lambda x, ctx: x + 1, layer=1)
+    with torch.no_grad(), record(model, [("moe.output", 1)]) as rec:
+        model.hf_model(**model.tokenize("hey"))
+    h.remove()
+    assert bool((rec[("moe.output", 1)] == 0).all())  # what the check returned is what flows on
+    assert ("write", "resid_post", 0, (1, 3, 64)) in seen and ("edit", "moe.output", 1, (1, 3, 64)) in seen

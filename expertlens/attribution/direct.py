@@ -130,8 +130,8 @@ class LogitDiff:
         """``(u, c)``: the logit difference is ``normed_resid · u + c``."""
         pos, neg = self.token_ids(model)
         head = get_module(model.hf_model, model.spec.lm_head)
-        w = head.weight.detach().float().cpu()
-        u = w[pos].mean(0) - w[neg].mean(0)
+        w = head.weight.detach()  # only the tokens' rows leave the weight's device, not the whole unembedding
+        u = (w[pos].float().mean(0) - w[neg].float().mean(0)).cpu()
         b = getattr(head, "bias", None)
         c = float(b[pos].detach().float().mean() - b[neg].detach().float().mean()) if b is not None else 0.0
         scale = model.logits_scale  # the family's scaling after the unembedding (Granite-MoE: 1/logits_scaling)
@@ -352,10 +352,10 @@ def _attribute_record(model: ExpertModel, attr: DirectAttribution, rec: dict[str
         # attention
         if info.o_proj is not None:
             z = rec[("z", li)].float()  # [b, n, h, dh]
-            w_o = model.layers[li].attn.o_weight.detach().float().cpu()  # [d, h, dh]
-            heads = torch.einsum("bnhk,dhk->bnhd", z, w_o)
-            layer_cols += list((heads * Da[:, :, None, :]).sum(-1).unbind(-1))
-            write_a = heads.sum(2)
+            w_o = model.layers[li].attn.o_weight.detach()  # [d, h, dh], used where it lives (no copy of W_O)
+            heads = torch.einsum("bnhk,dhk->bnhd", z.to(w_o.device), w_o.float())
+            layer_cols += list((heads * Da.to(w_o.device)[:, :, None, :]).sum(-1).cpu().unbind(-1))
+            write_a = heads.sum(2).cpu()
             bias = model.layers[li].attn.o_bias
             if bias is not None:
                 bias = bias.detach().float().cpu()

@@ -96,7 +96,9 @@ def generate(
     tok = model.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     results: list = []
-    with model.intervene(*interventions), torch.no_grad():
+    from ..instrument import plain_calls
+
+    with model.intervene(*interventions), torch.no_grad(), plain_calls(model.hf_model):
         for chunk in chunks:
             enc = model.tokenize(chunk)
             ids = model.hf_model.generate(

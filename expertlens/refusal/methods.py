@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..instrument import expert_forward
+from ..instrument import all_experts_forward
 from ..interventions import AllExpertsSteer, ExpertSteer, RouterBias, SteerMoE, calibrate_router_bias
 from ..interventions.base import Intervention
 from .directions import iter_batches
@@ -149,30 +149,31 @@ def expert_output_means(
     positions = [int(p) for p in positions]
     experts_mod = model.hf_model.get_submodule(model.layout[layer].experts)
     E, d = model.n_experts, model.d_model
-    total = torch.zeros(len(positions), E, d, dtype=torch.float64)
-    count = torch.zeros(len(positions), E, dtype=torch.float64)
+    # Accumulated on the experts' device (float64), one batched pass over all experts; one copy at the end.
+    device = experts_mod.down_proj.device
+    acc = torch.float64 if device.type != "mps" else torch.float32
+    total = torch.zeros(len(positions), E, d, dtype=acc, device=device)
+    count = torch.zeros(len(positions), E, dtype=acc, device=device)
     for batch in iter_batches(prompts, batch_size):
         enc = model.tokenize(batch)
-        mask = enc["attention_mask"][:, positions].bool().cpu()  # [b, P]
+        mask = enc["attention_mask"][:, positions].bool().to(device)  # [b, P]
         with torch.no_grad(), model.trace(enc["input_ids"], attention_mask=enc["attention_mask"]):
             if mode == "forced":
                 x = nnsight.save(moe.input[:, positions])
             else:
                 view = nnsight.save([moe.topk_indices, moe.expert_out])
         if mode == "forced":
-            flat = x.reshape(-1, d)
             with torch.no_grad():
-                for e in range(E):
-                    out = expert_forward(experts_mod, flat, e).reshape(*x.shape[:2], d).double().cpu()
-                    total[:, e] += (out * mask[..., None]).sum(0)
-                    count[:, e] += mask.sum(0)
+                out = all_experts_forward(experts_mod, x.reshape(-1, d).to(device))  # [E, b*P, d]
+            out = out.view(E, *x.shape[:2], d).to(acc) * mask[None, ..., None]
+            total += out.sum(1).transpose(0, 1)  # [P, E, d]
+            count += mask.sum(0).to(acc)[:, None]
         else:
-            idx, eo = view[0][:, positions].cpu(), view[1][:, positions].double().cpu()  # [b,P,k], [b,P,k,d]
-            for e in range(E):
-                sel = (idx == e) & mask[..., None]
-                total[:, e] += (eo * sel[..., None]).sum((0, 2))
-                count[:, e] += sel.sum((0, 2))
-    return total / count[..., None], count
+            idx, eo = view[0][:, positions].to(device), view[1][:, positions].to(device, acc)  # [b,P,k], [b,P,k,d]
+            sel = torch.nn.functional.one_hot(idx.long(), E).to(acc) * mask[..., None, None]  # [b, P, k, E]
+            total += torch.einsum("bpke,bpkd->ped", sel, eo)
+            count += sel.sum((0, 2))
+    return (total / count[..., None]).cpu().double(), count.cpu().double()
 
 
 def expert_directions(

@@ -329,7 +329,11 @@ class _Run:
     # -- measuring ----------------------------------------------------------------------------------
 
     def outcome(self, name: str, chats: list[str], raw: list[str], edits=(), tokens: int | None = None) -> Outcome:
-        outs = generate(self.model, chats, tokens or self.new, tuple(edits), batch_size=self.bs)
+        key = (id(chats), len(chats), tokens or self.new)
+        if not edits and key in self.extra.get("unsteered", {}):  # the baseline generations, reused
+            outs = self.extra["unsteered"][key]
+        else:
+            outs = generate(self.model, chats, tokens or self.new, tuple(edits), batch_size=self.bs)
         verdicts = judge_all(self.judge, raw, outs)
         return Outcome.from_verdicts(name, verdicts, raw, outs, self.cfg.n_samples, seed=self.cfg.seed)
 
@@ -378,6 +382,10 @@ class _Run:
         if cal is None:
             outs_h = generate(self.model, self.h_test, self.new, (), batch_size=self.bs)
             outs_s = generate(self.model, self.s_test, self.new, (), batch_size=self.bs)
+            self.extra["unsteered"] = {
+                (id(self.h_test), len(self.h_test), self.new): outs_h,
+                (id(self.s_test), len(self.s_test), self.new): outs_s,
+            }
             cal = {}
             if isinstance(self.judge, DefaultJudge) and not self.user_judge:
                 raw = self.data.harmful_test + self.data.harmless_test
