@@ -961,7 +961,7 @@ for _spec in [
         "points are exact",
     ),
     FamilySpec("mellum", ("mellum",)),
-    FamilySpec("qwen3_5_moe_text", ("qwen3_5_moe_text", "qwen3_5_moe"), rule=SoftmaxTopK(renorm=True),
+    FamilySpec("qwen3_5_moe_text", ("qwen3_5_moe_text",), rule=SoftmaxTopK(renorm=True),
                attn=("self_attn", "linear_attn"), **_QWEN_SHARED,
                notes="text tower of Qwen3.5-MoE; linear-attention layers (GatedDeltaNet) expose linear_attn.out_proj"),
     FamilySpec(
