@@ -78,10 +78,10 @@ class Direction:
 
     def unit(self) -> Direction:
         """The direction scaled to unit norm (error for a zero vector)."""
-        n = self.vector.float().norm()
-        if n == 0:
+        v = self.vector.double()  # float64: a tiny but non-zero vector's norm does not underflow
+        if not bool(v.ne(0).any()):
             raise ValueError("cannot normalise a zero direction")
-        return replace(self, vector=(self.vector.float() / n).to(self.vector.dtype))
+        return replace(self, vector=(v / v.norm()).to(self.vector.dtype))
 
     def to(self, *args, **kwargs) -> Direction:
         """``Tensor.to`` on the vector (dtype / device)."""
@@ -181,7 +181,10 @@ class Direction:
             )
         with open(path, "rb") as fh:
             head = fh.read(16)
-        if head[:1] == b"\x80" or head[:2] == b"PK":  # pickle protocol 2+ / a torch.save zip archive
+        is_safetensors = len(head) > 8 and head[8:9] == b"{"  # u64 header length, then the JSON header
+        is_pickle = head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04",
+                                                                                          b"\x05"))
+        if is_pickle and not is_safetensors:  # a torch.save zip archive, or a raw pickle (protocol 2+)
             raise ValueError(
                 f"{where}: the file is a pickle (torch.save) archive, not safetensors; expertlens never unpickles "
                 "(it can run arbitrary code). Re-save the tensor with Direction(v).save(path)"

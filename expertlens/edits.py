@@ -579,6 +579,35 @@ def record(
 # --------------------------------------------------------------------------------------------
 
 
+def _refuse_conflicting_routing(model: ExpertModel, items: Sequence[Any]) -> None:
+    """One expert both kept out (MaskExperts, SteerMoE deactivation) and forced in (ForceExperts,
+    SteerMoE activation) at one layer: whichever edit runs last would silently win. Interventions
+    declare what they do through ``routing_claims(model) -> [(layer, expert, "in" | "out")]``."""
+    flat: list[Any] = []
+
+    def walk(seq):
+        for item in seq:
+            inner = getattr(item, "items", None)
+            walk(inner) if isinstance(inner, (list, tuple)) else flat.append(item)
+
+    walk(items)
+    claims: dict[str, dict[tuple[int, int], str]] = {"in": {}, "out": {}}
+    for i, item in enumerate(flat):
+        fn = getattr(item, "routing_claims", None)
+        if fn is None:
+            continue
+        for layer, expert, side in fn(model):
+            claims[side].setdefault((layer, expert), f"{type(item).__name__} (#{i + 1})")
+    clash = sorted(set(claims["in"]) & set(claims["out"]))
+    if clash:
+        layer, e = clash[0]
+        raise ValueError(
+            f"conflicting routing edits: expert {e} at layer {layer} is kept out by {claims['out'][(layer, e)]} and "
+            f"forced in by {claims['in'][(layer, e)]}; the later edit would silently override the earlier. Drop one "
+            f"of them ({len(clash)} conflicting (layer, expert) pair(s): {clash[:5]})"
+        )
+
+
 def attach_all(model: ExpertModel, items: Sequence[Any]) -> list[Any]:
     """Validate then attach ``items`` in order; on any error remove what was attached and re-raise.
 
@@ -599,6 +628,7 @@ def attach_all(model: ExpertModel, items: Sequence[Any]) -> list[Any]:
         if not (callable(getattr(item, "attach", None)) and callable(getattr(item, "validate", None))):
             raise TypeError(f"expected Intervention objects, got {type(item).__name__}")
         item.validate(model)
+    _refuse_conflicting_routing(model, items)
     handles: list[Any] = []
     try:
         for item in items:

@@ -644,6 +644,8 @@ class FamilySpec:
         block_requires: ``(attribute, value)`` pairs an MoE block with a shared expert must satisfy for
             the generic block forward to be exact (how it combines the shared output); anything else is
             refused with the attribute named.
+        shared_optional: The block has the shared expert only when its config asks for one (Cohere2-MoE's
+            ``num_shared_experts``); layers without it have no ``shared_out``.
         router_returns: ``"topk"`` (``(logits, topk_weights, topk_indices)``) or ``"dense_scores"``
             (``(scores [T, E], logits)`` with zeros off the top-k, Llama-4; the top-k is read from the logits).
         experts_kind: ``"fused"`` (a decorated fused experts module) or ``"dense_input_scaled"`` (Llama-4: a
@@ -701,6 +703,7 @@ class FamilySpec:
     attn_optional: bool = False
     attn_exclude: tuple[str, ...] = ("*Mamba*", "*ShortConv*", "*MoE", "*Moe", "*MLP")
     block_requires: tuple[tuple[str, object], ...] = ()
+    shared_optional: bool = False
     router_returns: Literal["topk", "dense_scores"] = "topk"
     experts_kind: Literal["fused", "dense_input_scaled"] = "fused"
     flat_output: bool = False
@@ -1018,6 +1021,7 @@ for _spec in [
     FamilySpec(
         "cohere2_moe", ("cohere2_moe",), rule=TopKThenScore(fn="expert_selection_fn"), shared="shared_experts",
         mid=None, residual="parallel", block_requires=(("shared_expert_combination_strategy", "sum"),),
+        shared_optional=True,
         notes="parallel block: resid_post = resid_pre + attn.output + mlp.output (no resid_mid)",
     ),
     FamilySpec(

@@ -719,17 +719,8 @@ def _check_experts(layer: int, experts: nn.Module, block: nn.Module, spec: Famil
     from .families import UnsupportedModelError
 
     cls = type(experts).__name__
-    if "Mxfp4" in cls:
-        raise UnsupportedModelError(
-            f"layer {layer}: {cls} runs MXFP4 experts through triton kernels, which compute each expert's output and "
-            "its routing weight in one fused call: per-expert outputs cannot be exposed. Load the model with "
-            "quantization_config=Mxfp4Config(dequantize=True) (bf16 experts, exact points)"
-        )
-    if not hasattr(experts, "has_gate") and spec.experts_kind == "fused":
-        raise UnsupportedModelError(
-            f"layer {layer}: {cls} is not a fused experts module decorated with @use_experts_implementation; "
-            "expertlens needs transformers>=5 fused experts"
-        )
+    if "Mxfp4" in cls or (not hasattr(experts, "has_gate") and spec.experts_kind == "fused"):
+        raise UnsupportedModelError(_unfused_message(layer, experts))
     has_shared = spec.shared is not None and get_module(block, spec.shared) is not None
     for name, expected in spec.block_requires if has_shared else ():
         value = getattr(block, name, expected)
@@ -758,6 +749,34 @@ def is_installed(model: nn.Module) -> bool:
         False
     """
     return getattr(model, "_el_instrumentation", None) is not None
+
+
+def _unfused_message(layer: int, experts: nn.Module) -> str:
+    """Why an experts module cannot be instrumented, and what to do instead."""
+    name = type(experts).__name__
+    if "Mxfp4" in name:
+        return (
+            f"layer {layer}: {name} holds MXFP4-quantised experts computed by a fused kernel expertlens cannot "
+            "instrument; load the checkpoint dequantised: from_pretrained(..., quantization_config="
+            "Mxfp4Config(dequantize=True)) (or ExpertModel(name, quantization_config=Mxfp4Config(dequantize=True)))"
+        )
+    if "FP8" in name or "Fp8" in name:
+        return (
+            f"layer {layer}: {name} holds FP8-quantised experts computed by a fused kernel expertlens cannot "
+            "instrument; load the checkpoint dequantised: from_pretrained(..., quantization_config="
+            "FineGrainedFP8Config(dequantize=True)), or in bf16 from an unquantised checkpoint"
+        )
+    if isinstance(experts, nn.ModuleList):
+        return (
+            f"layer {layer}: the experts are an nn.ModuleList of per-expert modules ({name}); expertlens needs a "
+            "transformers>=5 fused experts module (decorated with @use_experts_implementation). Use a built-in "
+            "transformers family (not remote code)"
+        )
+    return (
+        f"layer {layer}: {name} is not a fused experts module decorated with @use_experts_implementation; "
+        "expertlens needs transformers>=5 fused experts (pip install 'transformers>=5'; remote-code models are "
+        "not supported)"
+    )
 
 
 def install(model: nn.Module, spec: FamilySpec, editable: list[nn.Module] = ()) -> Instrumentation:

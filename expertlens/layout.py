@@ -142,6 +142,13 @@ def resolve_layout(model: nn.Module, spec: FamilySpec) -> tuple[LayerLayout, ...
         moe: dict[str, Any] = {}
         block = spec.moe_block(layer)
         if block is not None:
+            for what, sub in (("shared expert", spec.shared), ("shared-expert gate", spec.shared_gate)):
+                if sub is not None and spec.shared_level == "block" and not spec.shared_optional \
+                        and get_module(block, sub) is None:
+                    raise UnsupportedModelError(
+                        f"family {spec.name!r}: layer {i}'s MoE block ({type(block).__name__}) has no {what} at "
+                        f"{sub!r}; its children are {[n for n, _ in block.named_children()]}"
+                    )
             layer_shared = spec.shared is not None and spec.shared_level == "layer"
             owner = f"{path}.{spec.shared}" if layer_shared else f"{path}.{spec.moe}"
             moe = dict(

@@ -24,6 +24,7 @@ paths in :mod:`expertlens.layout`, the instrumentation in :mod:`expertlens.instr
 from __future__ import annotations
 
 import copy
+import threading
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -49,6 +50,7 @@ from .points import (
     PointAttr,
     PointError,
     _envoy,
+    as_index,
 )
 
 __all__ = [
@@ -77,7 +79,8 @@ class _LayerList:
 
     def __getitem__(self, layer: int) -> LayerPoints:
         n = self._model.n_layers
-        if not isinstance(layer, int) or isinstance(layer, bool) or not -n <= layer < n:
+        layer = as_index(layer, "layer")
+        if not -n <= layer < n:
             raise PointError(f"layer {layer!r} out of range: the model has {n} layers (0..{n - 1})")
         return self._model._layer_points(layer % n)
 
@@ -172,7 +175,15 @@ class ExpertModel(TransformersModel):
             from .infer import reference_logits
 
             reference = reference_logits(hf_model)
-        layout = resolve_layout(hf_model, spec)
+        try:
+            layout = resolve_layout(hf_model, spec)
+        except UnsupportedModelError as err:
+            raise UnsupportedModelError(f"{err}{_forced_hint(hf_model, family, spec)}") from None
+        if validate and not _can_run(hf_model):
+            raise ValueError(
+                "validate=True, but some weights are on the meta device with no offload hooks to load them, "
+                "so the model cannot run; pass validate=False to wrap it for inspection only"
+            )
         hf_model.eval()
         editable = _editable_modules(hf_model, editable_paths(spec, layout))
         head = _head_transform(hf_model)
@@ -205,7 +216,7 @@ class ExpertModel(TransformersModel):
                 self.restore()
                 raise
         elif validate is None or validate:
-            from .checks import check_model, check_truth
+            from .checks import ValidationError, check_model, check_truth
 
             runnable = _can_run(hf_model)
             if not runnable and validate:
@@ -218,9 +229,40 @@ class ExpertModel(TransformersModel):
                 try:
                     check_model(self)
                     check_truth(self)
+                except ValidationError as err:
+                    self.restore()
+                    raise ValidationError(f"{err}{_forced_hint(hf_model, family, spec)}") from None
                 except Exception:
                     self.restore()
                     raise
+
+    # ---- tracing ----------------------------------------------------------------------------
+    def trace(self, *inputs: Any, **kwargs: Any):
+        """nnsight's ``trace``, plus: a trace refused while another thread traces this model, and
+        out-of-order reads reported by point name (``layers[1].moe.router_logits``) with the order
+        points must be read in.
+
+        Example:
+            >>> from expertlens.testing import tiny_model, tiny_tokenizer
+            >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+            >>> with model.trace("hi"):
+            ...     out = model.logits.save()
+        """
+        busy = self._module.__dict__.get("_el_trace_thread")
+        me = threading.current_thread()
+        if busy is not None and busy is not me and busy.is_alive():
+            raise RuntimeError(
+                f"this model is being traced by thread {busy.name!r}; nnsight runs one trace of a model at a time "
+                "(a second thread's trace body would be skipped or fail). Trace from one thread, or wrap a separate "
+                "copy of the model per thread"
+            )
+        tracer = super().trace(*inputs, **kwargs)
+        if kwargs.get("remote"):  # serialised and run elsewhere: keep nnsight's own tracer
+            return tracer
+        self._module.__dict__["_el_trace_thread"] = me
+        tracer.__class__ = _friendly_tracer(type(tracer))
+        tracer.__dict__["_el_model"] = self
+        return tracer
 
     # ---- identity ---------------------------------------------------------------------------
     @property
@@ -472,16 +514,107 @@ def _head_transform(model: nn.Module) -> tuple[float, float | None]:
     return scale, cap
 
 
+def _forced_hint(model: nn.Module, family: Any, spec: FamilySpec) -> str:
+    """For a table forced with ``family=``: which family the model itself resolves to."""
+    if family is None:
+        return ""
+    model_type = getattr(model.config, "model_type", "?")
+    try:
+        own = resolve_family(model).name
+    except UnsupportedModelError:
+        own = None
+    if own == spec.name:
+        return ""
+    tail = f"it resolves to family {own!r} (drop family= to use it)" if own else "no registered family matches it"
+    return f" [family={spec.name!r} was forced, but this model's config.model_type is {model_type!r}: {tail}]"
+
+
+_FRIENDLY_TRACERS: dict[type, type] = {}
+
+#: The order points must be read in within one invoke (nnsight's rule), for error messages.
+READ_ORDER = (
+    "embed, then layer by layer: resid_pre, attn.z / attn.head_out, attn.output, resid_mid, moe.router_logits, "
+    "moe.router_probs, moe.topk_indices, moe.topk_weights, moe.experts[e], moe.expert_out, moe.shared_out, "
+    "moe.output / mlp.output, resid_post; then logits"
+)
+
+
+def _friendly_tracer(cls: type) -> type:
+    if cls not in _FRIENDLY_TRACERS:
+
+        def __exit__(self, exc_type, exc_value, tb):
+            model = self.__dict__.get("_el_model")
+            try:
+                return cls.__exit__(self, exc_type, exc_value, tb)
+            except Exception as err:
+                if type(err).__name__ == "OutOfOrderError" and model is not None:
+                    raise type(err)(_out_of_order_message(model, str(err))).with_traceback(err.__traceback__) from None
+                raise
+            finally:
+                if model is not None and model._module.__dict__.get("_el_trace_thread") is threading.current_thread():
+                    model._module.__dict__.pop("_el_trace_thread", None)
+
+        _FRIENDLY_TRACERS[cls] = type(cls.__name__, (cls,), {"__exit__": __exit__, "__module__": cls.__module__})
+    return _FRIENDLY_TRACERS[cls]
+
+
+def _point_names(model: ExpertModel) -> dict[str, str]:
+    """nnsight location prefix (module path + ``.input``/``.output``) -> expertlens point name."""
+    names = {f"{model.spec.embed}.output": "embed", f"{model.spec.lm_head}.output": "logits"}
+    for lay in model.layout:
+        row, at = lay.as_dict(), f"layers[{lay.index}]"
+        names[f"{row['path']}.input"] = f"{at}.resid_pre"
+        names[f"{row['path']}.output"] = f"{at}.resid_post"
+        names[f"{row['attn']}.output"] = f"{at}.attn.output"
+        if row.get("o_proj"):
+            names[f"{row['o_proj']}.input"] = f"{at}.attn.z"
+            names[f"{row['o_proj']}.output"] = f"{at}.attn.head_out"
+        names[f"{row['mid']}.input"] = f"{at}.resid_mid"
+        names[f"{row['mlp']}.output"] = f"{at}.mlp.output"
+        if row.get("block"):
+            names[f"{row['block']}.input"] = f"{at}.moe.input"
+            for point in ("router_logits", "router_probs", "topk_indices", "topk_weights"):
+                names[f"{row['router']}.el_{point}.output"] = f"{at}.moe.{point}"
+            names[f"{row['experts']}.el_expert_out.output"] = f"{at}.moe.expert_out"
+            names[f"{row['experts']}.el_expert_view.output"] = f"{at}.moe.experts[e]"
+            names[f"{row['block']}.el_shared_out.output"] = f"{at}.moe.shared_out"
+            names[f"{row['block']}.el_output.output"] = f"{at}.moe.output"
+    return names
+
+
+def _out_of_order_message(model: ExpertModel, message: str) -> str:
+    import re
+
+    match = re.search(r"'([^']+)' was requested", message)
+    location = match.group(1) if match else ""
+    path = re.sub(r"^model\.", "", location)
+    path = re.sub(r"\.i\d+$", "", path)
+    name = _point_names(model).get(path)
+    if name is None:
+        return f"{message}. Read points in computation order within one invoke: {READ_ORDER}"
+    if not _instrument.is_installed(model._module) and ".moe." in name:
+        return (f"{name} was requested, but this model's instrumentation was removed (model.restore()), so MoE "
+                f"points are never computed; wrap the model again (nnsight location {location!r})")
+    return (
+        f"{name} was read after the model had already computed it (or it is never computed in this forward). "
+        f"Within one invoke read points in computation order: {READ_ORDER}; or read it in a separate invoke "
+        f"or trace (nnsight location {location!r})"
+    )
+
+
 def _own_config(model: nn.Module) -> None:
-    """Give ``model`` a private shallow copy of its config (every module that holds it), so that
-    switching its experts implementation never changes another model sharing the config object.
-    :func:`_release` puts the original object back."""
-    cfg = model.config
-    own = copy.copy(cfg)
+    """Give ``model`` a private deep copy of its config (every module that holds it or one of its
+    sub-configs), so that switching its experts implementation never changes another model sharing
+    the config object. :func:`_release` puts the original objects back."""
+    memo: dict[int, Any] = {}
+    copy.deepcopy(model.config, memo)  # sub-configs (text_config, ...) get copies too
+    swapped = []
     for module in model.modules():
-        if module.__dict__.get("config") is cfg:
-            module.__dict__["config"] = own
-    model.__dict__["_el_shared_config"] = cfg
+        cfg = module.__dict__.get("config")
+        if cfg is not None and id(cfg) in memo and memo[id(cfg)] is not cfg:
+            swapped.append((module, cfg))
+            module.__dict__["config"] = memo[id(cfg)]
+    model.__dict__["_el_shared_config"] = swapped
 
 
 def _release(hf: nn.Module) -> None:
@@ -499,12 +632,8 @@ def _release(hf: nn.Module) -> None:
         tracker.remove()
     if not hf.__dict__.get("_el_weight_edits", True):
         del hf.__dict__["_el_weight_edits"]
-    original = hf.__dict__.pop("_el_shared_config", None)
-    if original is not None:
-        own = hf.config
-        for module in hf.modules():
-            if module.__dict__.get("config") is own:
-                module.__dict__["config"] = original
+    for module, original in hf.__dict__.pop("_el_shared_config", ()):
+        module.__dict__["config"] = original
     for module in hf.modules():
         if isinstance(module.__dict__.get("forward"), Controller):
             del module.__dict__["forward"]

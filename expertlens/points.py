@@ -31,11 +31,13 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Float
 from torch import Tensor
 
 from . import instrument as _instrument
+from . import writes as _writes
 from .families import get_module
+from .writes import PointError
 
 if TYPE_CHECKING:
     from .layout import LayerLayout
@@ -60,22 +62,6 @@ __all__ = [
     "MoEPoints",
     "ExpertPoint",
 ]
-
-
-class PointError(ValueError):
-    """A point that does not exist: layer/expert out of range, MoE point on a dense layer, ...
-
-    Example:
-        >>> from expertlens import ExpertModel
-        >>> from expertlens.testing import tiny_model, tiny_tokenizer
-        >>> model = ExpertModel(tiny_model("qwen3_moe"), tiny_tokenizer())
-        >>> from expertlens import PointError
-        >>> try:
-        ...     model.layers[99]
-        ... except PointError as err:
-        ...     print(err)
-        layer 99 out of range: the model has 2 layers (0..1)
-    """
 
 
 SiteKind = Literal["hook", "output", "input", "input_in_place", "heads", "expert_slots", "returned_logits", "derived"]
@@ -184,6 +170,9 @@ class Point:
         env = _site_envoy(model, site)
         if site.kind == "returned_logits":
             return env.output.logits
+        if site.kind == "derived":  # the per-expert masks, from the selected ids
+            slot = env.output[0] == expert
+            return slot if self.name == "moe.experts.slot_mask" else slot.any(-1)
         if site.kind == "expert_slots":
             indices, out = env.output
             return out.reshape(-1, out.shape[-1])[model._moe_points(layer)._expert_rows(indices, expert)]
@@ -225,6 +214,60 @@ class Point:
 # --------------------------------------------------------------------------------------------
 # Helpers shared by the table, the properties and the edits
 # --------------------------------------------------------------------------------------------
+
+
+def as_index(value: Any, what: str) -> int:
+    """``value`` as a Python int: ints and numpy/torch integer scalars are accepted; bools, floats
+    and anything else raise ``TypeError`` naming the type.
+
+    Example:
+        >>> import numpy as np
+        >>> from expertlens.points import as_index
+        >>> as_index(np.int64(3), "layer")
+        3
+        >>> try:
+        ...     as_index(1.7, "layer")
+        ... except TypeError as err:
+        ...     print(err)
+        layer index must be an int (or a numpy/torch integer scalar), got float 1.7
+    """
+    import numbers
+
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{what} index must be an int (or a numpy/torch integer scalar), got bool {value!r}")
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, Tensor):
+        if value.dim() == 0 and not value.is_floating_point() and not value.is_complex():
+            return int(value.item())
+        raise TypeError(
+            f"{what} index must be an int (or a numpy/torch integer scalar), got a tensor of shape "
+            f"{tuple(value.shape)} and dtype {value.dtype}"
+        )
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    raise TypeError(
+        f"{what} index must be an int (or a numpy/torch integer scalar), got {type(value).__name__} {value!r}"
+    )
+
+
+def _no_such_point(group: Any, name: str) -> AttributeError:
+    cls = type(group)
+    kinds = (property, cached_property, PointAttr)
+    points = sorted(n for n in dir(cls) if not n.startswith("_") and isinstance(cls.__dict__.get(n, getattr(cls, n)),
+                                                                                 kinds))
+    return AttributeError(f"{cls.__name__} of layer {group.layer} has no point {name!r}; points are {points}")
+
+
+class _NamedPoints:
+    """Mixin: a typo'd point name lists the valid ones."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if hasattr(type(self), name):  # a real point whose read raised AttributeError: do not call it a typo
+            raise AttributeError(f"{type(self).__name__}.{name} exists but reading it raised AttributeError")
+        raise _no_such_point(self, name)
 
 
 def _envoy(root: Any, path: str) -> Any:
@@ -280,8 +323,11 @@ def check_write(
         True
     """
     if point.validate_write is not None:
-        return point.validate_write(point, value, model, layout, current)
-    return value
+        value = point.validate_write(point, value, model, layout, current)
+    # Every write, after any per-point slot: shape, dtype kind, device, finiteness and expert-id range.
+    name = "moe.experts.output" if point.per_expert else point.name
+    return _writes.check_write(model, name, layout.index if layout is not None else None, value, current(),
+                               n_experts=layout.n_experts if layout is not None and layout.is_moe else None)
 
 
 def check_edit(point: Point, new: Any, old: Tensor, layout: LayerLayout | None) -> Any:
@@ -296,8 +342,9 @@ def check_edit(point: Point, new: Any, old: Tensor, layout: LayerLayout | None) 
         128.0
     """
     if point.validate_edit is not None:
-        return point.validate_edit(point, new, old, layout)
-    return new
+        new = point.validate_edit(point, new, old, layout)
+    # Every edit result, after any per-point slot: shape and dtype kind, no device sync.
+    return _writes.check_edit_output(point.name, layout.index if layout is not None else None, new, old)
 
 
 def _needs_attn(model: ExpertModel, lay: LayerLayout | None) -> str | None:
@@ -433,6 +480,10 @@ POINTS: dict[str, Point] = {
               lambda m, lay: Site(f"{lay.experts}.el_expert_view", "expert_slots"), _d, "[n, d]", "float",
               "expert `e`'s outputs where it was selected (`[0, d]` if never)",
               on_write="yes (in place: those slots of `expert_out`)", leading=1),
+        Point("moe.experts.slot_mask", "layers[i].moe.experts[e].slot_mask", "expert",
+              lambda m, lay: Site(f"{lay.experts}.el_expert_view", "derived"), lambda m, lay: (lay.top_k,),
+              "[b, p, k]", "bool", "slots where expert `e` was selected",
+              not_writable="derived from topk_indices; write moe.topk_indices to change the routing"),
         Point("moe.experts.mask", "layers[i].moe.experts[e].mask", "expert",
               lambda m, lay: Site(f"{lay.experts}.el_expert_view", "derived"), lambda m, lay: (), "[b, p]",
               "bool", "tokens routed to expert `e`",
@@ -552,7 +603,7 @@ class PointAttr:
         POINTS[self.name].write(group._model, group.layer, value, getattr(group, "expert", None))
 
 
-class AttentionPoints:
+class AttentionPoints(_NamedPoints):
     """Attention points of one layer: ``output``, ``z`` and ``head_out``.
 
     ``head_out[..., h, :]`` is head ``h``'s write through the output projection,
@@ -603,7 +654,7 @@ class AttentionPoints:
         return self._o_proj().bias
 
 
-class MLPPoints:
+class MLPPoints(_NamedPoints):
     """The feed-forward sublayer of a layer, dense or MoE: ``output`` ``[b, p, d]``.
 
     Example:
@@ -649,16 +700,8 @@ class ExpertPoint:
         self._moe, self.expert = moe, expert
         self._model, self.layer = moe._model, moe.layer
 
-    @property
-    def slot_mask(self) -> Bool[Tensor, "batch pos k"]:
-        """``[b, p, k]`` True at the slots where this expert was selected."""
-        site = POINTS["moe.experts.output"].site(self._model, self.layer)
-        return _site_envoy(self._model, site).output[0] == self.expert
-
-    @property
-    def mask(self) -> Bool[Tensor, "batch pos"]:
-        """``[b, p]`` True at tokens routed to this expert."""
-        return self.slot_mask.any(-1)
+    slot_mask = PointAttr("moe.experts.slot_mask")
+    mask = PointAttr("moe.experts.mask")
 
 
 class _ExpertList:
@@ -670,14 +713,15 @@ class _ExpertList:
 
     def __getitem__(self, expert: int) -> ExpertPoint:
         n = self._moe.n_experts
-        if not isinstance(expert, int) or not -n <= expert < n:
+        expert = as_index(expert, "expert")
+        if not -n <= expert < n:
             raise PointError(
                 f"expert {expert!r} out of range: layer {self._moe.layer} has {n} routed experts (0..{n - 1})"
             )
         return ExpertPoint(self._moe, expert % n)
 
 
-class MoEPoints:
+class MoEPoints(_NamedPoints):
     """MoE points of one layer (see :data:`POINTS` for shapes).
 
     Example:
@@ -743,7 +787,7 @@ class MoEPoints:
         POINTS["moe.shared_out"].write(self._model, self.layer, value)
 
 
-class LayerPoints:
+class LayerPoints(_NamedPoints):
     """Points of one decoder layer: residual stream, ``attn``, ``mlp`` and (MoE layers) ``moe``.
 
     Example:

@@ -446,7 +446,7 @@ def test_no_rule_class_is_dispatched_on_outside_families():
 
 #: The layers of docs/concepts/architecture.md, lowest first; a module imports only from its own layer or lower.
 LAYERS = [
-    ("families", "compat", "prompts", "direction", "plot", "report", "_tiny_configs"),
+    ("families", "compat", "prompts", "direction", "plot", "report", "writes", "_tiny_configs"),
     ("instrument",),
     ("layout", "infer"),
     ("points",),

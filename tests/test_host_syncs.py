@@ -127,8 +127,9 @@ def test_per_expert_reads_and_writes_sync_once_per_layer():
 
     base, _ = _syncs(empty)
     n, ops = _syncs(every_expert)
-    assert n - base <= len(model.moe_layers), ops
-    assert model.n_experts > 2  # so one sync per expert would exceed the bound
+    # one host read per layer for the reads, plus one finiteness check per write (every write is validated)
+    assert n - base <= 2 * len(model.moe_layers), ops
+    assert model.n_experts > 4  # so one sync per expert would exceed the bound
 
 
 def test_per_expert_rows_match_the_boolean_mask():

@@ -340,3 +340,33 @@ def test_capability_hook_sees_every_condition_with_its_edits_active(qwen2):
     assert base.capability.retention == 1.0 and act.capability.retention == pytest.approx(0.6)
     assert act.capability.suite == "capability suite suite" and seen[0] == 0 and max(seen) >= 1
     assert qwen2.n_edits() == 0
+
+
+def test_claim_verdicts_follow_the_numbers():
+    from expertlens.refusal.claims import claim_verdicts
+    from expertlens.refusal.results import Capability, CausalMap, Condition, Outcome, Rate, StudyResults
+
+    def cond(key, harmful, harmless, **kw):
+        bypass = Outcome.from_verdicts("harmful test", harmful)
+        induce = Outcome.from_verdicts("harmless test", harmless)
+        cap = Capability("s", Rate.of(9, 10), Rate.of(10, 10))
+        return Condition(key, key, {"layer": 1, "expert": 2, "coefficient": 5.0}, bypass, induce, 0.1, cap, **kw)
+
+    n = 40
+    refuse, answer, broken = ["refusal"] * n, ["full_response"] * n, ["non_response"] * n
+    res = StudyResults(
+        model={"family": "x"}, config={"kl_max": 2.0, "min_capability": 0.5}, preset="p", data={}, judge={},
+        selected={}, selection={},
+        conditions=[cond("baseline", refuse, answer), cond("actadd", answer, refuse),
+                    cond("method_b", broken, answer), cond("control", broken, answer)],
+        causal_map=CausalMap([0, 1], n, 1.0, 0.0, {"attention": [-0.5, 0.0], "moe": [-0.9, 0.0]},
+                             {"attention": [0.3, 0.0], "moe": [0.0, 0.0]}),
+    )  # fmt: skip
+    c1, c2, c3 = claim_verdicts(res)
+    assert c1.status == "supported" and "0.0% to 100.0%" in c1.verdict  # ASR 0 → 100 and harmless refusal 0 → 100
+    assert c2.status == "not supported" and "into non-responses" in c2.verdict  # broken is not bypassed
+    assert c3.status == "supported" and "attention" in c3.verdict  # B no better than chance; attention releases answers
+    res.conditions[2] = cond("method_b", refuse, refuse)  # induces, does not bypass, beats the control
+    assert claim_verdicts(res)[1].status == "partly supported"
+    res.conditions = res.conditions[:1]
+    assert [c.status for c in claim_verdicts(res)][:2] == ["not testable", "not testable"]

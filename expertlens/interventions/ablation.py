@@ -25,11 +25,11 @@ WRITES = {"embed": "embed", "resid_pre": "resid_pre", "attn": "attn_write", "mlp
 
 
 def _unit(model: ExpertModel, direction: Direction | Tensor, what: str) -> Tensor:
-    v = check_vector(model, direction, (model.d_model,), what).float()
+    v = check_vector(model, direction, (model.d_model,), what).double()  # float64: a tiny norm does not underflow
     n = v.norm()
-    if n == 0:
+    if not bool(v.ne(0).any()):
         raise ValueError(f"{what}: the direction is the zero vector; a non-zero [d_model] vector is accepted")
-    return v / n
+    return (v / n).float()
 
 
 @dataclass(frozen=True, eq=False)
@@ -147,7 +147,7 @@ class WeightEditHandle:
 
 
 def weight_edits(model: ExpertModel) -> list[WeightEditHandle]:
-    """The active weight edits on ``model``, oldest first (shared by every wrapper of the HF model).
+    """The active weight edits on ``model``, oldest first (``model.n_edits()`` counts them).
 
     Example:
         >>> import torch

@@ -120,6 +120,11 @@ class MaskExperts(Intervention):
                 )
         Positions.coerce(self.positions)
 
+    def routing_claims(self, model: ExpertModel) -> list[tuple[int, int, str]]:
+        """``(layer, expert, "out")`` for every masked expert (conflict checks in ``attach_all``)."""
+        table = resolve_experts(model, self.experts, "MaskExperts")
+        return [(layer, e, "out") for layer, ex in table.items() for e in ex]
+
     def attach(self, model: ExpertModel) -> list[EditHandle]:
         pos, rows = Positions.coerce(self.positions), self.rows
         handles = []
@@ -209,6 +214,11 @@ class ForceExperts(Intervention):
                         f"picks only topk_group={groups[1]} of {groups[0]} groups (size {size})"
                     )
         Positions.coerce(self.positions)
+
+    def routing_claims(self, model: ExpertModel) -> list[tuple[int, int, str]]:
+        """``(layer, expert, "in")`` for every forced expert (conflict checks in ``attach_all``)."""
+        table = resolve_experts(model, self.experts, "ForceExperts")
+        return [(layer, e, "in") for layer, ex in table.items() for e in ex]
 
     def attach(self, model: ExpertModel) -> list[EditHandle]:
         pos, rows, margin = Positions.coerce(self.positions), self.rows, float(self.margin)
@@ -414,6 +424,13 @@ class SteerMoE(Intervention):
         check_scalar(self.eps, "SteerMoE: eps")
         self._tables(model)
         Positions.coerce(self.positions)
+
+    def routing_claims(self, model: ExpertModel) -> list[tuple[int, int, str]]:
+        """Activated experts ``"in"``, deactivated ``"out"`` (conflict checks in ``attach_all``)."""
+        act, deact = self._tables(model)
+        return [(la, e, "in") for la, ex in act.items() for e in ex] + [
+            (la, e, "out") for la, ex in deact.items() for e in ex
+        ]
 
     def attach(self, model: ExpertModel) -> list[EditHandle]:
         act, deact = self._tables(model)

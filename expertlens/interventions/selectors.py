@@ -49,14 +49,15 @@ def resolve_layers(
         return list(pool)
     if isinstance(layers, str):
         raise ValueError(f"{what}layers={layers!r}: accepted are an int, a list of ints, a slice or 'all'")
+    accepted = "accepted are an int (or numpy/torch integer), a list of them, a slice or 'all'"
     if isinstance(layers, slice):
         out = list(range(n))[layers]
-    elif isinstance(layers, (int, torch.SymInt)) and not isinstance(layers, bool):
-        out = [int(layers)]
+    elif isinstance(layers, Tensor) and layers.dim() == 0 or _is_int(layers):
+        out = [_as_int(layers, f"{what}layers={layers!r}", accepted)]
     elif isinstance(layers, Sequence) or isinstance(layers, Tensor):
-        out = [int(x) for x in layers]
+        out = [_as_int(x, f"{what}layers={layers!r}: element {x!r}", accepted) for x in layers]
     else:
-        raise TypeError(f"{what}layers={layers!r}: accepted are an int, a list of ints, a slice or 'all'")
+        raise TypeError(f"{what}layers={layers!r} ({type(layers).__name__}): {accepted}")
     res = []
     for layer in out:
         if not -n <= layer < n:
@@ -79,15 +80,44 @@ def resolve_experts(
     if not isinstance(table, dict):
         raise TypeError(f"{what}: expected a dict {{layer: [experts]}}, got {type(table).__name__}")
     out: dict[int, list[int]] = {}
+    keys: dict[int, Any] = {}
+    accepted = "accepted are ints (or numpy/torch integers)"
     for layer, experts in table.items():
-        (lay,) = resolve_layers(model, int(layer), moe_only=True, what=f"{what}: ")
-        ex = [experts] if isinstance(experts, int) else list(experts)
+        (lay,) = resolve_layers(model, _as_int(layer, f"{what}: layer key {layer!r}", accepted), moe_only=True,
+                                what=f"{what}: ")
+        if lay in keys:
+            raise ValueError(
+                f"{what}: keys {keys[lay]!r} and {layer!r} both name layer {lay} (negative keys count from the end); "
+                "give each layer once"
+            )
+        keys[lay] = layer
+        if _is_int(experts) or isinstance(experts, Tensor) and experts.dim() == 0:
+            experts = [experts]
+        elif not isinstance(experts, (Sequence, Tensor)) or isinstance(experts, str):
+            raise TypeError(f"{what}: experts for layer {layer!r} are {experts!r}; {accepted}, or a list of them")
         n = model.n_experts
+        ex = [_as_int(e, f"{what}: expert {e!r} at layer {lay}", accepted) for e in experts]
         for e in ex:
-            if not isinstance(e, int) or isinstance(e, bool) or not 0 <= e < n:
+            if not 0 <= e < n:
                 raise PointError(f"{what}: expert {e!r} out of range at layer {lay}: experts are 0..{n - 1}")
-        out[lay] = sorted(set(out.get(lay, []) + ex))
+        out[lay] = sorted(set(ex))
     return out
+
+
+def _is_int(value: Any) -> bool:
+    import numbers
+
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _as_int(value: Any, what: str, accepted: str) -> int:
+    """An int from an int / numpy or torch integer scalar; TypeError naming the type otherwise."""
+    from ..model import as_index
+
+    try:
+        return as_index(value, "index")
+    except TypeError:
+        raise TypeError(f"{what} is a {type(value).__name__}: {accepted}; floats and bools are refused") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,7 +201,10 @@ class Positions:
         if isinstance(value, Tensor) and value.dtype == torch.bool:
             return Positions.mask(value)
         if isinstance(value, (int, Sequence, Tensor)):
-            return Positions.indices(value if isinstance(value, int) else [int(i) for i in value])
+            accepted = "accepted are ints (or numpy/torch integers), 'all'/'prompt'/'generated' or a boolean mask"
+            if _is_int(value) or isinstance(value, Tensor) and value.dim() == 0:
+                return Positions.indices(_as_int(value, f"positions={value!r}", accepted))
+            return Positions.indices([_as_int(i, f"positions={value!r}: element {i!r}", accepted) for i in value])
         raise TypeError(
             f"positions={value!r}: accepted are a Positions, 'all'/'prompt'/'generated', "
             "a list of ints or a boolean mask"

@@ -172,12 +172,27 @@ def _claim2(res: StudyResults) -> Claim:
             f"(ASR {_pct(ctrl.bypass.full_response.value)}, harmless refusal {_pct(ctrl.induce.refusal.value)})"
         )
     else:
-        status = "supported"
-        verdict = (
-            f"supported on this model: steering {head} alone gives ASR {_pct(t.a_rate)} (baseline {_pct(t.b_rate)}) "
-            f"and harmless refusal {_pct(ti.a_rate)} (baseline {_pct(ti.b_rate)})"
-            + ("" if beats else " (no random-expert control ran)")
-        )
+        both = _significant(g, t) and _significant(gi, ti)
+        status = "supported" if both else "partly supported"
+        if both:
+            what = (
+                f"raises ASR from {_pct(t.b_rate)} to {_pct(t.a_rate)} and harmless refusal from {_pct(ti.b_rate)} "
+                f"to {_pct(ti.a_rate)}"
+            )
+        elif _significant(gi, ti):
+            what = (
+                f"induces refusal (harmless refusal {_pct(ti.b_rate)} → {_pct(ti.a_rate)}) but does not bypass it "
+                f"(ASR {_pct(t.b_rate)} → {_pct(t.a_rate)})"
+            )
+        else:
+            what = (
+                f"bypasses refusal (ASR {_pct(t.b_rate)} → {_pct(t.a_rate)}) but does not induce it "
+                f"(harmless refusal {_pct(ti.b_rate)} → {_pct(ti.a_rate)})"
+            )
+        verdict = f"{status} on this model: steering {head} alone {what}" + (
+            ", and beats random below-threshold experts searched the same way" if beats else
+            " (no random-expert control ran)"
+        )  # fmt: skip
     evidence = [
         f"{b.label}, harmful test: {_rates(b)}; {_cost(b)}.",
         f"{b.label}, harmless test: refusal {b.induce.refusal.text()}.",
@@ -219,14 +234,17 @@ def _claim3(res: StudyResults) -> Claim:
         # a component carries refusal when zeroing it releases answers (ASR rises); a fall in refusal into
         # non-responses is breakage and says nothing about refusal in particular
         gain = {k: max((v for v in vals if v is not None), default=0.0) for k, vals in cmap.d_asr.items()}
-        where = {k: cmap.layers[vals.index(gain[k])] if gain[k] in vals else None for k, vals in cmap.d_asr.items()}
+        where = {
+            k: f"layer {cmap.layers[vals.index(gain[k])]}" if gain[k] > 0 and gain[k] in vals else "no layer"
+            for k, vals in cmap.d_asr.items()
+        }
         comp, layer, d = cmap.strongest("refusal")
         if max(gain.values(), default=0.0) > 0:
             attention_leads = gain.get("attention", 0.0) >= gain.get("moe", 0.0)
         evidence.append(
             f"Causal map ({cmap.n_prompts} harmful test prompts): zeroing one attention output raises ASR by at most "
-            f"{100 * gain.get('attention', 0):.1f} points (layer {where.get('attention')}), one MoE output by at most "
-            f"{100 * gain.get('moe', 0):.1f} points (layer {where.get('moe')}); the largest change in refusal "
+            f"{100 * gain.get('attention', 0):.1f} points ({where.get('attention')}), one MoE output by at most "
+            f"{100 * gain.get('moe', 0):.1f} points ({where.get('moe')}); the largest change in refusal "
             f"({100 * d:+.1f} points) comes from zeroing the {'attention' if comp == 'attention' else 'MoE'} output "
             f"of layer {layer}."
         )

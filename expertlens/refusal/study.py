@@ -566,7 +566,13 @@ class _Run:
 
     def _search_condition(self, key: str, label: str, experts: list[tuple[int, int]], stage: str) -> None:
         if not experts:
-            note = "no expert to search" if key == "method_b" else "no below-threshold expert to sample"
+            thr = self.cfg.expert_threshold
+            note = (
+                (f"no expert has |Δ| ≥ {thr:g} pp, the threshold method B searches (method_b_select='threshold')"
+                 if self.cfg.method_b_select == "threshold" else "no expert to search")
+                if key == "method_b"
+                else f"no expert below {thr:g} pp to sample"
+            )  # fmt: skip
             self.condition(key, label, note=note)
             return
         search_dict = self.stages.get(stage, dict)
