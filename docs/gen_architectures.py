@@ -37,6 +37,15 @@ def _code(x: str | None) -> str:
     return f"`{x}`" if x else "—"
 
 
+def _status(spec) -> str:
+    from expertlens.testing import TINY_CONFIGS
+
+    tested = any(spec.matches(t) for t in TINY_CONFIGS)
+    if not spec.is_moe:
+        return "dense (tested)" if tested else "dense"
+    return "exact (tested)" if tested else "exact (untested)"
+
+
 def rows() -> list[dict[str, str]]:
     """One row per registered family, in registration order."""
     from expertlens.families import supported_families
@@ -49,6 +58,7 @@ def rows() -> list[dict[str, str]]:
         out.append(
             {
                 "family": f"`{name}`",
+                "status": _status(spec),
                 "model_type": ", ".join(f"`{t}`" for t in spec.model_types),
                 "points": "all (MoE)" if spec.is_moe else "residual + attention",
                 "routing": spec.rule.describe() if spec.rule is not None else "—",
@@ -82,6 +92,7 @@ def render() -> str:
         [
             ("family", "family"),
             ("model_type", "`config.model_type`"),
+            ("status", "status"),
             ("points", "points"),
             ("routing", "routing rule"),
             ("shared", "shared expert"),
@@ -105,8 +116,10 @@ def render() -> str:
     n_moe = sum(r["points"] == "all (MoE)" for r in data)
     return (
         HEADER
+        + _coverage()
         + f"{len(data)} families: {n_moe} MoE, {len(data) - n_moe} dense.\n\n"
         + summary
+        + _refused()
         + "\n## Address tables\n\nModule paths relative to the `*ForCausalLM` (decoder layers), to a decoder "
         "layer (attention, MoE block) and to the MoE block (router, experts). The first attention path that "
         "exists on a layer wins (hybrid families list their linear-attention module too).\n\n"
@@ -118,6 +131,54 @@ def render() -> str:
         "`mlp_write` (the norms' outputs).\n"
         "* `scaled`: sublayer writes are multiplied by a residual factor; the additive identities above do "
         "not hold, but every point is still exact.\n"
+        "* `parallel`: attention and the MoE read the same normalised input; `resid_post == resid_pre + "
+        "attn.output + mlp.output` and there is no `resid_mid`.\n"
+        "* `single`: each layer holds one mixer (attention, recurrent, MLP or MoE); `resid_post == resid_pre + "
+        "mixer output`, and there is no `resid_mid`.\n"
+        "* `hyper`: hyper-connections keep several residual streams; `resid_*` points are the multi-stream "
+        "tensor, the MoE and attention points are exact.\n"
+        "* `other`: the layer mixes its sublayers in another way (block attention-residuals, convolutions); "
+        "the MoE and attention points are exact.\n"
+    )
+
+
+def _coverage() -> str:
+    import transformers
+
+    from expertlens.testing import ALL_MOE_TYPES, EXTRA_MOE_CONFIGS, coverage_families
+
+    supported = coverage_families()
+    n = len(set(supported) & set(ALL_MOE_TYPES))
+    extra = ", ".join(f"`{t}`" for t in sorted(set(supported) & set(EXTRA_MOE_CONFIGS)))
+    return (
+        f"Checked against transformers {transformers.__version__}: {n} of its {len(ALL_MOE_TYPES)} text MoE causal-LM "
+        f"types (text towers of multimodal models included) are addressed exactly, each tested on a tiny config "
+        f"(`tests/test_coverage.py`), and so are {extra}; the other {len(ALL_MOE_TYPES) - n} are refused with the "
+        "structural reason below. A model type with no table is wrapped only if a table inferred from its structure "
+        "passes the truth test (with a warning naming the table; see `expertlens.infer`).\n\n"
+    )
+
+
+def _refused() -> str:
+    from expertlens.families import REFUSED
+
+    data = [{"model_type": f"`{name}`", "reason": reason} for name, reason in sorted(REFUSED.items())]
+    return (
+        "\n## Refused\n\n`ExpertModel` raises `UnsupportedModelError` with the reason for these model types.\n\n"
+        + _table([("model_type", "`config.model_type`"), ("reason", "why")], data)
+        + "\n## Quantised checkpoints\n\n"
+        "* **FP8 experts** (`FineGrainedFP8Config`, `FP8Experts`): expertlens registers its implementation in "
+        "transformers' FP8 experts registry too. Each hit expert runs through the module's own FP8 GEMM "
+        "(`FP8Experts.linear`, no dequantisation), per-slot outputs pass the same points; the cost is the FP8 eager "
+        "path's per-expert loop instead of one grouped call. Outputs equal the FP8 eager implementation up to "
+        "accumulation order.\n"
+        "* **MXFP4 experts on triton kernels** (GPT-OSS, `Mxfp4GptOssExperts`): refused, since the kernel fuses "
+        "each expert's output with its routing weight. Load with `quantization_config=Mxfp4Config(dequantize=True)` "
+        "(bf16 experts, exact points).\n"
+        "* **bitsandbytes 4/8-bit**: only `nn.Linear` layers are quantised and fused experts stay in bf16, so every "
+        "MoE point is exact. A quantised attention output projection makes `attn.o_weight` / `attn.head_out` "
+        "raise `PointError` (`attn.z` and `attn.output` work); keep it dense with "
+        "`llm_int8_skip_modules=['o_proj', 'lm_head']`.\n"
     )
 
 

@@ -49,9 +49,13 @@ def capture_moe(model: ExpertModel, input_ids: torch.Tensor) -> list[dict[str, t
                 "topk_weights": moe.topk_weights,
                 "expert_out": moe.expert_out,
             }
-            if moe.has_shared:
+            # a layer-level shared MLP (FamilySpec.shared_level) runs after the MoE block
+            layer_shared = model.spec.shared_level == "layer"
+            if moe.has_shared and not layer_shared:
                 row["shared_out"] = moe.shared_out
             row["output"] = moe.output
+            if moe.has_shared and layer_shared:
+                row["shared_out"] = moe.shared_out
             rows.append(row)
         rows = nnsight.save(rows)
     return rows
@@ -77,8 +81,10 @@ def check_model(model: ExpertModel, n_tokens: int = 6, atol: float = 1e-4) -> No
     rows = capture_moe(model, ids)
     for layer, row in zip(model.moe_layers, rows):
         w, idx = row["topk_weights"], row["topk_indices"]
-        recon = (row["expert_out"].float() * w.float().unsqueeze(-1)).sum(dim=-2)
-        if "shared_out" in row:
+        w_eff = torch.ones_like(w) if model.spec.weights_on_input else w  # Llama-4: weights inside expert_out
+        recon = (row["expert_out"].float() * w_eff.float().unsqueeze(-1)).sum(dim=-2)
+        recon = recon * model.spec.routed_factor(model._module.get_submodule(model.layout[layer].block))
+        if "shared_out" in row and model.spec.shared_level == "block":
             recon = recon + row["shared_out"].float()
         err = (recon - row["output"].float()).abs().max().item()
         scale = row["output"].float().abs().max().item() + 1.0
@@ -127,9 +133,11 @@ def _uninstrumented(model: ExpertModel):
                 st.active = False
     impl = getattr(hf.config, "_experts_implementation", None)
     switched = inst is not None and bool(inst.blocks) and impl == _instrument.EXPERTS_IMPLEMENTATION
+    # FP8 experts: expertlens's FP8 implementation follows the FP8 eager loop (FP8 grouped_mm needs `kernels`)
+    fp8 = inst is not None and any(type(e).__name__ == "FP8Experts" for e in inst.experts.values())
     try:
         if switched:
-            hf.set_experts_implementation("grouped_mm")
+            hf.set_experts_implementation("eager" if fp8 else "grouped_mm")
         yield
     finally:
         if switched:

@@ -29,9 +29,12 @@ __all__ = [
     "GroupLimitedSoftmax",
     "SigmoidGroupTopK",
     "TopKThenSoftmax",
+    "TopKThenScore",
     "SparseMixer",
     "BiasedSoftmaxTopK",
+    "ScoredTopK",
     "UnsupportedModelError",
+    "REFUSED",
     "register_family",
     "resolve_family",
     "supported_families",
@@ -75,7 +78,13 @@ def get_module(root: nn.Module, path: str) -> nn.Module | None:
 
 
 def _attr(module: nn.Module, name: str, default=None):
-    return getattr(module, name, default)
+    value = getattr(module, name, None)
+    if value is None and module is not None:
+        # Router inputs owned by the MoE block (FamilySpec.router_extra): install() records the block.
+        owner = getattr(module, "__dict__", {}).get("_el_owner")
+        if owner is not None:
+            value = getattr(owner, name, None)
+    return default if value is None else value
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,11 +432,163 @@ class BiasedSoftmaxTopK(RoutingRule):
         return weights, idx
 
 
+@dataclass(frozen=True)
+class ScoredTopK(RoutingRule):
+    """The common modern router, described by data: score -> (biased) choice -> gather -> renorm -> scale.
+
+    ``score``: ``"softmax"`` or ``"sigmoid"`` over all experts (``"config"``: the router's ``score_fn``
+    decides). ``choose_on``: ``"scores"`` (top-k of score + bias) or ``"logits"`` (top-k of logits +
+    bias, weights ``sigmoid`` of the chosen logits, Kolibri). ``bias``: router (or MoE-block)
+    attribute holding the selection-only correction bias (``None``: none). ``group_limited``:
+    DeepSeek-V3 group limit (``num_group`` / ``topk_group``, group score = sum of its top-2).
+    ``renorm``: True, False or the router attribute holding the flag; ``eps`` is added to the
+    denominator. ``scale``: router attribute multiplying the weights (``None``: none). ``softcap``:
+    router attribute of a tanh logit soft-cap applied before scoring (Laguna).
+
+    Example:
+        >>> import torch
+        >>> from types import SimpleNamespace
+        >>> from expertlens.families import ScoredTopK
+        >>> rule = ScoredTopK(score="sigmoid", bias="e_score_correction_bias", renorm=True)
+        >>> router = SimpleNamespace(top_k=1, e_score_correction_bias=torch.tensor([0.0, 0.0, 5.0]))
+        >>> weights, idx = rule.route(torch.tensor([[3.0, 0.0, -3.0]]), router)
+        >>> idx.tolist(), weights.tolist()   # the bias picks expert 2; its weight renormalises to 1
+        ([[2]], [[1.0]])
+    """
+
+    score: Literal["softmax", "sigmoid", "config"] = "sigmoid"
+    choose_on: Literal["scores", "logits"] = "scores"
+    bias: str | None = None
+    group_limited: bool = False
+    renorm: bool | str = True
+    eps: float = 0.0
+    scale: str | None = None
+    softcap: str | None = None
+    kind: str = "scored top-k"
+
+    @property
+    def biased_selection(self) -> bool:  # type: ignore[override]
+        return self.bias is not None
+
+    def _capped(self, logits: Tensor, router: nn.Module) -> Tensor:
+        logits = logits.float()
+        cap = _attr(router, self.softcap, 0.0) if self.softcap else 0.0
+        if cap and cap > 0.0:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _scores(self, logits: Tensor, router: nn.Module) -> Tensor:
+        logits = self._capped(logits, router)
+        if self.score == "config":
+            return _attr(router, "score_fn")(logits)
+        return logits.softmax(dim=-1) if self.score == "softmax" else logits.sigmoid()
+
+    def _bias(self, router: nn.Module) -> Tensor | None:
+        if self.bias is None:
+            return None
+        if self.bias == "expert_bias" and not _attr(router, "use_expert_bias", True):
+            return None
+        return _attr(router, self.bias)
+
+    def probs(self, logits, router):
+        if self.choose_on == "logits":
+            return logits.float().sigmoid()
+        return self._scores(logits, router)
+
+    def selection_scores(self, logits, router):
+        base = logits.float() if self.choose_on == "logits" else self._scores(logits, router)
+        bias = self._bias(router)
+        return base if bias is None else base + bias.to(base.dtype)
+
+    def groups(self, router):
+        if not self.group_limited:
+            return None
+        n_group = int(_attr(router, "num_group", 1))
+        return n_group, int(_attr(router, "topk_group", n_group))
+
+    def route(self, logits, router, adjust=None):
+        base = logits.float() if self.choose_on == "logits" else self._scores(logits, router)
+        choice = self.selection_scores(logits, router)
+        if adjust is not None:
+            choice = adjust(choice.clone())
+        groups = self.groups(router)
+        if groups is not None:
+            choice = choice.masked_fill(~_limit_to_groups(choice, *groups, "top2"), float("-inf"))
+        idx = torch.topk(choice, _top_k(router), dim=-1)[1]
+        weights = base.gather(-1, idx)
+        if self.choose_on == "logits":
+            weights = weights.sigmoid()
+        renorm = bool(_attr(router, self.renorm, False)) if isinstance(self.renorm, str) else self.renorm
+        if renorm:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + self.eps)
+        if self.scale is not None:
+            weights = weights * _attr(router, self.scale, 1.0)
+        return weights, idx
+
+    def describe(self) -> str:
+        parts = ["router's score_fn" if self.score == "config" else self.score]
+        if self.softcap:
+            parts.insert(0, "tanh soft-cap")
+        on = "logits" if self.choose_on == "logits" else "scores"
+        parts.append(("group-limited " if self.group_limited else "") + f"top-k on {on}"
+                     + (" + correction bias" if self.bias else ""))
+        if self.choose_on == "logits":
+            parts.append("sigmoid of the chosen")
+        if self.renorm:
+            flag = self.renorm if isinstance(self.renorm, str) else "always"
+            parts.append(f"renormalise ({flag})")
+        if self.scale:
+            parts.append(f"x {self.scale}")
+        return " -> ".join(parts)
+
+
+@dataclass(frozen=True)
+class TopKThenScore(RoutingRule):
+    """Top-k on the raw logits, then softmax over the k or sigmoid of each (Cohere2-MoE, Flint-style).
+
+    ``fn``: ``"softmax"``, ``"sigmoid"`` or the router attribute naming one (``"expert_selection_fn"``).
+    Sigmoid weights are renormalised iff the router's ``norm_topk_prob``.
+
+    Example:
+        >>> import torch
+        >>> from types import SimpleNamespace
+        >>> from expertlens.families import TopKThenScore
+        >>> router = SimpleNamespace(top_k=1, norm_topk_prob=False)
+        >>> TopKThenScore(fn="sigmoid").route(torch.tensor([[0.0, 2.0]]), router)[1].tolist()
+        [[1]]
+    """
+
+    fn: str = "softmax"
+    kind: str = "top-k on logits -> softmax or sigmoid"
+
+    def selection_scores(self, logits, router):
+        return logits
+
+    def route(self, logits, router, adjust=None):
+        fn = self.fn if self.fn in ("softmax", "sigmoid") else _attr(router, self.fn, "softmax")
+        if adjust is not None:
+            idx = torch.topk(adjust(logits.clone()), _top_k(router), dim=-1)[1]
+            top = logits.gather(-1, idx)
+        else:
+            top, idx = torch.topk(logits, _top_k(router), dim=-1)
+        if fn == "softmax":
+            weights = torch.softmax(top, dim=-1, dtype=torch.float)
+        else:
+            weights = top.sigmoid()
+            if _attr(router, "norm_topk_prob", False):
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(logits.dtype), idx
+
+    def describe(self) -> str:
+        fn = self.fn if self.fn in ("softmax", "sigmoid") else f"router.{self.fn}"
+        return f"top-k on logits -> {fn} over the k"
+
+
 # --------------------------------------------------------------------------------------------
 # The spec
 # --------------------------------------------------------------------------------------------
 
-Residual = Literal["pre_norm", "post_norm", "scaled"]
+Residual = Literal["pre_norm", "post_norm", "scaled", "parallel", "single", "hyper", "other"]
 
 
 @dataclass(frozen=True)
@@ -447,7 +608,8 @@ class FamilySpec:
         attn: Candidate attention modules in a layer (first present wins; hybrid families list
             their linear-attention module too).
         o_proj: Candidate output projections inside the attention module.
-        mid: Module whose *input* is the residual stream after attention (``resid_mid``).
+        mid: Module whose *input* is the residual stream after attention (``resid_mid``); ``None``
+            where no such stream exists (parallel attention/MoE blocks, one-mixer layers).
         attn_write / ffn_write: For post-norm families, the module whose output is what the
             attention / feed-forward sublayer adds to the residual stream (``None``: the
             sublayer's own output is the write).
@@ -463,6 +625,39 @@ class FamilySpec:
         rule: The routing rule.
         is_moe: ``False`` for dense families (residual and attention points only).
         notes: Free text shown in the supported-architectures table.
+        router_input: The router is called with ``"flat"`` [T, d] or ``"3d"`` [b, p, d] hidden states.
+        router_extra: MoE-block attributes the router takes after the hidden states, in order
+            (``("e_score_correction_bias",)`` for MiniMax-M2 / HY-V3, ``("expert_bias",)`` for AFMoE and
+            LFM2-MoE); routing rules find them on the router too.
+        routed_scale: MoE-block attribute multiplying the routed output *outside* the router (Beam,
+            Laguna); ``topk_weights`` are the router's and ``expert_out`` includes the factor.
+        shared_level: ``"block"`` (the shared expert is a child of the MoE block) or ``"layer"`` (a
+            child of the decoder layer that the layer adds to the block's output, Granite-MoE-Shared);
+            for ``"layer"`` the ``moe.output`` point is the routed output and ``shared_out`` the shared
+            MLP's output (the layer adds them).
+        identity_wraps: MoE-block children applied around the experts that must be ``nn.Identity``
+            for per-expert outputs to be exact (Nemotron-H's latent projections); anything else is refused.
+        attn_optional: Hybrid stacks: layers whose attention path is missing (or is a recurrent mixer)
+            have no attention points; asking for them raises an error naming the layer type.
+        attn_exclude: ``fnmatch`` patterns of module class names that are never attention (state-space
+            and convolution mixers on the same attribute as attention, Nemotron-H's ``mixer``).
+        block_requires: ``(attribute, value)`` pairs an MoE block with a shared expert must satisfy for
+            the generic block forward to be exact (how it combines the shared output); anything else is
+            refused with the attribute named.
+        shared_optional: The block has the shared expert only when its config asks for one (Cohere2-MoE's
+            ``num_shared_experts``); layers without it have no ``shared_out``.
+        router_returns: ``"topk"`` (``(logits, topk_weights, topk_indices)``) or ``"dense_scores"``
+            (``(scores [T, E], logits)`` with zeros off the top-k, Llama-4; the top-k is read from the logits).
+        experts_kind: ``"fused"`` (a decorated fused experts module) or ``"dense_input_scaled"`` (Llama-4: a
+            dense bmm over every expert whose *input* is multiplied by the routing weight). For the latter,
+            ``expert_out`` is each chosen expert applied to its weight-scaled input and
+            ``moe.output == Σ_k expert_out + shared_out`` (exact for top-k ≤ 2; Llama-4 routes top-1).
+        flat_output: The block returns ``[T, d]`` rather than ``[b, p, d]`` (Llama-4).
+        block_norm: A norm the MoE block applies to its summed output (AXK1's ``post_mlp_layernorm``):
+            ``moe.output`` is the sum before it (the reconstruction identity holds there) and the norm's
+            output is the sublayer's write (``ffn_write``).
+        inference: ``None`` for a registered table; for a table inferred from structure, the text of
+            the warning that names it.
         residual_multiplier: For ``"scaled"`` families whose sublayer writes are multiplied by a
             plain scalar, the decoder-layer attribute holding it (GraniteMoE:
             ``"residual_multiplier"``); ``None`` for a scaled family means the residual stream is
@@ -486,7 +681,7 @@ class FamilySpec:
     lm_head: str = "lm_head"
     attn: tuple[str, ...] = ("self_attn",)
     o_proj: tuple[str, ...] = ("o_proj", "out_proj")
-    mid: str = "post_attention_layernorm"
+    mid: str | None = "post_attention_layernorm"
     attn_write: str | None = None
     ffn_write: str | None = None
     residual: Residual = "pre_norm"
@@ -500,6 +695,20 @@ class FamilySpec:
     returns_tuple: bool = False
     is_moe: bool = True
     notes: str = ""
+    router_input: Literal["flat", "3d"] = "flat"
+    router_extra: tuple[str, ...] = ()
+    routed_scale: str | None = None
+    shared_level: Literal["block", "layer"] = "block"
+    identity_wraps: tuple[str, ...] = ()
+    attn_optional: bool = False
+    attn_exclude: tuple[str, ...] = ("*Mamba*", "*ShortConv*", "*MoE", "*Moe", "*MLP")
+    block_requires: tuple[tuple[str, object], ...] = ()
+    shared_optional: bool = False
+    router_returns: Literal["topk", "dense_scores"] = "topk"
+    experts_kind: Literal["fused", "dense_input_scaled"] = "fused"
+    flat_output: bool = False
+    block_norm: str | None = None
+    inference: str | None = None
     residual_multiplier: str | None = None
     mlp_out: str = "down_proj"
 
@@ -516,11 +725,20 @@ class FamilySpec:
             )
         return layers  # type: ignore[return-value]
 
-    def attn_module(self, layer: nn.Module) -> tuple[str, nn.Module]:
+    def attn_module(self, layer: nn.Module) -> tuple[str, nn.Module] | None:
+        """The layer's attention module, or ``None`` on a hybrid stack's layer without attention."""
         for name in self.attn:
             mod = get_module(layer, name)
-            if mod is not None:
-                return name, mod
+            if mod is None:
+                continue
+            if self.attn_optional and (
+                any(fnmatch.fnmatch(type(mod).__name__, pat) for pat in self.attn_exclude)
+                or self.o_proj_module(mod) is None
+            ):
+                continue
+            return name, mod
+        if self.attn_optional:
+            return None
         raise UnsupportedModelError(
             f"family {self.name!r}: none of the attention paths {self.attn} exist on "
             f"{type(layer).__name__}; children are {[n for n, _ in layer.named_children()]}"
@@ -543,6 +761,20 @@ class FamilySpec:
         if get_module(block, self.router) is None or get_module(block, self.experts) is None:
             return None
         return block
+
+    @property
+    def weights_on_input(self) -> bool:
+        """Routing weights scale the experts' *input* (Llama-4): ``moe.output == Σ_k expert_out (+ shared)``."""
+        return self.experts_kind == "dense_input_scaled"
+
+    def routed_factor(self, block: nn.Module) -> float:
+        """The factor the MoE block multiplies its routed output by outside the router (1.0 for most).
+
+        ``moe.output == routed_factor · Σ_k topk_weights·expert_out (+ shared_out)``.
+        """
+        if self.routed_scale is None:
+            return 1.0
+        return float(getattr(block, self.routed_scale))
 
     @property
     def additive_residual(self) -> bool:
@@ -632,6 +864,11 @@ def resolve_family(model_or_type: nn.Module | str) -> FamilySpec:
     for spec in _REGISTRY.values():
         if spec.matches(model_type):
             return spec
+    if model_type in REFUSED:
+        raise UnsupportedModelError(
+            f"expertlens cannot address model family {model_type!r} exactly: {REFUSED[model_type]}. "
+            "See docs/architectures.md for the supported families."
+        )
     names = ", ".join(sorted(_REGISTRY))
     raise UnsupportedModelError(
         f"expertlens has no address table for model family {model_type!r}. Supported families: "
@@ -643,6 +880,27 @@ def resolve_family(model_or_type: nn.Module | str) -> FamilySpec:
 
 _QWEN_SHARED = dict(shared="shared_expert", shared_gate="shared_expert_gate", shared_input="flat")
 _DEEPSEEK_SHARED = dict(shared="shared_experts", shared_input="3d")
+
+#: Text MoE causal-LM types of transformers 5.24 that cannot be addressed exactly, with the structural reason.
+REFUSED: dict[str, str] = {
+    "deepseek_v4": "hash-routed layers choose experts from token ids (a tid2eid table), not from router logits, so "
+    "router_logits edits cannot change their selection; the residual is hyper-connected",
+    "gemma4_text": "the router and experts are direct children of the decoder layer, running in parallel with a "
+    "dense MLP on differently normalised inputs: there is no MoE block module to instrument, and the router "
+    "returns probabilities, not logits",
+    "jetmoe": "experts are unfused ParallelExperts called with per-expert token counts (no @use_experts_implementation "
+    "module), and attention is itself a mixture of attention heads with its own router",
+    "longcat_flash": "zero-computation experts (indices >= n_routed_experts are identities) and two attention and two "
+    "MLP sublayers per layer around a shortcut-connected MoE",
+    "zaya": "the router is an MLP over a down-projected state threaded from layer to layer, with a skip-expert slot; "
+    "its logits are not a linear function of the MoE input",
+    "inkling_text": "the router also emits the shared experts' gammas (a joint softmax over routed and shared "
+    "logits), so the shared output depends on router internals the generic block cannot reproduce",
+    "dbrx": "experts are unfused 2-D weights (w1/v1/w2 of shape [E*I, d]) looped over in Python and top-k is taken "
+    "in a block method, not a router module: there is no decorated experts module to expose per-slot outputs",
+    "doge": "Doge's MoE (CDMoE) retrieves product-key embedding experts by key scores: there is no router/experts "
+    "pair; its configs with is_moe=False build a dense model",
+}
 
 for _spec in [
     FamilySpec("mixtral", ("mixtral",), rule=SoftmaxTopK(renorm=True, cast_to_logits_dtype=False)),
@@ -680,6 +938,141 @@ for _spec in [
     FamilySpec("hunyuan_v1_moe", ("hunyuan_v1_moe",),
                rule=SoftmaxTopK(renorm=True, cast_to_logits_dtype=True), router_weight="wg.weight",
                shared="shared_mlp", shared_input="3d"),
+    # ---- coverage of transformers 5.24's text MoE causal LMs (issue 14) -----------------------
+    *[
+        FamilySpec(name, (name,), rule=SigmoidGroupTopK(), **_DEEPSEEK_SHARED, notes=note)
+        for name, note in [
+            ("dots1", "DeepSeek-V3 routing; dense prefix layers"),
+            ("dots3_note_text", "text tower; DeepSeek-V3 routing; dense prefix layers"),
+            ("exaone_moe", "DeepSeek-V3 routing; dense prefix layers"),
+            ("glm4_moe_lite", "MLA attention; DeepSeek-V3 routing; dense prefix layers"),
+            ("solar_open", "DeepSeek-V3 routing"),
+            ("kimi_linear", "linear (KDA) and MLA attention layers; DeepSeek-V3 routing; dense prefix layers"),
+            ("bailing_hybrid", "linear and full attention layers; DeepSeek-V3 routing; dense prefix layers"),
+        ]
+    ],
+    FamilySpec(
+        "axk1", ("axk1",), rule=SigmoidGroupTopK(), **_DEEPSEEK_SHARED, block_norm="post_mlp_layernorm",
+        ffn_write="mlp.post_mlp_layernorm", residual="post_norm",
+        notes="MLA attention; the MoE block normalises its summed output: moe.output is the sum before "
+        "post_mlp_layernorm, mlp_write the normalised write; dense prefix layers",
+    ),
+    FamilySpec("mimo_v2_flash", ("mimo_v2_flash",), rule=SigmoidGroupTopK(), notes="DeepSeek-V3 routing, no shared"),
+    FamilySpec(
+        "hy_v4", ("hy_v4",), rule=SigmoidGroupTopK(), **_DEEPSEEK_SHARED, mid="ffn_hc", residual="hyper",
+        notes="hyper-connections: resid_* points are the [b, p, n, d] multi-stream residual; MoE and attention "
+        "points are exact",
+    ),
+    FamilySpec("mellum", ("mellum",)),
+    FamilySpec("qwen3_5_moe_text", ("qwen3_5_moe_text",), rule=SoftmaxTopK(renorm=True),
+               attn=("self_attn", "linear_attn"), **_QWEN_SHARED,
+               notes="text tower of Qwen3.5-MoE; linear-attention layers (GatedDeltaNet) expose linear_attn.out_proj"),
+    FamilySpec(
+        "qwen4_exp_text", ("qwen4_exp_text",), attn=("self_attn", "linear_attn"), **_QWEN_SHARED,
+        mid="mlp_hyper_connection", residual="hyper",
+        notes="text tower; gated hyper-connections: resid_* points are the multi-stream residual",
+    ),
+    FamilySpec("lara_mini", ("lara_mini",), attn=("self_attn", "linear_attn"), shared="shared_expert",
+               notes="linear-attention layers expose linear_attn.out_proj; ungated shared expert"),
+    FamilySpec("flint", ("flint",), rule=ScoredTopK(score="sigmoid", renorm="norm_topk_prob"),
+               shared="shared_expert", notes="sigmoid top-k; ungated shared expert"),
+    FamilySpec("aria_text", ("aria_text",), rule=TopKThenSoftmax(), router="router", shared="shared_experts",
+               shared_input="3d", notes="text tower of Aria"),
+    FamilySpec(
+        "minimax_m2", ("minimax_m2",), rule=ScoredTopK(bias="e_score_correction_bias"),
+        router_extra=("e_score_correction_bias",),
+        notes="the correction bias lives on the MoE block and is passed to the router",
+    ),
+    FamilySpec(
+        "minimax_m3_vl_text", ("minimax_m3_vl_text",), rule=ScoredTopK(bias="e_score_correction_bias"),
+        routed_scale="routed_scaling_factor", shared="shared_experts",
+        notes="text tower; routed output x routed_scaling_factor outside the router",
+    ),
+    FamilySpec(
+        "hy_v3", ("hy_v3",),
+        rule=ScoredTopK(bias="e_score_correction_bias", eps=1e-20, scale="router_scaling_factor"),
+        router_extra=("e_score_correction_bias",), shared="shared_experts",
+        notes="the correction bias lives on the MoE block and is passed to the router",
+    ),
+    FamilySpec(
+        "laguna", ("laguna",), rule=ScoredTopK(bias="e_score_correction_bias", softcap="router_logit_softcapping"),
+        routed_scale="routed_scaling_factor", shared="shared_experts",
+        notes="routed output x routed_scaling_factor outside the router; dense prefix layers",
+    ),
+    FamilySpec(
+        "afmoe", ("afmoe",), rule=ScoredTopK(bias="expert_bias", eps=1e-20, scale="route_scale"), router="router",
+        router_input="3d", router_extra=("expert_bias",), shared="shared_experts", mid="pre_mlp_layernorm",
+        attn_write="post_attention_layernorm", ffn_write="post_mlp_layernorm", residual="post_norm",
+        notes="sandwich norms (sublayer writes pass through a norm); expert bias on the MoE block; gated attention",
+    ),
+    FamilySpec(
+        "kolibri1", ("kolibri1",),
+        rule=ScoredTopK(choose_on="logits", bias="e_score_correction_bias", renorm="norm_topk_prob"),
+        shared="shared_experts", shared_input="3d", attn_write="post_self_attn_layernorm",
+        ffn_write="post_mlp_layernorm", residual="post_norm", notes="sandwich norms; top-k on biased logits",
+    ),
+    FamilySpec(
+        "beam", ("beam",),
+        rule=ScoredTopK(bias="e_score_correction_bias", group_limited=True, renorm="norm_topk_prob", eps=1e-20),
+        routed_scale="routed_scaling_factor", mid="pre_feedforward_layernorm", attn_write="post_attention_layernorm",
+        ffn_write="post_feedforward_layernorm", residual="scaled",
+        notes="routed output x routed_scaling_factor outside the router; sandwich norms; depth-scaled residual",
+    ),
+    FamilySpec(
+        "cohere2_moe", ("cohere2_moe",), rule=TopKThenScore(fn="expert_selection_fn"), shared="shared_experts",
+        mid=None, residual="parallel", block_requires=(("shared_expert_combination_strategy", "sum"),),
+        shared_optional=True,
+        notes="parallel block: resid_post = resid_pre + attn.output + mlp.output (no resid_mid)",
+    ),
+    FamilySpec(
+        "inkling2_text", ("inkling2_text", "inkling2_loop_text"),
+        rule=ScoredTopK(score="config", bias="e_score_correction_bias", eps=1e-20, scale="routed_scaling_factor"),
+        mid=None, residual="other", o_proj=("o_proj.linear", "o_proj"),
+        notes="gated output projection (heads are read at o_proj.linear); block attention-residuals and short "
+        "convolutions around each sublayer: no resid_mid",
+    ),
+    FamilySpec(
+        "jamba", ("jamba",), rule=SoftmaxTopK(renorm=False), router="router", moe="feed_forward",
+        mid="pre_ff_layernorm", attn_optional=True,
+        notes="hybrid: Mamba layers have no attention points; MoE every expert_layer_period layers",
+    ),
+    FamilySpec(
+        "lfm2_moe", ("lfm2_moe",),
+        rule=ScoredTopK(bias="expert_bias", renorm="norm_topk_prob", eps=1e-6, scale="routed_scaling_factor"),
+        moe="feed_forward", router_extra=("expert_bias",), mid="ffn_norm", attn_optional=True,
+        final_norm="model.embedding_norm",
+        notes="hybrid: short-convolution layers have no attention points; expert bias on the MoE block",
+    ),
+    FamilySpec(
+        "nemotron_h", ("nemotron_h",), rule=SigmoidGroupTopK(), **_DEEPSEEK_SHARED, moe="mixer", attn=("mixer",),
+        attn_optional=True, mid=None, residual="single", identity_wraps=("fc1_latent_proj", "fc2_latent_proj"),
+        embed="model.embeddings", final_norm="model.norm_f",
+        notes="one mixer per layer (Mamba-2, attention, MLP or MoE): resid_post = resid_pre + the mixer's output; "
+        "ReLU² experts; latent MoE projections refused",
+    ),
+    *[
+        FamilySpec(
+            name, (name,), rule=TopKThenSoftmax(float_logits=True), moe="block_sparse_moe", router="router",
+            residual="scaled", shared="shared_mlp", shared_level="layer", residual_multiplier="residual_multiplier",
+            notes="residual_multiplier scales sublayer writes; the layer-level shared_mlp is moe.shared_out "
+            "(moe.output is the routed part)",
+        )
+        for name in ("granitemoeshared", "granitemoe_swa")
+    ],
+    FamilySpec(
+        "granitemoehybrid", ("granitemoehybrid",), rule=TopKThenSoftmax(float_logits=True), moe="block_sparse_moe",
+        router="router", residual="scaled", shared="shared_mlp", shared_level="layer", attn_optional=True,
+        residual_multiplier="residual_multiplier",
+        notes="hybrid: Mamba-2 layers have no attention points; residual_multiplier scales sublayer writes; the "
+        "layer-level shared_mlp is moe.shared_out",
+    ),
+    FamilySpec(
+        "llama4_text", ("llama4_text",), rule=TopKThenScore(fn="sigmoid"), moe="feed_forward", router="router",
+        shared="shared_expert", router_returns="dense_scores", experts_kind="dense_input_scaled", flat_output=True,
+        returns_tuple=True,
+        notes="text tower of Llama-4: sigmoid routing weights scale the experts' input (a dense bmm over all "
+        "experts); expert_out is each chosen expert on its scaled input, moe.output = Σ_k expert_out + shared_out",
+    ),
     FamilySpec("llama", ("llama",), rule=None, is_moe=False, notes="dense: residual and attention points"),
     FamilySpec("qwen2", ("qwen2",), rule=None, is_moe=False, notes="dense: residual and attention points"),
 ]:

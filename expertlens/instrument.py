@@ -37,6 +37,7 @@ __all__ = [
     "plain_calls",
     "EXPERTS_IMPLEMENTATION",
     "expertlens_experts_forward",
+    "expertlens_fp8_experts_forward",
     "expert_forward",
     "all_experts_forward",
     "global_num_experts",
@@ -344,9 +345,47 @@ def _ep_per_slot(experts: nn.Module, flat: Tensor, indices: Tensor, weights: Ten
     return out.view(n, k, -1)
 
 
+def expertlens_fp8_experts_forward(
+    self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+) -> Tensor:
+    """The ``"expertlens"`` implementation for transformers' FP8 experts (``FP8Experts``, fine-grained FP8).
+
+    Each hit expert runs through the module's own ``linear`` (the FP8 block-scaled GEMM of its eager path,
+    or ``F.linear`` for dequantised weights); per-slot outputs pass the same hook points as the fused
+    implementation before the routing weights multiply them. Cost: one FP8 GEMM pair per hit expert (the
+    eager path's loop) instead of one grouped call, so it is slower than FP8 ``grouped_mm`` on many
+    experts; no weight is dequantised. Results equal the FP8 eager implementation up to accumulation
+    order (it sums the k slots per token instead of ``index_add_`` over experts).
+
+    Example:
+        >>> from expertlens.instrument import register_experts_implementation
+        >>> register_experts_implementation()   # registers this one in the FP8 registry too
+    """
+    n_tokens, hidden_dim = hidden_states.shape
+    k = top_k_index.size(-1)
+    per_slot = hidden_states.new_zeros(n_tokens, k, hidden_dim)
+    static = getattr(self, "activation_scheme", "dynamic") == "static"
+    for expert in torch.unique(top_k_index).tolist():
+        if expert >= self.num_experts:
+            continue  # sentinel / expert-parallel slots produce nothing
+        tok, slot = torch.where(top_k_index == expert)
+        if self.has_gate:
+            w_up, s_up = self.gate_up_proj[expert], self.gate_up_proj_scale_inv[expert]
+        else:
+            w_up, s_up = self.up_proj[expert], self.up_proj_scale_inv[expert]
+        act = self.gate_up_proj_activation_scale[expert] if static else None
+        h = self.linear(hidden_states[tok], w_up, s_up, activation_scale=act)
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+        act = self.down_proj_activation_scale[expert] if static else None
+        per_slot[tok, slot] = self.linear(h, self.down_proj[expert], self.down_proj_scale_inv[expert],
+                                          activation_scale=act).to(per_slot.dtype)
+    weights = top_k_weights.to(per_slot.dtype)
+    return _weigh_through_points(self, per_slot, top_k_index, weights).to(hidden_states.dtype)
+
+
 def _refuse_meta_experts(experts: nn.Module, caller: str) -> None:
     """Offloaded (meta) expert weights hold no numbers: computing with them returns finite garbage."""
-    weights = experts.gate_up_proj if experts.has_gate else experts.up_proj
+    weights = experts.gate_up_proj if getattr(experts, "has_gate", True) else experts.up_proj
     if weights.is_meta or experts.down_proj.is_meta:
         raise ValueError(
             f"{caller}: the expert weights of {type(experts).__name__} are on the meta device (offloaded), "
@@ -401,7 +440,7 @@ def all_experts_forward(experts: nn.Module, x: Tensor, chunk: int | None = None)
 
 
 def register_experts_implementation() -> None:
-    """Register ``"expertlens"`` in transformers' experts registry (idempotent).
+    """Register ``"expertlens"`` in transformers' experts registry (idempotent), and in its FP8 one.
 
     Example:
         >>> from expertlens.instrument import register_experts_implementation
@@ -411,6 +450,12 @@ def register_experts_implementation() -> None:
 
     if EXPERTS_IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
         ExpertsInterface.register(EXPERTS_IMPLEMENTATION, expertlens_experts_forward)
+    try:
+        from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS, FP8ExpertsInterface
+    except ImportError:  # pragma: no cover - older transformers
+        return
+    if EXPERTS_IMPLEMENTATION not in ALL_FP8_EXPERTS_FUNCTIONS:
+        FP8ExpertsInterface.register(EXPERTS_IMPLEMENTATION, expertlens_fp8_experts_forward)
 
 
 def expert_forward(experts: torch.nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
@@ -428,6 +473,10 @@ def expert_forward(experts: torch.nn.Module, x: torch.Tensor, expert: int) -> to
         torch.Size([3, 64])
     """
     _refuse_meta_experts(experts, "expert_forward")
+
+    if not hasattr(experts, "has_gate"):  # Llama-4's dense experts: gate_up [E, d, 2I], down [E, I, d]
+        gate, up = (x @ experts.gate_up_proj[expert]).chunk(2, dim=-1)
+        return (up * experts.act_fn(gate)) @ experts.down_proj[expert]
 
     def lin(inp, w, b):
         out = inp @ w if experts.is_transposed else F.linear(inp, w)
@@ -506,7 +555,7 @@ def _router_forward(self: nn.Module, hidden_states: Tensor, *args, **kwargs):
             probs_idle = _idle(probs_point)
     if logits_idle and probs_idle:
         # Nothing reads or edits the logits: run the router untouched (no interception at all).
-        first, weights, indices = original(self, hidden_states, *args, **kwargs)
+        first, weights, indices = _topk_triple(st, self, original(self, hidden_states, *args, **kwargs))
         logits = None
     else:
         captured: dict[str, Any] = {}
@@ -523,7 +572,7 @@ def _router_forward(self: nn.Module, hidden_states: Tensor, *args, **kwargs):
         real = F.linear
         tap = F.linear = _LinearTap(real, on_logits)
         try:
-            first, weights, indices = original(self, hidden_states, *args, **kwargs)
+            first, weights, indices = _topk_triple(st, self, original(self, hidden_states, *args, **kwargs))
         finally:
             F.linear = real
         if not tap.done:
@@ -545,6 +594,28 @@ def _router_forward(self: nn.Module, hidden_states: Tensor, *args, **kwargs):
     return first, weights, indices
 
 
+def _topk_triple(st: _State, router: nn.Module, out) -> tuple[Tensor, Tensor, Tensor]:
+    """The router's result as ``(logits, topk_weights, topk_indices)`` (``FamilySpec.router_returns``)."""
+    if st.spec.router_returns == "dense_scores":
+        scores, logits = out
+        indices = torch.topk(logits, int(router.top_k), dim=-1)[1]  # the router's own top-k of these logits
+        return logits, scores.gather(-1, indices), indices
+    return out
+
+
+def _dense_input_scaled(experts: nn.Module, flat: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    """Llama-4's experts (``experts_kind="dense_input_scaled"``): every expert runs on every token's input scaled
+    by its routing weight (zero off the top-k, so those rows are exact zeros); per-slot outputs are the chosen
+    experts' rows, passed through the expert points and summed (the weights are already inside)."""
+    n_experts, (n_tokens, d) = int(experts.num_experts), flat.shape
+    scores = torch.zeros(n_tokens, n_experts, dtype=weights.dtype, device=weights.device)
+    scores = scores.scatter(1, indices, weights)
+    routed_in = flat.repeat(n_experts, 1) * scores.transpose(0, 1).reshape(-1, 1)
+    routed_out = experts(routed_in).view(n_experts, n_tokens, d)
+    per_slot = routed_out.permute(1, 0, 2).gather(1, indices.unsqueeze(-1).expand(-1, -1, d))
+    return _weigh_through_points(experts, per_slot, indices, torch.ones_like(weights, dtype=per_slot.dtype))
+
+
 def _is_simple_router(router: nn.Module) -> bool:
     """A router with no submodules but expertlens' hook points and no nnsight ``.source`` instrumentation."""
     state = router.__dict__.get(_NNSIGHT_STATE)
@@ -563,22 +634,40 @@ def _block_forward(self: nn.Module, hidden_states: Tensor, *args, **kwargs):
     _state(router).shape = (b, p)
     experts.__dict__["_el_shape"] = (b, p)
     flat = hidden_states.reshape(-1, d)
-    _, weights, indices = router(flat)
-    if experts.__dict__.get("_el_ep"):
+    extra = [get_module(self, name) for name in spec.router_extra]
+    _, weights, indices = router(hidden_states if spec.router_input == "3d" else flat, *extra)
+    if spec.experts_kind == "dense_input_scaled":
+        out = _dense_input_scaled(experts, flat, indices, weights).to(hidden_states.dtype).reshape(b, p, d)
+    elif experts.__dict__.get("_el_ep"):
         per_slot = _ep_per_slot(experts, flat, indices, weights)
         out = _weigh_through_points(experts, per_slot, indices, weights).to(hidden_states.dtype).reshape(b, p, d)
     else:
         out = experts(flat, indices, weights).reshape(b, p, d)
-    if spec.shared is not None:
-        shared_mod = get_module(self, spec.shared)
+    if spec.routed_scale is not None:
+        out = out * getattr(self, spec.routed_scale)
+    shared_mod = get_module(self, spec.shared) if spec.shared is not None and spec.shared_level == "block" else None
+    if shared_mod is not None:
         shared = shared_mod(hidden_states if spec.shared_input == "3d" else flat)
         if spec.shared_gate is not None:
             shared = F.sigmoid(get_module(self, spec.shared_gate)(flat)) * shared
         out = out + _through(self._modules["el_shared_out"], shared.reshape(b, p, d))
     out = _through(self._modules["el_output"], out.to(hidden_states.dtype))
+    if spec.block_norm is not None:
+        out = get_module(self, spec.block_norm)(out)
+    if spec.flat_output:
+        out = out.reshape(-1, d)
     if spec.returns_tuple:
         return out, weights
     return out
+
+
+def _shared_forward(self: nn.Module, *args, **kwargs):
+    """A layer-level shared MLP (``FamilySpec.shared_level == "layer"``): its output passes a hook point."""
+    st = _state(self)
+    out = st.original_class.forward(self, *args, **kwargs)
+    if not st.active:
+        return out
+    return _through(self._modules["el_shared_out"], out)
 
 
 _SUBCLASSES: dict[tuple[type, str], type] = {}
@@ -620,8 +709,34 @@ class Instrumentation:
     blocks: dict[int, nn.Module]
     routers: dict[int, nn.Module]
     experts: dict[int, nn.Module]
+    shared: dict[int, nn.Module] = field(default_factory=dict)
     editable: list[nn.Module] = field(default_factory=list)
     active: bool = True
+
+
+def _check_experts(layer: int, experts: nn.Module, block: nn.Module, spec: FamilySpec) -> None:
+    """Refuse, naming the structural reason, experts whose per-expert outputs cannot be exposed exactly."""
+    from .families import UnsupportedModelError
+
+    cls = type(experts).__name__
+    if "Mxfp4" in cls or (not hasattr(experts, "has_gate") and spec.experts_kind == "fused"):
+        raise UnsupportedModelError(_unfused_message(layer, experts))
+    has_shared = spec.shared is not None and get_module(block, spec.shared) is not None
+    for name, expected in spec.block_requires if has_shared else ():
+        value = getattr(block, name, expected)
+        if value != expected:
+            raise UnsupportedModelError(
+                f"layer {layer}: {type(block).__name__}.{name} is {value!r}; the {spec.name!r} address table is exact "
+                f"only for {name}={expected!r}"
+            )
+    for name in spec.identity_wraps:
+        wrap = get_module(block, name)
+        if wrap is not None and not isinstance(wrap, nn.Identity):
+            raise UnsupportedModelError(
+                f"layer {layer}: {type(block).__name__}.{name} is a {type(wrap).__name__}, applied to the weighted "
+                "sum of expert outputs: per-expert outputs in d_model cannot be exposed exactly (supported when it "
+                "is nn.Identity, i.e. without a latent MoE projection)"
+            )
 
 
 def is_installed(model: nn.Module) -> bool:
@@ -697,8 +812,7 @@ def install(model: nn.Module, spec: FamilySpec, editable: list[nn.Module] = ()) 
                     continue
                 router = get_module(block, spec.router)
                 experts = get_module(block, spec.experts)
-                if not hasattr(experts, "has_gate"):
-                    raise ValueError(_unfused_message(i, experts))
+                _check_experts(i, experts, block, spec)
                 if _is_ep_dispatch(experts):
                     # Keep transformers' expert-parallel wrapper as the body nnsight runs (nnsight keeps it only
                     # when a tensor-parallel mesh is present), and let the block apply the expert points.
@@ -713,11 +827,20 @@ def install(model: nn.Module, spec: FamilySpec, editable: list[nn.Module] = ()) 
                 for name in BLOCK_POINTS:
                     block.add_module(name, HookPoint())
                 router.__dict__["_el_state"] = _State(type(router), spec, i)
+                if spec.router_extra:
+                    router.__dict__["_el_owner"] = block
+                if spec.shared is not None and spec.shared_level == "layer":
+                    shared_mod = get_module(layer, spec.shared)
+                    if shared_mod is not None:
+                        shared_mod.add_module("el_shared_out", HookPoint())
+                        shared_mod.__dict__["_el_state"] = _State(type(shared_mod), spec, i)
+                        _swap_class(shared_mod, "shared", _shared_forward)
+                        inst.shared[i] = shared_mod
                 block.__dict__["_el_state"] = _State(type(block), spec, i, router=router, experts=experts)
                 _swap_class(router, "router", _router_forward)
                 _swap_class(block, "block", _block_forward)
                 inst.blocks[i], inst.routers[i], inst.experts[i] = block, router, experts
-            if inst.blocks:
+            if any(hasattr(e, "has_gate") for e in inst.experts.values()):  # decorated experts only
                 model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
         for module in editable:
             if "_el_state" not in module.__dict__:
@@ -733,7 +856,9 @@ def install(model: nn.Module, spec: FamilySpec, editable: list[nn.Module] = ()) 
 def _undo(model: nn.Module, inst: Instrumentation) -> None:
     for module in inst.editable:
         undo_editable(module)
-    for group, names in ((inst.routers, ROUTER_POINTS), (inst.blocks, BLOCK_POINTS)):
+    for module in inst.routers.values():
+        module.__dict__.pop("_el_owner", None)
+    for group, names in ((inst.routers, ROUTER_POINTS), (inst.blocks, BLOCK_POINTS), (inst.shared, BLOCK_POINTS)):
         for module in group.values():
             st = module.__dict__.get("_el_state")
             if st is not None:

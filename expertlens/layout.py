@@ -25,10 +25,11 @@ class LayerLayout:
     Attributes:
         index: The layer number.
         path: The decoder layer (``resid_pre`` is its input, ``resid_post`` its output).
-        attn: The attention module (hybrid families: the one present in this layer).
+        attn: The attention module (hybrid families: the one present in this layer; ``None`` on a layer
+            without attention).
         o_proj: Its linear output projection, or ``None`` (no per-head points then).
         n_heads, d_head: How ``o_proj``'s input splits into heads.
-        mid: The module whose input is ``resid_mid``.
+        mid: The module whose input is ``resid_mid`` (``None`` where the wiring has no such stream).
         mlp: The feed-forward sublayer (dense MLP or MoE block).
         attn_write, ffn_write: Post-norm families: the modules whose outputs are the sublayer
             writes into the residual stream (``None``: the sublayer output itself).
@@ -90,11 +91,15 @@ def _module_path(root: nn.Module, module: nn.Module) -> str:
 
 
 def _heads(attn: nn.Module, in_features: int, config) -> tuple[int, int]:
+    try:
+        config_heads = getattr(config, "num_attention_heads", None)
+    except Exception:  # per-layer configs (dots3_note_text) refuse global reads; the module knows its own
+        config_heads = None
     candidates = [
         getattr(attn, "num_heads", None),
         getattr(attn, "num_attention_heads", None),
         getattr(attn, "num_v_heads", None),
-        getattr(config, "num_attention_heads", None),
+        config_heads,
     ]
     head_dim = getattr(attn, "head_dim", None) or getattr(attn, "v_head_dim", None)
     if head_dim and in_features % head_dim == 0:
@@ -103,6 +108,10 @@ def _heads(attn: nn.Module, in_features: int, config) -> tuple[int, int]:
         if isinstance(n, int) and n > 0 and in_features % n == 0:
             return n, in_features // n
     return 1, in_features
+
+
+def _write_path(layer: nn.Module, path: str, rel: str | None) -> str | None:
+    return f"{path}.{rel}" if rel is not None and get_module(layer, rel) is not None else None
 
 
 def resolve_layout(model: nn.Module, spec: FamilySpec) -> tuple[LayerLayout, ...]:
@@ -121,10 +130,11 @@ def resolve_layout(model: nn.Module, spec: FamilySpec) -> tuple[LayerLayout, ...
     rows: list[LayerLayout] = []
     for i, layer in enumerate(layers):
         path = f"{base}.{i}"
-        attn_name, attn = spec.attn_module(layer)
-        o = spec.o_proj_module(attn)
+        found = spec.attn_module(layer)
+        attn_name, attn = found if found is not None else (None, None)
+        o = spec.o_proj_module(attn) if attn is not None else None
         n_heads, d_head = _heads(attn, o[1].in_features, model.config) if o else (0, 0)
-        if get_module(layer, spec.mid) is None:
+        if spec.mid is not None and get_module(layer, spec.mid) is None:
             raise UnsupportedModelError(
                 f"family {spec.name!r}: layer {i} has no {spec.mid!r} module (needed for resid_mid); "
                 f"children are {[n for n, _ in layer.named_children()]}"
@@ -133,32 +143,37 @@ def resolve_layout(model: nn.Module, spec: FamilySpec) -> tuple[LayerLayout, ...
         block = spec.moe_block(layer)
         if block is not None:
             for what, sub in (("shared expert", spec.shared), ("shared-expert gate", spec.shared_gate)):
-                if sub is not None and get_module(block, sub) is None:
+                if sub is not None and spec.shared_level == "block" and not spec.shared_optional \
+                        and get_module(block, sub) is None:
                     raise UnsupportedModelError(
                         f"family {spec.name!r}: layer {i}'s MoE block ({type(block).__name__}) has no {what} at "
                         f"{sub!r}; its children are {[n for n, _ in block.named_children()]}"
                     )
+            layer_shared = spec.shared is not None and spec.shared_level == "layer"
+            owner = f"{path}.{spec.shared}" if layer_shared else f"{path}.{spec.moe}"
             moe = dict(
+                shared_point=f"{owner}.el_shared_out",
+                has_shared=spec.shared is not None
+                and get_module(layer if layer_shared else block, spec.shared) is not None,
                 block=f"{path}.{spec.moe}",
                 router=f"{path}.{spec.moe}.{spec.router}",
                 experts=f"{path}.{spec.moe}.{spec.experts}",
                 n_experts=_instrument.global_num_experts(get_module(block, spec.experts)),
                 top_k=int(get_module(block, spec.router).top_k),
-                has_shared=spec.shared is not None and get_module(block, spec.shared) is not None,
-                shared_point=f"{path}.{spec.moe}.el_shared_out" if spec.shared is not None else None,
             )
         rows.append(
             LayerLayout(
                 index=i,
                 path=path,
-                attn=f"{path}.{attn_name}",
+                attn=f"{path}.{attn_name}" if attn_name else None,
                 o_proj=f"{path}.{attn_name}.{o[0]}" if o else None,
                 n_heads=n_heads,
                 d_head=d_head,
-                mid=f"{path}.{spec.mid}",
+                mid=f"{path}.{spec.mid}" if spec.mid is not None else None,
                 mlp=f"{path}.{spec.moe}",
-                attn_write=f"{path}.{spec.attn_write}" if spec.attn_write else None,
-                ffn_write=f"{path}.{spec.ffn_write}" if spec.ffn_write else None,
+                # a write module missing on this layer (a dense layer of a family whose MoE block owns it): none
+                attn_write=_write_path(layer, path, spec.attn_write),
+                ffn_write=_write_path(layer, path, spec.ffn_write),
                 layer_type=type(layer).__name__,
                 **moe,
             )

@@ -162,7 +162,19 @@ class ExpertModel(TransformersModel):
         if isinstance(family, FamilySpec):
             spec = family
         else:
-            spec = resolve_family(family if family is not None else hf_model)
+            try:
+                spec = resolve_family(family if family is not None else hf_model)
+            except UnsupportedModelError as err:
+                if family is not None or "no address table" not in str(err):
+                    raise
+                from .infer import infer_family
+
+                spec = infer_family(hf_model, str(err))
+        reference = None
+        if spec.inference is not None:
+            from .infer import reference_logits
+
+            reference = reference_logits(hf_model)
         try:
             layout = resolve_layout(hf_model, spec)
         except UnsupportedModelError as err:
@@ -196,7 +208,14 @@ class ExpertModel(TransformersModel):
         # Kept on the HF module (never serialised with the wrapper, e.g. for nnsight remote runs).
         hf_model.__dict__["_el_step_tracker"] = StepTracker(self.edit_context, hf_model)
         hf_model.__dict__["_el_edit_registry"] = EditRegistry()
-        if validate is None or validate:
+        if reference is not None:
+            # a table inferred from structure is accepted only if the truth test passes
+            try:
+                _accept_inferred(self, reference)
+            except Exception:
+                self.restore()
+                raise
+        elif validate is None or validate:
             from .checks import ValidationError, check_model, check_truth
 
             runnable = _can_run(hf_model)
@@ -664,3 +683,35 @@ def _editable_modules(model: nn.Module, paths: list[str]) -> list[nn.Module]:
         if module is not None and not any(module is m for m in mods):
             mods.append(module)
     return mods
+
+
+def _accept_inferred(model: ExpertModel, reference: tuple[Tensor, Tensor]) -> None:
+    """The truth test for a table inferred from structure (``expertlens.infer``): ``check_truth`` (logits and
+    every MoE block's output equal the uninstrumented model's), the no-op ``logits`` point against the
+    reference taken before instrumenting, then ``check_model``. Raises ``UnsupportedModelError`` naming the
+    inferred table; on success warns ``InferredFamilyWarning`` with the ``register_family`` call."""
+    from .checks import ValidationError, check_model, check_truth
+    from .infer import InferredFamilyWarning
+
+    ids, logits = reference
+    try:
+        check_truth(model)
+        with torch.no_grad(), model.trace(ids):
+            got = model.logits.save()
+        if not torch.equal(got, logits):
+            err = (got.float() - logits.float()).abs().max().item()
+            raise ValidationError(f"no-op logits differ from the unwrapped model's by {err:.3g}")
+        check_model(model)
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"expertlens has no address table for {model.spec.name!r}, and the table inferred from its structure "
+            f"failed the truth test ({exc}); the inferred table was {model.spec.inference}. Describe the family "
+            "with expertlens.families.FamilySpec(...) and call expertlens.register_family(spec) before wrapping."
+        ) from exc
+    warnings.warn(
+        f"expertlens has no address table for {model.spec.name!r}; it wrapped the model with a table inferred from "
+        f"its structure, which passed the truth test: {model.spec.inference}. To make it explicit (and silence this "
+        f"warning): expertlens.register_family(expertlens.families.{model.spec.inference})",
+        InferredFamilyWarning,
+        stacklevel=3,
+    )

@@ -347,11 +347,45 @@ def check_edit(point: Point, new: Any, old: Tensor, layout: LayerLayout | None) 
     return _writes.check_edit_output(point.name, layout.index if layout is not None else None, new, old)
 
 
+def _needs_attn(model: ExpertModel, lay: LayerLayout | None) -> str | None:
+    if lay.attn is None:
+        with_attn = [row.index for row in model.layout if row.attn is not None]
+        return (
+            f"layer {lay.index} is a {lay.layer_type} with no attention (a recurrent or convolution mixer in this "
+            f"{model.family} hybrid stack): it has no attention points. Layers with attention: {with_attn}"
+        )
+    return None
+
+
 def _needs_o_proj(model: ExpertModel, lay: LayerLayout | None) -> str | None:
     if lay.attn is None:
         return _needs_attn(model, lay)
     if lay.o_proj is None:
         return f"layer {lay.index}: attention has no linear output projection to split by head"
+    return None
+
+
+def _needs_dense_o(model: ExpertModel, lay: LayerLayout | None) -> str | None:
+    why = _needs_o_proj(model, lay)
+    if why is None:
+        try:
+            dense_o_weight(get_module(model._module, lay.o_proj), lay.index)
+        except PointError as err:
+            return str(err)
+    return why
+
+
+def _needs_attn_write(model: ExpertModel, lay: LayerLayout | None) -> str | None:
+    return None if lay.attn_write is not None else _needs_attn(model, lay)
+
+
+def _needs_mid(model: ExpertModel, lay: LayerLayout | None) -> str | None:
+    if lay.mid is None:
+        return (
+            f"layer {lay.index} ({lay.layer_type}) of this {model.family} model has no resid_mid: its residual "
+            f"wiring is {model.spec.residual!r} (no stream between attention and the feed-forward sublayer); use "
+            "resid_pre / resid_post"
+        )
     return None
 
 
@@ -362,20 +396,26 @@ def _needs_shared(model: ExpertModel, lay: LayerLayout | None) -> str | None:
     return None
 
 
-def _needs_attn(model: ExpertModel, lay: LayerLayout | None) -> str | None:
-    if lay.attn is None:
-        with_attn = [row.index for row in model.layout if row.attn is not None]
-        return (f"layer {lay.index} is a {lay.layer_type} with no attention (a recurrent or convolution mixer in "
-                f"this {model.family} hybrid stack): it has no attention points. Layers with attention: {with_attn}")
-    return None
+def dense_o_weight(o_proj: torch.nn.Module, layer: int) -> Tensor:
+    """``o_proj.weight`` as a dense ``[out, in]`` float matrix, or a PointError for a quantised one (bnb 4/8-bit).
 
-
-def _needs_mid(model: ExpertModel, lay: LayerLayout | None) -> str | None:
-    if lay.mid is None:
-        return (f"layer {lay.index} ({lay.layer_type}) of this {model.family} model has no resid_mid: its residual "
-                f"wiring is {model.spec.residual!r} (no stream between attention and the feed-forward sublayer); "
-                "use resid_pre / resid_post")
-    return None
+    Example:
+        >>> from torch import nn
+        >>> from expertlens.points import dense_o_weight
+        >>> dense_o_weight(nn.Linear(8, 4, bias=False), layer=0).shape
+        torch.Size([4, 8])
+    """
+    w = o_proj.weight
+    shape_ok = tuple(w.shape) == (o_proj.out_features, o_proj.in_features)
+    if not shape_ok or not w.is_floating_point() or w.element_size() < 2:
+        cls = type(o_proj).__name__.removeprefix("ExpertLens")
+        raise PointError(
+            f"layer {layer}: the attention output projection is quantised ({cls}, weight "
+            f"{type(w).__name__} {tuple(w.shape)} {w.dtype}), so attn.o_weight and attn.head_out (which need W_O) are "
+            "unavailable; attn.z and attn.output still work. Keep o_proj unquantised to use them, e.g. "
+            "BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=['o_proj', 'lm_head'])"
+        )
+    return w
 
 
 def _d(model, lay):
@@ -412,7 +452,7 @@ POINTS: dict[str, Point] = {
         Point("attn.head_out", "layers[i].attn.head_out", "layer", lambda m, lay: Site(lay.o_proj, "heads"),
               lambda m, lay: (lay.n_heads, m.d_model), "[b, p, h, d]", "float",
               "each head's write, `z[..., h, :] @ W_O[:, h]ᵀ` (no bias)",
-              on_write="yes (the sum replaces the projection's output)", needs=_needs_o_proj),
+              on_write="yes (the sum replaces the projection's output)", needs=_needs_dense_o),
         Point("attn.output", "layers[i].attn.output", "layer", lambda m, lay: Site(lay.attn, "output"), _d,
               "[b, p, d]", "float", "attention output, `Σ_h head_out + o_bias`", needs=_needs_attn),
         Point("attn_write", "layers[i].attn_write", "layer",
@@ -595,6 +635,9 @@ class AttentionPoints(_NamedPoints):
         self.d_head: int = lay.d_head
 
     def _o_proj(self):
+        why = _needs_attn(self._model, self._model.layout[self.layer])
+        if why is not None:
+            raise PointError(why)
         if self._o_path is None:
             raise PointError(f"layer {self.layer}: attention has no linear output projection to split by head")
         return get_module(self._model._module, self._o_path)
@@ -602,7 +645,7 @@ class AttentionPoints(_NamedPoints):
     @property
     def o_weight(self) -> Float[Tensor, "d_model heads d_head"]:
         """The output projection as ``[d_model, heads, d_head]`` (a view of the real weight)."""
-        w = self._o_proj().weight
+        w = dense_o_weight(self._o_proj(), self.layer)
         return w.view(w.shape[0], self.n_heads, self.d_head)
 
     @property

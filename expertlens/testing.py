@@ -12,8 +12,11 @@ import copy
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
+from . import _tiny_configs
+
 __all__ = [
     "TINY_CONFIGS", "tiny_config", "tiny_model", "tiny_tokenizer", "expert_forward", "MOE_FAMILIES", "DENSE_FAMILIES",
+    "ALL_MOE_TYPES", "EXTRA_MOE_CONFIGS", "coverage_families",
 ]
 
 _COMMON = dict(
@@ -68,7 +71,89 @@ TINY_CONFIGS: dict[str, dict] = {
 }
 
 DENSE_FAMILIES = ("llama", "qwen2")
+#: The families most tests run on (the original address tables).
 MOE_FAMILIES = tuple(f for f in TINY_CONFIGS if f not in DENSE_FAMILIES)
+
+# Every other text MoE causal-LM type of transformers 5.24 (tests/test_coverage.py): the same tiny shape.
+# Scaling factors are set away from 1 so the tests see them.
+_SCALES = dict(routed_scaling_factor=2.5)
+_COVERAGE_OVERRIDES: dict[str, dict] = {
+    "beam": {**_SCALES, "norm_topk_prob": True},
+    "laguna": {**_SCALES, "router_logit_softcapping": 3.0},
+    "minimax_m3_vl_text": _SCALES,
+    "hy_v3": {"router_scaling_factor": 2.5},
+    "afmoe": {"route_scale": 2.5},
+    "lfm2_moe": {**_SCALES, "norm_topk_prob": True, "use_expert_bias": True},
+    # inkling2's defaults carry a 200k unpadded vocabulary and 48 sliding-window heads of 128
+    **{
+        name: {**_SCALES, "unpadded_vocab_size": 256, "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2,
+               "swa_head_dim": 16}
+        for name in ("inkling2_text", "inkling2_loop_text")
+    },
+    # MLA attention generates only with as many key/value heads as query heads
+    **{name: {"num_key_value_heads": 4} for name in ("axk1", "bailing_hybrid", "glm4_moe_lite", "kimi_linear")},
+    # dots3_note_text's sparse-attention indexer defaults to 64 heads of 128
+    # and its sliding-window layers to 64 MLA heads of 256 (per_layer_config)
+    "dots3_note_text": {
+        "index_n_heads": 2, "index_head_dim": 16, "index_topk": 4, "shared_experts_intermediate_size": 64,
+        "per_layer_config": {"1": {"num_attention_heads": 4, "num_key_value_heads": 4, "q_lora_rank": 32,
+                                   "kv_lora_rank": 16, "head_dim": 16, "qk_nope_head_dim": 8, "v_head_dim": 16,
+                                   "qk_rope_head_dim": 8}},
+    },
+    # longcat_flash counts layers in num_layers (28 by default) and adds 256 zero-computation experts
+    "longcat_flash": {"num_layers": 2, "zero_expert_num": 2},
+    # kimi_linear's defaults give its KDA layers 32 heads of 128 (2 s a forward on a CPU)
+    "kimi_linear": {"num_key_value_heads": 4, "linear_num_heads": 4, "linear_head_dim": 16},
+    **{name: {"residual_multiplier": 0.5} for name in ("granitemoeshared", "granitemoe_swa")},
+    "kolibri1": {"norm_topk_prob": True},
+    "flint": {"norm_topk_prob": True},
+    "cohere2_moe": {"norm_topk_prob": True},
+}
+for _name, _cfg in _tiny_configs.COVERAGE_CONFIGS.items():
+    if _name not in TINY_CONFIGS:
+        TINY_CONFIGS[_name] = {**_cfg, **_COVERAGE_OVERRIDES.get(_name, {})}
+
+#: Every text MoE causal-LM type with a tiny config, supported or refused (``REFUSED``).
+ALL_MOE_TYPES = tuple(sorted(_tiny_configs.COVERAGE_CONFIGS))
+
+#: MoE types outside those 54 whose tiny configs needed care (hybrid Mamba state sizes, DSA indexer, DBRX's
+#: nested configs and its broken defaults in 5.24).
+EXTRA_MOE_CONFIGS: dict[str, dict] = {
+    "granitemoehybrid": {
+        **_COMMON, **_MOE, "residual_multiplier": 0.5, "shared_intermediate_size": 64,
+        "layer_types": ["mamba", "attention"], "mamba_d_state": 16, "mamba_n_heads": 4, "mamba_d_head": 32,
+        "mamba_n_groups": 1, "mamba_expand": 2,
+    },
+    "deepseek_v32": {**TINY_CONFIGS["deepseek_v3"], "index_n_heads": 2, "index_head_dim": 16, "index_topk": 4},
+    "dbrx": {
+        "d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 256, "vocab_size": 256,
+        "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 8, "moe_top_k": 2},
+        "attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0, "kv_n_heads": 2},
+    },
+}
+TINY_CONFIGS.update(EXTRA_MOE_CONFIGS)
+
+
+def coverage_families() -> tuple[str, ...]:
+    """Every text MoE ``model_type`` with a tiny config that an address table supports (sorted).
+
+    Example:
+        >>> from expertlens.testing import coverage_families
+        >>> "qwen3_5_moe_text" in coverage_families() and "jetmoe" not in coverage_families()
+        True
+    """
+    from .families import REFUSED, resolve_family
+
+    out = []
+    for name in sorted((*ALL_MOE_TYPES, *EXTRA_MOE_CONFIGS)):
+        if name in REFUSED:
+            continue
+        try:
+            resolve_family(name)
+        except ValueError:
+            continue
+        out.append(name)
+    return tuple(out)
 
 
 def tiny_config(family: str, **overrides):

@@ -446,9 +446,9 @@ def test_no_rule_class_is_dispatched_on_outside_families():
 
 #: The layers of docs/concepts/architecture.md, lowest first; a module imports only from its own layer or lower.
 LAYERS = [
-    ("families", "compat", "prompts", "direction", "plot", "report", "writes"),
+    ("families", "compat", "prompts", "direction", "plot", "report", "writes", "_tiny_configs"),
     ("instrument",),
-    ("layout",),
+    ("layout", "infer"),
     ("points",),
     ("edits",),
     ("model", "checks"),

@@ -5,9 +5,9 @@
 
 Checkpoints live in package data under ``expertlens/organism/checkpoints/<name>/`` in ``save_pretrained``
 format and load offline with plain ``AutoModelForCausalLM.from_pretrained(path)``. The v2 organisms
-(:data:`V2_ORGANISM` ``olmoe-refusal`` and its stage-1 checkpoint ``olmoe-base``) share one synthetic language
-(:mod:`expertlens.organism.language`) and one prompt set; the v1 organisms (``qwen3moe-refusal``, still
-:data:`DEFAULT_ORGANISM`, and ``qwen2moe-refusal``) keep their own. The build tools (data generator, training,
+(:data:`V2_ORGANISM` ``olmoe-refusal``, the :data:`DEFAULT_ORGANISM`, and its stage-1 checkpoint ``olmoe-base``)
+share one synthetic language (:mod:`expertlens.organism.language`) and one prompt set; the legacy v1 organisms
+(``qwen3moe-refusal``, ``qwen2moe-refusal``) keep their own. The build tools (data generator, training,
 evaluation, model cards) are in :mod:`expertlens.organism.factory` and are not imported at run time.
 """
 
@@ -49,8 +49,8 @@ __all__ = [
     "well_formed",
 ]
 
-DEFAULT_ORGANISM = "qwen3moe-refusal"
-#: The default v2 organism (the v2 language's prompt set and capability prompts).
+DEFAULT_ORGANISM = "olmoe-refusal"
+#: The v2 organism (owner of the v2 prompt set and capability prompts; all v2 organisms share them).
 V2_ORGANISM = "olmoe-refusal"
 SPLITS = ("train", "val", "test", "compositional")
 CAPABILITY_TASKS = ("arithmetic", "count", "copy", "reverse", "fact")
@@ -66,7 +66,7 @@ def list_organisms() -> list[str]:
     Example:
         >>> from expertlens.organism import list_organisms
         >>> list_organisms()[0]
-        'qwen3moe-refusal'
+        'olmoe-refusal'
     """
     names = sorted(p.name for p in _CKPT.iterdir() if (p / "config.json").is_file()) if _CKPT.is_dir() else []
     if DEFAULT_ORGANISM in names:
@@ -182,7 +182,7 @@ def load_organism(name: str = DEFAULT_ORGANISM, **kwargs):
         >>> from expertlens.organism import load_organism
         >>> model = load_organism()  # doctest: +SKIP
         >>> model.family  # doctest: +SKIP
-        'qwen3_moe'
+        'olmoe'
     """
     from expertlens.model import ExpertModel
 
