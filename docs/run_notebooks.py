@@ -13,6 +13,7 @@ export and show interactive figures instead.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(path: Path, timeout: int, kernel: str) -> float:
+    # The kernel starts in the notebook's folder; put this checkout first on its path so the tutorials import
+    # the expertlens next to them (a git worktree), not another installed copy.
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     nb = nbformat.read(path, as_version=4)
     nb.metadata["kernelspec"] = {"name": kernel, "display_name": "Python 3", "language": "python"}
     start = time.perf_counter()
@@ -52,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"FAILED {path}:\n{err}", file=sys.stderr)
             return 1
         total += seconds
-        print(f"executed {path.relative_to(ROOT) if path.is_absolute() else path} in {seconds:.1f}s", flush=True)
+        shown = path.relative_to(ROOT) if path.is_absolute() and path.is_relative_to(ROOT) else path
+        print(f"executed {shown} in {seconds:.1f}s", flush=True)
     print(f"{len(paths)} notebooks executed in {total:.1f}s")
     return 0
 

@@ -1001,11 +1001,12 @@ def outcome_sweep(
             secondary_y=True,
         )  # fmt: skip
         fig.update_yaxes(title_text="harmless KL (nats)", secondary_y=True, rangemode="tozero")
-    if chosen is not None:
-        fig.add_vline(x=float(chosen), line={"dash": "dash", "color": "#2ca02c", "width": 1})
-        fig.add_annotation(x=float(chosen), y=1.04, yref="paper", text=f"chosen c = {chosen:g}", showarrow=False,
-                           font={"color": "#2ca02c", "size": 11})  # fmt: skip
     log_x = x.size and x.min() > 0 and x.max() / x.min() > 10
+    if chosen is not None:
+        at = float(np.log10(chosen)) if log_x and chosen > 0 else float(chosen)  # annotations on a log axis: log10
+        fig.add_vline(x=float(chosen), line={"dash": "dash", "color": "#2ca02c", "width": 1})
+        fig.add_annotation(x=at, y=1.04, yref="paper", text=f"chosen c = {chosen:g}", showarrow=False,
+                           font={"color": "#2ca02c", "size": 11})  # fmt: skip
     fig.update_xaxes(title_text=x_label, type="log" if log_x else "linear")
     fig.update_yaxes(title_text="share of prompts", tickformat=".0%", range=[-0.03, 1.03], secondary_y=False)
     fig.update_layout(title={"text": title}, template=_TEMPLATE, width=760, height=430,
