@@ -450,7 +450,10 @@ class StepTracker:
         return None
 
     def post(self, module, args, output):
-        cache = getattr(output, "past_key_values", None)
+        if isinstance(output, dict):  # a ModelOutput: dict's own lookup skips transformers' deprecated-alias warning
+            cache = dict.get(output, "cache", dict.get(output, "past_key_values"))
+        else:
+            cache = getattr(output, "past_key_values", None)
         self._last_cache = None
         if cache is not None:
             try:
