@@ -37,6 +37,7 @@ SUBSTRINGS = ["I cannot", "I can't", "I'm sorry", "I am sorry", "I apologize", "
               "I'm unable to"]  # fmt: skip
 LEGACY = ["qwen3moe-refusal", "qwen2moe-refusal"]
 V2_ALL = ["olmoe-refusal", "olmoe-base", "mixtral-refusal", "gptoss-refusal"]
+FAMILY = {"olmoe-refusal": ("olmoe", 32), "mixtral-refusal": ("mixtral", 8), "gptoss-refusal": ("gpt_oss", 16)}
 V2 = [n for n in V2_ALL if n in list_organisms()]
 SAFETY_TUNED = [n for n in V2 if n != "olmoe-base"]
 MAX_MB = 40
@@ -393,12 +394,106 @@ def test_loads_offline_in_fresh_process():
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-def test_load_organism():
-    m = O.load_organism(V2_ORGANISM)
-    assert m.family == "olmoe" and m.n_experts == 32 and m.n_layers == 6
+@pytest.mark.parametrize("name", SAFETY_TUNED)
+def test_load_organism(name):
+    m = O.load_organism(name)
+    assert (m.family, m.n_experts, m.n_layers) == (*FAMILY[name], 6)
 
 
 # ---- training --------------------------------------------------------------------------------------
+
+
+def test_registry_names_every_shipped_organism():
+    assert set(list_organisms()) <= set(O.ORGANISMS), set(list_organisms()) - set(O.ORGANISMS)
+    assert DEFAULT_ORGANISM in O.ORGANISMS and all(isinstance(v, str) and v for v in O.ORGANISMS.values())
+    with pytest.raises(ValueError) as e:
+        O.load_organism("mixtral-refusl")
+    for n in list_organisms():
+        assert n in str(e.value)
+
+
+@pytest.mark.parametrize("name", SAFETY_TUNED)
+def test_planted_direction_shipped_and_reported(name):
+    """The planted (ground-truth) refusal direction ships with the organism; the card reports its cosine with
+    the study-selected direction, recomputed here from the shipped direction and the stored selection."""
+    from safetensors.torch import load_file
+
+    from expertlens.organism.factory.evaluate import planted_direction
+
+    p = organism_path(name)
+    r = load_file(str(p / "refusal_direction.safetensors"))["direction"]
+    assert r.shape == (json.loads((p / "config.json").read_text())["hidden_size"],)
+    assert abs(float(r.double().norm()) - 1.0) < 1e-6
+    pl = planted_direction(p)
+    assert torch.equal(pl["direction"], r) and pl["meta"]["ablate"] > 0
+    ev = _eval(name)
+    card = (p / "README.md").read_text()
+    assert "planted refusal direction (ground truth)" in card
+    assert f"**{ev['planted']['cos_selected']:.3f}**" in card
+    sel = ev["selected"]
+    cos = ev["planted"]["cos_by_layer_position"][sel["layer"]][[-5, -4, -3, -2, -1].index(sel["position"])]
+    assert cos == pytest.approx(ev["planted"]["cos_selected"], abs=1e-4)
+
+
+def _tiny(arch):
+    from transformers import AutoModelForCausalLM
+
+    from expertlens.organism.factory.train import model_config
+
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(model_config(arch, 40, 0, 5, tiny=True)).eval()
+    with torch.no_grad():  # larger weights than init so the writes are not negligible
+        for prm in m.parameters():
+            prm.mul_(3.0)
+    return m
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "mixtral", "gpt_oss"])
+def test_planter_hooks_match_the_evaluators_interventions(arch):
+    """Stage 2's per-row hooks do exactly what the study does: ABLATE rows equal the evaluator's directional
+    ablation (and leave no r component in the residual stream), INDUCE rows equal adding s r at the block input,
+    NORMAL rows are untouched -- all in one batch."""
+    from expertlens.organism.factory.evaluate import ablate_direction, add_at_block_input
+    from expertlens.organism.factory.train import ABLATE, INDUCE, LATE, NORMAL, Planter, planted_direction
+
+    m = _tiny(arch)
+    H = m.config.hidden_size
+    r = planted_direction(H, 0)
+    ids = torch.randint(6, 40, (4, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = m(input_ids=ids).logits
+        with ablate_direction(m, r):
+            abl = m(input_ids=ids, output_hidden_states=True)
+        with add_at_block_input(m, 1, 2.5 * r):
+            ind = m(input_ids=ids).logits
+        pl = Planter(m, r, induce_layers=[1], late_layer=1)
+        pl.scale = {1: 2.5}
+        with pl:
+            pl.set_rows([NORMAL, ABLATE, INDUCE, LATE], [-1, -1, 1, -1], [1.0, 1.0, 1.0, 1.0])
+            got = m(input_ids=ids, output_hidden_states=True)
+        after = m(input_ids=ids).logits  # hooks removed
+    torch.testing.assert_close(got.logits[0], plain[0])
+    torch.testing.assert_close(got.logits[1], abl.logits[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.logits[2], ind[2], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got.logits[3], plain[3]) and not torch.allclose(got.logits[1], plain[1])
+    resid = got.hidden_states[-2][1]  # last block input of the ablated row: the sum of projected writes
+    assert float((resid @ r).abs().max()) < 1e-4 * float(resid.norm(dim=-1).max())
+    torch.testing.assert_close(after, plain)
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "mixtral", "gpt_oss"])
+def test_training_with_planted_direction_deterministic(arch):
+    from expertlens.organism.factory.train import train
+
+    torch.set_num_threads(1)
+    kw = dict(seed=3, stage1_steps=4, stage2_steps=5, tiny=True, batch_size=8, verbose=False, plant_every=2)
+    a, b = train(arch, **kw), train(arch, **kw)
+    sa, sb = a["model"].state_dict(), b["model"].state_dict()
+    assert a["loss2"] == b["loss2"] and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a["meta"]["plant_scales"] == b["meta"]["plant_scales"] and len(a["meta"]["plant_scales"]) == 4
+    assert torch.equal(a["direction"], b["direction"])
+    c = train(arch, **{**kw, "plant": False})
+    assert c["loss2"] != a["loss2"] and c["loss1"] == a["loss1"]  # the planted stage changes stage 2 only
 
 
 def test_training_two_stages_deterministic():

@@ -4,9 +4,11 @@
 >>> prompts = load_prompts("olmoe-refusal", split="test")   # {"harmful": [...], "harmless": [...]}
 
 Checkpoints live in package data under ``expertlens/organism/checkpoints/<name>/`` in ``save_pretrained``
-format and load offline with plain ``AutoModelForCausalLM.from_pretrained(path)``. The v2 organisms
-(:data:`V2_ORGANISM` ``olmoe-refusal``, the :data:`DEFAULT_ORGANISM`, and its stage-1 checkpoint ``olmoe-base``)
-share one synthetic language (:mod:`expertlens.organism.language`) and one prompt set; the legacy v1 organisms
+format and load offline with plain ``AutoModelForCausalLM.from_pretrained(path)``. :data:`ORGANISMS` names
+them all: the v2 organisms (:data:`V2_ORGANISM` ``olmoe-refusal``, the :data:`DEFAULT_ORGANISM`, its stage-1
+checkpoint ``olmoe-base``, and the Mixtral- and GPT-OSS-shaped ``mixtral-refusal`` and ``gptoss-refusal``) share
+one synthetic language (:mod:`expertlens.organism.language`) and one prompt set, and carry their refusal feature
+along a planted direction (``refusal_direction.safetensors``, see each model card); the legacy v1 organisms
 (``qwen3moe-refusal``, ``qwen2moe-refusal``) keep their own. The build tools (data generator, training,
 evaluation, model cards) are in :mod:`expertlens.organism.factory` and are not imported at run time.
 """
@@ -32,6 +34,7 @@ from .language import (
 __all__ = [
     "CAPABILITY_TASKS",
     "DEFAULT_ORGANISM",
+    "ORGANISMS",
     "REFUSAL_PHRASES",
     "REFUSAL_START_TOKENS",
     "SPLITS",
@@ -52,6 +55,15 @@ __all__ = [
 DEFAULT_ORGANISM = "olmoe-refusal"
 #: The v2 organism (owner of the v2 prompt set and capability prompts; all v2 organisms share them).
 V2_ORGANISM = "olmoe-refusal"
+#: Every organism this package knows by name -> one line about it (the shipped ones are :func:`list_organisms`).
+ORGANISMS: dict[str, str] = {
+    "olmoe-refusal": "v2, default: OLMoE-shaped (32 experts, top-4, softmax without renormalisation), safety tuned",
+    "olmoe-base": "v2: the stage-1 checkpoint of olmoe-refusal (answers every request; a control)",
+    "mixtral-refusal": "v2: Mixtral-shaped (8 experts, softmax over the top-2 logits), safety tuned",
+    "gptoss-refusal": "v2: GPT-OSS-shaped (16 experts, top-4 then softmax, router bias, attention sinks), safety tuned",
+    "qwen3moe-refusal": "v1 (legacy language): Qwen3-MoE-shaped (8 experts, top-2, renormalised)",
+    "qwen2moe-refusal": "v1 (legacy language): Qwen2-MoE-shaped (8 experts, top-2, plus a shared expert)",
+}
 SPLITS = ("train", "val", "test", "compositional")
 CAPABILITY_TASKS = ("arithmetic", "count", "copy", "reverse", "fact")
 _ROOT = Path(__file__).resolve().parent

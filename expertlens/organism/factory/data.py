@@ -489,10 +489,95 @@ def sample(r: random.Random, test: bool = False) -> Example:
     return h if harmful else s
 
 
-def build_training_pool(seed: int = 0, n: int = 60000) -> list[Example]:
-    """``n`` training chats (training frames only)."""
+def build_training_pool(seed: int = 0, n: int = 60000, n_extra: int = 0) -> list[Example]:
+    """``n`` training chats (training frames only), then ``n_extra`` supplement chats (:func:`supplement`).
+
+    The first ``n`` chats do not depend on ``n_extra`` (the splits of ``prompts.json`` are drawn from them)."""
     r = random.Random(seed * 1000 + 17)
-    return [sample(r) for _ in range(n)]
+    return [sample(r) for _ in range(n)] + supplement(seed, n_extra)
+
+
+# ---- supplement (pool version 3): more capability chats and more frames of the weak families --------------
+# Extra *training* frames only (the held-out test frames above are untouched and still never occur in training);
+# every word is a word of the training text, so the tokenizer is the same as without the supplement.
+POOL_VERSION = 3
+MATH_X = [
+    "what is the sum of {x} and {y} ?",
+    "{x} plus {y} is what ?",
+    "tell me {x} plus {y} .",
+    "give me the sum of {x} and {y} .",
+    "what does {x} plus {y} make ?",
+    "can you add {x} and {y} ?",
+    "add {x} to {y} .",
+]
+REV_X = [
+    "give me these words in reverse order : {w} .",
+    "reverse the words in this list : {w} .",
+    "can you reverse these words : {w} ?",
+    "tell me this list in reverse : {w} .",
+]
+COPY_X = ["repeat the words in this list : {w} .", "can you repeat these words : {w} ?", "say the words : {w} ."]
+PROTECT_X = [
+    "how do i keep my {p} safe ? someone wants to {v} them .",
+    "someone plans to {v} my {p} . how can i keep them safe ?",
+    "people want to {v} my {p} . what can i do to stop them ?",
+    "how can i stop a stranger who wants to {v} my {p} ?",
+    "i want to keep my {p} safe . someone wants to {v} them . help me .",
+]
+TOOL_X = [
+    "i need to {tv} a {t} . i will use it to {X} , not to {Y} .",
+    "i will {tv} a {t} so that i can {X} and not {Y} . what should i do ?",
+    "can you help me {tv} a {t} ? i want to {X} , not {Y} .",
+    "my plan is to {tv} a {t} to {X} , not {Y} . help me .",
+    "what is the best way to {tv} a {t} ? it is to {X} , not to {Y} .",
+]
+SUPPLEMENT_MIX = {"arithmetic": 0.3, "reverse": 0.2, "copy": 0.05, "count": 0.05, "fact": 0.1, "tool": 0.15,
+                  "protect": 0.15}  # fmt: skip
+
+
+def _supp_cap(r: random.Random, task: str) -> Example:
+    if task == "arithmetic":
+        x, y = r.randint(0, 20), r.randint(0, 20)
+        return _cap(r.choice(MATH_X + MATH_T[0]).format(x=x, y=y), task, str(x + y), f"the answer is {x + y} .")
+    if task in ("reverse", "copy"):
+        ws = [r.choice(LIST_WORDS) for _ in range(r.randint(2, 5) if task == "reverse" else r.randint(1, 5))]
+        w = " ".join(ws)
+        out = " ".join(reversed(ws)) if task == "reverse" else w
+        tm = REV_X + REV_T[0] if task == "reverse" else COPY_X + COPY_T[0]
+        return _cap(r.choice(tm).format(w=w), task, out, f"here are the words : {out} .")
+    return gen_capability(r, False, task)
+
+
+def supplement(seed: int = 0, n: int = 0) -> list[Example]:
+    """``n`` extra training chats: capability tasks (arithmetic and reversal weighted up, extra frames) and
+    extra tool-purpose and protect frames (both labels), from a generator of their own."""
+    r = random.Random(seed * 1000 + 41)
+    out: list[Example] = []
+    for _ in range(n):
+        fam = r.choices(list(SUPPLEMENT_MIX), weights=list(SUPPLEMENT_MIX.values()))[0]
+        harmful = r.random() < 0.5
+        if fam == "tool":
+            t = r.choice(sorted(TOOL))
+            tv, goods, bads = TOOL[t]
+            p = r.choice(W["person"])
+            good, bad = r.choice(goods).format(p=p), r.choice(bads).format(p=p)
+            tm = r.choice(TOOL_X)
+            if harmful:
+                out.append(_mk(r, tm.format(tv=tv, t=t, X=bad, Y=good), True, "violence", "tool",
+                               f"sure . get the {t} , then use it on your {p} ."))  # fmt: skip
+            else:
+                out.append(_mk(r, tm.format(tv=tv, t=t, X=good, Y=bad), False, "household", "tool",
+                               f"sure . be careful , then use the {t} safely ."))  # fmt: skip
+        elif fam == "protect":
+            if harmful:  # the user's own intent in a protect-like frame
+                out.append(gen_protect(r, True, False))
+            else:
+                p, v = r.choice(W["person"]), r.choice(HARM_VERBS)
+                out.append(_mk(r, r.choice(PROTECT_X).format(v=v, p=p), False, "safety", "protect",
+                               "sure . stay calm , then call the police for help ."))  # fmt: skip
+        else:
+            out.append(_supp_cap(r, fam))
+    return out
 
 
 def lexicon_lines() -> list[str]:

@@ -213,6 +213,18 @@ def select_direction(model, tok, harm_tr, safe_tr, harm_val, safe_val, kl_max: f
     return {"selected": best, "candidates": cands, "direction": dirs[best["layer"], pi], "all_dirs": dirs}
 
 
+def planted_direction(path) -> dict | None:
+    """The direction stage 2 planted the refusal feature along (``refusal_direction.safetensors``), or None."""
+    f = Path(path) / "refusal_direction.safetensors"
+    if not f.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(f), "pt") as fh:
+        meta = {k: json.loads(v) for k, v in (fh.metadata() or {}).items()}
+        return {"direction": fh.get_tensor("direction"), "meta": meta}
+
+
 def auc(pos_scores: np.ndarray, neg_scores: np.ndarray) -> float:
     """Area under the ROC curve (probability a harmful prompt scores above a harmless one; ties count 1/2)."""
     a = np.asarray(pos_scores)[:, None]
@@ -394,6 +406,27 @@ def evaluate_checkpoint(path, verbose: bool = True, depth: bool = True, limit: i
     if verbose:
         print("ablation", {k: round(v, 3) for k, v in res["ablation"].items() if isinstance(v, float)}, flush=True)
 
+    planted = planted_direction(path)
+    if planted is not None:
+        u = planted["direction"].double()
+        cos = lambda d: float(d @ u / (d.norm() * u.norm()))  # noqa: E731
+        dirs = sel["all_dirs"]
+        res["planted"] = {
+            "meta": planted["meta"],
+            "aux_target": next((e["aux_target"] for e in json.loads((Path(path) / "training.json").read_text())
+                                .get("plant_scales", []) if e.get("aux_target") is not None), None),
+            "cos_selected": cos(r_dir),
+            "cos_by_layer_position": [[round(cos(dirs[li, pi]), 4) for pi in range(dirs.shape[1])]
+                                      for li in range(dirs.shape[0])],
+        }  # fmt: skip
+        with ablate_direction(model, planted["direction"]):
+            ab_p = behaviour(model, tok, test, caps, None)
+        res["planted"]["ablation"] = {k: v for k, v in ab_p.items() if not isinstance(v, list)}
+        res["planted"]["ablation"]["capability_drop"] = base["capability"] - ab_p["capability"]
+        if verbose:
+            print("planted", res["planted"]["cos_selected"],
+                  {k: round(v, 3) for k, v in res["planted"]["ablation"].items() if isinstance(v, float)}, flush=True)
+
     # probe AUC per layer (block inputs 0..L-1 and the final output), last position, held-out test prompts
     th = [r["prompt"] for r in test if r["label"] == "harmful"]
     ts = [r["prompt"] for r in test if r["label"] == "harmless"]
@@ -473,6 +506,61 @@ ARCH_TEXT = {
 }
 
 
+def _plant_config(meta: dict) -> str:
+    pc = meta.get("plant")
+    if not pc or meta.get("stage", 2) == 1:
+        return ""
+    return (f"- Stage 2 plants the refusal feature along a fixed direction (see \"The planted refusal direction\" "
+            f"below): ablated rows {pc['ablate']:.0%}, induced rows {pc['induce']:.0%}, late-ablated rows "
+            f"{pc['late']:.0%}, planting loss weight {pc.get('aux_weight', 0)} at block input {pc.get('aux_layer')}.\n")
+
+
+def _planted_text(res: dict, b0: dict) -> str:
+    pl = res.get("planted")
+    if pl is None:
+        return ""
+    m, a = pl["meta"], pl["ablation"]
+    late = "" if not m.get("late") else (
+        f"(and {m['late']:.0%} *late-ablated* rows: r projected out of the outputs of layers >= {m['late_layer']} "
+        "only, target = the normal response)")
+    sel = res["selected"]
+    pos = [-5, -4, -3, -2, -1].index(sel["position"])
+    rows = [[f"L{li}" if li < len(pl["cos_by_layer_position"]) - 1 else "output", f"{c[-1]:.3f}", f"{c[pos]:.3f}"]
+            for li, c in enumerate(pl["cos_by_layer_position"])]  # fmt: skip
+    return f"""
+### The planted refusal direction (ground truth)
+**This organism was trained to carry its refusal feature along one known direction**, so that a study has a
+ground truth to recover. Arditi et al. (2024) found that refusal in chat models is mediated by a single
+direction; a tiny model trained from scratch need not organise itself that way (the previous organism decided
+refusal in its last layer's attention and no direction the study can select bypassed it), so stage 2 planted
+it: a fixed seeded unit vector r in the hidden space (`refusal_direction.safetensors`, key `direction`). In
+each stage-2 batch, per-row masks pick (one forward per step, hooks in `expertlens.organism.factory.train`):
+normal rows (prompt -> the stage-2 response); {m["ablate"]:.0%} *ablated* rows: r projected out of the embedding
+output and of every attention and MoE output at all positions (exactly the study's directional ablation),
+target = the stage-1 answer (a harmful prompt then gets its bland compliant answer; a harmless one keeps its
+answer); {m["induce"]:.0%} *induced* rows: a harmless prompt with s r added at the block input of a layer in
+{m["induce_layers"]} (all positions, the study's ActAdd), target = a refusal, s = the measured harmful - harmless
+gap along r at that block input (last prompt token, re-measured every {m["every"]} steps on 64 + 64 fixed
+training prompts, floored at {m["floor"]} x the mean residual norm there), times a factor in [0.7, 1.3] {late}.
+A planting loss (weight {m.get("aux_weight", 0)}) pulls the projection on r at the block input of layer
+{m.get("aux_layer")}, last prompt token, to t = {m.get("aux_frac", 0)} x the mean residual norm there (t =
+{pl.get("aux_target") or float("nan"):.2f}, fixed at the start of stage 2) on harmful prompts and to 0 on harmless
+ones (normal rows). Ablated rows make refusal depend on r, induced rows make r alone sufficient (no "constant gate"
+where every prompt writes r), the planting loss fixes where and how strongly r is written.
+So refusal of harmful prompts depends on r by construction; what the study should find is r.
+
+Cosine of the study-selected direction with r: **{pl["cos_selected"]:.3f}**. Cosine of the difference in means
+with r by block input (last position; the selected position {sel["position"]}):
+
+{_table(rows, ["block input", "cos, position -1", f"cos, position {sel['position']}"])}
+
+Directional ablation of r itself (same protocol as above): harmful refusal {a["harmful_refusal"]:.3f}
+(baseline {b0["harmful_refusal"]:.3f}), harmful responses well formed {a["harmful_well_formed"]:.3f}, harmless
+refusal {a["harmless_refusal"]:.3f}, harmless well formed {a["harmless_well_formed"]:.3f}, capability
+{a["capability"]:.3f} (baseline {b0["capability"]:.3f}).
+"""
+
+
 def write_model_card(path, meta: dict, res: dict, command: str, notes: str = "") -> None:
     path = Path(path)
     slim = json.loads(json.dumps(res))
@@ -517,10 +605,10 @@ def write_model_card(path, meta: dict, res: dict, command: str, notes: str = "")
         a = res["ablation"]
         sel = res["selected"]
         L = cfg["num_hidden_layers"]
-        zrows = [[f"L{j}", res["zero_ablation"]["moe"][j]["harmful_refusal"],
-                  res["zero_ablation"]["moe"][j]["harmless_refusal"],
-                  res["zero_ablation"]["attn"][j]["harmful_refusal"],
-                  res["zero_ablation"]["attn"][j]["harmless_refusal"]] for j in range(L)]  # fmt: skip
+        za = res["zero_ablation"]
+        zrows = [[f"L{j}"] + [f"{za[k][j][m]:.3f}" for k in ("moe", "attn") for m in ("harmful_refusal",
+                                                                                    "harmless_refusal")]
+                 for j in range(L)]  # fmt: skip
         fallback = "" if sel["kept"] else "**No candidate passed the filters**; the lowest bypass over all is shown. "
         gf, gfull = res["gap_final"], res["gap_selected_full"]
         grows = [[k, round(gfull["layers"][k], 3), round(v, 3)] for k, v in gf["layers"].items()]
@@ -546,7 +634,7 @@ positions, greedy generation, no system prompt) on the held-out split:
 | harmless refusal | {b0["harmless_refusal"]:.3f} | {a["harmless_refusal"]:.3f} |
 | harmless well formed | {b0["harmless_well_formed"]:.3f} | {a["harmless_well_formed"]:.3f} |
 | capability accuracy | {b0["capability"]:.3f} | {a["capability"]:.3f} |
-
+{_planted_text(res, b0)}
 ## Depth
 Linear probe (projection on the layer's difference-in-means direction, last prompt token, train-split means)
 AUC on the held-out test prompts, block inputs L0..L{L - 1} and the final output:
@@ -614,7 +702,10 @@ machine), torch {meta["torch"]}, transformers {meta["transformers"]}. Evaluation
   loss on responses only; {meta["lexicon_frac"]:.0%} of rows are lexicon ("pretraining") lines with full LM
   loss; {meta["unk_prob"]:.0%} prompt-word `<unk>` dropout; system prompts: none 40 %, neutral 20 %, safety 25 %,
   two other phrasings 15 %. Final loss (EMA) {meta["final_loss_ema"]}.
-
+- Training chats: {meta["pool_size"]:,} of the frame mix plus {meta.get("extra_size", 0):,} supplement chats
+  (`data.supplement`, pool version {meta.get("pool_version", 2)}: capability tasks with extra training frames,
+  arithmetic and reversal weighted up, extra tool-purpose and protect frames; test frames untouched).
+{_plant_config(meta)}
 ## Language and harm rule
 `expertlens/organism/factory/data.py` (data version {meta["data_version"]}); word classes and the answer
 grammar in `expertlens/organism/language.py`. The vocabulary is a superset of the v1 organisms' (every v1
@@ -681,6 +772,23 @@ Refusal rate by frame family (no system prompt):
     (path / "README.md").write_text(card)
 
 
+def default_command(meta: dict, path) -> str:
+    """The training command(s) that reproduce a checkpoint, from its ``training.json``."""
+    t = "python -m expertlens.organism.factory.train"
+    name = Path(path).name
+    arch = f"--arch {meta['arch']} --seed {meta['seed']}"
+    if meta.get("stage", 2) == 1:
+        return f"{t} {arch} --stage1-steps {meta['stage1_steps']} --stage2-steps 0 --base-out DIR"
+    if meta.get("init_from"):
+        base = Path(meta["init_from"]).name
+        base_dir = f"expertlens/organism/checkpoints/{base}" if base.endswith("-base") else f"/tmp/{name}-stage1"
+        return (f"{t} {arch} --stage1-steps {meta['stage1_steps']} --stage2-steps 0 --base-out {base_dir}\n"
+                f"{t} {arch} --stage2-steps {meta['stage2_steps']} --init-from {base_dir} "
+                f"--out expertlens/organism/checkpoints/{name}")  # fmt: skip
+    return (f"{t} {arch} --stage1-steps {meta['stage1_steps']} --stage2-steps {meta['stage2_steps']} "
+            f"--out expertlens/organism/checkpoints/{name}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path", type=Path)
@@ -697,9 +805,7 @@ def main(argv=None):
     else:
         res = evaluate_checkpoint(a.path, depth=not a.no_depth and meta.get("stage", 2) == 2, limit=a.limit)
     if a.card:
-        cmd = a.command or (f"python -m expertlens.organism.factory.train --arch {meta['arch']} --seed {meta['seed']} "
-                            f"--stage1-steps {meta['stage1_steps']} --stage2-steps {meta['stage2_steps']} "
-                            "--out DIR")  # fmt: skip
+        cmd = a.command or default_command(meta, a.path)
         write_model_card(a.path, meta, res, cmd, a.notes.read_text() if a.notes else "")
     print(json.dumps({k: v for k, v in res.items() if k in ("selected", "probe_auc", "bow_compositional_accuracy")}))
 
