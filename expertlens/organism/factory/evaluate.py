@@ -521,12 +521,16 @@ def _planted_text(res: dict, b0: dict) -> str:
         return ""
     m, a = pl["meta"], pl["ablation"]
     late = "" if not m.get("late") else (
-        f"(and {m['late']:.0%} *late-ablated* rows: r projected out of the outputs of layers >= {m['late_layer']} "
+        f" (and {m['late']:.0%} *late-ablated* rows: r projected out of the outputs of layers >= {m['late_layer']} "
         "only, target = the normal response)")
     sel = res["selected"]
     pos = [-5, -4, -3, -2, -1].index(sel["position"])
-    rows = [[f"L{li}" if li < len(pl["cos_by_layer_position"]) - 1 else "output", f"{c[-1]:.3f}", f"{c[pos]:.3f}"]
+    fmt = lambda x: "n/a (zero difference)" if x != x else f"{x:.3f}"  # noqa: E731  (nan: identical inputs)
+    n = len(pl["cos_by_layer_position"])
+    cols = [-1] if sel["position"] == -1 else [-1, pos]
+    rows = [[f"L{li}" if li < n - 1 else "output"] + [fmt(c[k]) for k in cols]
             for li, c in enumerate(pl["cos_by_layer_position"])]  # fmt: skip
+    head = ["block input"] + [f"cos, position {[-5, -4, -3, -2, -1][k]}" for k in cols]
     return f"""
 ### The planted refusal direction (ground truth)
 **This organism was trained to carry its refusal feature along one known direction**, so that a study has a
@@ -541,7 +545,7 @@ target = the stage-1 answer (a harmful prompt then gets its bland compliant answ
 answer); {m["induce"]:.0%} *induced* rows: a harmless prompt with s r added at the block input of a layer in
 {m["induce_layers"]} (all positions, the study's ActAdd), target = a refusal, s = the measured harmful - harmless
 gap along r at that block input (last prompt token, re-measured every {m["every"]} steps on 64 + 64 fixed
-training prompts, floored at {m["floor"]} x the mean residual norm there), times a factor in [0.7, 1.3] {late}.
+training prompts, floored at {m["floor"]} x the mean residual norm there), times a factor in [0.7, 1.3]{late}.
 A planting loss (weight {m.get("aux_weight", 0)}) pulls the projection on r at the block input of layer
 {m.get("aux_layer")}, last prompt token, to t = {m.get("aux_frac", 0)} x the mean residual norm there (t =
 {pl.get("aux_target") or float("nan"):.2f}, fixed at the start of stage 2) on harmful prompts and to 0 on harmless
@@ -550,9 +554,10 @@ where every prompt writes r), the planting loss fixes where and how strongly r i
 So refusal of harmful prompts depends on r by construction; what the study should find is r.
 
 Cosine of the study-selected direction with r: **{pl["cos_selected"]:.3f}**. Cosine of the difference in means
-with r by block input (last position; the selected position {sel["position"]}):
+(harmful - harmless train prompts) with r by block input, at the last position and at the selected one
+({sel["position"]}); block input L0 is the token embedding, identical for both classes at the template positions:
 
-{_table(rows, ["block input", "cos, position -1", f"cos, position {sel['position']}"])}
+{_table(rows, head)}
 
 Directional ablation of r itself (same protocol as above): harmful refusal {a["harmful_refusal"]:.3f}
 (baseline {b0["harmful_refusal"]:.3f}), harmful responses well formed {a["harmful_well_formed"]:.3f}, harmless
@@ -587,7 +592,7 @@ def write_model_card(path, meta: dict, res: dict, command: str, notes: str = "")
     from . import data as D
 
     S = _prompt_file(2)["splits"]
-    pool_prompts = [e.prompt for e in D.build_training_pool(0, meta["pool_size"])]
+    pool_prompts = [e.prompt for e in D.build_training_pool(0, meta["pool_size"], meta.get("extra_size", 0))]
     test_prompts = [r["prompt"] for r in S["test"]] + [r["prompt"] for r in S["capability_test"]]
     ov = {n: D.ngram_overlap(test_prompts, pool_prompts, n) for n in (2, 3, 4, 6)}
     exact = len(set(test_prompts) & set(pool_prompts))
@@ -778,11 +783,13 @@ def default_command(meta: dict, path) -> str:
     name = Path(path).name
     arch = f"--arch {meta['arch']} --seed {meta['seed']}"
     if meta.get("stage", 2) == 1:
-        return f"{t} {arch} --stage1-steps {meta['stage1_steps']} --stage2-steps 0 --base-out DIR"
+        return (f"{t} {arch} --stage1-steps {meta['stage1_steps']} --stage2-steps 0 "
+                f"--extra-size {meta.get('extra_size', 0)} --base-out expertlens/organism/checkpoints/{name}")
     if meta.get("init_from"):
         base = Path(meta["init_from"]).name
         base_dir = f"expertlens/organism/checkpoints/{base}" if base.endswith("-base") else f"/tmp/{name}-stage1"
-        return (f"{t} {arch} --stage1-steps {meta['stage1_steps']} --stage2-steps 0 --base-out {base_dir}\n"
+        x1 = f" --extra-size {meta['stage1_extra_size']}" if meta.get("stage1_extra_size") is not None else ""
+        return (f"{t} {arch} --stage1-steps {meta['stage1_steps']} --stage2-steps 0{x1} --base-out {base_dir}\n"
                 f"{t} {arch} --stage2-steps {meta['stage2_steps']} --init-from {base_dir} "
                 f"--out expertlens/organism/checkpoints/{name}")  # fmt: skip
     return (f"{t} {arch} --stage1-steps {meta['stage1_steps']} --stage2-steps {meta['stage2_steps']} "

@@ -341,9 +341,10 @@ def train(
     plant: bool = True,
     ablate_frac: float = 0.25,
     induce_frac: float = 0.12,
-    late_frac: float = 0.1,
+    late_frac: float = 0.0,
     plant_every: int = 100,
     aux_weight: float = 0.2,
+    aux_frac: float = 0.25,
     init_from: str | Path | None = None,
     verbose: bool = True,
 ) -> dict:
@@ -364,7 +365,7 @@ def train(
     from .tokenizer import build_tokenizer
 
     t0, c0 = time.time(), time.process_time()
-    n_base, n_extra = (pool_size, extra_size) if not tiny else (2000, 600)
+    n_base, n_extra = (pool_size, extra_size) if not tiny else (2000, min(600, extra_size))
     pool = D.build_training_pool(seed=0, n=n_base, n_extra=n_extra)  # data seed fixed: one data set
     lex = D.lexicon_lines()
     sys_texts = [s for s, _ in SYSTEM_MIX if s]
@@ -406,7 +407,7 @@ def train(
     if plant:
         plant_cfg = {"ablate": ablate_frac, "induce": induce_frac, "late": late_frac, "every": plant_every,
                      "induce_layers": list(range(1, L // 2 + 1)), "late_layer": L // 2, "floor": 0.05,
-                     "aux_layer": L // 2, "aux_frac": 0.15, "aux_weight": aux_weight,
+                     "aux_layer": L // 2, "aux_frac": aux_frac, "aux_weight": aux_weight,
                      "direction_seed": 10_007 + seed}  # fmt: skip
     common = {
         "arch": arch, "seed": seed, "batch_size": batch_size, "pool_size": n_base, "extra_size": n_extra,
@@ -460,6 +461,7 @@ def train(
         cpu, wall = cpu + m1["cpu_time_s"], wall + m1["train_time_s"]
         common["stage1_steps"], common["lr"] = m1["stage1_steps"], m1["lr"]
         common["stage1_final_loss_ema"] = m1["final_loss_ema"]
+        common["stage1_extra_size"] = m1.get("extra_size", 0)
     meta2 = {**common, "stage": 2, "cpu_time_s": round(cpu, 1), "train_time_s": round(wall, 1),
              "final_loss_ema": round(ema2, 4), "plant_scales": scales}  # fmt: skip
     _finish(model, eos_id, pad_id)
@@ -499,14 +501,15 @@ def main(argv=None):
     ap.add_argument("--no-plant", action="store_true", help="stage 2 without the planted refusal direction")
     ap.add_argument("--ablate-frac", type=float, default=0.25)
     ap.add_argument("--induce-frac", type=float, default=0.12)
-    ap.add_argument("--late-frac", type=float, default=0.1)
+    ap.add_argument("--late-frac", type=float, default=0.0)
     ap.add_argument("--aux-weight", type=float, default=0.2, help="weight of the planting loss (0: none)")
+    ap.add_argument("--aux-frac", type=float, default=0.25, help="planted gap / mean residual norm")
     ap.add_argument("--extra-size", type=int, default=20000, help="supplement chats (capability, tool, protect)")
     ap.add_argument("--init-from", type=Path, default=None, help="skip stage 1: start from this stage-1 checkpoint")
     a = ap.parse_args(argv)
     res = train(a.arch, a.seed, a.stage1_steps, a.stage2_steps, a.out, a.base_out, tiny=a.tiny,
                 batch_size=a.batch_size, lr=a.lr, lr2=a.lr2, plant=not a.no_plant, ablate_frac=a.ablate_frac,
-                induce_frac=a.induce_frac, late_frac=a.late_frac, aux_weight=a.aux_weight, extra_size=a.extra_size,
+                induce_frac=a.induce_frac, late_frac=a.late_frac, aux_weight=a.aux_weight, aux_frac=a.aux_frac, extra_size=a.extra_size,
                 init_from=a.init_from)  # fmt: skip
     print(json.dumps(res["meta"], indent=1))
 
