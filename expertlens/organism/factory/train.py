@@ -509,8 +509,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     res = train(a.arch, a.seed, a.stage1_steps, a.stage2_steps, a.out, a.base_out, tiny=a.tiny,
                 batch_size=a.batch_size, lr=a.lr, lr2=a.lr2, plant=not a.no_plant, ablate_frac=a.ablate_frac,
-                induce_frac=a.induce_frac, late_frac=a.late_frac, aux_weight=a.aux_weight, aux_frac=a.aux_frac, extra_size=a.extra_size,
-                init_from=a.init_from)  # fmt: skip
+                induce_frac=a.induce_frac, late_frac=a.late_frac, aux_weight=a.aux_weight, aux_frac=a.aux_frac,
+                extra_size=a.extra_size, init_from=a.init_from)  # fmt: skip
     print(json.dumps(res["meta"], indent=1))
 
 
