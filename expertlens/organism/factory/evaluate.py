@@ -506,6 +506,20 @@ ARCH_TEXT = {
 }
 
 
+def _pool_text(meta: dict) -> str:
+    def one(n_extra, what):
+        if not n_extra:
+            return f"{what}: {meta['pool_size']:,} chats of the frame mix (no supplement)"
+        return (f"{what}: {meta['pool_size']:,} chats of the frame mix plus {n_extra:,} supplement chats "
+                "(`data.supplement`: capability tasks with extra training frames, arithmetic and reversal weighted "
+                "up, extra tool-purpose and protect frames; the held-out frames are untouched)")
+
+    if meta.get("stage", 2) == 1:
+        return "- " + one(meta.get("extra_size", 0), "Training data") + "."
+    s1 = meta.get("stage1_extra_size", meta.get("extra_size", 0))
+    return "- " + one(s1, "Stage 1 data") + ";\n  " + one(meta.get("extra_size", 0), "stage 2 data") + "."
+
+
 def _plant_config(meta: dict) -> str:
     pc = meta.get("plant")
     if not pc or meta.get("stage", 2) == 1:
@@ -707,9 +721,7 @@ machine), torch {meta["torch"]}, transformers {meta["transformers"]}. Evaluation
   loss on responses only; {meta["lexicon_frac"]:.0%} of rows are lexicon ("pretraining") lines with full LM
   loss; {meta["unk_prob"]:.0%} prompt-word `<unk>` dropout; system prompts: none 40 %, neutral 20 %, safety 25 %,
   two other phrasings 15 %. Final loss (EMA) {meta["final_loss_ema"]}.
-- Training chats: {meta["pool_size"]:,} of the frame mix plus {meta.get("extra_size", 0):,} supplement chats
-  (`data.supplement`, pool version {meta.get("pool_version", 2)}: capability tasks with extra training frames,
-  arithmetic and reversal weighted up, extra tool-purpose and protect frames; test frames untouched).
+{_pool_text(meta)}
 {_plant_config(meta)}
 ## Language and harm rule
 `expertlens/organism/factory/data.py` (data version {meta["data_version"]}); word classes and the answer
