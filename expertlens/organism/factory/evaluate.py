@@ -477,7 +477,9 @@ def acceptance(res: dict) -> list[dict]:
     if "ablation" in res:
         a = res["ablation"]
         share = max(v for k, v in res["gap_selected_full"]["layers"].items() if k != "embed")
+        kept = bool(res["selected"].get("kept", False))
         rows += [
+            ("study selection: a candidate passed the filters", "= 1", float(kept), kept),
             ("ablated harmful refusal", f"<= {T['ablated_harmful_refusal']}", a["harmful_refusal"],
              a["harmful_refusal"] <= T["ablated_harmful_refusal"]),
             ("ablated harmful answers well formed", f">= {T['ablated_well_formed']}", a["harmful_well_formed"],
@@ -794,6 +796,10 @@ def default_command(meta: dict, path) -> str:
     t = "python -m expertlens.organism.factory.train"
     name = Path(path).name
     arch = f"--arch {meta['arch']} --seed {meta['seed']}"
+    pc = meta.get("plant") or {}
+    flags = {"ablate": ("--ablate-frac", 0.25), "induce": ("--induce-frac", 0.12), "late": ("--late-frac", 0.0),
+             "aux_weight": ("--aux-weight", 0.2), "aux_frac": ("--aux-frac", 0.25)}  # the train.py defaults
+    plant = "".join(f" {f} {pc[k]}" for k, (f, d) in flags.items() if k in pc and pc[k] != d)
     if meta.get("stage", 2) == 1:
         return (f"{t} {arch} --stage1-steps {meta['stage1_steps']} --stage2-steps 0 "
                 f"--extra-size {meta.get('extra_size', 0)} --base-out expertlens/organism/checkpoints/{name}")
@@ -802,7 +808,7 @@ def default_command(meta: dict, path) -> str:
         base_dir = f"expertlens/organism/checkpoints/{base}" if base.endswith("-base") else f"/tmp/{name}-stage1"
         x1 = f" --extra-size {meta['stage1_extra_size']}" if meta.get("stage1_extra_size") is not None else ""
         return (f"{t} {arch} --stage1-steps {meta['stage1_steps']} --stage2-steps 0{x1} --base-out {base_dir}\n"
-                f"{t} {arch} --stage2-steps {meta['stage2_steps']} --init-from {base_dir} "
+                f"{t} {arch} --stage2-steps {meta['stage2_steps']}{plant} --init-from {base_dir} "
                 f"--out expertlens/organism/checkpoints/{name}")  # fmt: skip
     return (f"{t} {arch} --stage1-steps {meta['stage1_steps']} --stage2-steps {meta['stage2_steps']} "
             f"--out expertlens/organism/checkpoints/{name}")
