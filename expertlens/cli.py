@@ -133,6 +133,10 @@ def _refusal(args: argparse.Namespace) -> int:
     if args.threads or not args.device or args.device == "cpu":
         torch.set_num_threads(args.threads or 1)
     set_progress(not args.quiet)
+    if args.quiet or not sys.stderr.isatty():  # transformers' loading bars are carriage-return spam in a log
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     kwargs = {}
     if args.dtype:

@@ -31,7 +31,8 @@ def _pct(x) -> str:
 def _params(c: Condition) -> str:
     names = {"layer": "layer", "position": "position", "coefficient": "c", "bypass_coefficient": "bypass c",
              "induce_coefficient": "induce c", "expert": "expert", "kind": "edit", "experts": "experts",
-             "direction": "direction", "stage2_asr": "stage-2 ASR", "searched": "searched"}  # fmt: skip
+             "direction": "direction", "stage2_asr": "stage-2 ASR", "searched": "searched",
+             "kl_target": "method B's KL (nats)", "kl_matched": "KL matched"}  # fmt: skip
     bits = []
     for k, v in c.params.items():
         if k == "stage2_asr":
