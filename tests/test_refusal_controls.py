@@ -156,3 +156,34 @@ def test_progress_picks_lines_in_logs_a_widget_in_notebooks(monkeypatch, capsys)
     monkeypatch.delenv("EXPERTLENS_PROGRESS")
     assert progress(range(2), desc="sweep") == range(2)
     set_progress(None)
+
+
+def test_study_reports_exactly_what_the_probe_scorer_says_on_a_tiny_model(monkeypatch):
+    """The probe's code path on a tiny random model: items whose answers are (or are not) the model's own greedy
+    outputs, so the right count is known before the study runs; every condition reports a retention."""
+    import expertlens.refusal.capability as capability
+    from expertlens import ExpertModel
+    from expertlens.interventions.run import generate
+    from expertlens.refusal import RefusalData, format_chat, run_refusal_study
+    from expertlens.testing import tiny_model, tiny_tokenizer
+
+    from .test_refusal_pipeline import HARM, SAFE, _loose_config
+
+    model = ExpertModel(tiny_model("qwen2_moe"), tiny_tokenizer())
+    prompts = [f"What is {i} plus {i}? Reply with the number only." for i in range(12)]
+    outs = generate(model, format_chat(model.tokenizer, prompts), 6, (), batch_size=64)
+    items, want = [], 0
+    for i, (p, o) in enumerate(zip(prompts, outs)):
+        mine = i % 2 == 0 and capability._norm(o) != ""
+        want += mine
+        items.append({"task": "copy", "prompt": p, "answer": o if mine else "zz not this", "mode": "exact"})
+    assert 0 < want < len(items)
+    doc = {"max_new_tokens": 6, "items": items}
+    monkeypatch.setattr(capability, "_probe_doc", lambda: doc)
+    cfg = _loose_config().with_(causal_map=False, n_capability=None)
+    study = run_refusal_study(model, RefusalData.from_lists(HARM, SAFE), cfg, log=lambda *a: None)
+    base = study.result.condition("baseline").capability
+    assert (base.score.k, base.score.n) == (want, len(items)) and base.suite.startswith("expertlens capability probe")
+    for c in study.result.conditions:
+        if c.bypass is not None:
+            assert c.capability.baseline == base.score and 0 <= c.capability.retention
