@@ -40,7 +40,7 @@ def _params(c: Condition) -> str:
         elif isinstance(v, float):
             v = f"{v:g}"
         bits.append(f"{names.get(k, k.replace('_', ' '))} {v}")
-    return "; ".join(bits) or c.note or ""
+    return "; ".join(bits + ([c.note] if c.note else []))
 
 
 def condition_rows(res: StudyResults) -> list[dict]:
@@ -95,6 +95,8 @@ def text_table(res: StudyResults) -> str:
             f"{c.label[:52]:52s} {b.refusal.pct():>8s} {b.full_response.pct():>7s} {b.non_response.pct():>9s} "
             f"{ind:>9s} {kl:>7s} {cap:>7s}"
         )
+        if c.note:  # e.g. a control whose KL could not be matched to method B's
+            lines.append(f"  note: {c.note}")
     base = res.condition("baseline")
     n = f"n = {base.bypass.n} harmful / {base.induce.n} harmless test prompts" if base and base.bypass else ""
     lines.append(f"refusal / ASR / non-response on harmful test prompts; harmless: refusal on harmless test; {n}")
