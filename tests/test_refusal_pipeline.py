@@ -369,13 +369,26 @@ def test_refusal_data_refuses_what_would_silently_go_wrong(qwen2):
 def test_capability_hook_sees_every_condition_with_its_edits_active(qwen2):
     seen = []
 
+    threads = []
+
     def suite(model, edits):
         seen.append(len(edits))
+        threads.append(torch.get_num_threads())
         assert model.n_edits() >= len(edits)  # the edits are active while the suite runs
         return (5, 5) if not edits else (3, 5)
 
     cfg = _loose_config().with_(causal_map=False)
-    study = run_refusal_study(qwen2, RefusalData.from_lists(HARM, SAFE), cfg, log=lambda *a: None, capability=suite)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        study = run_refusal_study(qwen2, RefusalData.from_lists(HARM, SAFE), cfg, log=lambda *a: None,
+                                  capability=suite)  # fmt: skip
+        assert set(threads) == {1} and torch.get_num_threads() == 2  # a tiny CPU model: one thread, then restored
+        with pytest.raises(ValueError, match="threads must be 'auto', None or a positive int"):
+            run_refusal_study(qwen2, RefusalData.from_lists(HARM, SAFE), cfg, threads=0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     base, act = study.result.condition("baseline"), study.result.condition("actadd")
     assert base.capability.retention == 1.0 and act.capability.retention == pytest.approx(0.6)
     assert act.capability.suite == "capability suite suite" and seen[0] == 0 and max(seen) >= 1

@@ -191,6 +191,7 @@ def run_refusal_study(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     capability: Callable[[ExpertModel, Sequence[Any]], tuple[int, int]] | None = None,
+    threads: int | str | None = "auto",
 ) -> RefusalStudy:
     """Run every step of the study on ``model`` and return a :class:`RefusalStudy`.
 
@@ -204,9 +205,13 @@ def run_refusal_study(
         log: Where progress lines go (``print``, a logger's ``info``, or ``lambda *a: None``).
         checkpoint: Folder for stage-by-stage results; with ``resume=True`` finished stages are read back.
         capability: Your capability suite, ``capability(model, interventions) -> (n_correct, n_total)`` with
-            the interventions active while it runs (e.g. a wrapper around lm-eval-harness); default: the
-            organism's suite when ``expertlens.organism`` provides one, else the share of harmless test prompts
-            answered in full.
+            the interventions active while it runs (e.g. :func:`~expertlens.refusal.capability.lm_eval_capability`);
+            default: the organism's suite when ``expertlens.organism`` provides one, the bundled capability probe
+            for any other model, the share of harmless test prompts answered in full for a v1 organism.
+        threads: torch CPU threads while the study runs (restored afterwards). ``"auto"``: one thread for a
+            model on the CPU with fewer than 100M parameters (matrices that small gain nothing from more threads,
+            and on a busy machine several threads stall each other), else unchanged; an int: that many; None:
+            unchanged.
 
     Example:
         >>> from expertlens import load_organism
@@ -215,6 +220,34 @@ def run_refusal_study(
         >>> study = run_refusal_study(model, RefusalData.from_organism(), RefusalConfig.organism())  # doctest: +SKIP
         >>> study.save("runs/organism")   # results.json, directions.safetensors, report.html  # doctest: +SKIP
     """
+    import torch
+
+    n_threads = _study_threads(model, threads)
+    before = torch.get_num_threads()
+    if n_threads is not None:
+        torch.set_num_threads(n_threads)
+    try:
+        return _run_study(model, data, config, judge, log, checkpoint, resume, capability)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _study_threads(model: ExpertModel, threads: int | str | None) -> int | None:
+    if threads is None:
+        return None
+    if threads == "auto":
+        params = model.hf_model.parameters()
+        first = next(params, None)
+        if first is None or first.device.type != "cpu":
+            return None
+        n = first.numel() + sum(p.numel() for p in params)
+        return 1 if n < 100_000_000 else None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be 'auto', None or a positive int, got {threads!r}")
+    return threads
+
+
+def _run_study(model, data, config, judge, log, checkpoint, resume, capability) -> RefusalStudy:
     run = _Run(model, data, config or RefusalConfig.paper(), judge, log, checkpoint, resume, capability)
     run.baseline()  # unsteered rates; the judge is calibrated here; train prompts filtered
     run.directions()  # difference in means at the last positions, Arditi selection
