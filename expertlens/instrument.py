@@ -41,6 +41,7 @@ __all__ = [
     "expert_forward",
     "all_experts_forward",
     "global_num_experts",
+    "tp_sharded",
     "register_experts_implementation",
     "Instrumentation",
     "install",
@@ -93,10 +94,10 @@ def _quiet(point: nn.Module) -> bool:
     return state is None or state.active()[0] is None
 
 
-def _idle(point: nn.Module) -> bool:
+def _idle(point: nn.Module, count: bool = True) -> bool:
     """True when ``point`` can be skipped: :func:`_quiet`, or a trace is running but no worker waits on this visit
     of the point and no cache records it. A skipped visit inside a trace is still counted, as nnsight would count
-    it, so occurrence numbers (generation steps, ``tracer.iter``) stay right."""
+    it, so occurrence numbers (generation steps, ``tracer.iter``) stay right (``count=False``: only ask)."""
     d = point.__dict__
     if d["edits"] or d["_forward_hooks"] or d["_forward_pre_hooks"] or _global_hooks():
         return False
@@ -108,16 +109,16 @@ def _idle(point: nn.Module) -> bool:
         return True
     try:
         parked, observers, counts = interleaver.parked, interleaver.observers, interleaver.counts
-        fragments = interleaver.fragments
     except AttributeError:  # an nnsight whose internals differ: always run the point
         return False
-    if fragments is not None and getattr(fragments, "enabled", False):
-        return False
+    # With no worker parked and no cache observing, nnsight's `Interleaver.handle` only counts the visit (a
+    # tensor-parallel model's fragments are made whole only for a consumer), which is what a skip does.
     for loc in locations:
         if loc in parked or loc in observers:
             return False
-    for loc in locations:
-        counts[loc] = counts.get(loc, 0) + 1
+    if count:
+        for loc in locations:
+            counts[loc] = counts.get(loc, 0) + 1
     return True
 
 
@@ -284,8 +285,9 @@ def expertlens_experts_forward(
     per_slot = out[inv_perm].view(n_tokens, k, hidden_dim)
 
     if self.__dict__.get("_el_ep"):
-        # Under expert parallelism this runs on the rows other ranks sent to this rank's experts; the
-        # points are applied by the MoE block on the per-slot outputs it gets back (`_ep_per_slot`).
+        # Under expert parallelism this runs on the rows other ranks sent to this rank's experts, under tensor
+        # parallelism on this rank's slice of every expert; the points are applied by the MoE block on the whole
+        # per-slot outputs transformers' wrapper hands back (`_ep_per_slot`).
         return (per_slot * top_k_weights.unsqueeze(-1)).sum(dim=1).to(hidden_states.dtype)
     return _weigh_through_points(self, per_slot, top_k_index, top_k_weights).to(hidden_states.dtype)
 
@@ -326,17 +328,67 @@ def global_num_experts(experts: nn.Module) -> int:
 
 def _is_ep_dispatch(experts: nn.Module) -> bool:
     """Whether transformers' expert parallelism (``ep_dispatch_experts``) wraps this experts module's forward."""
+    return _experts_parallelism(experts) == "ep"
+
+
+def tp_sharded(module: nn.Module) -> str | None:
+    """The tensor-parallel wrapper transformers put around ``module``'s forward (its qualified name), or ``None``.
+
+    A module so wrapped runs its class forward on this rank's shard (or partial sum) of its input or output.
+    transformers' expert-parallel dispatch is not counted: its outputs are whole.
+
+    Example:
+        >>> from torch import nn
+        >>> from expertlens.instrument import tp_sharded
+        >>> tp_sharded(nn.Linear(2, 2)) is None
+        True
+    """
+    qualname = getattr(module.__dict__.get("forward"), "__qualname__", "")
+    if ".install_forward.<locals>." not in qualname or qualname.startswith("EpDispatchExpertsParallel."):
+        return None
+    return qualname
+
+
+def _experts_parallelism(experts: nn.Module) -> str | None:
+    """How transformers' distributed inference wraps this experts module: ``"ep"`` (``ep_dispatch_experts``: each
+    rank runs its own experts on tokens sent to it), ``"tp"`` (``moe_tp_experts``: each rank runs its slice of every
+    expert's intermediate dimension, the output is all-reduced) or ``None`` (not wrapped).
+
+    Both wrappers take ``(hidden, top_k_index, top_k_weights)`` and return the whole combined output on every rank,
+    which is what :func:`_ep_per_slot` needs. Any other style wrapping the experts is refused by name: expertlens
+    cannot say what its per-slot values are.
+    """
+    mark = experts.__dict__.get("_el_ep")
+    if mark:
+        return mark
     forward = experts.__dict__.get("forward")
     name = getattr(forward, "__qualname__", "")
-    return name.startswith("EpDispatchExpertsParallel.install_forward.") or bool(experts.__dict__.get("_el_ep"))
+    if name.startswith("EpDispatchExpertsParallel.install_forward."):
+        return "ep"
+    if ".install_forward.<locals>." not in name:
+        return None
+    cells = dict(zip(forward.__code__.co_freevars, forward.__closure__ or (), strict=False))
+    style = cells["self"].cell_contents if "self" in cells else None
+    if type(style).__name__ == "MoeExpertsParallel":
+        return "tp"
+    from .families import UnsupportedModelError
+
+    raise UnsupportedModelError(
+        f"{type(experts).__name__} is wrapped by transformers' distributed style {type(style).__name__} "
+        f"({name}); expertlens exposes per-expert points under ep_dispatch_experts (expert parallel) and "
+        "moe_tp_experts (tensor parallel) only"
+    )
 
 
 def _ep_per_slot(experts: nn.Module, flat: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-    """Per-slot expert outputs ``[n, k, d]`` (before routing weights) from an expert-parallel experts module.
+    """Per-slot expert outputs ``[n, k, d]`` (before routing weights) from a distributed experts module.
 
-    Every (token, slot) pair goes through transformers' own dispatch as a top-1 row with weight 1, so the
-    all-to-all moves exactly the rows it moves for top-k (``n·k``) and hands back each slot's unweighted output
-    on the rank that holds the token: every point then exists on every rank, as in one process.
+    Every (token, slot) pair goes through transformers' own wrapper as a top-1 row with weight 1. Under expert
+    parallelism the all-to-all moves exactly the rows it moves for top-k (``n·k``) and hands back each slot's
+    unweighted output on the rank that holds the token. Under tensor parallelism each rank computes its partial
+    sum of every slot (the same ``n·k`` rows through the grouped GEMMs as top-k) and the wrapper's all-reduce makes
+    each slot whole (``k``× the bytes of the top-k all-reduce). Either way every point exists on every rank, as in
+    one process.
     """
     n, k = indices.shape
     rows = flat.repeat_interleave(k, dim=0)
@@ -638,6 +690,15 @@ def _block_forward(self: nn.Module, hidden_states: Tensor, *args, **kwargs):
     _, weights, indices = router(hidden_states if spec.router_input == "3d" else flat, *extra)
     if spec.experts_kind == "dense_input_scaled":
         out = _dense_input_scaled(experts, flat, indices, weights).to(hidden_states.dtype).reshape(b, p, d)
+    elif experts.__dict__.get("_el_ep") == "tp" and all(
+        _idle(experts._modules[name], count=False) for name in EXPERTS_POINTS
+    ):
+        # Tensor parallel with no one reading or editing per-slot values: transformers' own top-k call (one
+        # all-reduce of the weighted sum), bit-identical to the model without expertlens. The skipped points'
+        # visits are counted, as on one process.
+        for name in EXPERTS_POINTS:
+            _idle(experts._modules[name])
+        out = experts(flat, indices, weights).reshape(b, p, d)
     elif experts.__dict__.get("_el_ep"):
         per_slot = _ep_per_slot(experts, flat, indices, weights)
         out = _weigh_through_points(experts, per_slot, indices, weights).to(hidden_states.dtype).reshape(b, p, d)
@@ -804,6 +865,10 @@ def install(model: nn.Module, spec: FamilySpec, editable: list[nn.Module] = ()) 
         experts={},
     )
     try:
+        if getattr(model, "_device_mesh", None) is not None:  # loaded across ranks (a distributed_config)
+            from .compat import nnsight_tp_plan_lookup
+
+            nnsight_tp_plan_lookup()
         if spec.is_moe:
             register_experts_implementation()
             for i, layer in enumerate(spec.layer_list(model)):
@@ -813,13 +878,17 @@ def install(model: nn.Module, spec: FamilySpec, editable: list[nn.Module] = ()) 
                 router = get_module(block, spec.router)
                 experts = get_module(block, spec.experts)
                 _check_experts(i, experts, block, spec)
-                if _is_ep_dispatch(experts):
+                parallel = _experts_parallelism(experts)
+                if parallel == "ep":
                     # Keep transformers' expert-parallel wrapper as the body nnsight runs (nnsight keeps it only
                     # when a tensor-parallel mesh is present), and let the block apply the expert points.
                     from nnsight.intervention.source import BODY_FORWARD
 
                     experts.__dict__[BODY_FORWARD] = True
-                    experts.__dict__["_el_ep"] = True
+                if parallel is not None:
+                    # The block applies the expert points on whole per-slot outputs (`_ep_per_slot`). Under tensor
+                    # parallelism nnsight itself puts transformers' wrapper back around its controller.
+                    experts.__dict__["_el_ep"] = parallel
                 for name in ROUTER_POINTS:
                     router.add_module(name, HookPoint())
                 for name in EXPERTS_POINTS:

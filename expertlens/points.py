@@ -368,8 +368,15 @@ def _needs_o_proj(model: ExpertModel, lay: LayerLayout | None) -> str | None:
 def _needs_dense_o(model: ExpertModel, lay: LayerLayout | None) -> str | None:
     why = _needs_o_proj(model, lay)
     if why is None:
+        o_proj = get_module(model._module, lay.o_proj)
+        if _instrument.tp_sharded(o_proj) is not None:
+            return (
+                f"layer {lay.index}: tensor parallelism shards the attention output projection across ranks, so "
+                "attn.head_out (which needs the whole W_O) is unavailable; attn.z and attn.output are whole on every "
+                "rank (gather W_O yourself: o_proj.weight.full_tensor())"
+            )
         try:
-            dense_o_weight(get_module(model._module, lay.o_proj), lay.index)
+            dense_o_weight(o_proj, lay.index)
         except PointError as err:
             return str(err)
     return why

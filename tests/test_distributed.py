@@ -1,9 +1,10 @@
 """expertlens under transformers' native distributed inference: ``torchrun --nproc-per-node 2`` on CPU (gloo).
 
 The worker (tests/distributed/ep_worker.py) loads a tiny qwen3_moe checkpoint with
-``DistributedConfig(tp_size=1, fsdp_size=2, ep_size=2)`` and as one plain process, on every rank, traces
-rank-specific prompts through both and reports the largest difference of every MoE point and of the logits
-under interventions. Skipped (with the reason) where torch.distributed / gloo / torchrun are unavailable.
+``DistributedConfig(tp_size=1, fsdp_size=2, ep_size=2)`` (expert parallel) or ``DistributedConfig(tp_size=2)``
+(tensor parallel) and as one plain process, on every rank, traces the same prompts through both (rank-specific
+under expert parallelism) and reports the largest difference of every MoE point, attention's sharded points and
+the logits under interventions. Skipped (with the reason) where torch.distributed / gloo / torchrun are unavailable.
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ def test_expert_parallel_points_equal_one_process(checkpoint, tmp_path):
         assert "error" not in rep, f"rank {rep['rank']}:\n{rep['error']}"
         assert rep["expert_parallel"], "the experts were not split across ranks: the test would prove nothing"
         pts = rep["points"]
-        # every point of every MoE layer (2 layers x 8 experts x output/mask + 7 block points) and the logits
-        assert len(pts) == 2 * (2 * 8 + 7) + 1, sorted(pts)
+        # every point of every MoE layer (2 layers x 8 experts x output/mask + 7 block points), the logits and
+        # layer 0's attn.z / head_out / output
+        assert len(pts) == 2 * (2 * 8 + 7) + 1 + 3, sorted(pts)
         bad = {k: v for k, v in pts.items() if isinstance(v, str) or v > TOL}
         assert not bad, f"rank {rep['rank']}: points differ from one process: {bad}"
         assert all(n >= 0 for n in rep["n_routed_slots"].values())
@@ -81,15 +83,44 @@ def test_expert_parallel_points_equal_one_process(checkpoint, tmp_path):
     assert reports[0]["n_routed_slots"] != reports[1]["n_routed_slots"]
 
 
-def test_tensor_parallel(checkpoint, tmp_path):
+def test_tensor_parallel_points_equal_one_process(checkpoint, tmp_path):
     reports = _launch(checkpoint, tmp_path, "tp")
     for rep in reports:
-        if "_get_parameter_plan" in rep.get("error", ""):
-            pytest.skip(
-                "nnsight 0.8.1 cannot wrap a tensor-parallel model of transformers 5.24 (it imports "
-                "transformers.distributed.tensor_parallel._get_parameter_plan, which 5.24 removed)"
-            )
         assert "error" not in rep, f"rank {rep['rank']}:\n{rep['error']}"
-        bad = {k: v for k, v in rep["points"].items() if isinstance(v, str) or v > TOL}
+        assert rep["tensor_parallel"], "the experts' weights were not sharded: the test would prove nothing"
+        pts = dict(rep["points"])
+        # W_O is sharded: attn.head_out refuses up front, naming tensor parallelism (never a slice's einsum)
+        assert pts.pop("0.attn.head_out") == "missing"
+        assert "tensor parallelism" in rep["head_out"] and rep["head_out"].startswith("PointError"), rep["head_out"]
+        assert len(pts) == 2 * (2 * 8 + 7) + 1 + 2, sorted(pts)
+        bad = {k: v for k, v in pts.items() if isinstance(v, str) or v > TOL}
         assert not bad, f"rank {rep['rank']}: points differ from one process: {bad}"
-        assert max(rep["interventions"].values()) <= TOL
+        for name, diff in rep["interventions"].items():
+            assert diff <= TOL, f"rank {rep['rank']}: {name} logits differ from one process by {diff}"
+            assert rep["intervention_effect"][name] > 1e-3, name
+        # a persistent edit at o_proj's input would see this rank's slice: refused, nothing left attached
+        assert rep["sharded_edit"].startswith("PointError") and "shards" in rep["sharded_edit"], rep["sharded_edit"]
+        assert rep["n_edits_after"] == 0
+    # tensor-parallel ranks share one batch: the same values on both
+    assert reports[0]["n_routed_slots"] == reports[1]["n_routed_slots"]
+
+
+def test_tp_plan_lookup_shim_keeps_transformers_semantics():
+    """The shim binds transformers' own plan matcher under the name nnsight 0.8.1 imports. Its assumption: the
+    function keeps ``(name, plan, is_weight=True) -> style | None`` with layer numbers wildcarded; checked here on
+    a hand-made plan, so a transformers that changes it fails this test instead of mis-sharding a trace."""
+    from expertlens.compat import nnsight_tp_plan_lookup
+
+    state = nnsight_tp_plan_lookup()
+    if state == "unavailable":
+        pytest.skip("this transformers has no distributed plan matcher (no tensor parallelism to support)")
+    assert state in ("present", "bound")
+    from transformers.distributed.tensor_parallel import _get_parameter_plan
+
+    plan = {"layers.*.mlp.experts": "moe_tp_experts", "layers.*.self_attn.o_proj": "rowwise", "lm_head": "colwise"}
+    assert _get_parameter_plan("layers.11.mlp.experts", plan, is_weight=False) == "moe_tp_experts"
+    assert _get_parameter_plan("layers.0.self_attn.o_proj.weight", plan) == "rowwise"  # a weight: its module's
+    assert _get_parameter_plan("layers.0.self_attn.o_proj.weight", plan, is_weight=False) is None
+    assert _get_parameter_plan("layers.0.self_attn", plan, is_weight=False) is None
+    assert _get_parameter_plan("lm_head", plan, is_weight=False) == "colwise"
+    assert nnsight_tp_plan_lookup() == state  # idempotent
