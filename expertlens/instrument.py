@@ -451,7 +451,10 @@ def all_experts_forward(experts: nn.Module, x: Tensor, chunk: int | None = None)
 
     The grouped GEMM of the experts implementation with each row sent to every expert (what forcing the routing
     to each expert in turn computes), so no Python loop over experts and no host copies. ``chunk`` bounds how
-    many experts run per pass (memory ``chunk·n·d_ff``); default all. Not for expert-parallel shards.
+    many experts run per pass (memory ``chunk·n·d_ff``); default all. Under tensor parallelism (``moe_tp_experts``)
+    each rank runs its slice of every expert and the result is all-reduced over the tensor-parallel group (a
+    collective: every rank must call it, on the same ``x``); under expert parallelism it refuses (each rank holds
+    only its own experts).
 
     Example:
         >>> import torch
@@ -466,6 +469,24 @@ def all_experts_forward(experts: nn.Module, x: Tensor, chunk: int | None = None)
     from transformers.integrations.moe import _grouped_linear
 
     _refuse_meta_experts(experts, "all_experts_forward")
+    parallel, group = experts.__dict__.get("_el_ep"), None
+    if parallel == "ep":
+        raise ValueError(
+            "all_experts_forward: under expert parallelism each rank holds only its own experts, so every expert "
+            "cannot run on this rank's rows; run it on one process or under tensor parallelism (tp_size)"
+        )
+    if parallel == "tp":
+        if experts.has_bias or experts.has_post_expert_norm:
+            raise ValueError(
+                "all_experts_forward: under tensor parallelism each rank's result is a partial sum; experts with "
+                "biases or a post-expert norm are not supported there (run on one process)"
+            )
+        mesh = experts.down_proj.device_mesh
+        group = mesh.get_group() if mesh.ndim == 1 else mesh.get_group("tp")
+
+    def local(w: Tensor) -> Tensor:  # a DTensor's shard on this rank (tensor parallel), else the tensor
+        return w.to_local() if hasattr(w, "to_local") else w
+
     n_experts, n = int(experts.num_experts), x.shape[0]
     chunk = n_experts if chunk is None else max(1, int(chunk))
     outs = []
@@ -478,13 +499,15 @@ def all_experts_forward(experts: nn.Module, x: Tensor, chunk: int | None = None)
         offsets[ids] = n
         offsets = torch.cumsum(offsets, dim=0, dtype=torch.int32)
         if experts.has_gate:
-            w_up, b_up = experts.gate_up_proj, experts.gate_up_proj_bias[ids_g] if experts.has_bias else None
+            w_up, b_up = local(experts.gate_up_proj), experts.gate_up_proj_bias[ids_g] if experts.has_bias else None
         else:
-            w_up, b_up = experts.up_proj, experts.up_proj_bias[ids_g] if experts.has_bias else None
+            w_up, b_up = local(experts.up_proj), experts.up_proj_bias[ids_g] if experts.has_bias else None
         h = _grouped_linear(rows, w_up, offsets, bias=b_up, is_transposed=experts.is_transposed)
         h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
         b_down = experts.down_proj_bias[ids_g] if experts.has_bias else None
-        out = _grouped_linear(h, experts.down_proj, offsets, bias=b_down, is_transposed=experts.is_transposed)
+        out = _grouped_linear(h, local(experts.down_proj), offsets, bias=b_down, is_transposed=experts.is_transposed)
+        if group is not None:
+            torch.distributed.all_reduce(out, group=group)  # this rank's partial sums -> every expert's output
         if experts.has_post_expert_norm:
             out = experts.post_expert_norm(out)
         outs.append(out.view(e, n, -1))

@@ -434,7 +434,9 @@ def _mlp_site(model, lay) -> Site:
 
 
 def _logits_site(model, lay) -> Site:
-    if getattr(model, "_head", (1.0, None)) != (1.0, None):
+    if getattr(model, "_head", (1.0, None)) != (1.0, None) or "_el_tp_head" in model._module.__dict__:
+        # a head transform, or a tensor-parallel unembedding whose output is this rank's vocab slice (possibly
+        # uneven): the logits the model returns, whole
         return Site("", "returned_logits")
     return Site(model.spec.lm_head, "output")
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 WORKER = Path(__file__).parent / "distributed" / "ep_worker.py"
+CLI_WORKER = Path(__file__).parent / "distributed" / "cli_worker.py"
 TOL = 1e-5
 
 
@@ -45,15 +46,19 @@ def checkpoint(tmp_path_factory):
     return folder
 
 
-def _launch(checkpoint: Path, out: Path, mode: str) -> list[dict]:
-    cmd = [*_torchrun(), "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000 + len(mode)),
-           str(WORKER), str(checkpoint), str(out), mode]
+def _run_torchrun(args: list[str], port_offset: int, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [*_torchrun(), "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000 + port_offset),
+           *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        pytest.fail("torchrun did not finish within 300 s")
+        pytest.fail(f"torchrun did not finish within {timeout} s")
+
+
+def _launch(checkpoint: Path, out: Path, mode: str) -> list[dict]:
+    proc = _run_torchrun([str(WORKER), str(checkpoint), str(out), mode], len(mode))
     reports = []
     for rank in (0, 1):
         f = out / f"rank{rank}.json"
@@ -124,3 +129,61 @@ def test_tp_plan_lookup_shim_keeps_transformers_semantics():
     assert _get_parameter_plan("layers.0.self_attn", plan, is_weight=False) is None
     assert _get_parameter_plan("lm_head", plan, is_weight=False) == "colwise"
     assert nnsight_tp_plan_lookup() == state  # idempotent
+
+
+def _close(a, b, path: str = "") -> list[str]:
+    """Where two results.json trees differ (floats: within 1e-4 relative; the run's timings are not compared)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{path}: keys {sorted(set(a) ^ set(b))}"]
+        return [d for k in a if k != "timing" for d in _close(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{path}: {len(a)} != {len(b)} items"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _close(x, y, f"{path}[{i}]")]
+    if isinstance(a, float) and isinstance(b, (int, float)) and not isinstance(b, bool):
+        return [] if abs(a - b) <= 1e-4 * max(1.0, abs(a)) else [f"{path}: {a} != {b}"]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+@pytest.mark.slow
+def test_refusal_cli_under_torchrun_rank0_writes_single_process_results(tmp_path, capsys):
+    """``expertlens refusal`` on the bundled organism, split tensor-parallel over 2 ranks: rank 0 writes the
+    outputs, rank 1 writes nothing, and the results equal one process's (the same command without torchrun)."""
+    from expertlens.cli import main
+
+    argv = ["refusal", "--preset", "fast", "--n-train", "4", "--n-val", "2", "--n-test", "2", "--no-report",
+            "--quiet"]  # fmt: skip
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    dist_out = tmp_path / "dist"
+    proc = _run_torchrun([str(CLI_WORKER), str(audit), *argv, "--out", str(dist_out)], 7, timeout=400)
+    log = (proc.stdout + proc.stderr)[-3000:]
+    reports = {}
+    for rank in (0, 1):
+        f = audit / f"rank{rank}.json"
+        assert f.exists(), f"rank {rank} did not finish (rc {proc.returncode}):\n{log}"
+        reports[rank] = json.loads(f.read_text())
+        assert reports[rank]["code"] == 0, f"rank {rank} exit status {reports[rank]['code']}:\n{log}"
+    assert reports[1]["writes"] == [], f"rank 1 wrote under --out: {reports[1]['writes'][:5]}"
+    assert any(w.endswith("results.json") for w in reports[0]["writes"]), reports[0]["writes"]
+    assert proc.stdout.count("results: ") == 1, "the summary must be printed once (rank 0)"
+
+    one_out = tmp_path / "one"
+    assert main([*argv, "--out", str(one_out)]) == 0
+    capsys.readouterr()
+    one = json.loads((one_out / "results.json").read_text())
+    dist = json.loads((dist_out / "results.json").read_text())
+    assert sorted(p.name for p in dist_out.iterdir()) == sorted(p.name for p in one_out.iterdir())
+    diffs = _close(one, dist)
+    assert not diffs, f"tensor-parallel results differ from one process: {diffs[:10]}"
+
+
+def test_parallel_flag_needs_torchrun(tmp_path, capsys, monkeypatch):
+    from expertlens.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["refusal", "--out", str(tmp_path / "o"), "--parallel", "tp"]) == 2
+    err = capsys.readouterr().err
+    assert "torchrun" in err and "\n" not in err.strip()
+    assert not (tmp_path / "o").exists()
