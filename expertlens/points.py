@@ -286,7 +286,14 @@ def _site_envoy(model: ExpertModel, site: Site) -> Any:
             "this model's expertlens instrumentation was removed (model.restore()): MoE points are gone; "
             "wrap the model again with ExpertModel(...)"
         )
-    return _envoy(model, site.path)
+    cache = model.__dict__.get("_point_cache")
+    if cache is None:
+        return _envoy(model, site.path)
+    key = ("envoy", site.path)  # the Envoy tree is fixed for the wrapper's life: resolve each path once
+    env = cache.get(key)
+    if env is None:
+        env = cache[key] = _envoy(model, site.path)
+    return env
 
 
 def _view(name: str, x: Tensor, lay: LayerLayout | None) -> Tensor:
@@ -603,13 +610,13 @@ class PointAttr:
             return self
         if self.name in MODEL_POINTS:
             return POINTS[self.name].read(group, None)
-        return POINTS[self.name].read(group._model, group.layer, getattr(group, "expert", None))
+        return POINTS[self.name].read(group._model, group.layer, group.__dict__.get("expert"))
 
     def __set__(self, group: Any, value: Any) -> None:
         if self.name in MODEL_POINTS:
             POINTS[self.name].write(group, None, value)
             return
-        POINTS[self.name].write(group._model, group.layer, value, getattr(group, "expert", None))
+        POINTS[self.name].write(group._model, group.layer, value, group.__dict__.get("expert"))
 
 
 class AttentionPoints(_NamedPoints):
