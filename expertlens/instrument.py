@@ -91,7 +91,7 @@ def _quiet(point: nn.Module) -> bool:
     if d["edits"] or d["_forward_hooks"] or d["_forward_pre_hooks"] or _global_hooks():
         return False
     state = d.get(_NNSIGHT_STATE)
-    return state is None or state.active()[0] is None
+    return state is None or "_el_plain" in d or state.active()[0] is None
 
 
 def _idle(point: nn.Module, count: bool = True) -> bool:
@@ -102,7 +102,7 @@ def _idle(point: nn.Module, count: bool = True) -> bool:
     if d["edits"] or d["_forward_hooks"] or d["_forward_pre_hooks"] or _global_hooks():
         return False
     state = d.get(_NNSIGHT_STATE)
-    if state is None:
+    if state is None or "_el_plain" in d:  # no nnsight, or inside `plain_calls` (no trace runs)
         return True
     interleaver, _, locations = state.active()
     if interleaver is None:
@@ -165,12 +165,15 @@ def plain_calls(model: nn.Module):
         if state is None or getattr(state, "sourced", True) or getattr(state, "body", None) is not type(module).forward:
             continue
         del d["forward"]
+        if isinstance(module, HookPoint):
+            d["_el_plain"] = True  # no trace can reach it: `_idle` / `_quiet` skip asking nnsight
         removed.append((module, controller))
     try:
         yield
     finally:
         for module, controller in removed:
             module.__dict__["forward"] = controller
+            module.__dict__.pop("_el_plain", None)
 
 
 def _editable_forward(self: nn.Module, *args, **kwargs):
