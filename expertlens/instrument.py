@@ -329,11 +329,6 @@ def global_num_experts(experts: nn.Module) -> int:
     return int(experts.num_experts)
 
 
-def _is_ep_dispatch(experts: nn.Module) -> bool:
-    """Whether transformers' expert parallelism (``ep_dispatch_experts``) wraps this experts module's forward."""
-    return _experts_parallelism(experts) == "ep"
-
-
 def tp_sharded(module: nn.Module) -> str | None:
     """The tensor-parallel wrapper transformers put around ``module``'s forward (its qualified name), or ``None``.
 
