@@ -374,7 +374,7 @@ def markdown(result: dict) -> str:
             if t.get("nnsight_floor") is not None:
                 extra = (f" (nnsight's own floor in the same run: {t['nnsight_floor']:.3f}; expertlens over plain "
                          f"nnsight: {t['ratio_vs_nnsight']:.3f})")
-                if t.get("floor_exceeds_target"):
+                if t.get("floor_exceeds_target") and not t["met"]:
                     extra += " — nnsight's floor alone is above the target"
             elif t.get("ratio_vs_bare") is not None:
                 extra = f" (vs bare unsteered generate: {t['ratio_vs_bare']:.3f})"

@@ -88,7 +88,8 @@ def _quiet(point: nn.Module) -> bool:
     """True when nothing can see or change a value passed through ``point`` in this call: no registered edit,
     no torch hook, and no nnsight trace with workers watching the module (no trace, or one with nothing in it)."""
     d = point.__dict__
-    if d["edits"] or d["_forward_hooks"] or d["_forward_pre_hooks"] or _global_hooks():
+    if (d["edits"] or d["_forward_hooks"] or d["_forward_pre_hooks"] or _torch_module._global_forward_hooks
+            or _torch_module._global_forward_pre_hooks):  # global torch hooks (inlined: asked on every visit)
         return False
     state = d.get(_NNSIGHT_STATE)
     return state is None or "_el_plain" in d or state.active()[0] is None
@@ -99,7 +100,8 @@ def _idle(point: nn.Module, count: bool = True) -> bool:
     of the point and no cache records it. A skipped visit inside a trace is still counted, as nnsight would count
     it, so occurrence numbers (generation steps, ``tracer.iter``) stay right (``count=False``: only ask)."""
     d = point.__dict__
-    if d["edits"] or d["_forward_hooks"] or d["_forward_pre_hooks"] or _global_hooks():
+    if (d["edits"] or d["_forward_hooks"] or d["_forward_pre_hooks"] or _torch_module._global_forward_hooks
+            or _torch_module._global_forward_pre_hooks):  # global torch hooks (inlined: asked on every visit)
         return False
     state = d.get(_NNSIGHT_STATE)
     if state is None or "_el_plain" in d:  # no nnsight, or inside `plain_calls` (no trace runs)
@@ -120,10 +122,6 @@ def _idle(point: nn.Module, count: bool = True) -> bool:
         for loc in locations:
             counts[loc] = counts.get(loc, 0) + 1
     return True
-
-
-def _global_hooks() -> bool:
-    return bool(_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks)
 
 
 def _through(point: nn.Module, x):
