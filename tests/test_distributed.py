@@ -58,7 +58,7 @@ def _run_torchrun(args: list[str], port_offset: int, timeout: int = 300) -> subp
 
 
 def _launch(checkpoint: Path, out: Path, mode: str) -> list[dict]:
-    proc = _run_torchrun([str(WORKER), str(checkpoint), str(out), mode], len(mode))
+    proc = _run_torchrun([str(WORKER), str(checkpoint), str(out), mode], {"ep": 1, "tp": 3}[mode])
     reports = []
     for rank in (0, 1):
         f = out / f"rank{rank}.json"
