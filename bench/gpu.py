@@ -41,6 +41,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from bench.harness import REPO, load_average, machine_info  # noqa: E402
+from bench.sections import forward_variants  # noqa: E402
 
 #: True-width shapes (from the models' published config.json files); ``layers`` is the default depth here.
 CONFIGS: dict[str, dict] = {
@@ -177,38 +178,16 @@ def bench_config(name: str, args, device: torch.device, log) -> dict:
     v = torch.randn(model.d_model, generator=g)
     v = (v / v.norm() * 4.0).to(device=device, dtype=dtype)
     steer = AddVector("resid_pre", v, layers=layer)
-    moe_layers = model.moe_layers
     kept: list = []
-
-    def bare_fwd():
-        return bare(input_ids=ids, attention_mask=mask, use_cache=False).logits
-
-    def trace_nothing():
-        with model.trace(ids, attention_mask=mask, use_cache=False):
-            pass
-
-    def trace_capture():
-        kept.clear()
-        saved = []
-        with model.trace(ids, attention_mask=mask, use_cache=False):
-            for i in moe_layers:
-                saved.append(model.layers[i].moe.router_logits.save())
-                saved.append(model.layers[i].moe.expert_out.save())
-        kept.extend(saved)
-
-    def trace_addvector():
-        with model.intervene(steer), model.trace(ids, attention_mask=mask, use_cache=False):
-            pass
+    variants = forward_variants(bare, model, ids, mask, steer, kept)
+    bare_fwd = variants["bare"]
 
     rounds = 1 if args.tiny else args.rounds
     with torch.no_grad():
         same = float((bare_fwd().float() - model.hf_model(input_ids=ids, attention_mask=mask).logits.float())
                      .abs().max())
-        fwd = timed(
-            {"bare": bare_fwd, "trace_nothing": trace_nothing, "trace_capture": trace_capture,
-             "trace_addvector": trace_addvector},
-            rounds, device,
-        )
+        fwd = timed({k: variants[k] for k in ("bare", "trace_nothing", "trace_capture", "trace_addvector")},
+                    rounds, device)
     kept.clear()
     # generation: prompts as text for expertlens' generate; the same ids for the bare variants
     prompts = ["".join(chr(32 + (i * 7 + j * 13) % 90) for j in range(n_tok)) for i in range(batch)]

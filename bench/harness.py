@@ -146,15 +146,17 @@ def synthetic_setting(name: str, quick: bool) -> Setting:
 
 
 def organism_setting(quick: bool, path: str | None = None) -> Setting | None:
-    """The shipped organism (first of ``list_organisms()``), or a checkpoint folder ``path`` with the
-    organism's tokenizer (e.g. one still training); ``None`` when neither exists."""
+    """The shipped default organism (``DEFAULT_ORGANISM``, else the first of ``list_organisms()``), or a
+    checkpoint folder ``path`` with the organism's tokenizer (e.g. one still training); ``None`` when neither
+    exists."""
     from expertlens.organism import DEFAULT_ORGANISM, list_organisms, load_prompts, organism_path
 
     if path is None:
         names = list_organisms()
         if not names:
             return None
-        name, folder = names[0], str(organism_path(names[0]))
+        name = DEFAULT_ORGANISM if DEFAULT_ORGANISM in names else names[0]
+        folder = str(organism_path(name))
     else:
         name, folder = DEFAULT_ORGANISM, str(path)
 

@@ -242,6 +242,15 @@ def _clean(x):
     return x
 
 
+def _bound(target: str) -> float | None:
+    """The number of a ``"... <= 1.05"`` target (``None`` for other forms)."""
+    head, sep, num = target.rpartition("<=")
+    try:
+        return float(num) if sep else None
+    except ValueError:
+        return None
+
+
 def targets_summary(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
@@ -251,6 +260,10 @@ def targets_summary(rows: list[dict]) -> list[dict]:
         for key in ("nnsight_floor", "ratio_vs_nnsight", "ratio_vs_bare", "load_average"):
             if key in r:
                 t[key] = r[key]
+        bound = _bound(r["target"])
+        if t.get("nnsight_floor") is not None and bound is not None:
+            # nnsight itself, doing the same work in the same run, already exceeds the target
+            t["floor_exceeds_target"] = t["nnsight_floor"] > bound
         out.append(t)
     return out
 
@@ -361,6 +374,8 @@ def markdown(result: dict) -> str:
             if t.get("nnsight_floor") is not None:
                 extra = (f" (nnsight's own floor in the same run: {t['nnsight_floor']:.3f}; expertlens over plain "
                          f"nnsight: {t['ratio_vs_nnsight']:.3f})")
+                if t.get("floor_exceeds_target") and not t["met"]:
+                    extra += " — nnsight's floor alone is above the target"
             elif t.get("ratio_vs_bare") is not None:
                 extra = f" (vs bare unsteered generate: {t['ratio_vs_bare']:.3f})"
             load = f"; load {t['load_average']}" if t.get("load_average") else ""

@@ -65,20 +65,11 @@ TARGETS = {
 }
 
 
-def forward_rows(bare, model, tok, s: Setting) -> list[dict]:
-    from nnsight.modeling.transformers import TransformersModel
-
-    from .harness import shared_copy
-
-    # nnsight's own floor: a plain nnsight wrapper around a third tree over the same weights
-    floor = TransformersModel(shared_copy(bare), tokenizer=tok)
-    enc = tok(s.forward_prompts, return_tensors="pt", padding=True)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    layers = list(range(model.n_layers))
+def forward_variants(bare, model, ids, mask, steer, kept: list) -> dict[str, Any]:
+    """The timed forward variants (also used by ``bench/gpu.py``): bare HF forward, the wrapped model's plain call,
+    a trace saving nothing, one saving ``router_logits`` + ``expert_out`` of every MoE layer (kept alive in
+    ``kept`` until the next call, as a user's would), and a trace under one ``steer`` intervention."""
     moe_layers = model.moe_layers
-    v = steering_vector(model)
-    steer = AddVector("resid_pre", v, layers=model.n_layers // 2)
-    kept: list = []
 
     def bare_fwd():
         return bare(input_ids=ids, attention_mask=mask, use_cache=False).logits
@@ -97,11 +88,32 @@ def forward_rows(bare, model, tok, s: Setting) -> list[dict]:
             for i in moe_layers:
                 saved.append(model.layers[i].moe.router_logits.save())
                 saved.append(model.layers[i].moe.expert_out.save())
-        kept.extend(saved)  # saved values stay alive until the next call, as a user's would
+        kept.extend(saved)
 
     def trace_addvector():
         with model.intervene(steer), model.trace(ids, attention_mask=mask, use_cache=False):
             pass
+
+    return {"bare": bare_fwd, "wrapped_call": wrapped_call, "trace_nothing": trace_nothing,
+            "trace_capture": trace_capture, "trace_addvector": trace_addvector}  # fmt: skip
+
+
+def forward_rows(bare, model, tok, s: Setting) -> list[dict]:
+    from nnsight.modeling.transformers import TransformersModel
+
+    from .harness import shared_copy
+
+    # nnsight's own floor: a plain nnsight wrapper around a third tree over the same weights
+    floor = TransformersModel(shared_copy(bare), tokenizer=tok)
+    enc = tok(s.forward_prompts, return_tensors="pt", padding=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    layers = list(range(model.n_layers))
+    moe_layers = model.moe_layers
+    v = steering_vector(model)
+    steer = AddVector("resid_pre", v, layers=model.n_layers // 2)
+    kept: list = []
+    variants = forward_variants(bare, model, ids, mask, steer, kept)
+    bare_fwd, wrapped_call, trace_capture = variants["bare"], variants["wrapped_call"], variants["trace_capture"]
 
     fl = resolve_family(floor._module)
     floor_layers = fl.layer_list(floor._module)
@@ -126,11 +138,7 @@ def forward_rows(bare, model, tok, s: Setting) -> list[dict]:
         kept.extend(saved)
 
     fns = {
-        "bare": bare_fwd,
-        "wrapped_call": wrapped_call,
-        "trace_nothing": trace_nothing,
-        "trace_capture": trace_capture,
-        "trace_addvector": trace_addvector,
+        **variants,
         "nnsight_nothing": nnsight_nothing,
         "nnsight_capture": nnsight_capture,
     }

@@ -1,7 +1,7 @@
 """``expertlens`` command line: thin wrappers over the library.
 
 expertlens refusal [--organism NAME[,NAME...]|all] [--model NAME_OR_PATH --harmful FILE --harmless FILE]
-                   [--out DIR] [--resume] [--preset organism|paper|fast] ...
+                   [--out DIR] [--resume] [--preset organism|paper|fast] [--parallel tp] ...
 expertlens organisms
 expertlens --version
 
@@ -50,6 +50,21 @@ def _check_out(out: str, resume: bool) -> Path:
     if resume and not (path / "stages" / "run.json").exists():
         raise CLIError(f"--resume: {out} holds no unfinished run (no stages/run.json); drop --resume")
     return path
+
+
+def _launch(parallel: str | None, resume: bool) -> tuple[int, dict]:
+    """``(rank, loading keyword arguments)``: under ``torchrun`` the model is split across the ranks (transformers'
+    tensor parallelism, ``DistributedConfig(tp_size=WORLD_SIZE)``) and every rank runs the same study."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        if parallel is not None:
+            raise CLIError(f"--parallel {parallel}: launch with torchrun --nproc-per-node N (WORLD_SIZE is 1)")
+        return 0, {}
+    if resume:
+        raise CLIError("--resume under torchrun: every rank must run every stage; drop --resume")
+    from transformers.distributed import DistributedConfig
+
+    return int(os.environ.get("RANK", "0")), {"distributed_config": DistributedConfig(tp_size=world)}
 
 
 def _organisms(value: str | None) -> list[str]:
@@ -118,6 +133,7 @@ def _refusal(args: argparse.Namespace) -> int:
     organisms = _organisms(args.organism) if args.model is None else []
     data_model = _data_for_model(args) if args.model is not None else None
     preset = args.preset or ("organism" if args.model is None else "paper")
+    rank, kwargs = _launch(args.parallel, args.resume)  # rank 0 writes the outputs, the others nothing
 
     import torch
 
@@ -136,9 +152,10 @@ def _refusal(args: argparse.Namespace) -> int:
     # One thread by default on CPU: on a shared machine two threads stall each other (steps swing 10x).
     if args.threads or not args.device or args.device == "cpu":
         torch.set_num_threads(args.threads or 1)
-    set_progress(not args.quiet)
-    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
-    kwargs = {}
+    quiet = args.quiet or rank != 0
+    set_progress(not quiet)
+    log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    say = print if rank == 0 else (lambda *a: None)
     if args.dtype:
         kwargs["dtype"] = getattr(torch, args.dtype)
     if args.device:
@@ -156,17 +173,19 @@ def _refusal(args: argparse.Namespace) -> int:
             model = ExpertModel(model_name, trust_remote_code=args.trust_remote_code, **kwargs)
         where = out / name if len(runs) > 1 else out
         log(f"expertlens refusal: {model!r} ({preset} preset) -> {where}")
-        study = run_refusal_study(model, data, config, log=log, checkpoint=where / "stages", resume=args.resume)
-        study.save(where, report=not args.no_report)
+        stages = where / "stages" if rank == 0 else None
+        study = run_refusal_study(model, data, config, log=log, checkpoint=stages, resume=args.resume)
+        if rank == 0:
+            study.save(where, report=not args.no_report)
         studies[name or model_name] = study
-        print(study.table())
-        print(f"\nresults: {where / 'results.json'}" + ("" if args.no_report else f"  report: {where / 'report.html'}"))
-    if len(studies) > 1:
+        say(study.table())
+        say(f"\nresults: {where / 'results.json'}" + ("" if args.no_report else f"  report: {where / 'report.html'}"))
+    if len(studies) > 1 and rank == 0:
         from .refusal.compare import write_comparison
 
         path = write_comparison(studies, out, report=not args.no_report)
-        print(f"\ncomparison of {len(studies)} organisms: {path}")
-    print(f"wall time {time.time() - t0:.1f}s")
+        say(f"\ncomparison of {len(studies)} organisms: {path}")
+    say(f"wall time {time.time() - t0:.1f}s")
     return 0
 
 
@@ -205,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="device or device_map, e.g. cpu, cuda, auto")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU)")
+    p.add_argument("--parallel", choices=["tp"], help="under torchrun (the default there): split the model "
+                   "across the ranks, tensor parallel; rank 0 writes the outputs")  # fmt: skip
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--quiet", action="store_true", help="no progress lines or bars")

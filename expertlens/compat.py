@@ -1,7 +1,12 @@
-"""Old module paths that still import, with a ``DeprecationWarning`` naming the new home.
+"""Compatibility: old module paths that still import, and one narrow shim between nnsight and transformers.
 
 A module that moved whole keeps its old dotted name through :func:`alias_module` (registered
 in the package ``__init__``), so no stub file sits at the old path.
+
+:func:`nnsight_tp_plan_lookup` lets nnsight 0.8.1 wrap a tensor-parallel model of a transformers
+(5.24) that moved ``_get_parameter_plan`` from ``transformers.distributed.tensor_parallel`` to
+``transformers.distributed.parallel_utils``; it is applied only while wrapping a model that was loaded
+across ranks, and only when the name is missing.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import sys
 import types
 import warnings
 
-__all__ = ["alias_module"]
+__all__ = ["alias_module", "nnsight_tp_plan_lookup"]
 
 
 class _MovedModule(types.ModuleType):
@@ -70,3 +75,44 @@ def alias_module(old: str, *targets: str) -> types.ModuleType:
     if parent:
         setattr(importlib.import_module(parent), child, module)
     return module
+
+
+def nnsight_tp_plan_lookup() -> str:
+    """Make ``transformers.distributed.tensor_parallel._get_parameter_plan`` importable where it moved.
+
+    nnsight 0.8.1 resolves each module of a tensor-parallel model against transformers' plan with
+    ``from transformers.distributed.tensor_parallel import _get_parameter_plan`` (its
+    ``TPFragments._style_of``). transformers 5.24 defines that function in
+    ``transformers.distributed.parallel_utils`` (``tensor_parallel`` imports the names around it, not it), so
+    wrapping any tensor-parallel model fails inside nnsight. When the name is missing this binds transformers'
+    own function under the old name, nothing else; the function is transformers', unchanged. It is assumed to
+    keep the signature ``(name, plan, is_weight=True) -> style | None`` (``tests/test_distributed.py`` checks it
+    on a hand-made plan, so a transformers that changes it fails there first).
+
+    ``ExpertModel`` calls this while wrapping a model loaded with a ``distributed_config`` (one with a device
+    mesh); a model on one process never triggers it.
+
+    Returns:
+        ``"present"`` (transformers has the name: nothing done), ``"bound"`` (bound now, or by an earlier call)
+        or ``"unavailable"`` (no transformers distributed module, or no function to bind: nothing done).
+
+    Example:
+        >>> from expertlens.compat import nnsight_tp_plan_lookup
+        >>> nnsight_tp_plan_lookup() in ("present", "bound", "unavailable")
+        True
+    """
+    try:
+        from transformers.distributed import tensor_parallel
+    except ImportError:
+        return "unavailable"
+    if getattr(tensor_parallel, "_el_bound_parameter_plan", False):
+        return "bound"
+    if "_get_parameter_plan" in vars(tensor_parallel):
+        return "present"
+    try:
+        from transformers.distributed.parallel_utils import _get_parameter_plan
+    except ImportError:
+        return "unavailable"
+    tensor_parallel._get_parameter_plan = _get_parameter_plan
+    tensor_parallel._el_bound_parameter_plan = True
+    return "bound"

@@ -240,6 +240,7 @@ def add_edit(
     lay = model.layout[layer] if layer is not None else None
     ctx = model.edit_context
     module = model._module.get_submodule(site.path)
+    _refuse_sharded_site(name, site.path, site.kind, module)
     label = f"{name}@{layer}" if layer is not None else name
 
     def apply(x: Tensor) -> Tensor:
@@ -325,6 +326,27 @@ def add_edit(
 
     torch_handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
     return _registry(model).track(EditHandle(None, pre_hook, hook=torch_handle, label=label))
+
+
+def _refuse_sharded_site(name: str, path: str, kind: str, module: nn.Module) -> None:
+    """Refuse an edit whose function would receive one rank's slice of the value, not the value.
+
+    Under transformers' tensor parallelism a module wrapped by a sharding style (``colwise``, ``rowwise``,
+    ``colwise_gather_output`` ...) has its class forward, where output edits run, and its torch pre-hooks, where
+    input edits run, on this rank's shard or partial sum. Trace-time reads and writes of the same points are made
+    whole by nnsight; persistent edits are not, so they are refused rather than computed on a slice.
+    """
+    if kind in ("hook", "expert_slots", "returned_logits"):
+        return  # expertlens' own hook points and the returned logits hold whole values on every rank
+    qualname = _instrument.tp_sharded(module)
+    if qualname is None:
+        return
+    raise PointError(
+        f"point {name!r} sits at {path}, which transformers' tensor parallelism shards ({qualname.split('.')[0]}): "
+        "an edit there would receive this rank's slice of the value. Under tensor parallelism edit a point whose "
+        "value is whole on every rank (resid_pre / resid_mid / resid_post, attn.output, mlp.output, moe.*), or write "
+        "this point inside a trace (nnsight gathers it)"
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ __all__ = [
     "expert_forward",
     "all_experts_forward",
     "global_num_experts",
+    "tp_sharded",
     "register_experts_implementation",
     "Instrumentation",
     "install",
@@ -87,42 +88,40 @@ def _quiet(point: nn.Module) -> bool:
     """True when nothing can see or change a value passed through ``point`` in this call: no registered edit,
     no torch hook, and no nnsight trace with workers watching the module (no trace, or one with nothing in it)."""
     d = point.__dict__
-    if d["edits"] or d["_forward_hooks"] or d["_forward_pre_hooks"] or _global_hooks():
+    if (d["edits"] or d["_forward_hooks"] or d["_forward_pre_hooks"] or _torch_module._global_forward_hooks
+            or _torch_module._global_forward_pre_hooks):  # global torch hooks (inlined: asked on every visit)
         return False
     state = d.get(_NNSIGHT_STATE)
-    return state is None or state.active()[0] is None
+    return state is None or "_el_plain" in d or state.active()[0] is None
 
 
-def _idle(point: nn.Module) -> bool:
+def _idle(point: nn.Module, count: bool = True) -> bool:
     """True when ``point`` can be skipped: :func:`_quiet`, or a trace is running but no worker waits on this visit
     of the point and no cache records it. A skipped visit inside a trace is still counted, as nnsight would count
-    it, so occurrence numbers (generation steps, ``tracer.iter``) stay right."""
+    it, so occurrence numbers (generation steps, ``tracer.iter``) stay right (``count=False``: only ask)."""
     d = point.__dict__
-    if d["edits"] or d["_forward_hooks"] or d["_forward_pre_hooks"] or _global_hooks():
+    if (d["edits"] or d["_forward_hooks"] or d["_forward_pre_hooks"] or _torch_module._global_forward_hooks
+            or _torch_module._global_forward_pre_hooks):  # global torch hooks (inlined: asked on every visit)
         return False
     state = d.get(_NNSIGHT_STATE)
-    if state is None:
+    if state is None or "_el_plain" in d:  # no nnsight, or inside `plain_calls` (no trace runs)
         return True
     interleaver, _, locations = state.active()
     if interleaver is None:
         return True
     try:
         parked, observers, counts = interleaver.parked, interleaver.observers, interleaver.counts
-        fragments = interleaver.fragments
     except AttributeError:  # an nnsight whose internals differ: always run the point
         return False
-    if fragments is not None and getattr(fragments, "enabled", False):
-        return False
+    # With no worker parked and no cache observing, nnsight's `Interleaver.handle` only counts the visit (a
+    # tensor-parallel model's fragments are made whole only for a consumer), which is what a skip does.
     for loc in locations:
         if loc in parked or loc in observers:
             return False
-    for loc in locations:
-        counts[loc] = counts.get(loc, 0) + 1
+    if count:
+        for loc in locations:
+            counts[loc] = counts.get(loc, 0) + 1
     return True
-
-
-def _global_hooks() -> bool:
-    return bool(_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks)
 
 
 def _through(point: nn.Module, x):
@@ -164,12 +163,15 @@ def plain_calls(model: nn.Module):
         if state is None or getattr(state, "sourced", True) or getattr(state, "body", None) is not type(module).forward:
             continue
         del d["forward"]
+        if isinstance(module, HookPoint):
+            d["_el_plain"] = True  # no trace can reach it: `_idle` / `_quiet` skip asking nnsight
         removed.append((module, controller))
     try:
         yield
     finally:
         for module, controller in removed:
             module.__dict__["forward"] = controller
+            module.__dict__.pop("_el_plain", None)
 
 
 def _editable_forward(self: nn.Module, *args, **kwargs):
@@ -284,8 +286,9 @@ def expertlens_experts_forward(
     per_slot = out[inv_perm].view(n_tokens, k, hidden_dim)
 
     if self.__dict__.get("_el_ep"):
-        # Under expert parallelism this runs on the rows other ranks sent to this rank's experts; the
-        # points are applied by the MoE block on the per-slot outputs it gets back (`_ep_per_slot`).
+        # Under expert parallelism this runs on the rows other ranks sent to this rank's experts, under tensor
+        # parallelism on this rank's slice of every expert; the points are applied by the MoE block on the whole
+        # per-slot outputs transformers' wrapper hands back (`_ep_per_slot`).
         return (per_slot * top_k_weights.unsqueeze(-1)).sum(dim=1).to(hidden_states.dtype)
     return _weigh_through_points(self, per_slot, top_k_index, top_k_weights).to(hidden_states.dtype)
 
@@ -324,19 +327,64 @@ def global_num_experts(experts: nn.Module) -> int:
     return int(experts.num_experts)
 
 
-def _is_ep_dispatch(experts: nn.Module) -> bool:
-    """Whether transformers' expert parallelism (``ep_dispatch_experts``) wraps this experts module's forward."""
+def tp_sharded(module: nn.Module) -> str | None:
+    """The tensor-parallel wrapper transformers put around ``module``'s forward (its qualified name), or ``None``.
+
+    A module so wrapped runs its class forward on this rank's shard (or partial sum) of its input or output.
+    transformers' expert-parallel dispatch is not counted: its outputs are whole.
+
+    Example:
+        >>> from torch import nn
+        >>> from expertlens.instrument import tp_sharded
+        >>> tp_sharded(nn.Linear(2, 2)) is None
+        True
+    """
+    qualname = getattr(module.__dict__.get("forward"), "__qualname__", "")
+    if ".install_forward.<locals>." not in qualname or qualname.startswith("EpDispatchExpertsParallel."):
+        return None
+    return qualname
+
+
+def _experts_parallelism(experts: nn.Module) -> str | None:
+    """How transformers' distributed inference wraps this experts module: ``"ep"`` (``ep_dispatch_experts``: each
+    rank runs its own experts on tokens sent to it), ``"tp"`` (``moe_tp_experts``: each rank runs its slice of every
+    expert's intermediate dimension, the output is all-reduced) or ``None`` (not wrapped).
+
+    Both wrappers take ``(hidden, top_k_index, top_k_weights)`` and return the whole combined output on every rank,
+    which is what :func:`_ep_per_slot` needs. Any other style wrapping the experts is refused by name: expertlens
+    cannot say what its per-slot values are.
+    """
+    mark = experts.__dict__.get("_el_ep")
+    if mark:
+        return mark
     forward = experts.__dict__.get("forward")
     name = getattr(forward, "__qualname__", "")
-    return name.startswith("EpDispatchExpertsParallel.install_forward.") or bool(experts.__dict__.get("_el_ep"))
+    if name.startswith("EpDispatchExpertsParallel.install_forward."):
+        return "ep"
+    if ".install_forward.<locals>." not in name:
+        return None
+    cells = dict(zip(forward.__code__.co_freevars, forward.__closure__ or (), strict=False))
+    style = cells["self"].cell_contents if "self" in cells else None
+    if type(style).__name__ == "MoeExpertsParallel":
+        return "tp"
+    from .families import UnsupportedModelError
+
+    raise UnsupportedModelError(
+        f"{type(experts).__name__} is wrapped by transformers' distributed style {type(style).__name__} "
+        f"({name}); expertlens exposes per-expert points under ep_dispatch_experts (expert parallel) and "
+        "moe_tp_experts (tensor parallel) only"
+    )
 
 
 def _ep_per_slot(experts: nn.Module, flat: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-    """Per-slot expert outputs ``[n, k, d]`` (before routing weights) from an expert-parallel experts module.
+    """Per-slot expert outputs ``[n, k, d]`` (before routing weights) from a distributed experts module.
 
-    Every (token, slot) pair goes through transformers' own dispatch as a top-1 row with weight 1, so the
-    all-to-all moves exactly the rows it moves for top-k (``n·k``) and hands back each slot's unweighted output
-    on the rank that holds the token: every point then exists on every rank, as in one process.
+    Every (token, slot) pair goes through transformers' own wrapper as a top-1 row with weight 1. Under expert
+    parallelism the all-to-all moves exactly the rows it moves for top-k (``n·k``) and hands back each slot's
+    unweighted output on the rank that holds the token. Under tensor parallelism each rank computes its partial
+    sum of every slot (the same ``n·k`` rows through the grouped GEMMs as top-k) and the wrapper's all-reduce makes
+    each slot whole (``k``× the bytes of the top-k all-reduce). Either way every point exists on every rank, as in
+    one process.
     """
     n, k = indices.shape
     rows = flat.repeat_interleave(k, dim=0)
@@ -399,7 +447,10 @@ def all_experts_forward(experts: nn.Module, x: Tensor, chunk: int | None = None)
 
     The grouped GEMM of the experts implementation with each row sent to every expert (what forcing the routing
     to each expert in turn computes), so no Python loop over experts and no host copies. ``chunk`` bounds how
-    many experts run per pass (memory ``chunk·n·d_ff``); default all. Not for expert-parallel shards.
+    many experts run per pass (memory ``chunk·n·d_ff``); default all. Under tensor parallelism (``moe_tp_experts``)
+    each rank runs its slice of every expert and the result is all-reduced over the tensor-parallel group (a
+    collective: every rank must call it, on the same ``x``); under expert parallelism it refuses (each rank holds
+    only its own experts).
 
     Example:
         >>> import torch
@@ -414,6 +465,24 @@ def all_experts_forward(experts: nn.Module, x: Tensor, chunk: int | None = None)
     from transformers.integrations.moe import _grouped_linear
 
     _refuse_meta_experts(experts, "all_experts_forward")
+    parallel, group = experts.__dict__.get("_el_ep"), None
+    if parallel == "ep":
+        raise ValueError(
+            "all_experts_forward: under expert parallelism each rank holds only its own experts, so every expert "
+            "cannot run on this rank's rows; run it on one process or under tensor parallelism (tp_size)"
+        )
+    if parallel == "tp":
+        if experts.has_bias or experts.has_post_expert_norm:
+            raise ValueError(
+                "all_experts_forward: under tensor parallelism each rank's result is a partial sum; experts with "
+                "biases or a post-expert norm are not supported there (run on one process)"
+            )
+        mesh = experts.down_proj.device_mesh
+        group = mesh.get_group() if mesh.ndim == 1 else mesh.get_group("tp")
+
+    def local(w: Tensor) -> Tensor:  # a DTensor's shard on this rank (tensor parallel), else the tensor
+        return w.to_local() if hasattr(w, "to_local") else w
+
     n_experts, n = int(experts.num_experts), x.shape[0]
     chunk = n_experts if chunk is None else max(1, int(chunk))
     outs = []
@@ -426,13 +495,15 @@ def all_experts_forward(experts: nn.Module, x: Tensor, chunk: int | None = None)
         offsets[ids] = n
         offsets = torch.cumsum(offsets, dim=0, dtype=torch.int32)
         if experts.has_gate:
-            w_up, b_up = experts.gate_up_proj, experts.gate_up_proj_bias[ids_g] if experts.has_bias else None
+            w_up, b_up = local(experts.gate_up_proj), experts.gate_up_proj_bias[ids_g] if experts.has_bias else None
         else:
-            w_up, b_up = experts.up_proj, experts.up_proj_bias[ids_g] if experts.has_bias else None
+            w_up, b_up = local(experts.up_proj), experts.up_proj_bias[ids_g] if experts.has_bias else None
         h = _grouped_linear(rows, w_up, offsets, bias=b_up, is_transposed=experts.is_transposed)
         h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
         b_down = experts.down_proj_bias[ids_g] if experts.has_bias else None
-        out = _grouped_linear(h, experts.down_proj, offsets, bias=b_down, is_transposed=experts.is_transposed)
+        out = _grouped_linear(h, local(experts.down_proj), offsets, bias=b_down, is_transposed=experts.is_transposed)
+        if group is not None:
+            torch.distributed.all_reduce(out, group=group)  # this rank's partial sums -> every expert's output
         if experts.has_post_expert_norm:
             out = experts.post_expert_norm(out)
         outs.append(out.view(e, n, -1))
@@ -638,6 +709,15 @@ def _block_forward(self: nn.Module, hidden_states: Tensor, *args, **kwargs):
     _, weights, indices = router(hidden_states if spec.router_input == "3d" else flat, *extra)
     if spec.experts_kind == "dense_input_scaled":
         out = _dense_input_scaled(experts, flat, indices, weights).to(hidden_states.dtype).reshape(b, p, d)
+    elif experts.__dict__.get("_el_ep") == "tp" and all(
+        _idle(experts._modules[name], count=False) for name in EXPERTS_POINTS
+    ):
+        # Tensor parallel with no one reading or editing per-slot values: transformers' own top-k call (one
+        # all-reduce of the weighted sum), bit-identical to the model without expertlens. The skipped points'
+        # visits are counted, as on one process.
+        for name in EXPERTS_POINTS:
+            _idle(experts._modules[name])
+        out = experts(flat, indices, weights).reshape(b, p, d)
     elif experts.__dict__.get("_el_ep"):
         per_slot = _ep_per_slot(experts, flat, indices, weights)
         out = _weigh_through_points(experts, per_slot, indices, weights).to(hidden_states.dtype).reshape(b, p, d)
@@ -804,6 +884,10 @@ def install(model: nn.Module, spec: FamilySpec, editable: list[nn.Module] = ()) 
         experts={},
     )
     try:
+        if getattr(model, "_device_mesh", None) is not None:  # loaded across ranks (a distributed_config)
+            from .compat import nnsight_tp_plan_lookup
+
+            nnsight_tp_plan_lookup()
         if spec.is_moe:
             register_experts_implementation()
             for i, layer in enumerate(spec.layer_list(model)):
@@ -813,13 +897,17 @@ def install(model: nn.Module, spec: FamilySpec, editable: list[nn.Module] = ()) 
                 router = get_module(block, spec.router)
                 experts = get_module(block, spec.experts)
                 _check_experts(i, experts, block, spec)
-                if _is_ep_dispatch(experts):
+                parallel = _experts_parallelism(experts)
+                if parallel == "ep":
                     # Keep transformers' expert-parallel wrapper as the body nnsight runs (nnsight keeps it only
                     # when a tensor-parallel mesh is present), and let the block apply the expert points.
                     from nnsight.intervention.source import BODY_FORWARD
 
                     experts.__dict__[BODY_FORWARD] = True
-                    experts.__dict__["_el_ep"] = True
+                if parallel is not None:
+                    # The block applies the expert points on whole per-slot outputs (`_ep_per_slot`). Under tensor
+                    # parallelism nnsight itself puts transformers' wrapper back around its controller.
+                    experts.__dict__["_el_ep"] = parallel
                 for name in ROUTER_POINTS:
                     router.add_module(name, HookPoint())
                 for name in EXPERTS_POINTS:

@@ -187,7 +187,10 @@ class ExpertModel(TransformersModel):
         hf_model.eval()
         editable = _editable_modules(hf_model, editable_paths(spec, layout))
         head = _head_transform(hf_model)
-        if head != (1.0, None):
+        lm_head = get_module(hf_model, spec.lm_head) if spec.lm_head else None
+        if lm_head is not None and _instrument.tp_sharded(lm_head) is not None:
+            hf_model.__dict__["_el_tp_head"] = True  # tensor parallel: the `logits` point reads the returned logits
+        if head != (1.0, None) or "_el_tp_head" in hf_model.__dict__:
             editable.append(hf_model)  # the `logits` point is then the model's returned logits
         _own_config(hf_model)
         if hasattr(hf_model.config, "output_router_logits"):
@@ -627,6 +630,7 @@ def _release(hf: nn.Module) -> None:
     for handle in reversed(list(hf.__dict__.get("_el_weight_edits", ()))):
         handle.remove()  # weight edits applied outside the registry, latest first
     _instrument.restore(hf)
+    hf.__dict__.pop("_el_tp_head", None)
     tracker = hf.__dict__.pop("_el_step_tracker", None)
     if tracker is not None:
         tracker.remove()

@@ -286,7 +286,14 @@ def _site_envoy(model: ExpertModel, site: Site) -> Any:
             "this model's expertlens instrumentation was removed (model.restore()): MoE points are gone; "
             "wrap the model again with ExpertModel(...)"
         )
-    return _envoy(model, site.path)
+    cache = model.__dict__.get("_point_cache")
+    if cache is None:
+        return _envoy(model, site.path)
+    key = ("envoy", site.path)  # the Envoy tree is fixed for the wrapper's life: resolve each path once
+    env = cache.get(key)
+    if env is None:
+        env = cache[key] = _envoy(model, site.path)
+    return env
 
 
 def _view(name: str, x: Tensor, lay: LayerLayout | None) -> Tensor:
@@ -368,8 +375,15 @@ def _needs_o_proj(model: ExpertModel, lay: LayerLayout | None) -> str | None:
 def _needs_dense_o(model: ExpertModel, lay: LayerLayout | None) -> str | None:
     why = _needs_o_proj(model, lay)
     if why is None:
+        o_proj = get_module(model._module, lay.o_proj)
+        if _instrument.tp_sharded(o_proj) is not None:
+            return (
+                f"layer {lay.index}: tensor parallelism shards the attention output projection across ranks, so "
+                "attn.head_out (which needs the whole W_O) is unavailable; attn.z and attn.output are whole on every "
+                "rank (gather W_O yourself: o_proj.weight.full_tensor())"
+            )
         try:
-            dense_o_weight(get_module(model._module, lay.o_proj), lay.index)
+            dense_o_weight(o_proj, lay.index)
         except PointError as err:
             return str(err)
     return why
@@ -427,7 +441,9 @@ def _mlp_site(model, lay) -> Site:
 
 
 def _logits_site(model, lay) -> Site:
-    if getattr(model, "_head", (1.0, None)) != (1.0, None):
+    if getattr(model, "_head", (1.0, None)) != (1.0, None) or "_el_tp_head" in model._module.__dict__:
+        # a head transform, or a tensor-parallel unembedding whose output is this rank's vocab slice (possibly
+        # uneven): the logits the model returns, whole
         return Site("", "returned_logits")
     return Site(model.spec.lm_head, "output")
 
@@ -594,13 +610,13 @@ class PointAttr:
             return self
         if self.name in MODEL_POINTS:
             return POINTS[self.name].read(group, None)
-        return POINTS[self.name].read(group._model, group.layer, getattr(group, "expert", None))
+        return POINTS[self.name].read(group._model, group.layer, group.__dict__.get("expert"))
 
     def __set__(self, group: Any, value: Any) -> None:
         if self.name in MODEL_POINTS:
             POINTS[self.name].write(group, None, value)
             return
-        POINTS[self.name].write(group._model, group.layer, value, getattr(group, "expert", None))
+        POINTS[self.name].write(group._model, group.layer, value, group.__dict__.get("expert"))
 
 
 class AttentionPoints(_NamedPoints):

@@ -20,10 +20,23 @@ import torch
 torch.set_num_threads(1)
 
 
+def tp_ok_head_out(model) -> bool:
+    """attn.head_out exists unless tensor parallelism shards W_O (then reading it raises a PointError up front)."""
+    from expertlens.instrument import tp_sharded
+
+    return tp_sharded(model._module.get_submodule(model.layout[0].o_proj)) is None
+
+
 def points(model, prompts):
     """Every MoE point of every MoE layer (and per-expert outputs / masks) plus the logits."""
     saved = {}
     with torch.no_grad(), model.trace(prompts):
+        # attention points whose modules tensor parallelism shards (o_proj: input split by feature, W_O sharded)
+        attn = model.layers[0].attn
+        saved["0.attn.z"] = attn.z.save()
+        if tp_ok_head_out(model):
+            saved["0.attn.head_out"] = attn.head_out.save()
+        saved["0.attn.output"] = attn.output.save()
         for i in model.moe_layers:
             moe = model.layers[i].moe
             saved[f"{i}.router_logits"] = moe.router_logits.save()
@@ -86,10 +99,15 @@ def main(checkpoint: str, out_dir: str, mode: str) -> None:
         dist = AutoModelForCausalLM.from_pretrained(checkpoint, distributed_config=config, dtype=torch.float32)
         single = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
         report["experts_class"] = type(dist.model.layers[0].mlp.experts).__name__
-        report["expert_parallel"] = bool(getattr(dist.model.layers[0].mlp.experts, "_is_expert_parallel", False))
+        experts = dist.model.layers[0].mlp.experts
+        report["expert_parallel"] = bool(getattr(experts, "_is_expert_parallel", False))
+        # tensor parallel: the experts' weights are DTensors sharded across the ranks
+        report["tensor_parallel"] = type(experts.down_proj).__name__ == "DTensor" and not report["expert_parallel"]
         tok = tiny_tokenizer()
         m_dist, m_single = ExpertModel(dist, tok), ExpertModel(single, tok)
-        prompts = [["hello there, expert", "moe"], ["a different batch on rank one", "xyz"]][rank % 2]
+        # expert parallel: each rank has its own batch; tensor parallel: the ranks of a group share one batch
+        prompts = [["hello there, expert", "moe"], ["a different batch on rank one", "xyz"]][rank % 2 if mode == "ep"
+                                                                                             else 0]
         a, b = points(m_dist, prompts), points(m_single, prompts)
         diffs = {}
         for key, ref in b.items():
@@ -105,6 +123,19 @@ def main(checkpoint: str, out_dir: str, mode: str) -> None:
             diffs[key] = float((got.double() - ref.double()).abs().max()) if got.numel() else 0.0
         report["points"] = diffs
         report["n_routed_slots"] = {k: int(v.shape[0]) for k, v in b.items() if k.endswith("].output")}
+        try:  # a persistent edit at a sharded module would see one rank's slice: refused (nothing attached)
+            m_dist.add_edit("attn.z", lambda x, ctx: x, layer=0).remove()
+            report["sharded_edit"] = "attached"
+        except Exception as e:  # noqa: BLE001
+            report["sharded_edit"] = f"{type(e).__name__}: {e}"
+        report["n_edits_after"] = m_dist.n_edits()
+        if not tp_ok_head_out(m_dist):
+            try:
+                with m_dist.trace(prompts):
+                    m_dist.layers[0].attn.head_out.save()
+                report["head_out"] = "read"
+            except Exception as e:  # noqa: BLE001
+                report["head_out"] = f"{type(e).__name__}: {e}"
         ea, eb = edited_logits(m_dist, prompts), edited_logits(m_single, prompts)
         report["interventions"] = {k: float((ea[k] - eb[k]).abs().max()) for k in eb}
         # an edit must change something, or the comparison proves nothing
