@@ -168,7 +168,7 @@ def match_kl(
     Example:
         >>> from expertlens.refusal.controls import match_kl
         >>> m = match_kl(lambda c: 1 - 2 ** -c, target=2.0, start=1.0, max_evals=8)   # KL never exceeds 1
-        >>> m.matched, m.kl < 1
+        >>> m.matched, m.kl <= 1
         (False, True)
     """
     if not (target >= 0 and math.isfinite(target)):
