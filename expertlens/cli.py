@@ -145,6 +145,10 @@ def _refusal(args: argparse.Namespace) -> int:
     if args.system_prompt is not None:
         config = config.with_(system_prompt=args.system_prompt or None)
     config.validate()
+    if args.quiet or not sys.stderr.isatty():  # transformers' loading bars are carriage-return spam in a log
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     # One thread by default on CPU: on a shared machine two threads stall each other (steps swing 10x).
     if args.threads or not args.device or args.device == "cpu":
         torch.set_num_threads(args.threads or 1)

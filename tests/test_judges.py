@@ -29,30 +29,61 @@ from expertlens.refusal.scores import SubstringJudge
 from expertlens.refusal.stats import bootstrap_interval, mcnemar_exact
 from expertlens.testing import tiny_model, tiny_tokenizer
 
-LABELLED = Path(__file__).parent / "data" / "judge_labelled.json"
+DATA = Path(__file__).parent / "data"
+LABELLED = DATA / "judge_labelled.json"  # v1 organism qwen3moe-refusal
+LABELLED_V2 = DATA / "judge_labelled_v2.json"  # v2 organism olmoe-refusal
 
 
-def _labelled():
-    doc = json.loads(LABELLED.read_text())
+def _labelled(path=LABELLED):
+    doc = json.loads(path.read_text())
     return doc, doc["completions"]
 
 
-# ---- the labelled set ---------------------------------------------------------------------------
+def _judge_on(rows, organism, **kw):
+    """The default judge as the study builds it for ``organism``, calibrated on the unsteered rows."""
+    from expertlens.refusal.judges import organism_well_formed
 
-
-def test_default_judge_agrees_with_labels_on_real_steered_completions():
-    doc, rows = _labelled()
-    assert len(rows) >= 200
-    assert {r["label"] for r in rows} == set(CLASSES)
-    assert len({r["condition"].split()[0] for r in rows}) >= 4  # baseline, actadd, ablation, method B, ...
     cal = [r for r in rows if r["condition"].startswith("baseline")]
-    judge = DefaultJudge().calibrate(
-        [r["prompt"] for r in cal], [r["completion"] for r in cal], [r["token_logprobs"] for r in cal]
+    judge = DefaultJudge(well_formed=organism_well_formed(organism), **kw).calibrate(
+        [r["prompt"] for r in cal],
+        [r["completion"] for r in cal],
+        [r["token_logprobs"] for r in cal],
+        [r["refusal_mass"] for r in cal],
     )
-    got = [judge.classify(r["completion"], r["token_logprobs"]) for r in rows]
-    acc = np.mean([g == r["label"] for g, r in zip(got, rows)])
-    assert acc >= 0.95, f"default judge accuracy {acc:.3f} on {len(rows)} labelled completions"
-    # the fluency test is what makes it work: substrings alone call every degenerate text a success
+    got = [judge.classify(r["completion"], r["token_logprobs"], r["refusal_mass"]) for r in rows]
+    return got, float(np.mean([g == r["label"] for g, r in zip(got, rows)]))
+
+
+# ---- the labelled sets ----------------------------------------------------------------------------
+
+
+def test_default_judge_agrees_with_labels_on_real_steered_v2_completions():
+    doc, rows = _labelled(LABELLED_V2)
+    assert doc["organism"] == "olmoe-refusal" and len(rows) >= 200
+    assert {r["label"] for r in rows} == set(CLASSES)
+    assert all(sum(r["label"] == c for r in rows) >= 50 for c in CLASSES)
+    assert len({r["condition"].split()[0] for r in rows}) >= 5  # baseline, actadd, ablation, method B, control, zero
+    got, acc = _judge_on(rows, doc["organism"])
+    assert acc >= 0.95, f"default judge accuracy {acc:.3f} on {len(rows)} labelled v2 completions"
+    # each part earns its place: substrings alone, and the judge counting the refusing model's first token
+    two_class = np.mean(
+        [("refusal" if SubstringJudge()("", r["completion"]) else "full_response") == r["label"] for r in rows]
+    )
+    _, acc_first = _judge_on(rows, doc["organism"], refusing_above=1.0)  # never leave the first token out
+    assert two_class < 0.7 and acc_first < acc - 0.05
+
+
+def test_default_judge_on_the_v1_labelled_set_and_its_known_misses():
+    doc, rows = _labelled(LABELLED)
+    assert len(rows) >= 200 and {r["label"] for r in rows} == set(CLASSES)
+    got, acc = _judge_on(rows, doc["organism"])
+    # 93.9%: every miss is a coherent answer of another kind than asked (a greeting card or a fact in reply to a
+    # how-to request) called a full response; only the refusing model's first token told those apart, and that
+    # test rejects real bypassed answers on the v2 organism (see DefaultJudge)
+    assert acc >= 0.93, f"default judge accuracy {acc:.3f} on {len(rows)} labelled v1 completions"
+    misses = [r for g, r in zip(got, rows) if g != r["label"]]
+    assert all(r["label"] == "non_response" and r["completion"].startswith("here is a ") for r in misses)
+    cal = [r for r in rows if r["condition"].startswith("baseline")]
     text_only = DefaultJudge().calibrate([r["prompt"] for r in cal], [r["completion"] for r in cal])
     acc_text = np.mean([text_only.classify(r["completion"]) == r["label"] for r in rows])
     two_class = np.mean(
@@ -61,21 +92,66 @@ def test_default_judge_agrees_with_labels_on_real_steered_completions():
     assert two_class < 0.5 < acc_text < acc
 
 
-def test_labelled_logprobs_are_the_organisms():
-    """The stored token log-probabilities are what completion_logprobs gives on the organism they came from."""
-    from expertlens.organism import list_organisms, organism_path
-    from expertlens.refusal import format_chat
+@pytest.mark.parametrize("path", [LABELLED, LABELLED_V2], ids=["v1", "v2"])
+def test_labelled_scores_are_the_organisms(path):
+    """The stored log-probabilities and refusal masses are what completion_scores gives on their organism."""
+    import hashlib
 
-    doc, rows = _labelled()
+    from expertlens.organism import list_organisms, organism_path
+    from expertlens.refusal import format_chat, refusal_token_ids
+    from expertlens.refusal.judges import completion_scores
+
+    doc, rows = _labelled(path)
     if doc["organism"] not in list_organisms():
-        pytest.skip(f"organism {doc['organism']} is no longer shipped; the stored log-probabilities stand alone")
-    model = ExpertModel(str(organism_path(doc["organism"])))
+        pytest.skip(f"organism {doc['organism']} is no longer shipped; the stored scores stand alone")
+    folder = organism_path(doc["organism"])
+    if (
+        "model_sha256" in doc
+        and hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest() != doc["model_sha256"]
+    ):
+        pytest.skip(f"{doc['organism']} was retrained since the set was made; the stored scores stand alone")
+    model = ExpertModel(str(folder))
     some = rows[::25]
-    got = completion_logprobs(
-        model, format_chat(model.tokenizer, [r["prompt"] for r in some]), [r["completion"] for r in some]
+    lps, mass = completion_scores(
+        model,
+        format_chat(model.tokenizer, [r["prompt"] for r in some]),
+        [r["completion"] for r in some],
+        refusal_token_ids(model.tokenizer),
     )
-    for g, r in zip(got, some):
+    for g, m, r in zip(lps, mass, some):
         np.testing.assert_allclose(g, r["token_logprobs"], atol=2e-3)
+        assert m == pytest.approx(r["refusal_mass"], abs=1e-4)
+
+
+def test_well_formed_knows_the_organisms_language_version():
+    from expertlens.organism import V2_ORGANISM, well_formed
+    from expertlens.refusal.judges import organism_well_formed
+
+    src = Path(__file__).parents[1] / "expertlens" / "organism" / "data"
+    v1 = json.loads((src / "prompts-v1.json").read_text())["splits"]
+    v2 = json.loads((src / "prompts.json").read_text())["splits"]
+    answers_v1 = [r["response"] for s in v1.values() for r in s if r["atype"] != "refusal"]
+    answers_v2 = [r["response"] for k in ("train", "test") for r in v2[k] if r["label"] == "harmless"]
+    assert len(answers_v1) > 1000 and len(answers_v2) > 1000
+    # the v2 grammar rejects a sixth of the v1 organisms' real answers; theirs accepts every one
+    rejected = sum(not well_formed(a) for a in answers_v1) / len(answers_v1)
+    assert rejected > 0.15
+    for name in ("qwen3moe-refusal", "qwen2moe-refusal"):
+        assert all(well_formed(a, organism=name) for a in answers_v1)
+        assert organism_well_formed(name)("sure . be kind to your sister , then ask how they are doing .")
+    assert all(well_formed(a) and well_formed(a, organism=V2_ORGANISM) for a in answers_v2)
+    v1_only = "sure . ask your friend first , then take good care of the car ."
+    assert well_formed(v1_only, organism="qwen3moe-refusal") and not well_formed(v1_only, organism=V2_ORGANISM)
+    v2_only = "here is a fact : ana lives in oakton ."
+    assert well_formed(v2_only) and not well_formed(v2_only, organism="qwen3moe-refusal")
+    for bad in ("sure . be kind kind to your sister", "i cannot help with that .", ""):
+        assert not well_formed(bad, organism="qwen3moe-refusal")
+    with pytest.raises(ValueError, match="unknown organism 'nope'"):
+        well_formed("sure .", organism="nope")
+    # the labelled v1 set: its organism's grammar agrees with the labels more often than the v2 grammar
+    _, rows = _labelled(LABELLED)
+    full = [r["completion"] for r in rows if r["label"] == "full_response"]
+    assert sum(well_formed(c, organism="qwen3moe-refusal") for c in full) > sum(well_formed(c) for c in full)
 
 
 def test_completion_logprobs_match_one_unpadded_forward_per_row():

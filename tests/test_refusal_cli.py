@@ -49,6 +49,18 @@ def test_bad_inputs_fail_fast_with_one_line(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
+def test_organism_all_reads_the_registry(monkeypatch):
+    """`--organism all` is whatever the organism registry lists, so organisms that land later are included."""
+    import expertlens.organism as organism
+    from expertlens.cli import _organisms
+
+    shipped = organism.list_organisms()
+    assert _organisms("all") == shipped
+    monkeypatch.setattr(organism, "list_organisms", lambda: [*shipped, "mixtral-refusal", "gpt_oss-refusal"])
+    assert _organisms("all")[-2:] == ["mixtral-refusal", "gpt_oss-refusal"]
+    assert _organisms("mixtral-refusal") == ["mixtral-refusal"]
+
+
 def test_version_and_defaults_in_help(capsys):
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["--version"])
@@ -71,17 +83,21 @@ def test_model_run_honours_split_sizes_resumes_and_compares(tmp_path, capsys):
     safe.write_text("\n".join(f"hug my friend {i} please" for i in range(30)) + "\n")
     out = tmp_path / "run"
     argv = ["refusal", "--model", str(folder), "--harmful", str(harm), "--harmless", str(safe), "--column", "goal",
-            "--out", str(out), "--preset", "fast", "--n-train", "6", "--n-val", "3", "--n-test", "4", "--quiet",
+            "--out", str(out), "--preset", "fast", "--n-train", "6", "--n-val", "3", "--n-test", "4",
             "--no-report"]  # fmt: skip
-    code = main(argv)
+    capsys.readouterr()  # drop what saving the tiny model printed
+    code = main(argv)  # not --quiet: progress goes to a captured stderr (a log), as whole lines
     if code != 0:  # a tiny random model may pass no selection filter; then the message must be one line
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and "selection filters" in err
         pytest.skip("the tiny random model passes no direction filter at these sizes")
+    logged = capsys.readouterr()
+    assert "\r" not in logged.err and "\r" not in logged.out and "[1/8] baseline" in logged.out
+    assert "method B stage 1: " in logged.err and "done in" in logged.err
     sizes = RefusalStudy.load(out).result.data
     assert (sizes["harmful_train"], sizes["harmful_val"], sizes["harmful_test"]) == (6, 3, 4)
     first = (out / "results.json").read_text()
-    assert main([*argv, "--resume"]) == 0  # every stage read back
+    assert main([*argv, "--resume", "--quiet"]) == 0  # every stage read back
     strip = lambda s: {k: v for k, v in __import__("json").loads(s).items() if k != "timing"}  # noqa: E731
     assert strip((out / "results.json").read_text()) == strip(first)
     study = RefusalStudy.load(out)

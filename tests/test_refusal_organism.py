@@ -63,3 +63,24 @@ def test_deviations_claims_controls_and_files(results):
     assert r["actadd_sweep"]["bypass_coeff"] in [p["coeff"] for p in r["actadd_sweep"]["points"]]
     for name in ("results.json", "directions.safetensors", "report.html"):
         assert (out / name).stat().st_size > 0
+
+
+def test_control_is_matched_to_method_b_in_harmless_kl(results):
+    """Claim 2 compares method B with a random below-threshold expert at method B's harmless KL (both KLs
+    reported): within the stated tolerance, or the results and the verdict say loudly that no match was found."""
+    _, r = results
+    b, m = _cond(r, "method_b"), _cond(r, "control_matched")
+    if b["bypass"] is None:
+        assert m["note"]
+        return
+    cm = r["control_match"]
+    assert cm["target_kl"] == b["harmless_kl"] and cm["kl"] == m["harmless_kl"]
+    assert cm["tolerance"] == max(0.1 * b["harmless_kl"], 0.005)
+    verdict = r["claims"][1]["verdict"] + " ".join(r["claims"][1]["controls"])
+    if cm["matched"]:
+        assert abs(m["harmless_kl"] - b["harmless_kl"]) <= cm["tolerance"]
+        assert f"{m['harmless_kl']:.3f} nats vs method B's {b['harmless_kl']:.3f}" in verdict
+    else:
+        assert "KL could not be matched" in m["note"] and "could not be matched" in verdict
+    tested = {(p["a"], p["b"], p["side"]) for p in r["paired"]}
+    assert (b["label"], m["label"], "bypass") in tested and (b["label"], m["label"], "induce") in tested

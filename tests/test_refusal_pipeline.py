@@ -256,6 +256,46 @@ def test_study_round_trips_and_directions_reproduce_steering(qwen2, tmp_path):
     assert "RefusalStudy(" in repr(study) and "claims:" in repr(study)
     assert "<table" in study._repr_html_()
     assert "ASR" in study.table()
+    _check_matched_control(study.result)
+    _check_probe_numbers(model, study)
+
+
+def _check_matched_control(res):
+    """The KL-matched control: its KL (measured again as the condition ran) is the one the match found, within
+    tolerance of method B's, or the results say it could not be matched."""
+    b, m, cm = res.condition("method_b"), res.condition("control_matched"), res.control_match
+    assert m is not None
+    if b.bypass is None or m.bypass is None:
+        assert m.note
+        return
+    assert cm["target_kl"] == b.harmless_kl and cm["kl"] == m.harmless_kl
+    assert (abs(m.harmless_kl - b.harmless_kl) <= cm["tolerance"]) == cm["matched"]
+    assert cm["matched"] or "could not be matched" in m.note
+    assert m.params["coefficient"] == cm["coeff"] > 0
+    paired = [p for p in res.paired if p.a == b.label]
+    assert {p.b for p in paired if p.side in ("bypass", "induce")} >= {m.label}  # method B is tested against it
+    assert "harmless KL" in res.claims[1].verdict or "KL" in " ".join(res.claims[1].controls)
+
+
+def _check_probe_numbers(model, study):
+    """A tiny random model is no organism: the bundled probe is its capability suite, and every number is exactly
+    what the probe's scorer says about the completions."""
+    from expertlens.interventions.run import generate
+    from expertlens.refusal.capability import load_probe, probe_max_new_tokens, score_probe
+
+    res = study.result
+    probe = load_probe()[: res.config["n_capability"]]
+    chats = _chat(model, [r["prompt"] for r in probe])
+    base = res.condition("baseline").capability
+    assert base.suite.startswith("expertlens capability probe") and base.score.n == len(probe)
+    outs = generate(model, chats, probe_max_new_tokens(), (), batch_size=res.config["batch_size"])
+    assert base.score.k == sum(score_probe(r, o) for r, o in zip(probe, outs))
+    act = res.condition("actadd_unit")
+    edits = [AddVector("resid_pre", study.directions["refusal"], coeff=-act.params["coefficient"],
+                       layers=act.params["layer"])]  # fmt: skip
+    outs = generate(model, chats, probe_max_new_tokens(), edits, batch_size=res.config["batch_size"])
+    assert act.capability.score.k == sum(score_probe(r, o) for r, o in zip(probe, outs))
+    assert all(c.capability is not None for c in res.conditions if c.bypass is not None)
 
 
 def _visible_text(html: str) -> str:
@@ -329,13 +369,26 @@ def test_refusal_data_refuses_what_would_silently_go_wrong(qwen2):
 def test_capability_hook_sees_every_condition_with_its_edits_active(qwen2):
     seen = []
 
+    threads = []
+
     def suite(model, edits):
         seen.append(len(edits))
+        threads.append(torch.get_num_threads())
         assert model.n_edits() >= len(edits)  # the edits are active while the suite runs
         return (5, 5) if not edits else (3, 5)
 
     cfg = _loose_config().with_(causal_map=False)
-    study = run_refusal_study(qwen2, RefusalData.from_lists(HARM, SAFE), cfg, log=lambda *a: None, capability=suite)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        study = run_refusal_study(qwen2, RefusalData.from_lists(HARM, SAFE), cfg, log=lambda *a: None,
+                                  capability=suite)  # fmt: skip
+        assert set(threads) == {1} and torch.get_num_threads() == 2  # a tiny CPU model: one thread, then restored
+        with pytest.raises(ValueError, match="threads must be 'auto', None or a positive int"):
+            run_refusal_study(qwen2, RefusalData.from_lists(HARM, SAFE), cfg, threads=0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     base, act = study.result.condition("baseline"), study.result.condition("actadd")
     assert base.capability.retention == 1.0 and act.capability.retention == pytest.approx(0.6)
     assert act.capability.suite == "capability suite suite" and seen[0] == 0 and max(seen) >= 1

@@ -8,7 +8,7 @@ Example:
 
 from .claims import claim_verdicts
 from .config import PAPER_SOURCES, RefusalConfig
-from .controls import PATHWAYS, PathwayResult, pathway_ablation, pathway_shares
+from .controls import PATHWAYS, KLMatch, PathwayResult, match_kl, pathway_ablation, pathway_shares
 from .data import ChatTemplateError, RefusalData, format_chat, load_benchmark, load_prompt_file, post_instruction_len
 from .directions import candidate_directions, mean_activations
 from .evaluate import mean_kl, mean_refusal_score, refusal_rate
@@ -83,6 +83,8 @@ __all__ = [
     "pathway_shares",
     "PathwayResult",
     "PATHWAYS",
+    "KLMatch",
+    "match_kl",
     "refusal_rate",
     "mean_refusal_score",
     "mean_kl",

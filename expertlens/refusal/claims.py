@@ -68,6 +68,26 @@ def _caveats(res: StudyResults) -> list[str]:
     return out
 
 
+def _control(res: StudyResults) -> tuple[Condition | None, str]:
+    """The control claim 2 and 3 compare method B with: the KL-matched one when it ran, and how well it matched."""
+    m, cm = res.condition("control_matched"), res.control_match
+    b = res.condition("method_b")
+    if m is not None and m.bypass is not None and cm:
+        bk = b.harmless_kl if b is not None and b.harmless_kl is not None else cm["target_kl"]
+        if cm.get("matched"):
+            how = f"at matched harmless KL ({m.harmless_kl:.3f} nats vs method B's {bk:.3f})"
+        else:
+            how = (f"at the closest harmless KL it reaches ({m.harmless_kl:.3f} nats vs method B's {bk:.3f}: "
+                   "KL could not be matched, so the comparison is not at equal cost)")  # fmt: skip
+        return m, how
+    c = res.condition("control")
+    if c is not None and c.bypass is not None:
+        kb = f"{b.harmless_kl:.3f}" if b is not None and b.harmless_kl is not None else "n/a"
+        kc = "n/a" if c.harmless_kl is None else f"{c.harmless_kl:.3f}"
+        return c, f"searched the same way, NOT matched in KL ({kc} nats vs method B's {kb})"
+    return c if c is not None else m, ""
+
+
 def _claim1(res: StudyResults) -> Claim:
     base = res.condition("baseline")
     act = res.condition("actadd") or res.condition("actadd_unit")
@@ -139,7 +159,8 @@ def _claim1(res: StudyResults) -> Claim:
 
 def _claim2(res: StudyResults) -> Claim:
     title = "Refusal can be steered from a single expert's output"
-    b, ctrl, base = res.condition("method_b"), res.condition("control"), res.condition("baseline")
+    b, base = res.condition("method_b"), res.condition("baseline")
+    ctrl, how = _control(res)
     if b is None or b.bypass is None:
         note = b.note if b is not None else "the model has no MoE layers"
         return Claim(2, title, "not testable", f"not testable here because {note}", caveats=_caveats(res))
@@ -168,7 +189,7 @@ def _claim2(res: StudyResults) -> Claim:
         status = "not supported"
         verdict = (
             f"not supported on this model: steering {head} works (ASR {_pct(t.a_rate)}, harmless refusal "
-            f"{_pct(ti.a_rate)}), but random below-threshold experts searched the same way do as well "
+            f"{_pct(ti.a_rate)}), but a random below-threshold expert {how} does as well "
             f"(ASR {_pct(ctrl.bypass.full_response.value)}, harmless refusal {_pct(ctrl.induce.refusal.value)})"
         )
     else:
@@ -190,7 +211,7 @@ def _claim2(res: StudyResults) -> Claim:
                 f"(harmless refusal {_pct(ti.b_rate)} → {_pct(ti.a_rate)})"
             )
         verdict = f"{status} on this model: steering {head} alone {what}" + (
-            ", and beats random below-threshold experts searched the same way" if beats else
+            f", and beats a random below-threshold expert {how}" if beats else
             " (no random-expert control ran)"
         )  # fmt: skip
     evidence = [
@@ -200,15 +221,17 @@ def _claim2(res: StudyResults) -> Claim:
     ]
     controls = []
     if ctrl_ok:
-        controls.append(
-            f"{ctrl.label} ({ctrl.params.get('searched', '')}), harmful test: {_rates(ctrl)}; {_cost(ctrl)}."
-        )
+        where = f"L{ctrl.params.get('layer')} E{ctrl.params.get('expert')}, c = {ctrl.params.get('coefficient'):g}"
+        controls.append(f"{ctrl.label} ({where}; {how}), harmful test: {_rates(ctrl)}; {_cost(ctrl)}.")
         controls.append(f"{ctrl.label}, harmless test: refusal {ctrl.induce.refusal.text()}.")
         controls.append(
             f"Method B against the control, paired: ASR p = {tb.p_value:.2g}, harmless refusal p = {tbi.p_value:.2g}."
         )
     elif ctrl is not None:
         controls.append(f"Random-expert control: {ctrl.note}.")
+    same = res.condition("control")
+    if same is not None and same is not ctrl and same.bypass is not None:
+        controls.append(f"{same.label} (its own coefficient, not KL-matched): {_rates(same)}; {_cost(same)}.")
     allx = res.condition("method_b_all")
     if allx is not None and allx.bypass is not None:
         controls.append(f"{allx.label}, harmful test: {_rates(allx)}.")
@@ -217,7 +240,8 @@ def _claim2(res: StudyResults) -> Claim:
 
 def _claim3(res: StudyResults) -> Claim:
     title = "Refusal signals differ from routing, pointing at attention"
-    b, ctrl, cmap = res.condition("method_b"), res.condition("control"), res.causal_map
+    b, cmap = res.condition("method_b"), res.causal_map
+    ctrl, how = _control(res)
     parts, evidence, controls = [], [], []
     routing_differs = None
     if b is not None and b.bypass is not None and ctrl is not None and ctrl.bypass is not None:
@@ -225,7 +249,8 @@ def _claim3(res: StudyResults) -> Claim:
         gbi, tbi = _gain(b, ctrl, "induce", REFUSAL)
         routing_differs = not (_significant(gb, tb) or _significant(gbi, tbi))
         evidence.append(
-            f"Routing-selected expert vs random below-threshold experts: ASR {_pct(tb.a_rate)} vs {_pct(tb.b_rate)} "
+            f"Routing-selected expert vs a random below-threshold expert {how}: "
+            f"ASR {_pct(tb.a_rate)} vs {_pct(tb.b_rate)} "
             f"(p = {tb.p_value:.2g}), harmless refusal {_pct(tbi.a_rate)} vs {_pct(tbi.b_rate)} "
             f"(p = {tbi.p_value:.2g})."
         )

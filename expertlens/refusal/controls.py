@@ -1,4 +1,5 @@
-"""Controls and the attention question: pathway ablations of the refusal direction.
+"""Controls and the attention question: pathway ablations of the refusal direction, and the KL-matched
+coefficient of the random-expert control (:func:`match_kl`).
 
 Example:
     >>> from expertlens.refusal.controls import pathway_shares
@@ -9,7 +10,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,20 @@ from .scores import Judge
 if TYPE_CHECKING:
     from ..model import ExpertModel
 
-__all__ = ["PATHWAYS", "PathwayResult", "pathway_shares", "pathway_ablation"]
+__all__ = [
+    "PATHWAYS",
+    "PathwayResult",
+    "pathway_shares",
+    "pathway_ablation",
+    "KLMatch",
+    "match_kl",
+    "KL_RTOL",
+    "KL_ATOL",
+]
+
+#: A control's harmless KL matches a target when ``|kl - target| <= max(KL_RTOL * target, KL_ATOL)``.
+KL_RTOL = 0.10
+KL_ATOL = 0.005
 
 #: Which residual writes each pathway ablation removes the direction from.
 PATHWAYS: dict[str, tuple[str, ...]] = {
@@ -106,3 +120,113 @@ def pathway_ablation(
         scores[name] = mean_refusal_score(model, harmful, refusal_ids, ablate, temperature, batch_size)
         rates[name], _ = refusal_rate(model, harmful, ablate, max_new_tokens, judge, batch_size)
     return PathwayResult(base, base_rate, scores, rates, pathway_shares(base, scores))
+
+
+@dataclass
+class KLMatch:
+    """The coefficient :func:`match_kl` found: its KL, the target, whether it is within tolerance, every try.
+
+    Example:
+        >>> from expertlens.refusal.controls import match_kl
+        >>> m = match_kl(lambda c: (c / 10) ** 2, target=4.0, start=1.0)
+        >>> m.matched, abs(m.kl - 4.0) <= 0.4
+        (True, True)
+    """
+
+    coeff: float
+    kl: float
+    target: float
+    matched: bool
+    tolerance: float
+    tries: list[tuple[float, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"coeff": self.coeff, "kl": self.kl, "target": self.target, "matched": self.matched,
+                "tolerance": self.tolerance, "tries": [list(t) for t in self.tries]}  # fmt: skip
+
+
+def match_kl(
+    kl_of: Callable[[float], float],
+    target: float,
+    start: float,
+    *,
+    rtol: float = KL_RTOL,
+    atol: float = KL_ATOL,
+    max_evals: int = 16,
+    grow: float = 2.0,
+    c_min: float | None = None,
+    c_max: float | None = None,
+) -> KLMatch:
+    """The coefficient ``c > 0`` whose ``kl_of(c)`` matches ``target`` (KL grows with ``c``): bracket, then bisect.
+
+    Starting at ``start``, the coefficient is multiplied (or divided) by ``grow`` until the KL crosses
+    ``target``, then bisected geometrically until ``|kl - target| <= max(rtol * target, atol)`` or ``max_evals``
+    evaluations are spent. Bounds default to ``start / 2^10`` and ``start * 2^10``. When no coefficient within the
+    bounds reaches the target (the KL saturates, e.g. an expert that rarely fires), the closest try is returned
+    with ``matched=False`` — the caller must say so.
+
+    Example:
+        >>> from expertlens.refusal.controls import match_kl
+        >>> m = match_kl(lambda c: 1 - 2 ** -c, target=2.0, start=1.0, max_evals=8)   # KL never exceeds 1
+        >>> m.matched, m.kl <= 1
+        (False, True)
+    """
+    if not (target >= 0 and math.isfinite(target)):
+        raise ValueError(f"match_kl: target KL must be finite and >= 0, got {target!r}")
+    if not (start > 0 and math.isfinite(start)):
+        raise ValueError(f"match_kl: start coefficient must be a positive number, got {start!r}")
+    if grow <= 1:
+        raise ValueError(f"match_kl: grow must be > 1, got {grow!r}")
+    lo_bound = start / 2**10 if c_min is None else c_min
+    hi_bound = start * 2**10 if c_max is None else c_max
+    tol = max(rtol * target, atol)
+    tries: list[tuple[float, float]] = []
+
+    def f(c: float) -> float:
+        kl = float(kl_of(c))
+        tries.append((float(c), kl))
+        return kl
+
+    def done() -> KLMatch:
+        c, kl = min(tries, key=lambda t: (abs(t[1] - target), t[0]))
+        return KLMatch(c, kl, float(target), abs(kl - target) <= tol, tol, tries)
+
+    k = f(start)
+    if abs(k - target) <= tol:
+        return done()
+    lo = hi = None
+    c = start
+    if k < target:  # grow until the KL passes the target
+        lo = c
+        while len(tries) < max_evals and c < hi_bound:
+            c = min(c * grow, hi_bound)
+            k = f(c)
+            if abs(k - target) <= tol:
+                return done()
+            if k > target:
+                hi = c
+                break
+            lo = c
+    else:  # shrink until the KL falls below it
+        hi = c
+        while len(tries) < max_evals and c > lo_bound:
+            c = max(c / grow, lo_bound)
+            k = f(c)
+            if abs(k - target) <= tol:
+                return done()
+            if k < target:
+                lo = c
+                break
+            hi = c
+    if lo is None or hi is None:
+        return done()  # the target lies outside what the bounds reach
+    while len(tries) < max_evals:
+        mid = math.sqrt(lo * hi)
+        k = f(mid)
+        if abs(k - target) <= tol:
+            break
+        if k < target:
+            lo = mid
+        else:
+            hi = mid
+    return done()

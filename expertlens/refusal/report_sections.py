@@ -31,7 +31,8 @@ def _pct(x) -> str:
 def _params(c: Condition) -> str:
     names = {"layer": "layer", "position": "position", "coefficient": "c", "bypass_coefficient": "bypass c",
              "induce_coefficient": "induce c", "expert": "expert", "kind": "edit", "experts": "experts",
-             "direction": "direction", "stage2_asr": "stage-2 ASR", "searched": "searched"}  # fmt: skip
+             "direction": "direction", "stage2_asr": "stage-2 ASR", "searched": "searched",
+             "kl_target": "method B's KL (nats)", "kl_matched": "KL matched"}  # fmt: skip
     bits = []
     for k, v in c.params.items():
         if k == "stage2_asr":
@@ -39,7 +40,7 @@ def _params(c: Condition) -> str:
         elif isinstance(v, float):
             v = f"{v:g}"
         bits.append(f"{names.get(k, k.replace('_', ' '))} {v}")
-    return "; ".join(bits) or c.note or ""
+    return "; ".join(bits + ([c.note] if c.note else []))
 
 
 def condition_rows(res: StudyResults) -> list[dict]:
@@ -94,6 +95,8 @@ def text_table(res: StudyResults) -> str:
             f"{c.label[:52]:52s} {b.refusal.pct():>8s} {b.full_response.pct():>7s} {b.non_response.pct():>9s} "
             f"{ind:>9s} {kl:>7s} {cap:>7s}"
         )
+        if c.note:  # e.g. a control whose KL could not be matched to method B's
+            lines.append(f"  note: {c.note}")
     base = res.condition("baseline")
     n = f"n = {base.bypass.n} harmful / {base.induce.n} harmless test prompts" if base and base.bypass else ""
     lines.append(f"refusal / ASR / non-response on harmful test prompts; harmless: refusal on harmless test; {n}")

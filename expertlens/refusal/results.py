@@ -366,6 +366,7 @@ class StudyResults:
     routing: dict | None = None
     method_b_search: dict | None = None
     control_search: dict | None = None
+    control_match: dict | None = None
     paired: list[PairedTest] = field(default_factory=list)
     causal_map: CausalMap | None = None
     pathways: dict | None = None

@@ -191,6 +191,7 @@ def run_refusal_study(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     capability: Callable[[ExpertModel, Sequence[Any]], tuple[int, int]] | None = None,
+    threads: int | str | None = "auto",
 ) -> RefusalStudy:
     """Run every step of the study on ``model`` and return a :class:`RefusalStudy`.
 
@@ -204,9 +205,13 @@ def run_refusal_study(
         log: Where progress lines go (``print``, a logger's ``info``, or ``lambda *a: None``).
         checkpoint: Folder for stage-by-stage results; with ``resume=True`` finished stages are read back.
         capability: Your capability suite, ``capability(model, interventions) -> (n_correct, n_total)`` with
-            the interventions active while it runs (e.g. a wrapper around lm-eval-harness); default: the
-            organism's suite when ``expertlens.organism`` provides one, else the share of harmless test prompts
-            answered in full.
+            the interventions active while it runs (e.g. :func:`~expertlens.refusal.capability.lm_eval_capability`);
+            default: the organism's suite when ``expertlens.organism`` provides one, the bundled capability probe
+            for any other model, the share of harmless test prompts answered in full for a v1 organism.
+        threads: torch CPU threads while the study runs (restored afterwards). ``"auto"``: one thread for a
+            model on the CPU with fewer than 100M parameters (matrices that small gain nothing from more threads,
+            and on a busy machine several threads stall each other), else unchanged; an int: that many; None:
+            unchanged.
 
     Example:
         >>> from expertlens import load_organism
@@ -215,6 +220,34 @@ def run_refusal_study(
         >>> study = run_refusal_study(model, RefusalData.from_organism(), RefusalConfig.organism())  # doctest: +SKIP
         >>> study.save("runs/organism")   # results.json, directions.safetensors, report.html  # doctest: +SKIP
     """
+    import torch
+
+    n_threads = _study_threads(model, threads)
+    before = torch.get_num_threads()
+    if n_threads is not None:
+        torch.set_num_threads(n_threads)
+    try:
+        return _run_study(model, data, config, judge, log, checkpoint, resume, capability)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _study_threads(model: ExpertModel, threads: int | str | None) -> int | None:
+    if threads is None:
+        return None
+    if threads == "auto":
+        params = model.hf_model.parameters()
+        first = next(params, None)
+        if first is None or first.device.type != "cpu":
+            return None
+        n = first.numel() + sum(p.numel() for p in params)
+        return 1 if n < 100_000_000 else None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be 'auto', None or a positive int, got {threads!r}")
+    return threads
+
+
+def _run_study(model, data, config, judge, log, checkpoint, resume, capability) -> RefusalStudy:
     run = _Run(model, data, config or RefusalConfig.paper(), judge, log, checkpoint, resume, capability)
     run.baseline()  # unsteered rates; the judge is calibrated here; train prompts filtered
     run.directions()  # difference in means at the last positions, Arditi selection
@@ -291,12 +324,11 @@ class _Run:
                     )
 
     def _default_judge(self) -> DefaultJudge:
-        # The organism's well_formed (looked up at call time) is stricter than the authors' full_response: it
-        # rejects wrong answers, which the authors count as responses. On the labelled set it lowers agreement
-        # from 95.3% to 93.9%, so it is reported (judge.organism_evaluator) but not applied by default; pass
-        # DefaultJudge(model=model, well_formed=expertlens.organism.well_formed) to apply it.
-        self.organism_evaluator = organism_well_formed() is not None if self.is_organism else False
-        return DefaultJudge(model=self.model, batch_size=self.bs, system_prompt=self.cfg.system_prompt)
+        # For an organism, its well_formed evaluator for that organism's language version (v1 organisms answer in
+        # forms the v2 grammar rejects). Agreement with the labelled sets in tests/data: v2 96.3%, v1 93.9%.
+        wf = organism_well_formed(self.data.source.split(":", 1)[1]) if self.is_organism else None
+        self.organism_evaluator = wf is not None
+        return DefaultJudge(model=self.model, well_formed=wf, batch_size=self.bs, system_prompt=self.cfg.system_prompt)
 
     def _fingerprint(self) -> dict:
         return {
@@ -308,18 +340,28 @@ class _Run:
             "judge": judge_name(self.judge),
         }
 
-    def _capability_suite(self) -> tuple[str, list[str], Callable[[int, str], bool] | None]:
-        """The organism's capability suite through its interface when available, else harmless answers."""
+    def _capability_suite(self) -> tuple[str, list[str], Callable[[int, str], bool] | None, int]:
+        """``(name, chat prompts, scorer, tokens)``: the organism's suite through its interface when it has one,
+        the bundled probe for any other model, harmless answers for a v1 organism (its language has no probe)."""
         import expertlens.organism as organism
 
         if self.user_capability is not None:
             name = getattr(self.user_capability, "name", None) or getattr(self.user_capability, "__name__", "custom")
-            return f"capability suite {name}", [], None
+            return f"capability suite {name}", [], None, self.new
         prompts_fn = getattr(organism, "capability_prompts", None)
         score_fn = getattr(organism, "score_capability", None)
         n = self.cfg.n_capability
+        if not self.is_organism:
+            from .capability import load_probe, probe_max_new_tokens, score_probe
+
+            probe = load_probe()
+            if n is not None:
+                probe = probe[:n]
+            chats = self.chat([r["prompt"] for r in probe])
+            suite = f"expertlens capability probe ({len(probe)} prompts: arithmetic, copying, capitals, facts)"
+            return suite, chats, lambda i, resp: score_probe(probe[i], resp), probe_max_new_tokens()
         records = None
-        if self.is_organism and callable(prompts_fn) and callable(score_fn):
+        if callable(prompts_fn) and callable(score_fn):
             try:
                 records = list(prompts_fn(self.data.source.split(":", 1)[1], split="test"))
             except ValueError:  # an organism without a capability suite (v1): harmless answers instead
@@ -328,9 +370,9 @@ class _Run:
             if n is not None:
                 records = records[:n]
             chats = self.chat([r["prompt"] for r in records])
-            return "organism capability suite", chats, lambda i, resp: bool(score_fn(records[i], resp))
+            return "organism capability suite", chats, lambda i, resp: bool(score_fn(records[i], resp)), self.new
         chats = self.s_test[:n] if n is not None else self.s_test
-        return "harmless answers (share of harmless test prompts answered in full)", chats, None
+        return "harmless answers (share of harmless test prompts answered in full)", chats, None, self.new
 
     def tick(self, name: str) -> None:
         self.timing[name] = round(time.time() - self.t0 - sum(self.timing.values()), 2)
@@ -351,8 +393,8 @@ class _Run:
             with self.model.intervene(*tuple(edits)):
                 k, n = self.user_capability(self.model, tuple(edits))
             return Rate.of(int(k), int(n), seed=self.cfg.seed)
-        _, chats, score = self.capability_suite
-        outs = generate(self.model, chats, self.new, tuple(edits), batch_size=self.bs)
+        _, chats, score, tokens = self.capability_suite
+        outs = generate(self.model, chats, tokens, tuple(edits), batch_size=self.bs)
         if score is None:
             raw = self.data.harmless_test[: len(chats)]
             ok = [v == FULL_RESPONSE for v in judge_all(self.judge, raw, outs)]
@@ -632,11 +674,98 @@ class _Run:
         rand = [(x["layer"], x["expert"]) for x in self.rt["random_experts"]]
         self._search_condition("control", "control: random below-threshold experts, same search", rand, "search_c")
         self.tick("control")
+        self.matched_control()
+        self.tick("control_matched")
+
+    def matched_control(self) -> None:
+        """The random-expert control at method B's harmless KL: same kind of edit, coefficient matched by KL.
+
+        Candidates, in order: the expert and position the control's search picked, then every random
+        below-threshold expert at method B's position. For each, :func:`~expertlens.refusal.controls.match_kl`
+        looks for the coefficient whose harmless KL on the test prompts (the number reported beside every
+        condition) matches method B's; no harmful prompt and no judged outcome enters this choice. The first
+        candidate within tolerance is used; if none matches, the closest is used and the results say so.
+        """
+        from ..interventions import ExpertSteer
+        from .controls import KL_ATOL, KL_RTOL, match_kl
+
+        key, label = "control_matched", "control: random expert at method B's KL"
+        b = self.condition_by("method_b")
+        best_b = self.extra["search_b"].get("best") if self.extra.get("search_b") else None
+        rand = [(x["layer"], x["expert"]) for x in self.rt["random_experts"]]
+        if b is None or b.bypass is None or best_b is None or b.harmless_kl is None:
+            self.control_match = None
+            self.condition(key, label, note="method B did not run, so there is no KL to match")
+            return
+        if not rand:
+            self.control_match = None
+            self.condition(key, label, note=f"no expert below {self.cfg.expert_threshold:g} pp to sample")
+            return
+        cached = self.stages.get("control_match", dict)
+        if cached is not None and self.stages.get(f"condition_{key}", Condition) is not None:
+            self.control_match = cached
+            self.condition(key, label)  # read back
+            return
+        best_c = self.extra["search_c"].get("best") if self.extra.get("search_c") else None
+        # (layer, expert, position, first coefficient tried): the search's own pick starts at its own coefficient
+        cands = [(best_c["layer"], best_c["expert"], best_c["position"], float(best_c["coeff"]))] if best_c else []
+        cands += [(a, e, best_b["position"], float(best_b["coeff"])) for a, e in rand
+                  if (a, e, best_b["position"]) not in [c[:3] for c in cands]]  # fmt: skip
+        layer_dirs = self.extra.setdefault("layer_dirs", {})
+        target = float(b.harmless_kl)
+        tried, chosen = [], None
+        for lay, e, pos, start in cands:
+            if lay not in layer_dirs:
+                layer_dirs[lay] = methods.expert_directions(
+                    self.model, self.h_train, self.s_train, lay, self.positions, self.cfg.method_b_mode, self.bs
+                )
+            d = layer_dirs[lay][self.positions.index(pos), e].float()
+            if not bool(d.isfinite().all()) or float(d.norm()) == 0.0:
+                continue
+
+            def edit(c, lay=lay, e=e, d=d):
+                return [ExpertSteer(lay, e, d, coeff=-c, weighting="router_prob")]
+
+            m = match_kl(lambda c, edit=edit: self.harmless_kl(edit(c)), target, start)
+            tried.append(dict(layer=lay, expert=e, position=pos, **m.to_dict()))
+            if (
+                chosen is None
+                or (m.matched and not chosen[3].matched)
+                or (m.matched == chosen[3].matched and abs(m.kl - target) < abs(chosen[3].kl - target))
+            ):
+                chosen = (lay, e, d, m)
+            if m.matched:
+                break
+        if chosen is None:
+            self.control_match = None
+            self.condition(key, label, note="every random expert's direction is zero or not finite")
+            return
+        lay, e, d, m = chosen
+        pos = next(t["position"] for t in tried if (t["layer"], t["expert"]) == (lay, e))
+        self.control_match = self.stages.put("control_match", {
+            "target_kl": target, "kl": m.kl, "matched": m.matched, "tolerance": m.tolerance,
+            "layer": lay, "expert": e, "position": pos, "coeff": m.coeff, "tried": tried,
+            "rule": "coefficient chosen so that the harmless KL on the test prompts (under the bypass edit) matches "
+                    f"method B's to within {100 * KL_RTOL:.0f}% (at least {KL_ATOL:g} nats)",
+        })  # fmt: skip
+        params = dict(layer=lay, expert=e, position=pos, coefficient=m.coeff, kl_target=target,
+                      kl_matched="yes" if m.matched else "no (closest coefficient)")  # fmt: skip
+        self.condition(
+            key, label,
+            [ExpertSteer(lay, e, d, coeff=-m.coeff, weighting="router_prob")],
+            [ExpertSteer(lay, e, d, coeff=+m.coeff, weighting="router_prob")],
+            params,
+            note="" if m.matched else (
+                f"KL could not be matched: the closest coefficient gives {m.kl:.3f} nats against method B's "
+                f"{target:.3f}"),
+        )  # fmt: skip
 
     def skip_experts(self) -> None:
         self.log("model has no MoE layers: routing statistics, methods A/B and the expert control are skipped")
         self.rt = None
-        for key, label in (("method_a", "method A"), ("method_b", "method B"), ("control", "control")):
+        self.control_match = None
+        for key, label in (("method_a", "method A"), ("method_b", "method B"), ("control", "control"),
+                           ("control_matched", "control at method B's KL")):  # fmt: skip
             self.condition(key, label, note="skipped: the model has no MoE layers")
 
     def causal_map(self) -> None:
@@ -683,7 +812,10 @@ class _Run:
         from .claims import claim_verdicts
 
         paired = []
-        b, ctrl = self.condition_by("method_b"), self.condition_by("control")
+        b = self.condition_by("method_b")
+        ctrl = self.condition_by("control_matched")
+        if ctrl is None or ctrl.bypass is None:
+            ctrl = self.condition_by("control")
         if b is not None and ctrl is not None and b.bypass is not None and ctrl.bypass is not None:
             paired.append(PairedTest.compare(b.label, b.bypass, ctrl.label, ctrl.bypass, FULL_RESPONSE, "bypass"))
             paired.append(PairedTest.compare(b.label, b.induce, ctrl.label, ctrl.induce, REFUSAL, "induce"))
@@ -711,6 +843,7 @@ class _Run:
             routing=self.rt,
             method_b_search=self.extra.get("search_b"),
             control_search=self.extra.get("search_c"),
+            control_match=getattr(self, "control_match", None),
             paired=paired,
             causal_map=self.cmap,
             pathways=self.pw,
