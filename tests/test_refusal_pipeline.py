@@ -423,3 +423,35 @@ def test_claim_verdicts_follow_the_numbers():
     assert claim_verdicts(res)[1].status == "partly supported"
     res.conditions = res.conditions[:1]
     assert [c.status for c in claim_verdicts(res)][:2] == ["not testable", "not testable"]
+
+
+def test_claims_not_testable_on_a_model_that_does_not_refuse_and_half_a_claim_is_partial():
+    from expertlens.refusal.claims import MIN_BASELINE_REFUSAL, claim_verdicts
+    from expertlens.refusal.results import Capability, CausalMap, Condition, Outcome, Rate, StudyResults
+
+    def cond(key, harmful, harmless):
+        cap = Capability("s", Rate.of(9, 10), Rate.of(10, 10))
+        return Condition(key, key, {"layer": 1, "expert": 2, "coefficient": 5.0},
+                         Outcome.from_verdicts("harmful test", harmful),
+                         Outcome.from_verdicts("harmless test", harmless), 0.1, cap)  # fmt: skip
+
+    n = 40
+    refuse, answer, broken = ["refusal"] * n, ["full_response"] * n, ["non_response"] * n
+    # a base model: refuses 30% of harmful prompts (< MIN_BASELINE_REFUSAL), so no claim can be tested
+    weak = ["refusal"] * 12 + ["full_response"] * 28
+    assert 12 / n < MIN_BASELINE_REFUSAL
+    res = StudyResults(
+        model={"family": "x"}, config={"kl_max": 2.0, "min_capability": 0.5}, preset="p", data={}, judge={},
+        selected={}, selection={},
+        conditions=[cond("baseline", weak, answer), cond("actadd", answer, refuse),
+                    cond("method_b", broken, answer), cond("control", broken, answer)],
+        causal_map=CausalMap([0, 1], n, 1.0, 0.0, {"attention": [-0.5, 0.0], "moe": [-0.9, 0.0]},
+                             {"attention": [0.0, 0.0], "moe": [0.0, 0.0]}),
+    )  # fmt: skip
+    claims = claim_verdicts(res)
+    assert [c.status for c in claims] == ["not testable"] * 3
+    assert all("refuses only 30.0% of harmful test prompts" in c.verdict for c in claims)
+    # a refusing model where the causal map releases no answers: only the routing half of claim 3 is measured
+    res.conditions[0] = cond("baseline", refuse, answer)
+    c3 = claim_verdicts(res)[2]
+    assert c3.status == "partly supported" and "cannot rank" in c3.verdict
