@@ -166,7 +166,7 @@ class RefusalConfig:
 
     @classmethod
     def organism(cls) -> RefusalConfig:
-        """Sized for the bundled organisms: the main job finishes in about a minute on one CPU core."""
+        """Sized for the bundled organisms: the main job takes about 2.2 CPU-minutes (132 s idle, olmoe-refusal)."""
         return cls(
             system_prompt=None,
             actadd_sweep=(1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0),
