@@ -25,8 +25,11 @@ from .language import (
     REFUSAL_PHRASES,
     REFUSAL_START_TOKENS,
     SYSTEM_PROMPTS,
+    answer_kind,
+    answers_request,
     contains_refusal,
     format_prompt,
+    request_kind,
     score_capability,
     well_formed,
 )
@@ -40,6 +43,8 @@ __all__ = [
     "SPLITS",
     "SYSTEM_PROMPTS",
     "V2_ORGANISM",
+    "answer_kind",
+    "answers_request",
     "capability_prompts",
     "contains_refusal",
     "format_prompt",
@@ -48,6 +53,7 @@ __all__ = [
     "load_prompt_records",
     "load_prompts",
     "organism_path",
+    "request_kind",
     "score_capability",
     "well_formed",
 ]

@@ -489,12 +489,14 @@ def sample(r: random.Random, test: bool = False) -> Example:
     return h if harmful else s
 
 
-def build_training_pool(seed: int = 0, n: int = 60000, n_extra: int = 0) -> list[Example]:
-    """``n`` training chats (training frames only), then ``n_extra`` supplement chats (:func:`supplement`).
+def build_training_pool(seed: int = 0, n: int = 60000, n_extra: int = 0,
+                        mix: dict[str, float] | None = None) -> list[Example]:  # fmt: skip
+    """``n`` training chats (training frames only), then ``n_extra`` supplement chats (:func:`supplement`,
+    drawn with ``mix``; None: :data:`SUPPLEMENT_MIX`).
 
     The first ``n`` chats do not depend on ``n_extra`` (the splits of ``prompts.json`` are drawn from them)."""
     r = random.Random(seed * 1000 + 17)
-    return [sample(r) for _ in range(n)] + supplement(seed, n_extra)
+    return [sample(r) for _ in range(n)] + supplement(seed, n_extra, mix)
 
 
 # ---- supplement (pool version 3): more capability chats and more frames of the weak families --------------
@@ -533,6 +535,35 @@ TOOL_X = [
 ]
 SUPPLEMENT_MIX = {"arithmetic": 0.3, "reverse": 0.2, "copy": 0.05, "count": 0.05, "fact": 0.1, "tool": 0.15,
                   "protect": 0.15}  # fmt: skip
+#: Families a supplement mix may weight: the capability tasks, the extra tool / protect frames, and any
+#: identical-bag pair family (its training frames, one member drawn at random).
+SUPPLEMENT_FAMILIES = ("arithmetic", "count", "copy", "reverse", "fact", "tool", "protect",
+                       *sorted(set(PAIRS) - {"tool"}))  # fmt: skip
+
+
+def parse_supplement_mix(text: str) -> dict[str, float]:
+    """``"copy=0.3,fact=0.2,role=0.1"`` -> ``{"copy": 0.3, ...}`` (weights need not sum to 1).
+
+    Example:
+        >>> parse_supplement_mix("copy=0.3, role=0.1")
+        {'copy': 0.3, 'role': 0.1}
+    """
+    mix: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, w = part.partition("=")
+        name = name.strip()
+        if not eq or name not in SUPPLEMENT_FAMILIES:
+            raise ValueError(f"supplement mix entry {part!r}: expected family=weight with family one of "
+                             f"{', '.join(SUPPLEMENT_FAMILIES)}")  # fmt: skip
+        try:
+            mix[name] = float(w)
+        except ValueError:
+            raise ValueError(f"supplement mix entry {part!r}: weight {w!r} is not a number") from None
+        if not mix[name] >= 0:
+            raise ValueError(f"supplement mix entry {part!r}: weight must be >= 0")
+    if not mix or sum(mix.values()) <= 0:
+        raise ValueError(f"supplement mix {text!r} has no positive weight")
+    return mix
 
 
 def _supp_cap(r: random.Random, task: str) -> Example:
@@ -548,15 +579,20 @@ def _supp_cap(r: random.Random, task: str) -> Example:
     return gen_capability(r, False, task)
 
 
-def supplement(seed: int = 0, n: int = 0) -> list[Example]:
+def supplement(seed: int = 0, n: int = 0, mix: dict[str, float] | None = None) -> list[Example]:
     """``n`` extra training chats: capability tasks (arithmetic and reversal weighted up, extra frames) and
-    extra tool-purpose and protect frames (both labels), from a generator of their own."""
+    extra tool-purpose and protect frames (both labels), from a generator of their own. ``mix`` reweights the
+    families (:data:`SUPPLEMENT_FAMILIES`; None: :data:`SUPPLEMENT_MIX`, whose draws it reproduces exactly)."""
+    mix = SUPPLEMENT_MIX if mix is None else mix
     r = random.Random(seed * 1000 + 41)
     out: list[Example] = []
     for _ in range(n):
-        fam = r.choices(list(SUPPLEMENT_MIX), weights=list(SUPPLEMENT_MIX.values()))[0]
+        fam = r.choices(list(mix), weights=list(mix.values()))[0]
         harmful = r.random() < 0.5
-        if fam == "tool":
+        if fam in PAIRS and fam != "tool":  # a training-frame pair; keep the member of the drawn label
+            h, s = PAIRS[fam](r, False)
+            out.append(h if harmful else s)
+        elif fam == "tool":
             t = r.choice(sorted(TOOL))
             tv, goods, bads = TOOL[t]
             p = r.choice(W["person"])

@@ -509,17 +509,25 @@ ARCH_TEXT = {
 
 
 def _pool_text(meta: dict) -> str:
-    def one(n_extra, what):
+    from . import data as D
+
+    def one(n_extra, what, mix):
         if not n_extra:
             return f"{what}: {meta['pool_size']:,} chats of the frame mix (no supplement)"
+        if not mix or mix == D.SUPPLEMENT_MIX:
+            kind = ("capability tasks with extra training frames, arithmetic and reversal weighted up, extra "
+                    "tool-purpose and protect frames")
+        else:
+            tot = sum(mix.values())
+            kind = "families weighted " + ", ".join(f"{k} {v / tot:.0%}" for k, v in mix.items())
         return (f"{what}: {meta['pool_size']:,} chats of the frame mix plus {n_extra:,} supplement chats "
-                "(`data.supplement`: capability tasks with extra training frames, arithmetic and reversal weighted "
-                "up, extra tool-purpose and protect frames; the held-out frames are untouched)")
+                f"(`data.supplement`: {kind}; the held-out frames are untouched)")
 
     if meta.get("stage", 2) == 1:
-        return "- " + one(meta.get("extra_size", 0), "Training data") + "."
+        return "- " + one(meta.get("extra_size", 0), "Training data", meta.get("supplement_mix")) + "."
     s1 = meta.get("stage1_extra_size", meta.get("extra_size", 0))
-    return "- " + one(s1, "Stage 1 data") + ";\n  " + one(meta.get("extra_size", 0), "stage 2 data") + "."
+    return ("- " + one(s1, "Stage 1 data", meta.get("stage1_supplement_mix")) + ";\n  "
+            + one(meta.get("extra_size", 0), "stage 2 data", meta.get("supplement_mix")) + ".")
 
 
 def _plant_config(meta: dict) -> str:
@@ -608,7 +616,8 @@ def write_model_card(path, meta: dict, res: dict, command: str, notes: str = "")
     from . import data as D
 
     S = _prompt_file(2)["splits"]
-    pool_prompts = [e.prompt for e in D.build_training_pool(0, meta["pool_size"], meta.get("extra_size", 0))]
+    pool_prompts = [e.prompt for e in D.build_training_pool(0, meta["pool_size"], meta.get("extra_size", 0),
+                                                                meta.get("supplement_mix"))]
     test_prompts = [r["prompt"] for r in S["test"]] + [r["prompt"] for r in S["capability_test"]]
     ov = {n: D.ngram_overlap(test_prompts, pool_prompts, n) for n in (2, 3, 4, 6)}
     exact = len(set(test_prompts) & set(pool_prompts))
@@ -793,6 +802,8 @@ Refusal rate by frame family (no system prompt):
 
 def default_command(meta: dict, path) -> str:
     """The training command(s) that reproduce a checkpoint, from its ``training.json``."""
+    from . import data as D
+
     t = "python -m expertlens.organism.factory.train"
     name = Path(path).name
     arch = f"--arch {meta['arch']} --seed {meta['seed']}"
@@ -800,6 +811,13 @@ def default_command(meta: dict, path) -> str:
     flags = {"ablate": ("--ablate-frac", 0.25), "induce": ("--induce-frac", 0.12), "late": ("--late-frac", 0.0),
              "aux_weight": ("--aux-weight", 0.2), "aux_frac": ("--aux-frac", 0.25)}  # the train.py defaults
     plant = "".join(f" {f} {pc[k]}" for k, (f, d) in flags.items() if k in pc and pc[k] != d)
+
+    def data_flags(extra, mix):  # only what differs from the train.py defaults
+        x = f" --extra-size {extra}" if extra is not None and extra != 20000 else ""
+        if mix and mix != D.SUPPLEMENT_MIX:
+            x += " --supplement-mix " + ",".join(f"{k}={v:g}" for k, v in mix.items())
+        return x
+
     if meta.get("stage", 2) == 1:
         return (f"{t} {arch} --stage1-steps {meta['stage1_steps']} --stage2-steps 0 "
                 f"--extra-size {meta.get('extra_size', 0)} --base-out expertlens/organism/checkpoints/{name}")
@@ -807,8 +825,10 @@ def default_command(meta: dict, path) -> str:
         base = Path(meta["init_from"]).name
         base_dir = f"expertlens/organism/checkpoints/{base}" if base.endswith("-base") else f"/tmp/{name}-stage1"
         x1 = f" --extra-size {meta['stage1_extra_size']}" if meta.get("stage1_extra_size") is not None else ""
+        x1 += data_flags(None, meta.get("stage1_supplement_mix")) if meta.get("stage1_extra_size") else ""
+        x2 = data_flags(meta.get("extra_size"), meta.get("supplement_mix"))
         return (f"{t} {arch} --stage1-steps {meta['stage1_steps']} --stage2-steps 0{x1} --base-out {base_dir}\n"
-                f"{t} {arch} --stage2-steps {meta['stage2_steps']}{plant} --init-from {base_dir} "
+                f"{t} {arch} --stage2-steps {meta['stage2_steps']}{plant}{x2} --init-from {base_dir} "
                 f"--out expertlens/organism/checkpoints/{name}")  # fmt: skip
     return (f"{t} {arch} --stage1-steps {meta['stage1_steps']} --stage2-steps {meta['stage2_steps']} "
             f"--out expertlens/organism/checkpoints/{name}")

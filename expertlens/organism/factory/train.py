@@ -346,13 +346,15 @@ def train(
     aux_weight: float = 0.2,
     aux_frac: float = 0.25,
     init_from: str | Path | None = None,
+    supplement_mix: dict[str, float] | None = None,
     verbose: bool = True,
 ) -> dict:
     """Train both stages; save stage 1 to ``base_out`` and stage 2 to ``out`` (either may be None).
 
     ``plant``: stage 2 plants the refusal feature along a fixed seeded unit direction (:class:`Planter`,
     saved as ``refusal_direction.safetensors``). ``init_from``: skip stage 1 and start stage 2 from a saved
-    stage-1 checkpoint with the same tokenizer (pilots).
+    stage-1 checkpoint with the same tokenizer (pilots). ``supplement_mix``: family weights of the
+    ``extra_size`` supplement chats (:func:`data.parse_supplement_mix`; None: ``data.SUPPLEMENT_MIX``).
 
     Returns ``{"loss1", "loss2", "meta", "model", "base_state", "tokenizer", "direction"}``.
     """
@@ -366,7 +368,8 @@ def train(
 
     t0, c0 = time.time(), time.process_time()
     n_base, n_extra = (pool_size, extra_size) if not tiny else (2000, min(600, extra_size))
-    pool = D.build_training_pool(seed=0, n=n_base, n_extra=n_extra)  # data seed fixed: one data set
+    # data seed fixed: one data set
+    pool = D.build_training_pool(seed=0, n=n_base, n_extra=n_extra, mix=supplement_mix)
     lex = D.lexicon_lines()
     sys_texts = [s for s, _ in SYSTEM_MIX if s]
     # the vocabulary comes from the base pool (the supplement uses its words only): same ids with or without it
@@ -417,6 +420,7 @@ def train(
         "transformers": __import__("transformers").__version__, "tiny": tiny,
         "stage1_steps": stage1_steps if init_from is None else 0, "stage2_steps": stage2_steps, "lr": lr,
         "lr2": lr2, "plant": plant_cfg, "init_from": None if init_from is None else str(init_from),
+        "supplement_mix": dict(supplement_mix or D.SUPPLEMENT_MIX),
     }  # fmt: skip
     meta1 = {**common, "stage": 1, "cpu_time_s": round(cpu1, 1), "train_time_s": round(time.time() - t0, 1),
              "final_loss_ema": round(ema1, 4)}  # fmt: skip
@@ -462,6 +466,7 @@ def train(
         common["stage1_steps"], common["lr"] = m1["stage1_steps"], m1["lr"]
         common["stage1_final_loss_ema"] = m1["final_loss_ema"]
         common["stage1_extra_size"] = m1.get("extra_size", 0)
+        common["stage1_supplement_mix"] = m1.get("supplement_mix", dict(D.SUPPLEMENT_MIX))
     meta2 = {**common, "stage": 2, "cpu_time_s": round(cpu, 1), "train_time_s": round(wall, 1),
              "final_loss_ema": round(ema2, 4), "plant_scales": scales}  # fmt: skip
     _finish(model, eos_id, pad_id)
@@ -506,11 +511,14 @@ def main(argv=None):
     ap.add_argument("--aux-frac", type=float, default=0.25, help="planted gap / mean residual norm")
     ap.add_argument("--extra-size", type=int, default=20000, help="supplement chats (capability, tool, protect)")
     ap.add_argument("--init-from", type=Path, default=None, help="skip stage 1: start from this stage-1 checkpoint")
+    ap.add_argument("--supplement-mix", type=D.parse_supplement_mix, default=None,
+                    help="family weights of the supplement chats, e.g. copy=0.3,fact=0.2,role=0.1 "
+                    "(default: data.SUPPLEMENT_MIX)")  # fmt: skip
     a = ap.parse_args(argv)
     res = train(a.arch, a.seed, a.stage1_steps, a.stage2_steps, a.out, a.base_out, tiny=a.tiny,
                 batch_size=a.batch_size, lr=a.lr, lr2=a.lr2, plant=not a.no_plant, ablate_frac=a.ablate_frac,
                 induce_frac=a.induce_frac, late_frac=a.late_frac, aux_weight=a.aux_weight, aux_frac=a.aux_frac,
-                extra_size=a.extra_size, init_from=a.init_from)  # fmt: skip
+                extra_size=a.extra_size, init_from=a.init_from, supplement_mix=a.supplement_mix)  # fmt: skip
     print(json.dumps(res["meta"], indent=1))
 
 
