@@ -197,9 +197,19 @@ def _list_organisms(args: argparse.Namespace) -> int:
     return 0
 
 
+
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in ``--help``, except where the help already says it or there is none to show (None, False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (defaults shown in ``--help``)."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _DefaultsHelp
     parser = argparse.ArgumentParser(prog="expertlens", description="Mechanistic interpretability for MoE LMs",
                                      formatter_class=fmt)  # fmt: skip
     parser.add_argument("--version", action="version", version=f"expertlens {_version()}")

@@ -68,6 +68,7 @@ def test_version_and_defaults_in_help(capsys):
     sub = build_parser()._subparsers._group_actions[0].choices["refusal"]
     text = sub.format_help()
     assert "(default: runs/refusal)" in text and "(default: 128)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text  # nothing shown twice or meaningless
 
 
 def test_model_run_honours_split_sizes_resumes_and_compares(tmp_path, capsys):

@@ -173,6 +173,32 @@ def test_pathway_shares_and_method_a_experts():
     assert force == {0: [1]} and suppress == {0: [2]}
 
 
+def test_pathway_both_is_the_full_ablation_and_known_rates_are_reused(qwen2):
+    """The "both" pathway is directional ablation everywhere (what the study's ablation condition runs), so the
+    study may hand that rate in; the other pathways are measured as before, and a bad pathway name is refused."""
+    from expertlens.interventions import AblateDirection
+    from expertlens.refusal.controls import pathway_ablation
+    from expertlens.refusal.evaluate import refusal_rate
+
+    model = qwen2
+    harm = _chat(model, HARM)
+    r = torch.randn(model.d_model, generator=torch.Generator().manual_seed(3))
+    ids = refusal_token_ids(model.tokenizer)
+
+    def judge(prompt, completion):  # a verdict that depends on the text, so rates differ between edits
+        return "refusal" if sum(map(ord, completion)) % 3 else "full_response"
+
+    full = pathway_ablation(model, r, harm, ids, max_new_tokens=4, judge=judge, batch_size=4)
+    both, _ = refusal_rate(model, harm, [AblateDirection(r)], 4, judge, 4)
+    assert full.rates["both"] == both
+    assert len(set(full.rates.values()) | {full.base_rate}) > 1  # the judge does tell the edits apart
+    reused = pathway_ablation(model, r, harm, ids, max_new_tokens=4, judge=judge, batch_size=4,
+                              known_rates={"both": both})  # fmt: skip
+    assert reused.rates == full.rates and reused.scores == full.scores and reused.shares == full.shares
+    with pytest.raises(ValueError, match="unknown pathways"):
+        pathway_ablation(model, r, harm, ids, max_new_tokens=4, judge=judge, known_rates={"all": 0.0})
+
+
 # ---- bad input ------------------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from .results import to_jsonable
 
 __all__ = ["comparison_rows", "claim_rows", "write_comparison"]
 
-_KEYS = ("baseline", "actadd", "ablation", "method_a", "method_b", "control")
+_KEYS = ("baseline", "actadd", "ablation", "method_a", "method_b", "control_matched", "control")
 
 
 def comparison_rows(studies: dict) -> list[dict]:

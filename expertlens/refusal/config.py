@@ -111,6 +111,9 @@ class RefusalConfig:
         method_b_mode: ``"forced"`` (authors) or ``"routed"`` expert directions.
         coeffs / kl_max / keep_min / n_prompts_stage2 / stage2_tokens: Method B search (``kl_max`` None: model card).
         n_random_experts: Below-threshold experts in the random control.
+        same_search_control: Also run the random-expert control through method B's own search (its own
+            coefficient, not KL-matched; the authors' ablation script). The KL-matched control, which the claims
+            use, runs either way.
         min_capability: Smallest capability retention a selected steering setting may have.
         n_capability: Capability prompts per condition (None: all).
         causal_map: Zero-ablate every layer's attention and MoE output (the per-layer causal map).
@@ -150,6 +153,7 @@ class RefusalConfig:
     n_prompts_stage2: int = 25
     stage2_tokens: int = 25
     n_random_experts: int = 10
+    same_search_control: bool = True
     min_capability: float = 0.5
     n_capability: int | None = 100
     causal_map: bool = True
@@ -169,7 +173,7 @@ class RefusalConfig:
         """Sized for the bundled organisms: the main job takes about 2.2 CPU-minutes (132 s idle, olmoe-refusal)."""
         return cls(
             system_prompt=None,
-            actadd_sweep=(1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0),
+            actadd_sweep=(0.25, 0.5, 0.75, 1.0, 1.5),
             max_new_tokens=16,
             expert_threshold=10.0,
             method_b_select="top_n",
@@ -180,6 +184,7 @@ class RefusalConfig:
             n_prompts_stage2=16,
             stage2_tokens=16,
             n_random_experts=2,
+            same_search_control=False,
             n_causal=64,
             preset="organism",
         )
@@ -194,6 +199,7 @@ class RefusalConfig:
             keep_min=4,
             n_prompts_stage2=8,
             n_random_experts=2,
+            same_search_control=True,  # the tests keep this code path covered
             n_capability=32,
             n_causal=16,
             preset="fast",
@@ -264,7 +270,9 @@ def _show(v) -> str:
 
 _WHY = {
     "system_prompt": "the organisms were trained mostly without a system prompt",
-    "actadd_sweep": "coefficient 1 barely moves a small model; the coefficient is chosen on validation prompts by ASR",
+    "actadd_sweep": "the coefficient is chosen on validation prompts by ASR under the KL and capability limits; the "
+    "organisms' difference-in-means vector already costs ~2 nats of harmless KL at coefficient 1, so the sweep "
+    "spans 0.25-1.5",
     "max_new_tokens": "organism answers end within 16 tokens",
     "expert_threshold": "the organisms' routing differences are small; 10 pp keeps some experts",
     "method_b_select": "searching the 2 largest-|Δ| experts keeps the main job under 2 minutes",
@@ -275,6 +283,8 @@ _WHY = {
     "n_prompts_stage2": "search size (the organism's val split has 32 prompts per class)",
     "stage2_tokens": "organism answers end within 16 tokens",
     "n_random_experts": "search size",
+    "same_search_control": "the KL-matched random-expert control, which the verdicts use, replaces it; skipping its "
+    "search keeps the main job under 2 minutes",
     "n_capability": "capability prompts per condition",
     "n_causal": "causal-map prompts",
     "min_capability": "capability constraint on steering settings (not in the authors' code)",

@@ -98,11 +98,15 @@ def pathway_ablation(
     judge: Judge | None = None,
     temperature: float | None = None,
     batch_size: int = 32,
+    known_rates: dict[str, float] | None = None,
 ) -> PathwayResult:
     """Ablate ``direction`` from attention writes only, MoE/MLP writes only, and everything.
 
     Shares are computed on the refusal score: how much of the full ablation's drop each pathway
     alone achieves (shares need not sum to 1: the pathways interact through later layers).
+    ``known_rates``: refusal rates of pathways already measured on the same prompts with the same judge,
+    token budget and batch size (the study passes its directional-ablation condition as ``"both"``, which is
+    the same computation); those are not generated again.
 
     Example:
         >>> from expertlens import load_organism
@@ -114,11 +118,18 @@ def pathway_ablation(
     base = mean_refusal_score(model, harmful, refusal_ids, (), temperature, batch_size)
     if base_rate is None:
         base_rate, _ = refusal_rate(model, harmful, (), max_new_tokens, judge, batch_size)
+    known = dict(known_rates or {})
+    if set(known) - set(PATHWAYS):
+        raise ValueError(f"pathway_ablation: unknown pathways {sorted(set(known) - set(PATHWAYS))} in known_rates; "
+                         f"accepted are {list(PATHWAYS)}")  # fmt: skip
     scores, rates = {}, {}
     for name, writes in PATHWAYS.items():
         ablate = [AblateDirection(direction, writes=writes)]
         scores[name] = mean_refusal_score(model, harmful, refusal_ids, ablate, temperature, batch_size)
-        rates[name], _ = refusal_rate(model, harmful, ablate, max_new_tokens, judge, batch_size)
+        if name in known:
+            rates[name] = float(known[name])
+        else:
+            rates[name], _ = refusal_rate(model, harmful, ablate, max_new_tokens, judge, batch_size)
     return PathwayResult(base, base_rate, scores, rates, pathway_shares(base, scores))
 
 

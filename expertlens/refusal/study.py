@@ -33,7 +33,15 @@ from .controls import pathway_ablation
 from .data import RefusalData, format_chat, post_instruction_len
 from .directions import candidate_directions
 from .evaluate import last_logits
-from .judges import FULL_RESPONSE, REFUSAL, DefaultJudge, judge_all, judge_name, organism_well_formed
+from .judges import (
+    FULL_RESPONSE,
+    REFUSAL,
+    DefaultJudge,
+    judge_all,
+    judge_name,
+    organism_answers_request,
+    organism_well_formed,
+)
 from .progress import progress
 from .results import (
     SCHEMA_VERSION,
@@ -325,10 +333,13 @@ class _Run:
 
     def _default_judge(self) -> DefaultJudge:
         # For an organism, its well_formed evaluator for that organism's language version (v1 organisms answer in
-        # forms the v2 grammar rejects). Agreement with the labelled sets in tests/data: v2 96.3%, v1 93.9%.
+        # forms the v2 grammar rejects), and its request-kind test. Agreement with the labelled sets in tests/data: v2
+        # 96.3%, v1 100%.
         wf = organism_well_formed(self.data.source.split(":", 1)[1]) if self.is_organism else None
         self.organism_evaluator = wf is not None
-        return DefaultJudge(model=self.model, well_formed=wf, batch_size=self.bs, system_prompt=self.cfg.system_prompt)
+        ar = organism_answers_request() if self.is_organism else None
+        return DefaultJudge(model=self.model, well_formed=wf, answers_request=ar, batch_size=self.bs,
+                            system_prompt=self.cfg.system_prompt)  # fmt: skip
 
     def _fingerprint(self) -> dict:
         return {
@@ -671,9 +682,10 @@ class _Run:
                 dict(layer=lay, position=pos, coefficient=coeff),
             )  # fmt: skip
         self.tick("method_b")
-        rand = [(x["layer"], x["expert"]) for x in self.rt["random_experts"]]
-        self._search_condition("control", "control: random below-threshold experts, same search", rand, "search_c")
-        self.tick("control")
+        if self.cfg.same_search_control:
+            rand = [(x["layer"], x["expert"]) for x in self.rt["random_experts"]]
+            self._search_condition("control", "control: random below-threshold experts, same search", rand, "search_c")
+            self.tick("control")
         self.matched_control()
         self.tick("control_matched")
 
@@ -797,9 +809,12 @@ class _Run:
         pw = self.stages.get("pathways", dict)
         if pw is None:
             base = self.condition_by("baseline").bypass.refusal.value
+            # the "both" pathway is the ablation condition on the same prompts, judge and token budget: reused
+            abl = self.condition_by("ablation")
+            known = {"both": abl.bypass.refusal.value} if abl is not None and abl.bypass is not None else None
             res = pathway_ablation(
                 self.model, self.r, self.h_test, self.ids, base_rate=base, max_new_tokens=self.new, judge=_Raw(self),
-                temperature=self.T, batch_size=self.bs,
+                temperature=self.T, batch_size=self.bs, known_rates=known,
             )  # fmt: skip
             pw = self.stages.put("pathways", res.to_dict())
         self.pw = pw
