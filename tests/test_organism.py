@@ -269,6 +269,28 @@ def test_generator_reproduces_shipped_prompts():
     assert [e.prompt for e in small] == [e.prompt for e in _pool()[:500]]
 
 
+def test_supplement_mix_reweights_and_keeps_the_default_draws():
+    """``--supplement-mix``: the default reproduces the shipped organisms' supplement draw for draw; a custom mix
+    draws its families (pair families give training-frame members of both labels); bad entries are refused."""
+    from collections import Counter
+
+    from expertlens.organism.factory import data as D
+
+    default = D.supplement(0, 400)
+    assert D.supplement(0, 400, dict(D.SUPPLEMENT_MIX)) == default
+    assert D.build_training_pool(0, 50, 400)[50:] == default
+    mix = D.parse_supplement_mix("copy=0.5, role=0.5")
+    got = Counter((e.family, e.label) for e in D.supplement(0, 400, mix))
+    assert set(got) == {("copy", "harmless"), ("role", "harmful"), ("role", "harmless")}
+    assert 150 < got["copy", "harmless"] < 250
+    frames = {e.prompt for e in D.supplement(0, 400, mix) if e.family == "role"}
+    assert frames.isdisjoint(r["prompt"] for r in load_prompt_records(V2_ORGANISM, "test"))
+    for bad, msg in (("cpy=1", "family one of"), ("copy", "family=weight"), ("copy=x", "not a number"),
+                     ("copy=-1", ">= 0"), ("copy=0", "no positive weight")):  # fmt: skip
+        with pytest.raises(ValueError, match=msg):
+            D.parse_supplement_mix(bad)
+
+
 def test_legacy_organisms_keep_their_prompts():
     for n in LEGACY:
         recs = load_prompt_records(n, "test")
