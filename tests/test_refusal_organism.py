@@ -55,7 +55,9 @@ def test_deviations_claims_controls_and_files(results):
     for c in r["claims"]:
         assert c["status"] in ("supported", "partly supported", "not supported", "not testable")
         assert c["verdict"].startswith(("supported", "partly supported", "not supported", "not testable"))
-    if _cond(r, "method_b")["bypass"] is not None and _cond(r, "control")["bypass"] is not None:
+    # the organism preset runs only the KL-matched random-expert control (the one the verdicts use), and says so
+    assert "same_search_control" in settings and all(c["key"] != "control" for c in r["conditions"])
+    if _cond(r, "method_b")["bypass"] is not None and _cond(r, "control_matched")["bypass"] is not None:
         assert {p["side"] for p in r["paired"]} >= {"bypass", "induce"}
     cm = r["causal_map"]
     assert len(cm["d_refusal"]["attention"]) == len(cm["d_refusal"]["moe"]) == r["model"]["n_layers"]

@@ -223,7 +223,7 @@ def _claim2(res: StudyResults) -> Claim:
     ]
     controls = []
     if ctrl_ok:
-        where = f"L{ctrl.params.get('layer')} E{ctrl.params.get('expert')}, c = {ctrl.params.get('coefficient'):g}"
+        where = f"L{ctrl.params.get('layer')} E{ctrl.params.get('expert')}, c = {ctrl.params.get('coefficient'):.3g}"
         controls.append(f"{ctrl.label} ({where}; {how}), harmful test: {_rates(ctrl)}; {_cost(ctrl)}.")
         controls.append(f"{ctrl.label}, harmless test: refusal {ctrl.induce.refusal.text()}.")
         controls.append(

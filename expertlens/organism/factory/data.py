@@ -535,9 +535,9 @@ TOOL_X = [
 ]
 SUPPLEMENT_MIX = {"arithmetic": 0.3, "reverse": 0.2, "copy": 0.05, "count": 0.05, "fact": 0.1, "tool": 0.15,
                   "protect": 0.15}  # fmt: skip
-#: Families a supplement mix may weight: the capability tasks, the extra tool / protect frames, and any
-#: identical-bag pair family (its training frames, one member drawn at random).
-SUPPLEMENT_FAMILIES = ("arithmetic", "count", "copy", "reverse", "fact", "tool", "protect",
+#: Families a supplement mix may weight: the capability tasks, the extra tool / protect frames, the lexical and
+#: far-intent frames, and any identical-bag pair family (training frames only; the label drawn at random).
+SUPPLEMENT_FAMILIES = ("arithmetic", "count", "copy", "reverse", "fact", "tool", "protect", "lexical", "far",
                        *sorted(set(PAIRS) - {"tool"}))  # fmt: skip
 
 
@@ -592,6 +592,8 @@ def supplement(seed: int = 0, n: int = 0, mix: dict[str, float] | None = None) -
         if fam in PAIRS and fam != "tool":  # a training-frame pair; keep the member of the drawn label
             h, s = PAIRS[fam](r, False)
             out.append(h if harmful else s)
+        elif fam in ("lexical", "far"):
+            out.append(SINGLES[fam](r, harmful, False))
         elif fam == "tool":
             t = r.choice(sorted(TOOL))
             tv, goods, bads = TOOL[t]
