@@ -18,6 +18,7 @@ from .judges import (
     DefaultJudge,
     OpenAIJudge,
     completion_logprobs,
+    default_judge,
     judge_all,
 )
 from .methods import (
@@ -47,6 +48,7 @@ __all__ = [
     "PAPER_SOURCES",
     "CLASSES",
     "DefaultJudge",
+    "default_judge",
     "OpenAIJudge",
     "ClassifierJudge",
     "judge_all",

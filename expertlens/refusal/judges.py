@@ -62,6 +62,7 @@ __all__ = [
     "organism_answers_request",
     "organism_well_formed",
     "DefaultJudge",
+    "default_judge",
     "OpenAIJudge",
     "ClassifierJudge",
     "JUDGE_SYSTEM_PROMPT",
@@ -494,6 +495,26 @@ class DefaultJudge:
 
     def __call__(self, prompt: str, completion: str) -> str:
         return self.judge_batch([prompt], [completion])[0]
+
+
+def default_judge(
+    model: Any = None, organism: str | None = None, system_prompt: str | None = None, batch_size: int = 32
+) -> DefaultJudge:
+    """The offline judge ``run_refusal_study`` uses: :class:`DefaultJudge` scoring fluency with ``model`` and, for a
+    bundled organism (``organism``: its name), that organism's ``well_formed`` grammar and request-kind test.
+
+    Calibrate it on the model's unsteered completions before use (:meth:`DefaultJudge.calibrate`).
+
+    Example:
+        >>> from expertlens.refusal.judges import default_judge
+        >>> judge = default_judge(organism="olmoe-refusal")
+        >>> judge.calibration()["uses_well_formed"], judge.calibration()["uses_request_kind"]
+        (True, True)
+    """
+    wf = organism_well_formed(organism) if organism is not None else None
+    ar = organism_answers_request() if organism is not None else None
+    return DefaultJudge(model=model, well_formed=wf, answers_request=ar, batch_size=batch_size,
+                        system_prompt=system_prompt)  # fmt: skip
 
 
 def _quantile(sorted_values: Sequence[float], q: float) -> float:

@@ -37,10 +37,9 @@ from .judges import (
     FULL_RESPONSE,
     REFUSAL,
     DefaultJudge,
+    default_judge,
     judge_all,
     judge_name,
-    organism_answers_request,
-    organism_well_formed,
 )
 from .progress import progress
 from .results import (
@@ -335,11 +334,10 @@ class _Run:
         # For an organism, its well_formed evaluator for that organism's language version (v1 organisms answer in
         # forms the v2 grammar rejects), and its request-kind test. Agreement with the labelled sets in tests/data: v2
         # 96.3%, v1 100%.
-        wf = organism_well_formed(self.data.source.split(":", 1)[1]) if self.is_organism else None
-        self.organism_evaluator = wf is not None
-        ar = organism_answers_request() if self.is_organism else None
-        return DefaultJudge(model=self.model, well_formed=wf, answers_request=ar, batch_size=self.bs,
-                            system_prompt=self.cfg.system_prompt)  # fmt: skip
+        organism = self.data.source.split(":", 1)[1] if self.is_organism else None
+        judge = default_judge(self.model, organism, self.cfg.system_prompt, self.bs)
+        self.organism_evaluator = judge.well_formed is not None
+        return judge
 
     def _fingerprint(self) -> dict:
         return {
