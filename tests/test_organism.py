@@ -545,3 +545,26 @@ def test_training_smoke_loss_falls():
     loss = res["loss1"]
     assert len(loss) == 30 and all(np.isfinite(loss))
     assert np.mean(loss[-5:]) < 0.8 * np.mean(loss[:3])
+
+
+def test_training_commands_of_a_continued_stage2_chain():
+    """A stage 2 continued from a stage-2 checkpoint records the earlier run; the card's commands rebuild the
+    whole chain (stage 1, the first stage 2, the continuation), each with only its non-default flags."""
+    from expertlens.organism.factory.evaluate import default_command
+    from expertlens.organism.factory.train import inherit_meta
+
+    stage1 = {"stage": 1, "stage1_steps": 2000, "lr": 3e-3, "final_loss_ema": 0.1, "extra_size": 20000,
+              "cpu_time_s": 1.0, "train_time_s": 1.0}  # fmt: skip
+    common = {"arch": "mixtral", "seed": 0, "stage": 2, "plant": {"aux_frac": 0.5}, "lr2": 1.5e-3}
+    first = inherit_meta({**common, "stage2_steps": 900, "extra_size": 40000, "supplement_mix": {"copy": 1.0},
+                          "init_from": "/x/mixtral-refusal-stage1"}, stage1)  # fmt: skip
+    assert first["stage1_extra_size"] == 20000 and "continued_from" not in first
+    cont = inherit_meta({**common, "stage2_steps": 300, "lr2": 5e-4, "extra_size": 20000, "supplement_mix": None,
+                         "init_from": "/x/mid"}, first)  # fmt: skip
+    assert cont["continued_from"]["stage2_steps"] == 900 and cont["stage1_extra_size"] == 20000
+    lines = default_command(cont, "mixtral-refusal").splitlines()
+    assert len(lines) == 3 and "--stage1-steps 2000 --stage2-steps 0 --extra-size 20000" in lines[0]
+    assert "--stage2-steps 900 --aux-frac 0.5 --extra-size 40000 --supplement-mix copy=1" in lines[1]
+    assert lines[1].endswith("--out /tmp/mixtral-refusal-stage2a")
+    assert "--stage2-steps 300 --aux-frac 0.5 --lr2 0.0005 --init-from /tmp/mixtral-refusal-stage2a" in lines[2]
+    assert "--supplement-mix" not in lines[2] and lines[2].endswith("checkpoints/mixtral-refusal")

@@ -508,6 +508,14 @@ ARCH_TEXT = {
 }
 
 
+def _stage2_steps(meta: dict) -> str:
+    prev = meta.get("continued_from")
+    if not prev:
+        return str(meta["stage2_steps"])
+    return (f"{prev['stage2_steps']} (lr {prev['lr2']:g}), then {meta['stage2_steps']} more from that checkpoint "
+            f"(lr {meta['lr2']:g}, supplement as below)")
+
+
 def _pool_text(meta: dict) -> str:
     from . import data as D
 
@@ -727,7 +735,7 @@ machine), torch {meta["torch"]}, transformers {meta["transformers"]}. Evaluation
         cfg["vocab_size"]
     } (word level).
 - {meta["n_params"]:,} parameters, fp32, `model.safetensors` {size:,} bytes.
-- Stage 1: {meta["stage1_steps"]} steps, stage 2: {meta["stage2_steps"] if stage == 2 else "(none)"} steps; batch
+- Stage 1: {meta["stage1_steps"]} steps, stage 2: {_stage2_steps(meta) if stage == 2 else "(none)"} steps; batch
   {meta["batch_size"]}, AdamW lr {meta["lr"]} / {meta["lr2"]} (warmup, cosine to 5 %), router aux loss 0.01,
   loss on responses only; {meta["lexicon_frac"]:.0%} of rows are lexicon ("pretraining") lines with full LM
   loss; {meta["unk_prob"]:.0%} prompt-word `<unk>` dropout; system prompts: none 40 %, neutral 20 %, safety 25 %,
@@ -807,12 +815,16 @@ def default_command(meta: dict, path) -> str:
     t = "python -m expertlens.organism.factory.train"
     name = Path(path).name
     arch = f"--arch {meta['arch']} --seed {meta['seed']}"
-    pc = meta.get("plant") or {}
     flags = {"ablate": ("--ablate-frac", 0.25), "induce": ("--induce-frac", 0.12), "late": ("--late-frac", 0.0),
              "aux_weight": ("--aux-weight", 0.2), "aux_frac": ("--aux-frac", 0.25)}  # the train.py defaults
-    plant = "".join(f" {f} {pc[k]}" for k, (f, d) in flags.items() if k in pc and pc[k] != d)
 
-    def data_flags(extra, mix):  # only what differs from the train.py defaults
+    def stage2_flags(m):  # planting, lr and data flags of a stage-2 run: only what differs from the defaults
+        pc = m.get("plant") or {}
+        x = "".join(f" {f} {pc[k]}" for k, (f, d) in flags.items() if k in pc and pc[k] != d)
+        x += f" --lr2 {m['lr2']:g}" if m.get("lr2", 1.5e-3) != 1.5e-3 else ""
+        return x + data_flags(m.get("extra_size"), m.get("supplement_mix"))
+
+    def data_flags(extra, mix):
         x = f" --extra-size {extra}" if extra is not None and extra != 20000 else ""
         if mix and mix != D.SUPPLEMENT_MIX:
             x += " --supplement-mix " + ",".join(f"{k}={v:g}" for k, v in mix.items())
@@ -821,17 +833,23 @@ def default_command(meta: dict, path) -> str:
     if meta.get("stage", 2) == 1:
         return (f"{t} {arch} --stage1-steps {meta['stage1_steps']} --stage2-steps 0 "
                 f"--extra-size {meta.get('extra_size', 0)} --base-out expertlens/organism/checkpoints/{name}")
-    if meta.get("init_from"):
-        base = Path(meta["init_from"]).name
+    out = f"--out expertlens/organism/checkpoints/{name}"
+    first = meta.get("continued_from") or meta
+    if first.get("init_from"):
+        base = Path(first["init_from"]).name
         base_dir = f"expertlens/organism/checkpoints/{base}" if base.endswith("-base") else f"/tmp/{name}-stage1"
         x1 = f" --extra-size {meta['stage1_extra_size']}" if meta.get("stage1_extra_size") is not None else ""
         x1 += data_flags(None, meta.get("stage1_supplement_mix")) if meta.get("stage1_extra_size") else ""
-        x2 = data_flags(meta.get("extra_size"), meta.get("supplement_mix"))
-        return (f"{t} {arch} --stage1-steps {meta['stage1_steps']} --stage2-steps 0{x1} --base-out {base_dir}\n"
-                f"{t} {arch} --stage2-steps {meta['stage2_steps']}{plant}{x2} --init-from {base_dir} "
-                f"--out expertlens/organism/checkpoints/{name}")  # fmt: skip
-    return (f"{t} {arch} --stage1-steps {meta['stage1_steps']} --stage2-steps {meta['stage2_steps']} "
-            f"--out expertlens/organism/checkpoints/{name}")
+        lines = [f"{t} {arch} --stage1-steps {meta['stage1_steps']} --stage2-steps 0{x1} --base-out {base_dir}"]
+        if meta.get("continued_from"):  # a stage 2 continued from an earlier stage-2 checkpoint
+            mid = f"/tmp/{name}-stage2a"
+            lines.append(f"{t} {arch} --stage2-steps {first['stage2_steps']}{stage2_flags(first)} "
+                         f"--init-from {base_dir} --out {mid}")  # fmt: skip
+            base_dir = mid
+        lines.append(f"{t} {arch} --stage2-steps {meta['stage2_steps']}{stage2_flags(meta)} "
+                     f"--init-from {base_dir} {out}")  # fmt: skip
+        return "\n".join(lines)
+    return f"{t} {arch} --stage1-steps {meta['stage1_steps']} --stage2-steps {meta['stage2_steps']} {out}"
 
 
 def main(argv=None):

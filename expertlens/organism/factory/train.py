@@ -460,13 +460,10 @@ def train(
         if planter is not None:
             planter.__exit__()
     cpu, wall = time.process_time() - c0, time.time() - t0
-    if init_from is not None:  # the stage-1 run's time counts too (training.json of the stage-1 checkpoint)
+    if init_from is not None:  # the earlier runs' time counts too (training.json of the checkpoint started from)
         m1 = json.loads((Path(init_from) / "training.json").read_text())
         cpu, wall = cpu + m1["cpu_time_s"], wall + m1["train_time_s"]
-        common["stage1_steps"], common["lr"] = m1["stage1_steps"], m1["lr"]
-        common["stage1_final_loss_ema"] = m1["final_loss_ema"]
-        common["stage1_extra_size"] = m1.get("extra_size", 0)
-        common["stage1_supplement_mix"] = m1.get("supplement_mix", dict(D.SUPPLEMENT_MIX))
+        inherit_meta(common, m1)
     meta2 = {**common, "stage": 2, "cpu_time_s": round(cpu, 1), "train_time_s": round(wall, 1),
              "final_loss_ema": round(ema2, 4), "plant_scales": scales}  # fmt: skip
     _finish(model, eos_id, pad_id)
@@ -479,6 +476,25 @@ def train(
                       metadata={k: json.dumps(v) for k, v in plant_cfg.items()})  # fmt: skip
     return {"loss1": hist1, "loss2": hist2, "meta": meta2, "model": model, "base_state": base_state,
             "tokenizer": tok, "direction": r_dir}  # fmt: skip
+
+
+def inherit_meta(meta: dict, init_meta: dict) -> dict:
+    """Fill ``meta`` (a run started ``--init-from`` a checkpoint) with what that checkpoint's ``training.json``
+    (``init_meta``) says about the runs before: stage 1's steps, lr, loss and data; and, when it was itself a
+    stage-2 checkpoint (a continued stage 2), the whole earlier stage-2 run as ``continued_from``."""
+    first = init_meta.get("continued_from") or init_meta
+    if init_meta.get("stage", 1) == 2:
+        skip = ("plant_scales", "continued_from")
+        meta["continued_from"] = {k: v for k, v in init_meta.items() if not k.startswith("loss") and k not in skip}
+        meta["continued_from"]["init_from"] = first.get("init_from")
+        for k in ("stage1_steps", "lr", "stage1_final_loss_ema", "stage1_extra_size", "stage1_supplement_mix"):
+            meta[k] = first.get(k, meta.get(k))
+        return meta
+    meta["stage1_steps"], meta["lr"] = init_meta["stage1_steps"], init_meta["lr"]
+    meta["stage1_final_loss_ema"] = init_meta["final_loss_ema"]
+    meta["stage1_extra_size"] = init_meta.get("extra_size", 0)
+    meta["stage1_supplement_mix"] = init_meta.get("supplement_mix", dict(D.SUPPLEMENT_MIX))
+    return meta
 
 
 def _save(model, tok, out, meta, hist1, hist2):
