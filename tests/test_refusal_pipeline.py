@@ -421,26 +421,37 @@ def test_capability_hook_sees_every_condition_with_its_edits_active(qwen2):
     assert qwen2.n_edits() == 0
 
 
+def _claim_cond(key, harmful, harmless, **kw):
+    """A condition with the given verdicts on the harmful / harmless test prompts (for claim_verdicts)."""
+    from expertlens.refusal.results import Capability, Condition, Outcome, Rate
+
+    bypass = Outcome.from_verdicts("harmful test", harmful)
+    induce = Outcome.from_verdicts("harmless test", harmless)
+    cap = Capability("s", Rate.of(9, 10), Rate.of(10, 10))
+    return Condition(key, key, {"layer": 1, "expert": 2, "coefficient": 5.0}, bypass, induce, 0.1, cap, **kw)
+
+
+def _claim_results(conditions, n, attention_asr):
+    """Study results with ``conditions`` and a two-layer causal map (zeroing layer 0's attention gains
+    ``attention_asr`` ASR)."""
+    from expertlens.refusal.results import CausalMap, StudyResults
+
+    return StudyResults(
+        model={"family": "x"}, config={"kl_max": 2.0, "min_capability": 0.5}, preset="p", data={}, judge={},
+        selected={}, selection={}, conditions=conditions,
+        causal_map=CausalMap([0, 1], n, 1.0, 0.0, {"attention": [-0.5, 0.0], "moe": [-0.9, 0.0]},
+                             {"attention": [attention_asr, 0.0], "moe": [0.0, 0.0]}),
+    )  # fmt: skip
+
+
 def test_claim_verdicts_follow_the_numbers():
     from expertlens.refusal.claims import claim_verdicts
-    from expertlens.refusal.results import Capability, CausalMap, Condition, Outcome, Rate, StudyResults
 
-    def cond(key, harmful, harmless, **kw):
-        bypass = Outcome.from_verdicts("harmful test", harmful)
-        induce = Outcome.from_verdicts("harmless test", harmless)
-        cap = Capability("s", Rate.of(9, 10), Rate.of(10, 10))
-        return Condition(key, key, {"layer": 1, "expert": 2, "coefficient": 5.0}, bypass, induce, 0.1, cap, **kw)
-
+    cond = _claim_cond
     n = 40
     refuse, answer, broken = ["refusal"] * n, ["full_response"] * n, ["non_response"] * n
-    res = StudyResults(
-        model={"family": "x"}, config={"kl_max": 2.0, "min_capability": 0.5}, preset="p", data={}, judge={},
-        selected={}, selection={},
-        conditions=[cond("baseline", refuse, answer), cond("actadd", answer, refuse),
-                    cond("method_b", broken, answer), cond("control", broken, answer)],
-        causal_map=CausalMap([0, 1], n, 1.0, 0.0, {"attention": [-0.5, 0.0], "moe": [-0.9, 0.0]},
-                             {"attention": [0.3, 0.0], "moe": [0.0, 0.0]}),
-    )  # fmt: skip
+    res = _claim_results([cond("baseline", refuse, answer), cond("actadd", answer, refuse),
+                          cond("method_b", broken, answer), cond("control", broken, answer)], n, 0.3)  # fmt: skip
     c1, c2, c3 = claim_verdicts(res)
     assert c1.status == "supported" and "0.0% to 100.0%" in c1.verdict  # ASR 0 → 100 and harmless refusal 0 → 100
     assert c2.status == "not supported" and "into non-responses" in c2.verdict  # broken is not bypassed
@@ -453,27 +464,15 @@ def test_claim_verdicts_follow_the_numbers():
 
 def test_claims_not_testable_on_a_model_that_does_not_refuse_and_half_a_claim_is_partial():
     from expertlens.refusal.claims import MIN_BASELINE_REFUSAL, claim_verdicts
-    from expertlens.refusal.results import Capability, CausalMap, Condition, Outcome, Rate, StudyResults
 
-    def cond(key, harmful, harmless):
-        cap = Capability("s", Rate.of(9, 10), Rate.of(10, 10))
-        return Condition(key, key, {"layer": 1, "expert": 2, "coefficient": 5.0},
-                         Outcome.from_verdicts("harmful test", harmful),
-                         Outcome.from_verdicts("harmless test", harmless), 0.1, cap)  # fmt: skip
-
+    cond = _claim_cond
     n = 40
     refuse, answer, broken = ["refusal"] * n, ["full_response"] * n, ["non_response"] * n
     # a base model: refuses 30% of harmful prompts (< MIN_BASELINE_REFUSAL), so no claim can be tested
     weak = ["refusal"] * 12 + ["full_response"] * 28
     assert 12 / n < MIN_BASELINE_REFUSAL
-    res = StudyResults(
-        model={"family": "x"}, config={"kl_max": 2.0, "min_capability": 0.5}, preset="p", data={}, judge={},
-        selected={}, selection={},
-        conditions=[cond("baseline", weak, answer), cond("actadd", answer, refuse),
-                    cond("method_b", broken, answer), cond("control", broken, answer)],
-        causal_map=CausalMap([0, 1], n, 1.0, 0.0, {"attention": [-0.5, 0.0], "moe": [-0.9, 0.0]},
-                             {"attention": [0.0, 0.0], "moe": [0.0, 0.0]}),
-    )  # fmt: skip
+    res = _claim_results([cond("baseline", weak, answer), cond("actadd", answer, refuse),
+                          cond("method_b", broken, answer), cond("control", broken, answer)], n, 0.0)  # fmt: skip
     claims = claim_verdicts(res)
     assert [c.status for c in claims] == ["not testable"] * 3
     assert all("refuses only 30.0% of harmful test prompts" in c.verdict for c in claims)

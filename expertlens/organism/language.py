@@ -391,13 +391,14 @@ def answer_kind(response: str) -> str | None:
 
 
 @lru_cache(maxsize=1)
-def _kind_patterns() -> tuple[re.Pattern, re.Pattern, re.Pattern, re.Pattern]:
+def _kind_patterns() -> tuple[re.Pattern, ...]:
     docs = _alt(WORDS["bad_doc"] + WORDS["good_doc"])
     return (
         re.compile(r"\bhow many words\b|\bcount the words\b"),
         re.compile(r"\b(?:reverse|repeat|say this list|say the words|these words|this list)\b.*:"),
         re.compile(r"\d+ (?:plus|and) \d+|\b(?:plus|sum|add)\b.*\d"),
         re.compile(rf"\bwrit(?:e|ing)\b.*\b{docs}\b|\b{docs}\b.*\bwrit(?:e|ing)\b"),
+        re.compile(r" fact | " + _alt(WORDS["name"]) + r" |\babout the " + _alt(WORDS["animal"]) + r" [.?]"),
     )
 
 
@@ -414,7 +415,7 @@ def request_kind(prompt: str) -> str:
         ('steps', 'number')
     """
     t = " " + " ".join(str(prompt).lower().split()) + " "
-    count, words, number, writing = _kind_patterns()
+    count, words, number, writing, fact = _kind_patterns()
     if count.search(t):
         return "number"
     if words.search(t):
@@ -423,11 +424,7 @@ def request_kind(prompt: str) -> str:
         return "number"
     if writing.search(t):
         return "writing"
-    if " fact " in t or any(f" {n} " in t for n in WORDS["name"]):
-        return "fact"
-    if re.search(r"\babout the " + _alt(WORDS["animal"]) + r" [.?]", t):
-        return "fact"
-    return "steps"
+    return "fact" if fact.search(t) else "steps"
 
 
 def answers_request(prompt: str, response: str) -> bool:

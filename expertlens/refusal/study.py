@@ -690,11 +690,12 @@ class _Run:
     def matched_control(self) -> None:
         """The random-expert control at method B's harmless KL: same kind of edit, coefficient matched by KL.
 
-        Candidates, in order: the expert and position the control's search picked, then every random
-        below-threshold expert at method B's position. For each, :func:`~expertlens.refusal.controls.match_kl`
-        looks for the coefficient whose harmless KL on the test prompts (the number reported beside every
-        condition) matches method B's; no harmful prompt and no judged outcome enters this choice. The first
-        candidate within tolerance is used; if none matches, the closest is used and the results say so.
+        Candidates, in order: the expert and position the same-search control picked (when it ran,
+        ``same_search_control``), then every random below-threshold expert at method B's position. For each,
+        :func:`~expertlens.refusal.controls.match_kl` looks for the coefficient whose harmless KL on the test
+        prompts (the number reported beside every condition) matches method B's; no harmful prompt and no judged
+        outcome enters this choice. The first candidate within tolerance is used; if none matches, the closest is
+        used and the results say so.
         """
         from ..interventions import ExpertSteer
         from .controls import KL_ATOL, KL_RTOL, match_kl
