@@ -7,16 +7,128 @@ in the package ``__init__``), so no stub file sits at the old path.
 (5.24) that moved ``_get_parameter_plan`` from ``transformers.distributed.tensor_parallel`` to
 ``transformers.distributed.parallel_utils``; it is applied only while wrapping a model that was loaded
 across ranks, and only when the name is missing.
+
+:data:`TESTED_VERSIONS` is the one place that names the releases of transformers and nnsight this version of
+expertlens was tested on; :func:`check_versions` warns once, in one line, when another is installed (the truth
+test that runs on every wrap stays the guard of each model's numbers).
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 import types
 import warnings
 
-__all__ = ["alias_module", "nnsight_tp_plan_lookup"]
+__all__ = ["TESTED_VERSIONS", "alias_module", "cache_kwarg", "check_versions", "nnsight_tp_plan_lookup", "output_cache"]
+
+
+#: ``package -> (lowest tested, first untested)`` release: the bounds pyproject.toml pins and README explains.
+#: Widen a bound only after the suite has passed on the new release.
+TESTED_VERSIONS: dict[str, tuple[str, str]] = {
+    "transformers": ("5.24", "5.26"),
+    "nnsight": ("0.8.1", "0.9"),
+}
+
+_VERSIONS_CHECKED = False
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``"5.25.0.dev0" -> (5, 25, 0)``: the leading numeric release, pre-release tags dropped."""
+    match = re.match(r"\d+(?:\.\d+)*", version)
+    return tuple(int(p) for p in match.group().split(".")) if match else ()
+
+
+def untested_versions(installed: dict[str, str] | None = None) -> list[str]:
+    """The installed packages outside :data:`TESTED_VERSIONS`, each as one phrase (empty when all are tested).
+
+    Args:
+        installed: ``package -> version``; default: the versions importlib.metadata reports.
+
+    Example:
+        >>> from expertlens.compat import untested_versions
+        >>> untested_versions({"transformers": "5.25.0", "nnsight": "0.8.1"})
+        []
+        >>> untested_versions({"transformers": "5.31.0", "nnsight": "0.8.1"})
+        ['transformers 5.31.0 (tested: >=5.24, <5.26)']
+    """
+    if installed is None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        installed = {}
+        for name in TESTED_VERSIONS:
+            try:
+                installed[name] = version(name)
+            except PackageNotFoundError:
+                continue
+    out = []
+    for name, (low, high) in TESTED_VERSIONS.items():
+        got = installed.get(name)
+        if got is not None and not _release(low) <= _release(got) < _release(high):
+            out.append(f"{name} {got} (tested: >={low}, <{high})")
+    return out
+
+
+def check_versions() -> list[str]:
+    """Warn once per process, in one line, when transformers or nnsight is outside the tested releases.
+
+    Called on every wrap. Each model is still checked by the truth test (its logits through expertlens equal
+    the model's own), so an untested release can only fail loudly, not silently; the warning says why that
+    might happen.
+
+    Returns:
+        The phrases warned about (empty when every version is tested, or after the first call).
+
+    Example:
+        >>> from expertlens.compat import check_versions
+        >>> isinstance(check_versions(), list)
+        True
+    """
+    global _VERSIONS_CHECKED
+    if _VERSIONS_CHECKED:
+        return []
+    _VERSIONS_CHECKED = True
+    found = untested_versions()
+    if found:
+        warnings.warn(
+            f"expertlens was tested with other releases than the installed {'; '.join(found)}: the truth test "
+            "still checks every model, but a wrap may be refused; pip install -e . restores the tested versions",
+            UserWarning,
+            stacklevel=3,
+        )
+    return found
+
+
+def cache_kwarg(model) -> str:
+    """The name a model's ``forward`` takes its KV cache under: ``"cache"`` (transformers 5.25 renamed it and
+    deprecates ``past_key_values``, to be removed in 5.40), else ``"past_key_values"``.
+
+    Example:
+        >>> from expertlens.compat import cache_kwarg
+        >>> from expertlens.testing import tiny_model
+        >>> cache_kwarg(tiny_model("qwen3_moe")) in ("cache", "past_key_values")
+        True
+    """
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(output):
+    """The KV cache a forward returned (``None`` when it returned none), read without transformers' deprecation
+    warning: a ``ModelOutput`` through dict lookup under the new name then the old, anything else by attribute.
+
+    Example:
+        >>> from expertlens.compat import output_cache
+        >>> output_cache({"cache": 1}), output_cache({"past_key_values": 2}), output_cache(object())
+        (1, 2, None)
+    """
+    if isinstance(output, dict):
+        return dict.get(output, "cache", dict.get(output, "past_key_values"))
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 class _MovedModule(types.ModuleType):

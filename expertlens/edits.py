@@ -25,6 +25,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor, nn
 
+from .compat import output_cache
 from . import instrument as _instrument
 from .points import MODEL_POINTS, POINTS, PointError, check_edit, point
 
@@ -472,10 +473,7 @@ class StepTracker:
         return None
 
     def post(self, module, args, output):
-        if isinstance(output, dict):  # a ModelOutput: dict's own lookup skips transformers' deprecated-alias warning
-            cache = dict.get(output, "cache", dict.get(output, "past_key_values"))
-        else:
-            cache = getattr(output, "past_key_values", None)
+        cache = output_cache(output)
         self._last_cache = None
         if cache is not None:
             try:

@@ -23,6 +23,7 @@ paths in :mod:`expertlens.layout`, the instrumentation in :mod:`expertlens.instr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 import warnings
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 
 from . import edits as _edits
 from . import instrument as _instrument
+from .compat import check_versions
 from .edits import EditContext, EditHandle, EditRegistry, StepTracker
 from .families import FamilySpec, UnsupportedModelError, get_module, resolve_family
 from .layout import editable_paths, resolve_layout
@@ -138,6 +140,7 @@ class ExpertModel(TransformersModel):
         trust_remote_code: bool = False,
         **kwargs: Any,
     ) -> None:
+        check_versions()
         nnsight_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _NNSIGHT_KWARGS}
         if isinstance(model, (str, Path)):
             hf_model, tokenizer = _load_pretrained(str(model), tokenizer, trust_remote_code, kwargs)
@@ -198,7 +201,8 @@ class ExpertModel(TransformersModel):
             hf_model.config.output_router_logits = False
         try:
             _instrument.install(hf_model, spec, editable)
-            super().__init__(hf_model, tokenizer=tokenizer, **nnsight_kwargs)
+            with _first_mapped_device_runs(hf_model, spec.embed):
+                super().__init__(hf_model, tokenizer=tokenizer, **nnsight_kwargs)
         except Exception:
             _release(hf_model)
             raise
@@ -670,6 +674,32 @@ def _execution_device(model: nn.Module, embed_path: str) -> torch.device:
         if not param.is_meta:
             return param.device
     return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def _first_mapped_device_runs(model: nn.Module, embed_path: str) -> Iterator[None]:
+    """While nnsight wraps the model, put a device that computes first in ``hf_device_map``.
+
+    nnsight builds a transformers pipeline, which takes its device from the map's first entry; with
+    ``device_map=...`` placing the embedding on ``"disk"`` that entry is ``"disk"``, no torch device (a raw
+    RuntimeError from inside nnsight). The embedding's offload hook computes on its execution device, so that
+    device is what the pipeline should see. The map's own order is restored afterwards.
+    """
+    device_map = getattr(model, "hf_device_map", None)
+    if not isinstance(device_map, dict) or not device_map:
+        yield
+        return
+    first = next(iter(device_map.values()))
+    if first not in ("disk", "meta"):
+        yield
+        return
+    saved = dict(device_map)
+    device = _execution_device(model, embed_path)
+    model.hf_device_map = {"": str(device), **saved}
+    try:
+        yield
+    finally:
+        model.hf_device_map = saved
 
 
 def _can_run(model: nn.Module) -> bool:

@@ -553,14 +553,22 @@ def test_there_are_at_least_80_cases_with_unique_ids():
 # ---- the docs table ----------------------------------------------------------------------------
 
 
+def _md_cell(text: str) -> str:
+    """Text as one Markdown table cell: pipes and newlines would end the cell, and ``[a][b]`` / ``[a]`` read as
+    (cross-)references by mkdocs-autorefs, so square brackets are escaped."""
+    for ch in "|[]":
+        text = text.replace(ch, "\\" + ch)
+    return text.replace("\n", " ")
+
+
 def errors_table(tmp: Path) -> str:
     rows = ["| case | input | exception | message |", "|---|---|---|---|"]
     for case in CASES:
         sub = tmp / case.id
         sub.mkdir()
         err = run_case(case, sub)
-        msg = _message(err, sub).replace("|", "\\|").replace("\n", " ")
-        rows.append(f"| `{case.id}` | {case.given.replace('|', chr(92) + '|')} | `{type(err).__name__}` | {msg} |")
+        message = _md_cell(_message(err, sub))
+        rows.append(f"| `{case.id}` | {_md_cell(case.given)} | `{type(err).__name__}` | {message} |")
     return "\n".join(rows)
 
 

@@ -14,6 +14,7 @@ import nnsight
 import pytest
 import torch
 
+from expertlens.compat import cache_kwarg, output_cache
 from expertlens import ExpertModel
 from expertlens.interventions import (
     AddVector,
@@ -97,8 +98,9 @@ def test_steered_decode_step_adds_no_sync():
 
     def step(m):
         with torch.no_grad():
-            cache = m(input_ids=ids, use_cache=True).past_key_values
-        return lambda: m(input_ids=nxt, past_key_values=copy.deepcopy(cache), use_cache=True)
+            cache = output_cache(m(input_ids=ids, use_cache=True))
+        name = cache_kwarg(m)  # "cache" from transformers 5.25 ("past_key_values" is deprecated there)
+        return lambda: m(input_ids=nxt, **{name: copy.deepcopy(cache)}, use_cache=True)
 
     base, _ = _syncs(step(bare))
     for iv in (AddVector("resid_pre", v, layers=layer), ExpertSteer(layer=layer, expert=2, direction=v, coeff=2.0)):

@@ -100,6 +100,43 @@ def test_layers_on_different_devices_still_resolve(saved, tmp_path):
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
 
 
+def test_embedding_offloaded_to_disk_wraps_with_exact_points_and_edits(saved, tmp_path):
+    """``device_map`` with the embedding (the map's first entry) on 'disk': transformers' pipeline, which nnsight
+    builds on wrap, takes its device from that entry; expertlens hands it the embedding's execution device.
+    Every read point and an edit equal those of the resident model, and the map is left as loaded."""
+    from expertlens.interventions import AddVector
+
+    path, ids, reference = saved
+    device_map = {
+        "model.embed_tokens": "disk",
+        "model.rotary_emb": "cpu",
+        "model.layers.0": "disk",
+        "model.layers.1": "cpu",
+        "model.norm": "cpu",
+        "lm_head": "cpu",
+    }
+    model = ExpertModel(str(path), device_map=device_map, offload_folder=str(tmp_path / "offload"))
+    assert model.hf_model.get_input_embeddings().weight.is_meta  # really offloaded
+    assert model.hf_model.hf_device_map == device_map  # the order nnsight's pipeline saw is not left behind
+    assert model.device == torch.device("cpu")
+    resident = ExpertModel(str(path))
+
+    def read(m: ExpertModel):
+        steer = AddVector("resid_pre", torch.linspace(-1, 1, m.d_model), layers=1)
+        with torch.no_grad(), m.trace(ids):
+            a, b = m.layers[0].moe.router_logits.save(), m.layers[0].moe.expert_out.save()
+            c, d, e = m.layers[1].moe.router_logits.save(), m.layers[1].moe.output.save(), m.logits.save()
+        with torch.no_grad(), m.intervene(steer), m.trace(ids):
+            steered = m.logits.save()
+        return [a, b, c, d, e, steered]
+
+    offloaded, plain = read(model), read(resident)
+    assert torch.equal(offloaded[-2], reference)
+    for got, want in zip(offloaded, plain):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert not torch.equal(offloaded[-1], offloaded[-2])  # the edit reached the offloaded model
+
+
 def test_kwargs_for_a_built_model_are_an_error():
     with pytest.raises(TypeError, match="only apply when `model` is a name or path"):
         ExpertModel(tiny_model("olmoe"), tiny_tokenizer(), dtype=torch.bfloat16)
