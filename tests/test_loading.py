@@ -75,17 +75,16 @@ def test_a_folder_with_custom_code_is_refused_without_running_it(tmp_path):
     assert not sentinel.exists()
 
 
+def _device_map(**placed: str) -> dict[str, str]:
+    """The tiny qwen2_moe's top-level modules on the CPU, except those ``placed`` elsewhere (in module order)."""
+    names = ("model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.layers.1", "model.norm", "lm_head")
+    return {name: placed.get(name, "cpu") for name in names}
+
+
 def test_layers_on_different_devices_still_resolve(saved, tmp_path):
     """A device map that puts layer 1 on 'disk' (accelerate offload, weights moved in at forward)."""
     path, ids, reference = saved
-    device_map = {
-        "model.embed_tokens": "cpu",
-        "model.rotary_emb": "cpu",
-        "model.layers.0": "cpu",
-        "model.layers.1": "disk",
-        "model.norm": "cpu",
-        "lm_head": "cpu",
-    }
+    device_map = _device_map(**{"model.layers.1": "disk"})
     model = ExpertModel(str(path), device_map=device_map, offload_folder=str(tmp_path / "offload"))
     assert hasattr(model.hf_model.model.layers[1], "_hf_hook")  # accelerate really dispatched it
     with torch.no_grad(), model.trace(ids):
@@ -107,14 +106,7 @@ def test_embedding_offloaded_to_disk_wraps_with_exact_points_and_edits(saved, tm
     from expertlens.interventions import AddVector
 
     path, ids, reference = saved
-    device_map = {
-        "model.embed_tokens": "disk",
-        "model.rotary_emb": "cpu",
-        "model.layers.0": "disk",
-        "model.layers.1": "cpu",
-        "model.norm": "cpu",
-        "lm_head": "cpu",
-    }
+    device_map = _device_map(**{"model.embed_tokens": "disk", "model.layers.0": "disk"})
     model = ExpertModel(str(path), device_map=device_map, offload_folder=str(tmp_path / "offload"))
     assert model.hf_model.get_input_embeddings().weight.is_meta  # really offloaded
     assert model.hf_model.hf_device_map == device_map  # the order nnsight's pipeline saw is not left behind
