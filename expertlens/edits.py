@@ -25,8 +25,8 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor, nn
 
-from .compat import output_cache
 from . import instrument as _instrument
+from .compat import output_cache
 from .points import MODEL_POINTS, POINTS, PointError, check_edit, point
 
 if TYPE_CHECKING:

@@ -14,8 +14,8 @@ import nnsight
 import pytest
 import torch
 
-from expertlens.compat import cache_kwarg, output_cache
 from expertlens import ExpertModel
+from expertlens.compat import cache_kwarg, output_cache
 from expertlens.interventions import (
     AddVector,
     AllExpertsSteer,

@@ -480,3 +480,36 @@ def test_claims_not_testable_on_a_model_that_does_not_refuse_and_half_a_claim_is
     res.conditions[0] = cond("baseline", refuse, answer)
     c3 = claim_verdicts(res)[2]
     assert c3.status == "partly supported" and "cannot rank" in c3.verdict
+
+
+def test_stage_files_are_written_atomically_and_a_corrupt_one_is_named(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import save_file
+
+    from expertlens.refusal import study as study_module
+    from expertlens.refusal.study import _Stages
+
+    stages = _Stages(tmp_path, resume=False, fingerprint={"run": 1})
+    stages.put("selection", {"layer": 3})
+    stages.put_tensors("directions", {"refusal": torch.ones(4)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["directions.safetensors", "run.json", "selection.json"]
+    # a write that dies mid-way leaves the finished file as it was, and no temporary file
+    def dying_save(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study_module, "save_file", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        stages.put_tensors("directions", {"refusal": torch.zeros(4)})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["directions.safetensors", "run.json", "selection.json"]
+    resumed = _Stages(tmp_path, resume=True, fingerprint={"run": 1})
+    assert resumed.get("selection", dict) == {"layer": 3}
+    assert torch.equal(resumed.tensors("directions")["refusal"], torch.ones(4))
+    # truncated files (written by an older version in place, or by hand) are named with what to do
+    (tmp_path / "selection.json").write_text('{"layer": ')
+    with pytest.raises(ValueError, match=r"stage file .*selection.json cannot be read .*delete it"):
+        resumed.get("selection", dict)
+    save_file({"refusal": torch.ones(4)}, str(tmp_path / "directions.safetensors"))
+    (tmp_path / "directions.safetensors").write_bytes((tmp_path / "directions.safetensors").read_bytes()[:20])
+    with pytest.raises(ValueError, match=r"stage file .*directions.safetensors cannot be read"):
+        resumed.tensors("directions")

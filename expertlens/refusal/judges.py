@@ -32,6 +32,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -554,14 +555,44 @@ class JudgeAPIError(RuntimeError):
     """
 
 
+def _read_verdict_cache(path: Path) -> dict[str, str]:
+    """``key -> category`` from a JSON-lines verdict cache; lines that are not a verdict are skipped, with one
+    warning naming the file and those lines (their pairs are judged again, never given an invalid label)."""
+    cache: dict[str, str] = {}
+    bad: list[int] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            key, category = row["key"], row["category"]
+        except (ValueError, KeyError, TypeError):
+            bad.append(number)
+            continue
+        if not isinstance(key, str) or category not in CLASSES:
+            bad.append(number)
+            continue
+        cache[key] = category
+    if bad:
+        warnings.warn(
+            f"judge cache {path}: line(s) {', '.join(map(str, bad[:10]))}{' ...' if len(bad) > 10 else ''} hold no "
+            f"verdict of {CLASSES} (truncated or edited); those pairs will be judged again",
+            UserWarning,
+            stacklevel=3,
+        )
+    return cache
+
+
 class OpenAIJudge:
     """Three-class judge through any OpenAI-compatible ``/chat/completions`` endpoint (standard library HTTP).
 
     Sends the authors' judge prompt (:data:`JUDGE_SYSTEM_PROMPT`, temperature 0, JSON output), reads
     ``category`` from the JSON reply, retries transient failures (HTTP 429 / 5xx, connection errors) with
     exponential backoff, waits at least ``min_interval`` seconds between calls (the authors: 1 s), and keeps
-    verdicts in an on-disk cache (one JSON line per verdict) keyed by model, prompt and completion, so
-    re-running a study never pays twice.
+    verdicts in an on-disk cache (one JSON line per verdict) keyed by endpoint, judge model, the judge's prompt
+    text, the request and the completion, so re-running a study never pays twice and two endpoints serving one
+    model name never share verdicts. A cached line that is not a verdict of the three classes (a truncated
+    write, a hand edit) is skipped with a warning naming the file and line, and that pair is asked again.
 
     Args:
         model: Judge model name (the authors: ``gpt-4o``).
@@ -611,14 +642,11 @@ class OpenAIJudge:
         self._lock = threading.Lock()
         self._cache: dict[str, str] = {}
         if self.cache_path is not None and self.cache_path.exists():
-            for line in self.cache_path.read_text().splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    self._cache[row["key"]] = row["category"]
+            self._cache = _read_verdict_cache(self.cache_path)
 
     def key(self, prompt: str, completion: str) -> str:
-        """Cache key: a hash of the judge model, its prompt, the request and the completion."""
-        blob = json.dumps([self.model, self.system_prompt, self.user_template, prompt, completion])
+        """Cache key: a hash of the endpoint, the judge model, its prompt text, the request and the completion."""
+        blob = json.dumps([self.base_url, self.model, self.system_prompt, self.user_template, prompt, completion])
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def request_body(self, prompt: str, completion: str) -> dict:
@@ -666,7 +694,8 @@ class OpenAIJudge:
                     break  # a client error will not go away on retry
             except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
                 last_error = exc
-            except (KeyError, IndexError, TypeError, json.JSONDecodeError, JudgeAPIError) as exc:
+            except (KeyError, IndexError, TypeError, ValueError, JudgeAPIError) as exc:
+                # ValueError covers json.JSONDecodeError and a reply that is not UTF-8 (UnicodeDecodeError)
                 last_error = exc
             if attempt < self.max_retries:
                 time.sleep(self.backoff * 2**attempt)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -94,9 +95,9 @@ class RefusalStudy:
         """Write ``results.json``, ``directions.safetensors`` and (``report=True``) ``report.html``."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(self.results, indent=1, allow_nan=False))
+        _write_atomic(out / "results.json", json.dumps(self.results, indent=1, allow_nan=False))
         tensors = {k: v.detach().cpu().contiguous().float() for k, v in self.directions.items() if v is not None}
-        save_file(tensors, str(out / "directions.safetensors"), metadata={"schema_version": str(SCHEMA_VERSION)})
+        _write_atomic(out / "directions.safetensors", tensors, metadata={"schema_version": str(SCHEMA_VERSION)})
         if report:
             from ..report import report as write_report
 
@@ -142,8 +143,26 @@ class RefusalStudy:
 # ---- checkpointing ------------------------------------------------------------------------------
 
 
+def _write_atomic(path: Path, content: str | dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write text or a safetensors file to a temporary name beside ``path``, then rename it into place: a run
+    killed mid-write leaves the previous file or none, never a truncated one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        if isinstance(content, str):
+            tmp.write_text(content)
+        else:
+            save_file(content, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class _Stages:
-    """Stage-by-stage save (``dir/<stage>.json``) so an interrupted run keeps what it finished."""
+    """Stage-by-stage save (``dir/<stage>.json``) so an interrupted run keeps what it finished.
+
+    Every file is written atomically (temporary name, then rename); a stage file that cannot be read back under
+    ``resume`` is named in the error, with what to do.
+    """
 
     def __init__(self, directory: str | Path | None, resume: bool, fingerprint: dict):
         self.dir = Path(directory) if directory is not None else None
@@ -163,26 +182,40 @@ class _Stages:
                 old.unlink()
             for old in self.dir.glob("*.safetensors"):
                 old.unlink()
-        stamp.write_text(text)
+        _write_atomic(stamp, text)
+
+    def _corrupt(self, path: Path, err: Exception) -> ValueError:
+        return ValueError(
+            f"--resume: stage file {path} cannot be read ({type(err).__name__}: {err}); delete it to recompute "
+            "that stage, or drop --resume to start over"
+        )
 
     def get(self, name: str, tp: Any) -> Any:
-        if self.dir is None or not self.resume or not (self.dir / f"{name}.json").exists():
+        path = None if self.dir is None else self.dir / f"{name}.json"
+        if path is None or not self.resume or not path.exists():
             return None
-        return from_jsonable(tp, json.loads((self.dir / f"{name}.json").read_text()))
+        try:
+            return from_jsonable(tp, json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError / UnicodeDecodeError are ValueErrors
+            raise self._corrupt(path, err) from err
 
     def put(self, name: str, value: Any) -> Any:
         if self.dir is not None:
-            (self.dir / f"{name}.json").write_text(json.dumps(to_jsonable(value)))
+            _write_atomic(self.dir / f"{name}.json", json.dumps(to_jsonable(value)))
         return value
 
     def tensors(self, name: str) -> dict[str, Tensor] | None:
-        if self.dir is None or not self.resume or not (self.dir / f"{name}.safetensors").exists():
+        path = None if self.dir is None else self.dir / f"{name}.safetensors"
+        if path is None or not self.resume or not path.exists():
             return None
-        return load_file(str(self.dir / f"{name}.safetensors"))
+        try:
+            return load_file(str(path))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError on a bad header
+            raise self._corrupt(path, err) from err
 
     def put_tensors(self, name: str, tensors: dict[str, Tensor]) -> None:
         if self.dir is not None:
-            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(self.dir / f"{name}.safetensors"))
+            _write_atomic(self.dir / f"{name}.safetensors", {k: v.contiguous().cpu() for k, v in tensors.items()})
 
 
 # ---- the study ------------------------------------------------------------------------------------
