@@ -52,19 +52,35 @@ def _check_out(out: str, resume: bool) -> Path:
     return path
 
 
-def _launch(parallel: str | None, resume: bool) -> tuple[int, dict]:
-    """``(rank, loading keyword arguments)``: under ``torchrun`` the model is split across the ranks (transformers'
-    tensor parallelism, ``DistributedConfig(tp_size=WORLD_SIZE)``) and every rank runs the same study."""
+def _launch(parallel: str | None, resume: bool) -> tuple[int, int]:
+    """``(rank, world size)``: under ``torchrun`` every rank runs the same study on its split of the model."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         if parallel is not None:
             raise CLIError(f"--parallel {parallel}: launch with torchrun --nproc-per-node N (WORLD_SIZE is 1)")
-        return 0, {}
+        return 0, 1
     if resume:
         raise CLIError("--resume under torchrun: every rank must run every stage; drop --resume")
-    from transformers.distributed import DistributedConfig
+    return int(os.environ.get("RANK", "0")), world
 
-    return int(os.environ.get("RANK", "0")), {"distributed_config": DistributedConfig(tp_size=world)}
+
+def _split(model: str, world: int, trust_remote_code: bool) -> dict:
+    """Loading keyword arguments that split ``model`` tensor-parallel across ``world`` ranks, experts included
+    (``{}`` on one process); refused where the experts would be copied to every rank instead."""
+    if world == 1:
+        return {}
+    from .compat import tensor_parallel_config
+
+    try:
+        return {"distributed_config": tensor_parallel_config(model, world, trust_remote_code=trust_remote_code)}
+    except ValueError as exc:  # the model would load, but not split: say so before anything loads
+        raise CLIError(f"--parallel tp: {exc}") from exc
+
+
+def _organism_path(name: str) -> str:
+    from .organism import organism_path
+
+    return str(organism_path(name))
 
 
 def _organisms(value: str | None) -> list[str]:
@@ -133,7 +149,7 @@ def _refusal(args: argparse.Namespace) -> int:
     organisms = _organisms(args.organism) if args.model is None else []
     data_model = _data_for_model(args) if args.model is not None else None
     preset = args.preset or ("organism" if args.model is None else "paper")
-    rank, kwargs = _launch(args.parallel, args.resume)  # rank 0 writes the outputs, the others nothing
+    rank, world = _launch(args.parallel, args.resume)  # rank 0 writes the outputs, the others nothing
 
     import torch
 
@@ -156,6 +172,7 @@ def _refusal(args: argparse.Namespace) -> int:
     set_progress(not quiet)
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     say = print if rank == 0 else (lambda *a: None)
+    kwargs: dict = {}
     if args.dtype:
         kwargs["dtype"] = getattr(torch, args.dtype)
     if args.device:
@@ -163,14 +180,15 @@ def _refusal(args: argparse.Namespace) -> int:
     t0 = time.time()
     studies = {}
     runs = [(None, args.model, data_model)] if args.model else [(n, None, None) for n in organisms]
-    for name, model_name, data in runs:
+    # every model's split is settled before the first one loads, so a refused one stops the command up front
+    splits = [_split(model_name or _organism_path(name), world, args.trust_remote_code and not name)
+              for name, model_name, _ in runs]  # fmt: skip
+    for (name, model_name, data), split in zip(runs, splits, strict=True):
         if name is not None:
-            from .organism import organism_path
-
-            model = ExpertModel(str(organism_path(name)), **kwargs)
+            model = ExpertModel(_organism_path(name), **kwargs, **split)
             data = RefusalData.from_organism(name, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
         else:
-            model = ExpertModel(model_name, trust_remote_code=args.trust_remote_code, **kwargs)
+            model = ExpertModel(model_name, trust_remote_code=args.trust_remote_code, **kwargs, **split)
         where = out / name if len(runs) > 1 else out
         log(f"expertlens refusal: {model!r} ({preset} preset) -> {where}")
         stages = where / "stages" if rank == 0 else None

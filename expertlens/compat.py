@@ -11,6 +11,10 @@ across ranks, and only when the name is missing.
 :data:`TESTED_VERSIONS` is the one place that names the releases of transformers and nnsight this version of
 expertlens was tested on; :func:`check_versions` warns once, in one line, when another is installed (the truth
 test that runs on every wrap stays the guard of each model's numbers).
+
+:func:`tensor_parallel_config` builds the ``DistributedConfig`` that splits a model tensor-parallel with its
+experts: transformers 5.25 dropped the experts' rules from most MoE models' tensor-parallel plan (they kept
+only the expert-parallel one), so ``DistributedConfig(tp_size=N)`` alone copies every expert to every rank.
 """
 
 from __future__ import annotations
@@ -20,8 +24,22 @@ import re
 import sys
 import types
 import warnings
+from typing import TYPE_CHECKING
 
-__all__ = ["TESTED_VERSIONS", "alias_module", "cache_kwarg", "check_versions", "nnsight_tp_plan_lookup", "output_cache"]
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PretrainedConfig
+    from transformers.distributed import DistributedConfig
+
+__all__ = [
+    "TESTED_VERSIONS",
+    "alias_module",
+    "cache_kwarg",
+    "check_versions",
+    "nnsight_tp_plan_lookup",
+    "output_cache",
+    "tensor_parallel_config",
+]
 
 
 #: ``package -> (lowest tested, first untested)`` release: the bounds pyproject.toml pins and README explains.
@@ -228,3 +246,92 @@ def nnsight_tp_plan_lookup() -> str:
     tensor_parallel._get_parameter_plan = _get_parameter_plan
     tensor_parallel._el_bound_parameter_plan = True
     return "bound"
+
+
+# The rules transformers 5.24 shipped for a fused-gate experts module (``gate_up_proj [E, 2I, H]``, ``down_proj
+# [E, H, I]``, no biases): 64 of the 69 MoE configs with that expert-parallel plan had exactly these. The others
+# (aria's transposed layout, inkling's own experts class) had their own; they are not restored, only refused.
+_EXPERTS_TP_RULES = {".gate_up_proj": "packed_colwise", ".down_proj": "rowwise", "": "moe_tp_experts"}
+
+
+def _fused_gate_layout(experts: nn.Module) -> bool:
+    """Whether ``experts`` is transformers' fused-gate layout that :data:`_EXPERTS_TP_RULES` shards correctly."""
+    params = dict(experts.named_parameters(recurse=False))
+    if set(params) != {"gate_up_proj", "down_proj"}:
+        return False  # biases, an ungated up_proj or a class of its own
+    if not getattr(experts, "has_gate", False) or getattr(experts, "is_transposed", True):
+        return False
+    gate_up, down = params["gate_up_proj"].shape, params["down_proj"].shape
+    # packed_colwise splits dim 1 as [gate; up] halves, rowwise the last dim of down_proj: both the intermediate
+    return len(gate_up) == len(down) == 3 and gate_up[1] == 2 * down[2] and gate_up[2] == down[1]
+
+
+def tensor_parallel_config(
+    model: str | PretrainedConfig, world_size: int, *, trust_remote_code: bool = False
+) -> DistributedConfig:
+    """A ``DistributedConfig`` splitting ``model`` tensor-parallel over ``world_size`` ranks, its experts included.
+
+    transformers 5.25 removed the experts' rules (``packed_colwise`` / ``rowwise`` / ``moe_tp_experts``) from
+    most MoE models' ``base_model_tp_plan`` and kept the experts only in the expert-parallel plan, so
+    ``DistributedConfig(tp_size=N)`` loads every expert whole on every rank. expertlens's own study needs every
+    expert on every rank's tokens (method B's all-experts pass), which expert parallelism cannot give, so this
+    keeps tensor parallelism and adds back the rules transformers 5.24 shipped for every experts module the
+    installed plan leaves out (as ``DistributedConfig.tp_plan`` overrides; where the installed plan already
+    covers the experts, as on 5.24, nothing is added). The plans and layouts are read from the model built on
+    the meta device (no weights are read).
+
+    Args:
+        model: a checkpoint folder or hub id (its ``config.json`` is read) or a loaded ``PretrainedConfig``.
+        world_size: the ranks to split across (``WORLD_SIZE`` under torchrun).
+        trust_remote_code: passed to ``AutoConfig`` / ``from_config`` for a checkpoint with its own code.
+
+    Returns:
+        ``DistributedConfig(tp_size=world_size)``, with ``tp_plan`` overrides for the experts where needed.
+
+    Raises:
+        ValueError: the experts would be copied to every rank and cannot be split tensor-parallel here: their
+            layout is not the fused-gate one whose rules are known, or this transformers no longer offers the
+            ``moe_tp_experts`` style. The message names the experts and what to run instead.
+
+    Example:
+        >>> from expertlens.compat import tensor_parallel_config
+        >>> from expertlens.testing import tiny_config
+        >>> config = tensor_parallel_config(tiny_config("qwen3_moe"), 2)
+        >>> config.tp_size, config.ep_size
+        (2, 1)
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code) if isinstance(model, str) else model
+    with torch.device("meta"):  # the plans and the experts' layout only: no memory, no weights
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    tp_plan, ep_plan = dict(skeleton.tp_plan), dict(skeleton.ep_plan)
+    modules = dict(skeleton.named_modules())
+    overrides: dict[str, str] = {}
+    for pattern, style in ep_plan.items():
+        if style != "ep_dispatch_experts" or any(k == pattern or k.startswith(pattern + ".") for k in tp_plan):
+            continue  # not an experts module, or the installed tensor-parallel plan already shards it
+        matches = re.compile(re.escape(pattern).replace(r"\*", r"\d+")).fullmatch
+        experts = next((m for name, m in modules.items() if matches(name)), None)
+        why = None
+        if experts is None or not _fused_gate_layout(experts):
+            why = f"their layout ({type(experts).__name__}) is not the fused gate-up one expertlens has rules for"
+        elif not _has_style("moe_tp_experts"):
+            why = "this transformers no longer offers the 'moe_tp_experts' style"
+        if why is not None:
+            raise ValueError(
+                f"{type(skeleton).__name__}: transformers' tensor-parallel plan leaves the experts ({pattern}) out, "
+                f"so every rank would hold all of them, and {why}; run on one process, or trace with expert "
+                f"parallelism (DistributedConfig(tp_size=1, fsdp_size={world_size}, ep_size={world_size}))"
+            )
+        overrides.update({pattern + suffix: rule for suffix, rule in _EXPERTS_TP_RULES.items()})
+    return DistributedConfig(tp_size=world_size, tp_plan=overrides or None)
+
+
+def _has_style(name: str) -> bool:
+    """Whether transformers registers the tensor-parallel style ``name`` (its styles come and go by release)."""
+    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
+
+    return name in ALL_PARALLEL_STYLES

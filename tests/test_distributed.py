@@ -131,6 +131,78 @@ def test_tp_plan_lookup_shim_keeps_transformers_semantics():
     assert nnsight_tp_plan_lookup() == state  # idempotent
 
 
+def _experts_rules(config, dist) -> dict[str, str]:
+    """The experts' rules of the tensor-parallel plan a model of ``config`` loads with under ``dist`` (the
+    model's plan, then ``dist``'s overrides, as transformers merges them)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        plan = AutoModelForCausalLM.from_config(config).tp_plan | (dist.tp_plan or {})
+    return {k: v for k, v in plan.items() if ".experts" in k}
+
+
+def _without_experts_rules(config):
+    """``config`` with transformers 5.25's plan: the experts' tensor-parallel rules gone (an instance override)."""
+    plan = type(config).base_model_tp_plan or {}
+    config.base_model_tp_plan = {k: v for k, v in plan.items() if ".experts" not in k}
+    return config
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["installed-plan", "plan-without-experts"])
+def test_tensor_parallel_config_shards_the_experts(drop):
+    """The loading config of ``--parallel tp`` gives the experts the rules transformers 5.24 shipped for qwen3_moe,
+    whether the installed plan has them (5.24: nothing added) or not (5.25: added as overrides)."""
+    pytest.importorskip("transformers.distributed")
+    from expertlens.compat import tensor_parallel_config
+    from expertlens.testing import tiny_config
+
+    config = tiny_config("qwen3_moe")
+    config = _without_experts_rules(config) if drop else config
+    dist = tensor_parallel_config(config, 2)
+    assert (dist.tp_size, dist.ep_size) == (2, 1)
+    experts = "model.layers.*.mlp.experts"
+    assert _experts_rules(config, dist) == {
+        f"{experts}.gate_up_proj": "packed_colwise",
+        f"{experts}.down_proj": "rowwise",
+        experts: "moe_tp_experts",
+    }
+
+
+@pytest.mark.parametrize("case", ["layout", "style"])
+def test_tensor_parallel_config_refuses_replicated_experts(case, monkeypatch):
+    """Where the experts would be copied to every rank and cannot be split (gpt-oss's transposed, biased
+    experts; a transformers without ``moe_tp_experts``), the config is refused in one line saying what to run."""
+    pytest.importorskip("transformers.distributed")
+    from expertlens import compat
+    from expertlens.testing import tiny_config
+
+    if case == "style":
+        monkeypatch.setattr(compat, "_has_style", lambda name: name != "moe_tp_experts")
+    config = _without_experts_rules(tiny_config("gpt_oss" if case == "layout" else "qwen3_moe"))
+    with pytest.raises(ValueError) as info:
+        compat.tensor_parallel_config(config, 2)
+    msg = str(info.value)
+    assert "\n" not in msg and "model.layers.*.mlp.experts" in msg and "run on one process" in msg, msg
+    assert ("GptOssExperts" if case == "layout" else "'moe_tp_experts'") in msg, msg
+    assert "ep_size=2" in msg, msg
+
+
+def test_parallel_tp_refuses_replicated_experts_before_loading(tmp_path, capsys, monkeypatch):
+    """``--parallel tp`` on an organism whose experts transformers cannot split tensor-parallel (gpt-oss): one
+    line, exit status 2, before a model loads (no process group needed)."""
+    pytest.importorskip("transformers.distributed")
+    from expertlens import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    argv = ["refusal", "--organism", "gptoss-refusal", "--out", str(tmp_path / "o"), "--parallel", "tp"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("expertlens: error: --parallel tp: GptOssForCausalLM"), err
+    assert "run on one process" in err
+    assert not (tmp_path / "o").exists()
+
+
 def _close(a, b, path: str = "") -> list[str]:
     """Where two results.json trees differ (floats: within 1e-4 relative; the run's timings are not compared)."""
     if isinstance(a, dict) and isinstance(b, dict):

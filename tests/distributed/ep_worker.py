@@ -1,7 +1,8 @@
 """Worker for tests/test_distributed.py, launched by ``torchrun --nproc-per-node 2`` (gloo, CPU).
 
 Every rank loads the checkpoint twice: once with transformers' native distributed inference
-(``DistributedConfig``) and once as one plain process. Both are wrapped with ExpertModel and traced on this
+(``DistributedConfig``; tensor parallel: :func:`expertlens.compat.tensor_parallel_config`, as the command line
+loads) and once as one plain process. Both are wrapped with ExpertModel and traced on this
 rank's own prompts (different on each rank, so the expert-parallel all-to-all really mixes ranks' tokens);
 every point of every MoE layer and the logits under AddVector / MaskExperts / ExpertSteer / an expert write
 are compared. Each rank writes ``rank{N}.json`` with the largest differences; nothing is asserted here.
@@ -87,6 +88,7 @@ def main(checkpoint: str, out_dir: str, mode: str) -> None:
     from transformers.distributed import DistributedConfig
 
     from expertlens import ExpertModel
+    from expertlens.compat import tensor_parallel_config
     from expertlens.testing import tiny_tokenizer
 
     rank = int(os.environ["RANK"])
@@ -94,8 +96,8 @@ def main(checkpoint: str, out_dir: str, mode: str) -> None:
     try:
         if mode == "ep":
             config = DistributedConfig(tp_size=1, fsdp_size=2, ep_size=2)
-        else:
-            config = DistributedConfig(tp_size=2)
+        else:  # what `expertlens refusal --parallel tp` loads with: the experts split too, on any transformers
+            config = tensor_parallel_config(checkpoint, 2)
         dist = AutoModelForCausalLM.from_pretrained(checkpoint, distributed_config=config, dtype=torch.float32)
         single = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
         report["experts_class"] = type(dist.model.layers[0].mlp.experts).__name__
