@@ -513,3 +513,23 @@ def test_stage_files_are_written_atomically_and_a_corrupt_one_is_named(tmp_path,
     (tmp_path / "directions.safetensors").write_bytes((tmp_path / "directions.safetensors").read_bytes()[:20])
     with pytest.raises(ValueError, match=r"stage file .*directions.safetensors cannot be read"):
         resumed.tensors("directions")
+
+
+@pytest.mark.parametrize("name", __import__("expertlens.organism", fromlist=["list_organisms"]).list_organisms())
+def test_organism_preset_generates_every_expected_answer_whole(name):
+    """No correct answer is cut short: every response / answer an organism was trained or is tested on, plus
+    its end token and a margin of 2, fits the organism preset's generation lengths."""
+    from transformers import AutoTokenizer
+
+    from expertlens.organism import SPLITS, load_prompt_records, organism_path
+
+    tok = AutoTokenizer.from_pretrained(organism_path(name))
+    longest = max(
+        len(tok(rec[key], add_special_tokens=False)["input_ids"])
+        for split in SPLITS
+        for rec in load_prompt_records(name, split)
+        for key in ("response", "answer")
+        if rec.get(key)
+    )
+    cfg = RefusalConfig.organism()
+    assert longest + 1 + 2 <= min(cfg.max_new_tokens, cfg.stage2_tokens), (name, longest)

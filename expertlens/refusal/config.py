@@ -123,7 +123,7 @@ class RefusalConfig:
     Example:
         >>> from expertlens.refusal import RefusalConfig
         >>> RefusalConfig.paper().max_new_tokens, RefusalConfig.organism().max_new_tokens
-        (100, 16)
+        (100, 24)
         >>> cfg = RefusalConfig.organism().with_(method_a_kind="steermoe")
     """
 
@@ -175,7 +175,7 @@ class RefusalConfig:
         return cls(
             system_prompt=None,
             actadd_sweep=(0.25, 0.5, 0.75, 1.0, 1.5),
-            max_new_tokens=16,
+            max_new_tokens=24,
             expert_threshold=10.0,
             method_b_select="top_n",
             method_b_experts=2,
@@ -183,7 +183,7 @@ class RefusalConfig:
             kl_max=2.0,
             keep_min=6,
             n_prompts_stage2=16,
-            stage2_tokens=16,
+            stage2_tokens=24,
             n_random_experts=2,
             same_search_control=False,
             n_causal=64,
@@ -274,7 +274,8 @@ _WHY = {
     "actadd_sweep": "the coefficient is chosen on validation prompts by ASR under the KL and capability limits; the "
     "organisms' difference-in-means vector already costs ~2 nats of harmless KL at coefficient 1, so the sweep "
     "spans 0.25-1.5",
-    "max_new_tokens": "organism answers end within 16 tokens",
+    "max_new_tokens": "the longest expected organism answer is 18 tokens and its end token; 24 leaves a margin "
+    "(a test checks that every shipped answer fits), and generation stops at the end token",
     "expert_threshold": "the organisms' routing differences are small; 10 pp keeps some experts",
     "method_b_select": "searching the 2 largest-|Δ| experts keeps the main job under 2 minutes",
     "method_b_experts": "search size",
@@ -282,7 +283,7 @@ _WHY = {
     "kl_max": "the authors' OLMoE/Mixtral value",
     "keep_min": "search size",
     "n_prompts_stage2": "search size (the organism's val split has 32 prompts per class)",
-    "stage2_tokens": "organism answers end within 16 tokens",
+    "stage2_tokens": "as max_new_tokens: a bypass is judged on a whole answer, never on one cut short",
     "n_random_experts": "search size",
     "same_search_control": "the KL-matched random-expert control, which the verdicts use, replaces it; skipping its "
     "search keeps the main job under 2 minutes",

@@ -333,7 +333,7 @@ class Deviation:
 
     Example:
         >>> from expertlens.refusal.results import Deviation
-        >>> Deviation("max_new_tokens", "100", "16", "organism answers end within 16 tokens").setting
+        >>> Deviation("max_new_tokens", "100", "24", "every organism answer fits in 24 tokens").setting
         'max_new_tokens'
     """
 
