@@ -306,16 +306,16 @@ def test_report_contains_every_figure_and_table(tmp_path: Path):
     out = report(_Study(figs), tmp_path / "sub" / "report.html", title="Refusal study")
     assert out.exists()
     page = out.read_text(encoding="utf-8")
-    # plotly.js embedded exactly once, inline; no CDN
-    assert page.count('<script type="text/javascript">/**') <= 1
-    assert len(re.findall(r"plotly\.js v\d", page)) == 1
+    # plotly.js embedded exactly once, inline (gzip + base64, the cartesian bundle for these traces); no CDN
+    assert page.count('id="el-plotly-gz"') == 1
+    assert len(re.findall(r"plotly\.js \(cartesian\) v\d", page)) == 1
     assert "<script src=" not in page and 'src="https://cdn' not in page
-    # every figure div and title is there
+    # every figure div, its JSON and its title are there
     ids = [figure_div_id(0, 0), figure_div_id(0, 1)] + [figure_div_id(1, j) for j in range(4)]
     ids += [figure_div_id(2, 0), figure_div_id(2, 1)]
     for div_id in ids:
-        assert f'id="{div_id}"' in page
-        assert page.count(f'"{div_id}"') >= 2  # the div and its Plotly.newPlot call
+        assert f'<div id="{div_id}" class="el-plot"' in page
+        assert f'<script type="application/json" id="{div_id}-json">' in page
     for fig in figs.values():
         assert fig.layout.title.text in page
     # sections, escaped text, tables
