@@ -257,7 +257,7 @@ def routing_heatmap(
             "cmin": 0,
             "cmax": vmax if vmax > 0 else 1,
             "colorbar": {**bar, "y": 1, "yanchor": "top",
-                         "title": {"text": "frequency" + (" (%)" if percent else ""), "side": "right"}},
+                         "title": {"text": f"{n1}, {n2}" + (" (%)" if percent else ""), "side": "right"}},
         },
         coloraxis2={
             "colorscale": DIVERGING,
