@@ -8,6 +8,10 @@ Conventions:
     * Layer x something heatmaps put layer 0 at the top (matrix / ``imshow`` order).
     * Signed quantities use a diverging red/blue scale centred at 0 (red = positive).
     * Hover text shows the exact value of every cell.
+    * Layout: no fixed width (figures fill their container: a notebook cell, a report page); one y axis per
+      quantity, so quantities in different units get their own panel (small multiples sharing x) rather than a
+      second y axis; a series with nothing to show (0 or missing everywhere) is not drawn, and the figure's
+      subtitle says which and why, so no panel or legend entry is empty.
 """
 
 from __future__ import annotations
@@ -94,6 +98,27 @@ def _grid_layout(fig: go.Figure, n_x: int, n_y: int, *, min_w: int = 520, max_w:
         width=int(np.clip(180 + 16 * n_x, min_w, max_w)),
         height=int(np.clip(160 + 18 * n_y, 360, 1100)),
     )
+
+
+def _is_flat_zero(y: np.ndarray) -> bool:
+    """True when a series would draw nothing a reader can see: every value is 0 or missing."""
+    finite = y[np.isfinite(y)]
+    return finite.size == 0 or not bool(np.any(finite))
+
+
+def _subtitle(fig: go.Figure, notes: Sequence[str]) -> None:
+    """Say under the title what the figure leaves out and why (one line per note)."""
+    if notes:
+        fig.update_layout(
+            title={"subtitle": {"text": "<br>".join(notes), "font": {"size": 12, "color": "#555"}}},
+            margin={"t": 90 + 18 * len(notes)},
+        )
+
+
+def _chosen_line(fig: go.Figure, x: float, color: str, dash: str = "dash") -> None:
+    """A vertical line at ``x`` through every panel of a figure whose panels share the x axis."""
+    fig.add_shape(type="line", xref="x", yref="paper", x0=x, x1=x, y0=0, y1=1, layer="below",
+                  line={"dash": dash, "color": color, "width": 1.5})  # fmt: skip
 
 
 def _category_axis(n: int) -> dict[str, Any]:
@@ -221,7 +246,9 @@ def routing_heatmap(
         col=3,
     )
     vmax = float(np.nanmax(np.concatenate([a.ravel(), b.ravel()]))) if a.size else 1.0
-    bar = {"orientation": "h", "len": 0.6, "thickness": 12, "y": -0.16, "yanchor": "top"}
+    # both colour bars upright at the right, one above the other: below the panels their titles crowded the
+    # panels' x axis titles
+    bar = {"orientation": "v", "x": 1.01, "xanchor": "left", "len": 0.47, "thickness": 12}
     fig.update_layout(
         title={"text": title},
         template=_TEMPLATE,
@@ -229,28 +256,21 @@ def routing_heatmap(
             "colorscale": SEQUENTIAL,
             "cmin": 0,
             "cmax": vmax if vmax > 0 else 1,
-            "colorbar": {
-                **bar,
-                "x": 0.33,
-                "title": {"text": "frequency" + (" (%)" if percent else ""), "side": "top"},
-            },
+            "colorbar": {**bar, "y": 1, "yanchor": "top",
+                         "title": {"text": f"{n1}, {n2}" + (" (%)" if percent else ""), "side": "right"}},
         },
         coloraxis2={
             "colorscale": DIVERGING,
             "cmid": 0,
             "cmin": -r,
             "cmax": r,
-            "colorbar": {
-                **bar,
-                "x": 0.835,
-                "len": 0.3,
-                "title": {"text": "Δ (pp)" if percent else "Δ", "side": "top"},
-            },
+            "colorbar": {**bar, "y": 0, "yanchor": "bottom", "title": {"text": "Δ (pp)" if percent else "Δ",
+                                                                      "side": "right"}},
         },
-        width=int(np.clip(240 + 3 * 14 * n_e, 900, 1600)),
+        autosize=True,
         height=int(np.clip(260 + 18 * n_l, 420, 1100)),
-        margin={"b": 110},
-    )
+        margin={"r": 90},
+    )  # fmt: skip
     for col in (1, 2, 3):
         fig.update_xaxes(**xaxis, row=1, col=col)
     fig.update_yaxes(type="category", autorange="reversed", showgrid=False)
@@ -584,7 +604,7 @@ def attribution_bar(
             "zerolinewidth": 1,
         },
         yaxis={"title": {"text": "component"}, "autorange": "reversed", "type": "category"},
-        width=720,
+        autosize=True,
         height=int(np.clip(140 + 24 * len(vals), 320, 1000)),
         margin={"l": int(np.clip(7 * longest + 40, 80, 320)), "r": 60},
         showlegend=False,
@@ -647,8 +667,9 @@ def pathway_shares(
             "zerolinecolor": "#444",
             "tickformat": ".0%" if percent else None,
         },
-        width=int(np.clip(220 + 110 * len(names), 460, 1000)),
+        autosize=True,
         height=440,
+        bargap=0.5 if len(names) < 5 else 0.2,  # a few bars across the page stay bars, not walls
         showlegend=False,
     )
     return fig
@@ -669,10 +690,10 @@ def direction_selection_curves(
 ) -> go.Figure:
     """Candidate-direction selection curves (Arditi et al., 2024): scores vs layer for each position.
 
-    For each candidate direction (one per layer and position) the figure shows the refusal score on harmful
-    prompts under directional ablation (``bypass``, solid), on harmless prompts under activation addition
-    (``induce``, dashed) and the KL divergence on harmless prompts under ablation (``kl``, dotted, secondary y
-    axis). One colour per position when the arrays are ``[P, L]``.
+    For each candidate direction (one per layer and position) the figure shows, in panels stacked over a shared
+    layer axis, the refusal score on harmful prompts under directional ablation (``bypass``), on harmless prompts
+    under activation addition (``induce``) and, given ``kl``, the KL divergence on harmless prompts under ablation.
+    One colour per position when the arrays are ``[P, L]``; each quantity keeps its own y axis.
 
     Args:
         layers: ``[L]`` layer index of each candidate (x axis).
@@ -682,16 +703,17 @@ def direction_selection_curves(
         positions: ``P`` position labels (e.g. ``[-5, ..., -1]``); required names for ``[P, L]`` inputs
             (default ``0..P-1``).
         selected: the chosen candidate, ``(layer, position)`` (position a label from ``positions``, or
-            ``None`` for 1-D inputs), or just the layer for 1-D inputs. Marked with stars and a vertical line.
-        thresholds: filter thresholds drawn as dashed lines: keys ``"bypass"``, ``"induce"`` (score axis),
-            ``"kl"`` (KL axis), ``"layer"`` (maximum layer, vertical).
+            ``None`` for 1-D inputs), or just the layer for 1-D inputs. Marked with a star in each panel and a
+            vertical line.
+        thresholds: filter thresholds drawn as dashed lines in their panel (named in the panel's title, not on
+            the line): keys ``"bypass"``, ``"induce"``, ``"kl"``, and ``"layer"`` (maximum layer, vertical).
         title: figure title.
-        score_label: primary y axis title.
+        score_label: y axis title of the bypass and induce panels.
 
     Returns:
-        A figure with ``2 * P`` (``3 * P`` with ``kl``) line traces, plus one marker trace when
-        ``selected`` is given. Traces are named ``"bypass"`` / ``"induce"`` / ``"KL"`` (suffixed with
-        ``" pos <label>"`` for ``[P, L]`` inputs).
+        A figure with ``2 * P`` (``3 * P`` with ``kl``) line traces, ordered bypass, induce(, KL) per position,
+        on y axes ``y``, ``y2`` (and ``y3``), plus one star trace per panel when ``selected`` is given. Lines are
+        named by position (``"pos <label>"``; by quantity for 1-D inputs), stars ``"selected: layer ..."``.
 
     Example:
         >>> import torch
@@ -699,8 +721,8 @@ def direction_selection_curves(
         >>> L = torch.arange(8)
         >>> fig = direction_selection_curves(L, torch.randn(2, 8), torch.randn(2, 8), torch.rand(2, 8),
         ...                                  positions=[-2, -1], selected=(4, -1), thresholds={"kl": 0.1})
-        >>> len(fig.data)
-        7
+        >>> len(fig.data), sorted({t.yaxis for t in fig.data})
+        (9, ['y', 'y2', 'y3'])
     """
     lay = _np(layers, "layers", 1)
     n_l = lay.shape[0]
@@ -714,64 +736,44 @@ def direction_selection_curves(
     n_p = byp.shape[0]
     pos = _labels(positions, n_p, "positions") if not one_d else [""]
     x = [int(v) if float(v).is_integer() else float(v) for v in lay]
+    panels = [("bypass", byp, f"bypass: {score_label} on harmful prompts, direction ablated (lower = stronger)"),
+              ("induce", ind, f"induce: {score_label} on harmless prompts, direction added (higher = stronger)")]
+    if kls is not None:
+        panels.append(("KL", kls, "KL divergence on harmless prompts, direction ablated (lower = gentler)"))
+    row_of = {name.lower(): r for r, (name, _, _) in enumerate(panels, start=1)}
 
-    fig = make_subplots(specs=[[{"secondary_y": kls is not None}]])
+    notes, titles, lines = [], [t for _, _, t in panels], []  # lines: (row or None for vertical, value)
+    for key, val in (thresholds or {}).items():
+        k = key.lower()
+        if k == "layer":
+            lines.append((None, float(val)))
+            notes.append(f"Dashed vertical line: max layer {val:g} (later layers are filtered out).")
+        elif k in row_of:
+            titles[row_of[k] - 1] += f"; dashed: {'KL' if k == 'kl' else k} threshold {val:g}"
+            lines.append((row_of[k], float(val)))
+        elif k == "kl":
+            raise ValueError("a 'kl' threshold needs kl values")
+        else:
+            raise ValueError(f"unknown threshold {key!r}; use 'bypass', 'induce', 'kl' or 'layer'")
+
+    fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, vertical_spacing=0.09, subplot_titles=titles)
     for p in range(n_p):
         color = _PALETTE[p % len(_PALETTE)]
         suffix = "" if one_d else f" pos {pos[p]}"
-        series = [("bypass", byp, "solid", 2.2), ("induce", ind, "dash", 2.2)]
-        if kls is not None:
-            series.append(("KL", kls, "dot", 1.6))
-        for name, arr, dash, width in series:
+        for row, (name, arr, _) in enumerate(panels, start=1):
             fig.add_trace(
-                go.Scatter(
-                    x=x,
-                    y=arr[p],
-                    mode="lines+markers",
-                    name=name + suffix,
-                    line={"color": color, "dash": dash, "width": width},
-                    marker={"size": 4},
-                    legendgroup=f"pos{p}",
-                    opacity=0.75 if name == "KL" else 1.0,
-                    hovertemplate=f"{name}{suffix}<br>layer %{{x}}<br>%{{y:.6g}}<extra></extra>",
-                ),
-                secondary_y=name == "KL",
-            )
+                go.Scatter(x=x, y=arr[p], mode="lines+markers", name=name if one_d else f"pos {pos[p]}",
+                           line={"color": "#444" if one_d else color, "width": 2}, marker={"size": 5},
+                           legendgroup=f"pos{p}", showlegend=not one_d and row == 1,
+                           hovertemplate=f"{name}{suffix}<br>layer %{{x}}<br>%{{y:.4g}}<extra></extra>"),
+                row=row, col=1,
+            )  # fmt: skip
 
-    if thresholds:
-        styles = {"bypass": "#444", "induce": "#444", "kl": "#888"}
-        for key, val in thresholds.items():
-            k = key.lower()
-            if k == "layer":
-                fig.add_vline(
-                    x=float(val),
-                    line={"dash": "dash", "color": "#888", "width": 1},
-                    annotation_text=f"max layer {val:g}",
-                    annotation_position="top left",
-                )
-            elif k in styles:
-                on_kl = k == "kl"
-                if on_kl and kls is None:
-                    raise ValueError("a 'kl' threshold needs kl values")
-                fig.add_hline(
-                    y=float(val),
-                    line={"dash": "dash", "color": styles[k], "width": 1},
-                    secondary_y=on_kl if kls is not None else None,
-                )
-                fig.add_annotation(  # add_hline's own annotation ignores secondary_y
-                    x=0.01 if on_kl else 0.99,
-                    xref="x domain",
-                    xanchor="left" if on_kl else "right",
-                    y=float(val),
-                    yref="y2" if on_kl else "y",
-                    yanchor="bottom",
-                    text=f"{'KL' if on_kl else k} threshold {val:g}",
-                    showarrow=False,
-                    font={"size": 11, "color": "#555"},
-                    bgcolor="rgba(255,255,255,0.75)",
-                )
-            else:
-                raise ValueError(f"unknown threshold {key!r}; use 'bypass', 'induce', 'kl' or 'layer'")
+    for row, val in lines:
+        if row is None:
+            _chosen_line(fig, val, "#888")
+        else:
+            fig.add_hline(y=val, line={"dash": "dash", "color": "#555", "width": 1}, row=row, col=1)
 
     if selected is not None:
         sel_layer, sel_pos = (selected, None) if not isinstance(selected, tuple) else selected
@@ -788,45 +790,33 @@ def direction_selection_curves(
             raise ValueError(f"selected layer {sel_layer} not in layers")
         li = int(matches[0])
         label = f"selected: layer {sel_layer}" + ("" if one_d else f", pos {pos[p_idx]}")
-        fig.add_trace(
-            go.Scatter(
-                x=[x[li], x[li]],
-                y=[byp[p_idx, li], ind[p_idx, li]],
-                mode="markers",
-                name=label,
-                marker={"symbol": "star", "size": 16, "color": "gold", "line": {"color": "#000", "width": 1}},
-                hovertemplate=f"{label}<br>score %{{y:.6g}}<extra></extra>",
-            ),
-            secondary_y=False,
-        )
-        fig.add_vline(x=x[li], line={"dash": "dot", "color": "goldenrod", "width": 1.5})
+        star = {"symbol": "star", "size": 15, "color": "gold", "line": {"color": "#000", "width": 1}}
+        for row, (name, arr, _) in enumerate(panels, start=1):
+            fig.add_trace(
+                go.Scatter(x=[x[li]], y=[arr[p_idx, li]], mode="markers", name=label, legendgroup="selected",
+                           showlegend=row == 1, marker=star,
+                           hovertemplate=f"{label}<br>{name} %{{y:.4g}}<extra></extra>"),
+                row=row, col=1,
+            )  # fmt: skip
+        _chosen_line(fig, x[li], "goldenrod", dash="dot")
 
+    fig.update_annotations(font={"size": 12}, x=0, xanchor="left")  # panel titles, left-aligned over their panel
     fig.update_layout(
         title={"text": title},
         template=_TEMPLATE,
-        width=1000,
-        legend={
-            "orientation": "h",
-            "x": 0,
-            "xanchor": "left",
-            "y": -0.16,
-            "yanchor": "top",
-            "font": {"size": 11},
-            "entrywidth": 0 if one_d else 120,
-        },
+        autosize=True,
+        height=200 + 210 * len(panels),
+        legend={"orientation": "h", "x": 0, "xanchor": "left", "y": -0.08, "yanchor": "top",
+                "title": {"text": "" if one_d else "candidate position: "}},
         hovermode="closest",
-        height=560 + 22 * (((len(fig.data) + 6) // 7) - 1),
-    )
-    fig.update_xaxes(title={"text": "layer"})
-    fig.update_yaxes(title={"text": score_label}, secondary_y=False)
-    if kls is not None:
-        fig.update_yaxes(
-            title={"text": "KL divergence"},
-            secondary_y=True,
-            showgrid=False,
-            rangemode="tozero",
-            tickmode="auto",
-        )
+        showlegend=not one_d or selected is not None,
+    )  # fmt: skip
+    fig.update_xaxes(title={"text": "layer"}, dtick=1 if n_l <= 40 else None, row=len(panels), col=1)
+    for row, (name, _, _) in enumerate(panels, start=1):
+        fig.update_yaxes(title={"text": "KL (nats)" if name == "KL" else score_label}, row=row, col=1)
+        if name == "KL":
+            fig.update_yaxes(rangemode="tozero", row=row, col=1)
+    _subtitle(fig, notes)
     return fig
 
 
@@ -840,7 +830,7 @@ def steering_sweep(
     x_label: str = "steering coefficient",
     y_label: str = "refusal rate",
 ) -> go.Figure:
-    """Steering coefficient → refusal rate (and KL divergence on a secondary axis), one or several series.
+    """Steering coefficient → refusal rate (and KL divergence in a panel below), one or several series.
 
     Args:
         coeffs: ``[n]`` steering coefficients, or a mapping ``label → series`` for several series, where a
@@ -854,8 +844,8 @@ def steering_sweep(
         y_label: primary y axis title.
 
     Returns:
-        A figure with one line per series (named by its label) and, for series with KL, one dotted line
-        ``"<label> KL"`` on the secondary y axis.
+        A figure with one line per series (named by its label, y axis ``y``) and, for series with KL, one
+        dotted line ``"<label> KL"`` in a second panel (y axis ``y2``) sharing the x axis.
 
     Example:
         >>> from expertlens.plot import steering_sweep
@@ -885,7 +875,9 @@ def steering_sweep(
         series[label] = (coeffs, refusal_rate, kl)
 
     has_kl = any(s[2] is not None for s in series.values())
-    fig = make_subplots(specs=[[{"secondary_y": has_kl}]])
+    rows = 2 if has_kl else 1
+    fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, vertical_spacing=0.07,
+                        row_heights=[0.64, 0.36] if has_kl else None)  # fmt: skip
     ys: list[np.ndarray] = []
     for i, (name, (c, r, k)) in enumerate(series.items()):
         cx = _np(c, f"{name} coeffs", 1)
@@ -905,7 +897,8 @@ def steering_sweep(
                 marker={"size": 7},
                 hovertemplate=f"{name}<br>coeff %{{x:.4g}}<br>{y_label} = %{{y:.6g}}<extra></extra>",
             ),
-            secondary_y=False,
+            row=1,
+            col=1,
         )
         if k is not None:
             ky = _np(k, f"{name} kl", 1)
@@ -922,28 +915,23 @@ def steering_sweep(
                     marker={"size": 5, "symbol": "x"},
                     hovertemplate=f"{name}<br>coeff %{{x:.4g}}<br>KL = %{{y:.6g}}<extra></extra>",
                 ),
-                secondary_y=True,
+                row=2,
+                col=1,
             )
     all_y = np.concatenate(ys) if ys else np.zeros(1)
     yaxis: dict[str, Any] = {"title": {"text": y_label}}
     if np.nanmin(all_y) >= 0 and np.nanmax(all_y) <= 1:
         yaxis.update(range=[-0.03, 1.03], tickformat=".0%")
-    fig.update_yaxes(**yaxis, secondary_y=False)
+    fig.update_yaxes(**yaxis, row=1, col=1)
     if has_kl:
-        fig.update_yaxes(
-            title={"text": "KL divergence"},
-            secondary_y=True,
-            showgrid=False,
-            rangemode="tozero",
-            tickmode="auto",
-        )
-    fig.update_xaxes(title={"text": x_label})
+        fig.update_yaxes(title={"text": "KL divergence"}, rangemode="tozero", row=2, col=1)
+    fig.update_xaxes(title={"text": x_label}, row=rows, col=1)
     fig.update_layout(
         title={"text": title},
         template=_TEMPLATE,
-        width=820,
-        height=460,
-        legend={"x": 1.1, "xanchor": "left", "y": 1},
+        autosize=True,
+        height=460 + 150 * (rows - 1),
+        legend={"orientation": "h", "x": 0, "y": -0.22 / rows, "yanchor": "top"},
     )
     return fig
 
@@ -961,56 +949,75 @@ def outcome_sweep(
     title: str = "Steering sweep",
     x_label: str = "coefficient",
 ) -> go.Figure:
-    """Coefficient → outcome rates (refusal / full response / non-response, in %), KL on a second axis.
+    """Coefficient → outcome rates (refusal / full response / non-response, in %), KL in a panel below.
+
+    An outcome that is 0 at every coefficient is not drawn (a flat line on the axis hides the others' zeros);
+    the subtitle names it. Likewise a KL that is 0 everywhere gets no panel.
 
     Args:
         coeffs: ``[n]`` coefficients (plotted on a log axis when they span more than a factor 10).
         rates: outcome name → ``[n]`` fractions in [0, 1].
         kl: ``[n]`` harmless KL (nats) per coefficient, or ``None``.
-        chosen: the coefficient the study chose (a vertical marker).
+        chosen: the coefficient the study chose (a vertical marker through both panels).
         title: figure title.
         x_label: x axis title.
 
     Returns:
-        One line per outcome (and a dotted KL line on the right axis).
+        One line per outcome in the top panel (y axis ``y``) and, with ``kl``, the KL line in a second panel
+        (``y2``) sharing the x axis.
 
     Example:
         >>> from expertlens.plot import outcome_sweep
-        >>> fig = outcome_sweep([1, 2, 4], {"refusal": [0.9, 0.4, 0.0], "full response (ASR)": [0.1, 0.5, 0.1]},
-        ...                     kl=[0.01, 0.2, 1.5], chosen=2)
+        >>> fig = outcome_sweep([1, 2, 4], {"refusal": [0.9, 0.4, 0.0], "full response (ASR)": [0.1, 0.5, 0.1],
+        ...                                 "non-response": [0, 0, 0]}, kl=[0.01, 0.2, 1.5], chosen=2)
         >>> [t.name for t in fig.data]
         ['refusal', 'full response (ASR)', 'harmless KL (nats)']
+        >>> fig.layout.title.subtitle.text
+        'Not drawn: non-response (0% at every coefficient).'
     """
     x = _np(coeffs, "coeffs", 1)
-    fig = make_subplots(specs=[[{"secondary_y": kl is not None}]])
+    drawn, flat = {}, []
     for i, (name, ys) in enumerate(rates.items()):
         y = _np(ys, f"{name} rates", 1)
         if y.shape != x.shape:
             raise ValueError(f"{name}: {y.shape[0]} rates for {x.shape[0]} coefficients")
-        color = _OUTCOME_COLORS.get(name, _PALETTE[i % len(_PALETTE)])
+        if _is_flat_zero(y):
+            flat.append(name)
+        else:
+            drawn[name] = (y, _OUTCOME_COLORS.get(name, _PALETTE[i % len(_PALETTE)]))
+    k = None if kl is None else _np(kl, "kl", 1)
+    notes = [f"Not drawn: {', '.join(flat)} (0% at every coefficient)."] if flat else []
+    if k is not None and _is_flat_zero(k):
+        notes.append("Harmless KL is 0 at every coefficient (no KL panel).")
+        k = None
+    rows = 1 if k is None else 2
+    fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, vertical_spacing=0.07,
+                        row_heights=[0.64, 0.36] if rows == 2 else None)  # fmt: skip
+    for name, (y, color) in drawn.items():
         fig.add_trace(
             go.Scatter(x=x, y=y, name=name, mode="lines+markers", line={"color": color},
                        hovertemplate=f"{name}<br>c = %{{x}}<br>%{{y:.1%}}<extra></extra>"),
-            secondary_y=False,
+            row=1, col=1,
         )  # fmt: skip
-    if kl is not None:
-        k = _np(kl, "kl", 1)
+    if k is not None:
         fig.add_trace(
             go.Scatter(x=x, y=k, name="harmless KL (nats)", mode="lines+markers",
                        line={"dash": "dot", "color": "#555"}, hovertemplate="c = %{x}<br>KL = %{y:.3g}<extra></extra>"),
-            secondary_y=True,
+            row=2, col=1,
         )  # fmt: skip
-        fig.update_yaxes(title_text="harmless KL (nats)", secondary_y=True, rangemode="tozero")
-    log_x = x.size and x.min() > 0 and x.max() / x.min() > 10
+        fig.update_yaxes(title_text="harmless KL (nats)", rangemode="tozero", row=2, col=1)
+    log_x = bool(x.size and x.min() > 0 and x.max() / x.min() > 10)
     if chosen is not None:
         at = float(np.log10(chosen)) if log_x and chosen > 0 else float(chosen)  # annotations on a log axis: log10
-        fig.add_vline(x=float(chosen), line={"dash": "dash", "color": "#2ca02c", "width": 1})
-        fig.add_annotation(x=at, y=1.04, yref="paper", text=f"chosen c = {chosen:g}", showarrow=False,
-                           font={"color": "#2ca02c", "size": 11})  # fmt: skip
-    fig.update_xaxes(title_text=x_label, type="log" if log_x else "linear")
-    fig.update_yaxes(title_text="share of prompts", tickformat=".0%", range=[-0.03, 1.03], secondary_y=False)
-    fig.update_layout(title={"text": title}, template=_TEMPLATE, width=760, height=430,
-                      legend={"orientation": "h", "y": -0.22, "x": 0})  # fmt: skip
+        _chosen_line(fig, float(chosen), "#2ca02c")
+        fig.add_annotation(x=at, y=1.0, yref="paper", yanchor="bottom", text=f"chosen c = {chosen:g}",
+                           showarrow=False, font={"color": "#2ca02c", "size": 11})  # fmt: skip
+    fig.update_xaxes(type="log" if log_x else "linear")
+    fig.update_xaxes(title_text=x_label, row=rows, col=1)
+    fig.update_yaxes(title_text="share of prompts", tickformat=".0%", range=[-0.03, 1.03], row=1, col=1)
+    fig.update_layout(title={"text": title}, template=_TEMPLATE, autosize=True, height=430 + 150 * (rows - 1),
+                      legend={"orientation": "h", "y": -0.22 / rows, "yanchor": "top", "x": 0})  # fmt: skip
+    _subtitle(fig, notes)
     return fig
 
 
@@ -1023,6 +1030,9 @@ def causal_map(
 ) -> go.Figure:
     """Per-layer change in refusal rate and ASR (percentage points) when one component's output is zeroed.
 
+    A component whose change is 0 at every layer gets no bars in that panel, and a quantity that no component
+    changes gets no panel; the subtitle says which, so every panel and legend entry shows something.
+
     Args:
         layers: layer indices.
         d_refusal: component (e.g. ``"attention"``, ``"moe"``) → ``[L]`` change in refusal rate (fractions).
@@ -1030,31 +1040,54 @@ def causal_map(
         title: figure title.
 
     Returns:
-        Two panels (refusal, ASR) of grouped bars, one bar group per layer.
+        Up to two panels (refusal, ASR) of grouped bars, one bar group per layer; no traces at all when nothing
+        changed anywhere (the subtitle then says so).
 
     Example:
         >>> from expertlens.plot import causal_map
         >>> fig = causal_map([0, 1], {"attention": [-0.5, 0.0], "moe": [-0.1, 0.0]},
         ...                  {"attention": [0.2, 0.0], "moe": [0.0, 0.0]})
-        >>> len(fig.data)
-        4
+        >>> [(t.name, t.xaxis) for t in fig.data]
+        [('attention output', 'x'), ('MoE output', 'x'), ('attention output', 'x2')]
+        >>> fig.layout.title.subtitle.text
+        'Change in ASR: zeroing the MoE output changes it at no layer (no bars).'
     """
     names = [f"L{layer}" for layer in layers]
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("change in refusal rate", "change in ASR"),
-                        horizontal_spacing=0.12)  # fmt: skip
+    comps = list(dict.fromkeys([*d_refusal, *d_asr]))  # one colour per component across both panels
     colors = {"attention": "#9467bd", "moe": "#ff7f0e"}
-    for col, table in ((1, d_refusal), (2, d_asr)):
-        for i, (comp, vals) in enumerate(table.items()):
-            y = [float("nan") if v is None else 100 * float(v) for v in vals]
+    label = {c: "MoE output" if c == "moe" else f"{c} output" for c in comps}
+    panels, notes = [], []
+    for quantity, table in (("refusal rate", d_refusal), ("ASR", d_asr)):
+        drawn, flat = {}, []
+        for comp, vals in table.items():
+            y = np.array([float("nan") if v is None else 100 * float(v) for v in vals])
             if len(y) != len(names):
                 raise ValueError(f"{comp}: {len(y)} values for {len(names)} layers")
+            if _is_flat_zero(y):
+                flat.append(label[comp])
+            else:
+                drawn[comp] = y
+        if not drawn:
+            notes.append(f"Change in {quantity}: 0 points for every component at every layer (panel omitted).")
+            continue
+        if flat:
+            notes.append(f"Change in {quantity}: zeroing the {' or '.join(flat)} changes it at no layer (no bars).")
+        panels.append((quantity, drawn))
+    # each panel's quantity is its y axis title: a subplot title would sit on the bars that start at 0 on top
+    fig = make_subplots(rows=1, cols=max(1, len(panels)), horizontal_spacing=0.08)
+    shown: set[str] = set()
+    for col, (quantity, drawn) in enumerate(panels, start=1):
+        fig.update_yaxes(title_text=f"change in {quantity} (points)", row=1, col=col)
+        for comp, y in drawn.items():
             fig.add_trace(
-                go.Bar(x=names, y=y, name="MoE output" if comp == "moe" else f"{comp} output",
-                       marker={"color": colors.get(comp, _PALETTE[i])}, showlegend=col == 1,
-                       hovertemplate=f"{comp} %{{x}}<br>%{{y:+.1f}} points<extra></extra>"),
+                go.Bar(x=names, y=y, name=label[comp], legendgroup=comp, showlegend=comp not in shown,
+                       marker={"color": colors.get(comp, _PALETTE[comps.index(comp) % len(_PALETTE)])},
+                       hovertemplate=f"{label[comp]} %{{x}}<br>%{{y:+.1f}} points<extra></extra>"),
                 row=1, col=col,
             )  # fmt: skip
-    fig.update_yaxes(title_text="percentage points", zeroline=True, zerolinecolor="#444")
-    fig.update_layout(title={"text": title}, template=_TEMPLATE, barmode="group", width=980, height=420,
-                      legend={"orientation": "h", "y": -0.18, "x": 0})  # fmt: skip
+            shown.add(comp)
+    fig.update_yaxes(zeroline=True, zerolinecolor="#444")
+    fig.update_layout(title={"text": title}, template=_TEMPLATE, barmode="group", autosize=True, height=420,
+                      showlegend=bool(shown), legend={"orientation": "h", "y": -0.18, "x": 0})  # fmt: skip
+    _subtitle(fig, notes)
     return fig

@@ -199,40 +199,44 @@ def test_direction_selection_curves_2d():
         layers, bypass, torch.tensor(induce), kl, positions=[-3, -2, -1], selected=(4, -1),
         thresholds={"kl": 0.1, "induce": 0.0, "layer": 8},
     )  # fmt: skip
-    assert _types(fig) == ["scatter"] * (3 * n_p + 1)
+    assert _types(fig) == ["scatter"] * (3 * n_p + 3)
     names = [t.name for t in fig.data]
-    assert names[:3] == ["bypass pos -3", "induce pos -3", "KL pos -3"]
-    assert names[-1] == "selected: layer 4, pos -1"
+    assert names[:3] == ["pos -3"] * 3
+    assert names[-3:] == ["selected: layer 4, pos -1"] * 3
     for p in range(n_p):
         byp, ind, k = fig.data[3 * p : 3 * p + 3]
         assert list(byp.x) == list(range(n_l))
         np.testing.assert_allclose(np.asarray(byp.y), bypass[p])
         np.testing.assert_allclose(np.asarray(ind.y), induce[p])
         np.testing.assert_allclose(np.asarray(k.y), kl[p])
-        assert byp.line.dash == "solid" and ind.line.dash == "dash" and k.line.dash == "dot"
-        assert byp.yaxis == ind.yaxis == "y" and k.yaxis == "y2"  # KL on the secondary axis
-    star = fig.data[-1]
-    assert list(star.x) == [4, 4]
-    np.testing.assert_allclose(np.asarray(star.y), [bypass[2, 4], induce[2, 4]], rtol=1e-6)
-    assert star.marker.symbol == "star"
-    # dashed threshold lines: KL on y2, induce on y, max layer vertical; plus the selected vertical line
+        # one panel (y axis) per quantity, one colour per position, one legend entry per position
+        assert (byp.yaxis, ind.yaxis, k.yaxis) == ("y", "y2", "y3")
+        assert byp.line.color == ind.line.color == k.line.color
+        assert [byp.showlegend, ind.showlegend, k.showlegend] == [True, False, False]
+    stars = fig.data[-3:]
+    assert [list(s.x) for s in stars] == [[4]] * 3 and [s.yaxis for s in stars] == ["y", "y2", "y3"]
+    np.testing.assert_allclose([s.y[0] for s in stars], [bypass[2, 4], induce[2, 4], kl[2, 4]], rtol=1e-6)
+    assert stars[0].marker.symbol == "star"
+    # thresholds: dashed horizontal lines in their own panels, named in the panel titles (not on the lines)
     lines = [s for s in fig.layout.shapes if s.type == "line"]
     dashed = [s for s in lines if s.line.dash == "dash"]
-    assert {(s.yref, s.y0) for s in dashed if s.y0 == s.y1} == {("y2", 0.1), ("y", 0.0)}
+    assert {(s.yref, s.y0) for s in dashed if s.y0 == s.y1 and s.yref != "paper"} == {("y3", 0.1), ("y2", 0.0)}
     assert any(s.x0 == s.x1 == 8 for s in dashed)
     assert any(s.x0 == s.x1 == 4 for s in lines)
     texts = [a.text for a in fig.layout.annotations]
-    assert "KL threshold 0.1" in texts and "induce threshold 0" in texts
-    assert _axis_title(fig, "xaxis") == "layer"
-    assert _axis_title(fig, "yaxis") == "refusal score" and _axis_title(fig, "yaxis2") == "KL divergence"
+    assert texts[1].endswith("dashed: induce threshold 0") and texts[2].endswith("dashed: KL threshold 0.1")
+    assert "max layer 8" in fig.layout.title.subtitle.text
+    assert _axis_title(fig, "xaxis3") == "layer"
+    assert _axis_title(fig, "yaxis") == _axis_title(fig, "yaxis2") == "refusal score"
+    assert _axis_title(fig, "yaxis3") == "KL (nats)"
 
 
 def test_direction_selection_curves_1d():
     fig = direction_selection_curves([0, 2, 4, 6], [3.0, 1.0, -2.0, 0.5], [-1.0, 2.0, 4.0, 1.0], selected=4)
-    assert _types(fig) == ["scatter"] * 3
-    assert [t.name for t in fig.data] == ["bypass", "induce", "selected: layer 4"]
-    assert list(fig.data[2].y) == [-2.0, 4.0]
-    assert "yaxis2" not in fig.layout.to_plotly_json()  # no KL, no secondary axis
+    assert _types(fig) == ["scatter"] * 4
+    assert [t.name for t in fig.data] == ["bypass", "induce", "selected: layer 4", "selected: layer 4"]
+    assert [t.y[0] for t in fig.data[2:]] == [-2.0, 4.0]
+    assert "yaxis3" not in fig.layout.to_plotly_json()  # no KL, no third panel
     with pytest.raises(ValueError, match="kl"):
         direction_selection_curves([0, 1], [0, 1], [0, 1], thresholds={"kl": 0.1})
     with pytest.raises(ValueError, match="position"):
@@ -247,8 +251,9 @@ def test_steering_sweep_single_and_multi():
     assert [t.name for t in fig.data] == ["L9", "L9 KL"]
     assert [t.yaxis for t in fig.data] == ["y", "y2"]
     assert list(fig.data[0].x) == c and list(fig.data[1].y) == [0.0, 0.05, 0.2, 0.9]
-    assert _axis_title(fig, "xaxis") == "steering coefficient"
+    assert _axis_title(fig, "xaxis2") == "steering coefficient"  # the bottom panel's (KL's) x axis
     assert _axis_title(fig, "yaxis") == "refusal rate" and _axis_title(fig, "yaxis2") == "KL divergence"
+    assert fig.layout.yaxis2.overlaying is None  # KL has a panel of its own, not a second axis over the rates
     assert fig.layout.yaxis.tickformat == ".0%"
 
     multi = steering_sweep(
@@ -306,16 +311,16 @@ def test_report_contains_every_figure_and_table(tmp_path: Path):
     out = report(_Study(figs), tmp_path / "sub" / "report.html", title="Refusal study")
     assert out.exists()
     page = out.read_text(encoding="utf-8")
-    # plotly.js embedded exactly once, inline; no CDN
-    assert page.count('<script type="text/javascript">/**') <= 1
-    assert len(re.findall(r"plotly\.js v\d", page)) == 1
+    # plotly.js embedded exactly once, inline (gzip + base64, the cartesian bundle for these traces); no CDN
+    assert page.count('id="el-plotly-gz"') == 1
+    assert len(re.findall(r"plotly\.js \(cartesian\) v\d", page)) == 1
     assert "<script src=" not in page and 'src="https://cdn' not in page
-    # every figure div and title is there
+    # every figure div, its JSON and its title are there
     ids = [figure_div_id(0, 0), figure_div_id(0, 1)] + [figure_div_id(1, j) for j in range(4)]
     ids += [figure_div_id(2, 0), figure_div_id(2, 1)]
     for div_id in ids:
-        assert f'id="{div_id}"' in page
-        assert page.count(f'"{div_id}"') >= 2  # the div and its Plotly.newPlot call
+        assert f'<div id="{div_id}" class="el-plot"' in page
+        assert f'<script type="application/json" id="{div_id}-json">' in page
     for fig in figs.values():
         assert fig.layout.title.text in page
     # sections, escaped text, tables

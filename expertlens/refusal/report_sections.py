@@ -125,7 +125,7 @@ def summary_html(res: StudyResults) -> str:
     )
 
 
-def _claim_section(claim, figures) -> Section:
+def _claim_section(claim, figures, notes=()) -> Section:
     text = [f"Verdict: {claim.verdict}."]
     if claim.evidence:
         text.append("Evidence. " + " ".join(claim.evidence))
@@ -133,6 +133,7 @@ def _claim_section(claim, figures) -> Section:
         text.append("Controls. " + " ".join(claim.controls))
     if claim.caveats:
         text.append("Caveats. " + " ".join(claim.caveats))
+    text.extend(notes)  # what a figure would have shown, where it had nothing to draw
     return Section(f"Claim {claim.number}: {claim.title}", figures=figures, text="\n\n".join(text))
 
 
@@ -186,17 +187,21 @@ def study_sections(res: StudyResults) -> list[Section]:
                 title="ActAdd sweep on harmless validation prompts (+c·r)",
             )  # fmt: skip
         )
-    figs3 = []
+    figs3, notes3 = [], []
     if res.causal_map is not None:
         cm = res.causal_map
         title = f"Causal map: zero one component ({cm.n_prompts} harmful test prompts)"
-        figs3.append(plot.causal_map(cm.layers, cm.d_refusal, cm.d_asr, title=title))
+        fig = plot.causal_map(cm.layers, cm.d_refusal, cm.d_asr, title=title)
+        if fig.data:
+            figs3.append(fig)
+        else:  # no component changed anything: a sentence instead of an empty chart
+            notes3.append(f"{title}: {fig.layout.title.subtitle.text}")
     if res.pathways and res.pathways.get("shares") and all(v is not None for v in res.pathways["shares"].values()):
         shares = {{"moe": "MoE writes", "attention": "attention writes", "both": "every write"}.get(k, k): v
                   for k, v in res.pathways["shares"].items()}  # fmt: skip
         figs3.append(plot.pathway_shares(shares, title="Share of the ablation's drop in refusal score"))
-    for claim, figs in zip(res.claims, (figs1, [], figs3)):
-        out.append(_claim_section(claim, figs))
+    for claim, figs, notes in zip(res.claims, (figs1, [], figs3), ((), (), notes3)):
+        out.append(_claim_section(claim, figs, notes))
     # direction
     sel, chosen = res.selection, res.selected
     cands = sel.get("candidates", [])
