@@ -133,6 +133,37 @@ def _data_for_model(args):
     )  # fmt: skip
 
 
+def _check_device(device: str | None, torch) -> None:
+    """One line, before anything loads, for a device this torch build or machine does not have."""
+    if not device or device in ("cpu", "auto"):
+        return
+    kind = device.split(":")[0]
+    checks = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None), "xpu": getattr(torch, "xpu", None)}
+    if kind not in checks:
+        raise CLIError(f"--device {device}: unknown device; pass cpu, auto, cuda, cuda:N, mps or xpu")
+    backend = checks[kind]
+    if backend is None or not backend.is_available():
+        raise CLIError(f"--device {device}: no {kind} device is available to this torch build "
+                       f"({torch.__version__}); pass --device cpu, or install a torch build for {kind}")  # fmt: skip
+    if kind == "cuda" and ":" in device:
+        index = device.split(":", 1)[1]
+        if not index.isdigit() or int(index) >= torch.cuda.device_count():
+            raise CLIError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                           f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")  # fmt: skip
+
+
+def _capped(args: argparse.Namespace, data) -> list[str]:
+    """A note for each split size asked for beyond the prompts there are (the study then uses all of them)."""
+    notes = []
+    for split in ("train", "val", "test"):
+        asked = getattr(args, f"n_{split}")
+        have = min(len(getattr(data, f"harmful_{split}")), len(getattr(data, f"harmless_{split}")))
+        if asked is not None and asked > have:
+            counts = f"{len(getattr(data, f'harmful_{split}'))} harmful / {len(getattr(data, f'harmless_{split}'))}"
+            notes.append(f"--n-{split} {asked}: only {counts} harmless {split} prompts exist; using all of them")
+    return notes
+
+
 def _refusal(args: argparse.Namespace) -> int:
     # -- everything is checked before a model is loaded
     out = _check_out(args.out, args.resume)
@@ -142,6 +173,11 @@ def _refusal(args: argparse.Namespace) -> int:
             raise CLIError(f"--{name.replace('_', '-')} {v}: must be a positive integer")
     if args.model is not None and args.organism is not None:
         raise CLIError("pass either --model or --organism, not both")
+    if args.model is None:
+        given = [f"--{n}" for n in ("harmful", "harmless", "column") if getattr(args, n) is not None]
+        if given:
+            raise CLIError(f"{' / '.join(given)} only apply with --model (an organism brings its own prompts); "
+                           "pass --model NAME_OR_PATH, or drop them")  # fmt: skip
     if args.model is not None and (
         args.model.startswith((".", "/", "~")) and not Path(args.model).expanduser().exists()
     ):
@@ -152,6 +188,8 @@ def _refusal(args: argparse.Namespace) -> int:
     rank, world = _launch(args.parallel, args.resume)  # rank 0 writes the outputs, the others nothing
 
     import torch
+
+    _check_device(args.device, torch)
 
     from .model import ExpertModel
     from .refusal import RefusalConfig, RefusalData, run_refusal_study
@@ -185,8 +223,11 @@ def _refusal(args: argparse.Namespace) -> int:
               for name, model_name, _ in runs]  # fmt: skip
     for (name, model_name, data), split in zip(runs, splits, strict=True):
         if name is not None:
-            model = ExpertModel(_organism_path(name), **kwargs, **split)
             data = RefusalData.from_organism(name, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
+        for note in _capped(args, data):
+            say(f"expertlens: note: {note}")
+        if name is not None:
+            model = ExpertModel(_organism_path(name), **kwargs, **split)
         else:
             model = ExpertModel(model_name, trust_remote_code=args.trust_remote_code, **kwargs, **split)
         where = out / name if len(runs) > 1 else out

@@ -47,6 +47,40 @@ def test_bad_inputs_fail_fast_with_one_line(tmp_path, capsys, monkeypatch):
         ["refusal", "--out", str(tmp_path / "o"), "--model", "x/y", "--harmful", str(few), "--harmless", str(few)],
     )
     assert not (tmp_path / "o").exists()
+    # flags that do nothing without their partner are refused, not ignored
+    prompts = tmp_path / "h.txt"
+    prompts.write_text("a\nb\n")
+    for flag in ("--harmful", "--harmless"):
+        err = _err(capsys, ["refusal", "--out", str(tmp_path / "o"), flag, str(prompts)])
+        assert f"{flag} only apply with --model" in err
+    assert "--column only apply" in _err(capsys, ["refusal", "--out", str(tmp_path / "o"), "--column", "goal"])
+    assert "unknown device" in _err(capsys, ["refusal", "--out", str(tmp_path / "o"), "--device", "tpu"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_unavailable_device_is_one_line_before_loading(tmp_path, capsys, monkeypatch):
+    import torch
+
+    import expertlens.model
+
+    monkeypatch.setattr(expertlens.model, "ExpertModel", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = _err(capsys, ["refusal", "--out", str(tmp_path / "o"), "--device", "cuda"])
+    assert "--device cuda: no cuda device is available to this torch build" in err and "--device cpu" in err
+
+
+def test_a_split_size_beyond_the_prompts_is_said_not_silently_capped():
+    from types import SimpleNamespace
+
+    from expertlens.cli import _capped
+    from expertlens.refusal import RefusalData
+
+    data = RefusalData.from_organism(n_train=100000, n_val=4)
+    args = SimpleNamespace(n_train=100000, n_val=4, n_test=None)
+    (note,) = _capped(args, data)
+    n = len(data.harmful_train)
+    assert note.startswith(f"--n-train 100000: only {n} harmful / {len(data.harmless_train)} harmless train")
+    assert n < 100000 and "using all of them" in note
 
 
 def test_organism_all_reads_the_registry(monkeypatch):
