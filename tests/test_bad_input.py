@@ -559,7 +559,8 @@ def errors_table(tmp: Path) -> str:
         sub = tmp / case.id
         sub.mkdir()
         err = run_case(case, sub)
-        msg = _message(err, sub).replace("|", "\\|").replace("\n", " ")
+        # "] [" reads as a Markdown reference link ("[a] [b]") to mkdocs-autorefs: escape the second bracket
+        msg = _message(err, sub).replace("|", "\\|").replace("\n", " ").replace("] [", "] \\[")
         rows.append(f"| `{case.id}` | {case.given.replace('|', chr(92) + '|')} | `{type(err).__name__}` | {msg} |")
     return "\n".join(rows)
 
