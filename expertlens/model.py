@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from . import edits as _edits
 from . import instrument as _instrument
+from ._loading import quiet_loading
 from .edits import EditContext, EditHandle, EditRegistry, StepTracker
 from .families import FamilySpec, UnsupportedModelError, get_module, resolve_family
 from .layout import editable_paths, resolve_layout
@@ -480,7 +481,8 @@ def _load_pretrained(name: str, tokenizer: Any, trust_remote_code: bool, kwargs:
             f"ExpertModel({name!r}): is a file; pass the folder holding config.json and weights (from save_pretrained)"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+        with quiet_loading(name):
+            model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
     except ValueError as exc:
         if "custom code" in str(exc) and not trust_remote_code:
             raise ValueError(
