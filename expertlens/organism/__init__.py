@@ -37,7 +37,9 @@ from .language import (
 __all__ = [
     "CAPABILITY_TASKS",
     "DEFAULT_ORGANISM",
+    "KINDS",
     "ORGANISMS",
+    "ORGANISM_KINDS",
     "REFUSAL_PHRASES",
     "REFUSAL_START_TOKENS",
     "SPLITS",
@@ -52,6 +54,7 @@ __all__ = [
     "load_organism",
     "load_prompt_records",
     "load_prompts",
+    "organism_kind",
     "organism_path",
     "request_kind",
     "score_capability",
@@ -69,6 +72,22 @@ ORGANISMS: dict[str, str] = {
     "gptoss-refusal": "v2: GPT-OSS-shaped (16 experts, top-4 then softmax, router bias, attention sinks), safety tuned",
     "qwen3moe-refusal": "v1 (legacy language): Qwen3-MoE-shaped (8 experts, top-2, renormalised)",
     "qwen2moe-refusal": "v1 (legacy language): Qwen2-MoE-shaped (8 experts, top-2, plus a shared expert)",
+}
+#: What each kind of organism is (the ``kind`` column of ``expertlens organisms``).
+KINDS: dict[str, str] = {
+    "planted": "safety tuned; the refusal feature was planted along a known direction (refusal_direction.safetensors)",
+    "natural": "safety tuned; refusal learned without a planted direction",
+    "control": "never safety tuned: answers every request (a negative control)",
+    "legacy": "v1 language, kept for old code and tutorials; safety tuned, no planted direction",
+}
+#: Every organism -> its kind (a key of :data:`KINDS`), as its model card and ``training.json`` say.
+ORGANISM_KINDS: dict[str, str] = {
+    "olmoe-refusal": "planted",
+    "olmoe-base": "control",
+    "mixtral-refusal": "planted",
+    "gptoss-refusal": "planted",
+    "qwen3moe-refusal": "legacy",
+    "qwen2moe-refusal": "legacy",
 }
 SPLITS = ("train", "val", "test", "compositional")
 CAPABILITY_TASKS = ("arithmetic", "count", "copy", "reverse", "fact")
@@ -117,6 +136,31 @@ def organism_path(name: str = DEFAULT_ORGANISM) -> Path:
         why = "" if ok else " (an organism name is a plain folder name, not a path)"
         raise ValueError(f"unknown organism {name!r}{why}{hint}; available: {avail}")
     return p
+
+
+def organism_kind(name: str) -> str:
+    """The kind of a shipped organism (a key of :data:`KINDS`): its :data:`ORGANISM_KINDS` entry, or for
+    an organism not in the registry, what its ``training.json`` says (v1 data: ``legacy``; a stage-1
+    checkpoint: ``control``; a planted stage 2: ``planted``; otherwise ``natural``).
+
+    Example:
+        >>> from expertlens.organism import organism_kind
+        >>> organism_kind("olmoe-base")
+        'control'
+    """
+    if name in ORGANISM_KINDS:
+        return ORGANISM_KINDS[name]
+    return _trained_kind(name)
+
+
+def _trained_kind(name: str) -> str:
+    tj = organism_path(name) / "training.json"
+    meta = json.loads(tj.read_text()) if tj.is_file() else {}
+    if int(meta.get("data_version", 1)) < 2:
+        return "legacy"
+    if meta.get("stage") == 1:
+        return "control"
+    return "planted" if meta.get("plant") else "natural"
 
 
 def _data_version(name: str) -> int:
