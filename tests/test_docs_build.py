@@ -88,6 +88,9 @@ def test_built_site_has_no_raw_roles(tmp_path):
         if hits:
             raw[str(page.relative_to(site))] = len(hits)
     assert not raw, f"raw Sphinx roles in the built site: {raw}"
+    # a doctest outside an Example: section renders as nested block quotes (">>>")
+    quoted = [str(p.relative_to(site)) for p in (site / "api").rglob("*.html") if "<blockquote>" in p.read_text()]
+    assert not quoted, f"doctest lines outside an Example: section: {quoted}"
     model = (site / "api" / "model" / "index.html").read_text()
     # the module docstring's point table renders as a table, and roles became links
     assert "<th>point</th>" in model and "<code>model.logits</code>" in model

@@ -1,8 +1,5 @@
 """Model organisms: tiny MoE chat models, trained on CPU by the project, that refuse harmful requests.
 
->>> from expertlens.organism import organism_path, load_prompts
->>> prompts = load_prompts("olmoe-refusal", split="test")   # {"harmful": [...], "harmless": [...]}
-
 Checkpoints live in package data under ``expertlens/organism/checkpoints/<name>/`` in ``save_pretrained``
 format and load offline with plain ``AutoModelForCausalLM.from_pretrained(path)``. :data:`ORGANISMS` names
 them all: the v2 organisms (:data:`V2_ORGANISM` ``olmoe-refusal``, the :data:`DEFAULT_ORGANISM`, its stage-1
@@ -11,6 +8,13 @@ one synthetic language (:mod:`expertlens.organism.language`) and one prompt set,
 along a planted direction (``refusal_direction.safetensors``, see each model card); the legacy v1 organisms
 (``qwen3moe-refusal``, ``qwen2moe-refusal``) keep their own. The build tools (data generator, training,
 evaluation, model cards) are in :mod:`expertlens.organism.factory` and are not imported at run time.
+:data:`ORGANISM_KINDS` says what each one is (:data:`KINDS`: planted, natural, control, legacy).
+
+Example:
+    >>> from expertlens.organism import organism_path, load_prompts
+    >>> prompts = load_prompts("olmoe-refusal", split="test")   # {"harmful": [...], "harmless": [...]}
+    >>> sorted(prompts)
+    ['harmful', 'harmless']
 """
 
 from __future__ import annotations
