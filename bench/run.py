@@ -10,6 +10,7 @@ Sections (each measured side by side in one process, interleaved rounds, medians
   3. extract      difference in means, expertlens vs plain torch hooks
   4. memory       peak RSS of capturing expert_out (one subprocess per configuration)
   5. e2e          `expertlens refusal` on the organism, wall time
+  6. startup      `import expertlens` and `expertlens --help` vs `import torch`, fresh interpreters
 on the medium synthetic config and on the organism (skipped with a note when no checkpoint ships).
 One torch thread throughout (``torch.set_num_threads(1)``).
 """
@@ -44,7 +45,7 @@ FORWARD_KEYS = (
 )
 GENERATE_KEYS = ("bare", "expertlens_plain", "expertlens_steered", "hooks_nocache", "hooks_cached")
 EXTRACT_KEYS = ("plain_hooks", "expertlens")
-SECTIONS = ("forward", "generate", "extract", "memory", "e2e")
+SECTIONS = ("forward", "generate", "extract", "memory", "e2e", "startup")
 DOCS_BEGIN, DOCS_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -60,6 +61,7 @@ def expected_row_ids(quick: bool) -> list[str]:
         ids += [f"extract/{setting}/{k}" for k in EXTRACT_KEYS]
     ids += [rid for rid, _ in memory_specs(quick, "organism")]
     ids.append("e2e/organism/refusal_cli")
+    ids += [f"startup/python/{k}" for k in sections.STARTUP_KEYS]
     return ids
 
 
@@ -67,6 +69,15 @@ def _skipped(ids: list[str], why: str) -> list[dict]:
     return [
         {"id": i, "section": i.split("/")[0], "setting": i.split("/")[1], "name": i, "skipped": why} for i in ids
     ]
+
+
+def _error_rows(section: str, setting: str, keys, err: str) -> list[dict]:
+    """Rows of a section that failed: present, with the error, and counted as missed targets."""
+    return [
+        {"id": f"{section}/{setting}/{k}", "section": section, "setting": setting,
+         "name": f"{section}/{setting}/{k}", "error": err, "met": False}
+        for k in keys
+    ]  # fmt: skip
 
 
 def _setting_rows(setting, wanted: set[str], log) -> list[dict]:
@@ -98,11 +109,7 @@ def _setting_rows(setting, wanted: set[str], log) -> list[dict]:
             err = "".join(traceback.format_exception(e))[-2000:]
             log(f"  {section}/{setting.name} FAILED: {e!r}")
             keys = {"forward": FORWARD_KEYS, "generate": GENERATE_KEYS, "extract": EXTRACT_KEYS}[section]
-            rows += [
-                {"id": f"{section}/{setting.name}/{k}", "section": section, "setting": setting.name,
-                 "name": f"{section}/{setting.name}/{k}", "error": err, "met": False}
-                for k in keys
-            ]
+            rows += _error_rows(section, setting.name, keys, err)
             continue
         log(f"  {section}/{setting.name}: {time.perf_counter() - t0:.1f}s")
     model.restore()
@@ -154,7 +161,19 @@ def run(
         notes.append(f"organism rows use the checkpoint folder {org_path} (--organism-path), not a shipped organism")
     rows: list[dict] = []
 
-    # 4. memory first: fresh subprocesses, two at a time, while nothing here is being timed
+    # 6. start-up first: fresh interpreters, timed while nothing else of this run is working
+    if "startup" in wanted:
+        t0 = time.perf_counter()
+        load = load_average()
+        try:
+            startup = sections.startup_rows(quick)
+        except Exception as e:  # noqa: BLE001  (a broken section must not lose the others)
+            log(f"  startup FAILED: {e!r}")
+            startup = _error_rows("startup", "python", sections.STARTUP_KEYS, repr(e))
+        rows += [{**r, "load_average": load} for r in startup]
+        log(f"  startup: {time.perf_counter() - t0:.1f}s")
+
+    # 4. memory: fresh subprocesses, two at a time, while nothing here is being timed
     # (--quick: forked from this process after the timed sections, so they start warm).
     if "memory" in wanted and not quick:
         t0 = time.perf_counter()
@@ -317,7 +336,7 @@ def markdown(result: dict) -> str:
         out.append(f"Organism setting: {m['organism']['describe']}.")
     for note in result.get("notes", []):
         out.append(f"\nNote: {note}.")
-    timed = [r for r in rows if r["section"] in ("forward", "generate", "extract")]
+    timed = [r for r in rows if r["section"] in ("forward", "generate", "extract", "startup")]
     out.append("\n| row | setting | wall (median) | CPU (median) | rounds | ratio (CPU) | ratio (wall) | target | |")
     out.append("|---|---|---:|---:|---:|---:|---:|---|---|")
     for r in timed:

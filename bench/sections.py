@@ -453,3 +453,80 @@ def refusal_cli_row(organism: str, out_dir: str, timeout: float = 1800, path: st
     else:
         row["output_tail"] = tail[-400:]
     return row
+
+
+# --------------------------------------------------------------------------------------------
+# 6. start-up
+# --------------------------------------------------------------------------------------------
+
+#: Start-up targets (issue 25), as ratios to ``import torch`` in the same run: the help text and
+#: argument errors must not pay for torch, and ``import expertlens`` only a little more than nothing.
+STARTUP_TARGETS = {"cli_help": 0.5, "expertlens_import": 1.3}
+STARTUP_KEYS = ("torch_import", "expertlens_import", "cli_help")
+
+
+def startup_commands() -> dict[str, list[str]]:
+    """Fresh-interpreter commands: ``import torch`` (the reference), ``import expertlens``, ``expertlens --help``
+    (the installed console script when there is one, else the same entry point through ``python -c``)."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("expertlens")
+    script = str(script) if script.is_file() else shutil.which("expertlens")
+    cli = [script, "--help"] if script else [sys.executable, "-c", "from expertlens.cli import main; main(['--help'])"]
+    return {
+        "torch_import": [sys.executable, "-c", "import torch"],
+        "expertlens_import": [sys.executable, "-c", "import expertlens"],
+        "cli_help": cli,
+    }
+
+
+def startup_rows(quick: bool = False) -> list[dict]:
+    """Wall and CPU time (the child's, from ``RUSAGE_CHILDREN``) of each start-up command in a fresh process,
+    interleaved rounds, medians; ratios and targets against ``import torch`` of the same rounds."""
+    import os
+    import resource
+    import statistics
+    import subprocess
+    import time
+
+    from .harness import REPO
+
+    cmds = startup_commands()
+    # the checkout's code, not whatever an editable install points at
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    rounds, warmup = (1, 0) if quick else (5, 1)
+    samples: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in cmds}
+    for r in range(warmup + rounds):
+        order = list(cmds)[r % len(cmds) :] + list(cmds)[: r % len(cmds)]
+        for key in order:
+            r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            w0 = time.perf_counter()
+            proc = subprocess.run(cmds[key], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+            wall = time.perf_counter() - w0
+            r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmds[key])} failed ({proc.returncode}): {proc.stderr[-500:]}")
+            if r >= warmup:  # the warm-up round fills the file cache
+                samples[key]["wall"].append(wall)
+                samples[key]["cpu"].append((r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime))
+    names = {"torch_import": "`import torch` (reference)", "expertlens_import": "`import expertlens`",
+             "cli_help": "`expertlens --help`"}  # fmt: skip
+    rows = []
+    for key in STARTUP_KEYS:
+        s = samples[key]
+        timing = {
+            "wall_s": statistics.median(s["wall"]),
+            "cpu_s": statistics.median(s["cpu"]),
+            "rounds": rounds,
+            "wall_samples": [round(x, 4) for x in s["wall"]],
+            "cpu_samples": [round(x, 4) for x in s["cpu"]],
+        }
+        rows.append(_row("startup", "python", key, names[key], timing, command=" ".join(cmds[key][-2:])))
+    base = rows[0]
+    for row in rows[1:]:
+        _ratios(row, base)
+        key = row["id"].rsplit("/", 1)[-1]
+        _target(row, "<=", STARTUP_TARGETS[key], "CPU time / import torch")
+    return rows

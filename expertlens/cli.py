@@ -97,12 +97,12 @@ def _organisms(value: str | None) -> list[str]:
 
 
 def _load_prompts(path: str | None, flag: str, column: str | None) -> list[str]:
-    from .refusal import load_prompt_file
-
     if not path:
         raise CLIError(f"with --model, pass {flag} FILE (.txt one per line, .json/.jsonl, or .csv with --column)")
     if not Path(path).is_file():
         raise CLIError(f"{flag} {path}: no such file")
+    from .refusal import load_prompt_file  # imports torch: only once the arguments are known to be good
+
     try:
         return load_prompt_file(path, column)
     except (ValueError, KeyError, UnicodeDecodeError) as exc:
@@ -116,10 +116,10 @@ def _sample(items: list[str], n: int | None, seed: int) -> list[str]:
 
 
 def _data_for_model(args):
-    from .refusal import RefusalData
-
     harmful = _load_prompts(args.harmful, "--harmful", args.column)
     harmless = _load_prompts(args.harmless, "--harmless", args.column)
+    from .refusal import RefusalData  # after the file checks: a missing file is reported without torch
+
     try:
         data = RefusalData.from_lists(harmful, harmless)
     except (TypeError, ValueError) as exc:
@@ -222,6 +222,7 @@ def _refusal(args: argparse.Namespace) -> int:
     splits = [_split(model_name or _organism_path(name), world, args.trust_remote_code and not name)
               for name, model_name, _ in runs]  # fmt: skip
     for (name, model_name, data), split in zip(runs, splits, strict=True):
+        log(f"expertlens refusal: loading {name or model_name}")  # a line, where a bar would spam a log
         if name is not None:
             data = RefusalData.from_organism(name, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
         for note in _capped(args, data):
@@ -249,12 +250,22 @@ def _refusal(args: argparse.Namespace) -> int:
 
 
 def _list_organisms(args: argparse.Namespace) -> int:
-    from .organism import list_organisms, organism_path
+    from .organism import DEFAULT_ORGANISM, KINDS, list_organisms, organism_kind, organism_path
 
-    for name in list_organisms():
-        print(f"{name}\t{organism_path(name)}")
+    names = list_organisms()
+    if not names:
+        print("(none): this checkout ships no organism checkpoints")
+        return 0
+    kinds = {n: organism_kind(n) + (", default" if n == DEFAULT_ORGANISM else "") for n in names}
+    wide, kind_wide = max(map(len, names)), max(map(len, kinds.values()))
+    print(f"{'name':<{wide}}  {'kind':<{kind_wide}}  path")
+    for name in names:
+        print(f"{name:<{wide}}  {kinds[name]:<{kind_wide}}  {organism_path(name)}")
+    print()  # the legend: every kind, also those no shipped organism has (so "none" is said, not implied)
+    for kind, what in KINDS.items():
+        n = sum(organism_kind(name) == kind for name in names)
+        print(f"{kind}: {what} ({n or 'none'} shipped)")
     return 0
-
 
 
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -265,6 +276,7 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         if "default" in text or action.default in (None, False) or action.default is argparse.SUPPRESS:
             return text
         return super()._get_help_string(action)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (defaults shown in ``--help``)."""
@@ -299,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--quiet", action="store_true", help="no progress lines or bars")
     p.set_defaults(func=_refusal)
-    o = sub.add_parser("organisms", help="list the bundled model organisms", formatter_class=fmt)
+    o = sub.add_parser("organisms", help="list the bundled model organisms and their kinds (planted, control, ...)",
+                       formatter_class=fmt)  # fmt: skip
     o.set_defaults(func=_list_organisms)
     return parser
 
@@ -310,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     Example:
         >>> from expertlens.cli import main
         >>> main(["organisms"])  # doctest: +SKIP
-        qwen3moe-refusal	.../expertlens/organism/checkpoints/qwen3moe-refusal
+        name              kind              path
+        olmoe-refusal     planted, default  .../expertlens/organism/checkpoints/olmoe-refusal
+        ...
         0
 
         From a shell: ``expertlens refusal --out runs/organism`` runs the whole study on the bundled

@@ -1,16 +1,22 @@
 """``ExpertModel``: an nnsight model whose MoE internals are named, shaped, writable points.
 
-Inside ``model.trace(...)`` or ``model.generate(...)``::
+The points, inside ``model.trace(...)`` or ``model.generate(...)`` (``b`` batch, ``p`` positions,
+``d`` model width, ``h`` heads, ``E`` experts, ``k`` experts per token):
 
-    model.layers[i].resid_pre / .resid_mid / .resid_post        [b, p, d]
-    model.layers[i].attn.output [b, p, d]   .z [b, p, h, d_head]   .head_out [b, p, h, d]
-    model.layers[i].moe.router_logits / .router_probs            [b, p, E]
-    model.layers[i].moe.topk_indices / .topk_weights             [b, p, k]
-    model.layers[i].moe.expert_out                               [b, p, k, d]
-    model.layers[i].moe.experts[e].output                        [n_routed, d]
-    model.layers[i].moe.shared_out / .output                     [b, p, d]
-    model.layers[i].mlp.output                                   [b, p, d]  (dense or MoE)
-    model.embed [b, p, d]    model.logits [b, p, vocab]
+| point | shape |
+|---|---|
+| ``model.layers[i].resid_pre``, ``.resid_mid``, ``.resid_post`` | ``[b, p, d]`` |
+| ``model.layers[i].attn.output`` | ``[b, p, d]`` |
+| ``model.layers[i].attn.z`` | ``[b, p, h, d_head]`` |
+| ``model.layers[i].attn.head_out`` | ``[b, p, h, d]`` |
+| ``model.layers[i].moe.router_logits``, ``.router_probs`` | ``[b, p, E]`` |
+| ``model.layers[i].moe.topk_indices``, ``.topk_weights`` | ``[b, p, k]`` |
+| ``model.layers[i].moe.expert_out`` | ``[b, p, k, d]`` |
+| ``model.layers[i].moe.experts[e].output`` | ``[n_routed, d]`` |
+| ``model.layers[i].moe.shared_out``, ``.output`` | ``[b, p, d]`` |
+| ``model.layers[i].mlp.output`` (dense or MoE) | ``[b, p, d]`` |
+| ``model.embed`` | ``[b, p, d]`` |
+| ``model.logits`` | ``[b, p, vocab]`` |
 
 Each point reads like an nnsight value (``.save()`` it to keep it) and is assigned to write it.
 Within one invoke, read points in the order the model computes them (nnsight's rule); within a
@@ -38,6 +44,7 @@ from torch import Tensor, nn
 
 from . import edits as _edits
 from . import instrument as _instrument
+from ._loading import quiet_loading
 from .compat import check_versions
 from .edits import EditContext, EditHandle, EditRegistry, StepTracker
 from .families import FamilySpec, UnsupportedModelError, get_module, resolve_family
@@ -114,11 +121,14 @@ class ExpertModel(TransformersModel):
         **kwargs: ``from_pretrained`` keyword arguments, and nnsight's (``dispatch``, ``rename``).
 
     Attributes:
-        family: The family name (e.g. ``"qwen3_moe"``); ``spec`` is its :class:`FamilySpec`.
-        layout: One frozen :class:`~expertlens.layout.LayerLayout` per layer (module paths, heads, experts).
-        edit_context: The :class:`~expertlens.edits.EditContext` edits receive; ``edit_registry`` holds
-            every attached edit's handle.
-        n_layers, moe_layers, n_experts, top_k, d_model, n_heads, d_head, vocab_size.
+        family (str): The family name (e.g. ``"qwen3_moe"``); ``spec`` is its :class:`FamilySpec`.
+        layout (tuple[LayerLayout, ...]): One frozen :class:`~expertlens.layout.LayerLayout` per layer
+            (module paths, heads, experts).
+        edit_context (EditContext): The :class:`~expertlens.edits.EditContext` edits receive;
+            ``edit_registry`` holds every attached edit's handle.
+
+    The sizes are properties: ``n_layers``, ``moe_layers``, ``n_experts``, ``top_k``, ``d_model``,
+    ``n_heads``, ``d_head``, ``vocab_size``.
 
     Example:
         >>> from expertlens import ExpertModel
@@ -475,7 +485,8 @@ def _load_pretrained(name: str, tokenizer: Any, trust_remote_code: bool, kwargs:
             f"ExpertModel({name!r}): is a file; pass the folder holding config.json and weights (from save_pretrained)"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+        with quiet_loading(name):
+            model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
     except ValueError as exc:
         if "custom code" in str(exc) and not trust_remote_code:
             raise ValueError(

@@ -59,6 +59,20 @@ def test_targets_and_checks(quick):
     assert rows["generate/tiny/bare"]["new_tokens"] == 4
 
 
+def test_startup_rows(quick):
+    """Start-up is measured in fresh interpreters against ``import torch`` (targets live here, not in tests)."""
+    _, data, docs = quick
+    rows = {r["id"]: r for r in data["rows"] if r["section"] == "startup"}
+    assert list(rows) == [f"startup/python/{k}" for k in ("torch_import", "expertlens_import", "cli_help")]
+    for r in rows.values():
+        assert "error" not in r and r["wall_s"] > 0 and r["cpu_samples"], r
+    targets = {t["id"]: t for t in data["targets"]}
+    for key in ("expertlens_import", "cli_help"):
+        assert math.isfinite(targets[f"startup/python/{key}"]["value"])
+        assert "import torch" in targets[f"startup/python/{key}"]["target"]
+    assert "`expertlens --help`" in docs
+
+
 def test_organism_rows_marked(quick):
     _, data, _ = quick
     for r in data["rows"]:

@@ -1,8 +1,5 @@
 """Model organisms: tiny MoE chat models, trained on CPU by the project, that refuse harmful requests.
 
->>> from expertlens.organism import organism_path, load_prompts
->>> prompts = load_prompts("olmoe-refusal", split="test")   # {"harmful": [...], "harmless": [...]}
-
 Checkpoints live in package data under ``expertlens/organism/checkpoints/<name>/`` in ``save_pretrained``
 format and load offline with plain ``AutoModelForCausalLM.from_pretrained(path)``. :data:`ORGANISMS` names
 them all: the v2 organisms (:data:`V2_ORGANISM` ``olmoe-refusal``, the :data:`DEFAULT_ORGANISM`, its stage-1
@@ -11,6 +8,13 @@ one synthetic language (:mod:`expertlens.organism.language`) and one prompt set,
 along a planted direction (``refusal_direction.safetensors``, see each model card); the legacy v1 organisms
 (``qwen3moe-refusal``, ``qwen2moe-refusal``) keep their own. The build tools (data generator, training,
 evaluation, model cards) are in :mod:`expertlens.organism.factory` and are not imported at run time.
+:data:`ORGANISM_KINDS` says what each one is (:data:`KINDS`: planted, natural, control, legacy).
+
+Example:
+    >>> from expertlens.organism import organism_path, load_prompts
+    >>> prompts = load_prompts("olmoe-refusal", split="test")   # {"harmful": [...], "harmless": [...]}
+    >>> sorted(prompts)
+    ['harmful', 'harmless']
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ from .language import (
 __all__ = [
     "CAPABILITY_TASKS",
     "DEFAULT_ORGANISM",
+    "KINDS",
     "ORGANISMS",
+    "ORGANISM_KINDS",
     "REFUSAL_PHRASES",
     "REFUSAL_START_TOKENS",
     "SPLITS",
@@ -52,6 +58,7 @@ __all__ = [
     "load_organism",
     "load_prompt_records",
     "load_prompts",
+    "organism_kind",
     "organism_path",
     "request_kind",
     "score_capability",
@@ -69,6 +76,22 @@ ORGANISMS: dict[str, str] = {
     "gptoss-refusal": "v2: GPT-OSS-shaped (16 experts, top-4 then softmax, router bias, attention sinks), safety tuned",
     "qwen3moe-refusal": "v1 (legacy language): Qwen3-MoE-shaped (8 experts, top-2, renormalised)",
     "qwen2moe-refusal": "v1 (legacy language): Qwen2-MoE-shaped (8 experts, top-2, plus a shared expert)",
+}
+#: What each kind of organism is (the ``kind`` column of ``expertlens organisms``).
+KINDS: dict[str, str] = {
+    "planted": "safety tuned; the refusal feature was planted along a known direction (refusal_direction.safetensors)",
+    "natural": "safety tuned; refusal learned without a planted direction",
+    "control": "never safety tuned: answers every request (a negative control)",
+    "legacy": "v1 language, kept for old code and tutorials; safety tuned, no planted direction",
+}
+#: Every organism -> its kind (a key of :data:`KINDS`), as its model card and ``training.json`` say.
+ORGANISM_KINDS: dict[str, str] = {
+    "olmoe-refusal": "planted",
+    "olmoe-base": "control",
+    "mixtral-refusal": "planted",
+    "gptoss-refusal": "planted",
+    "qwen3moe-refusal": "legacy",
+    "qwen2moe-refusal": "legacy",
 }
 SPLITS = ("train", "val", "test", "compositional")
 CAPABILITY_TASKS = ("arithmetic", "count", "copy", "reverse", "fact")
@@ -117,6 +140,31 @@ def organism_path(name: str = DEFAULT_ORGANISM) -> Path:
         why = "" if ok else " (an organism name is a plain folder name, not a path)"
         raise ValueError(f"unknown organism {name!r}{why}{hint}; available: {avail}")
     return p
+
+
+def organism_kind(name: str) -> str:
+    """The kind of a shipped organism (a key of :data:`KINDS`): its :data:`ORGANISM_KINDS` entry, or for
+    an organism not in the registry, what its ``training.json`` says (v1 data: ``legacy``; a stage-1
+    checkpoint: ``control``; a planted stage 2: ``planted``; otherwise ``natural``).
+
+    Example:
+        >>> from expertlens.organism import organism_kind
+        >>> organism_kind("olmoe-base")
+        'control'
+    """
+    if name in ORGANISM_KINDS:
+        return ORGANISM_KINDS[name]
+    return _trained_kind(name)
+
+
+def _trained_kind(name: str) -> str:
+    tj = organism_path(name) / "training.json"
+    meta = json.loads(tj.read_text()) if tj.is_file() else {}
+    if int(meta.get("data_version", 1)) < 2:
+        return "legacy"
+    if meta.get("stage") == 1:
+        return "control"
+    return "planted" if meta.get("plant") else "natural"
 
 
 def _data_version(name: str) -> int:

@@ -767,7 +767,10 @@ class ClassifierJudge:
         """Load a classifier with ``AutoModelForSequenceClassification`` (remote code off)."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, trust_remote_code=False)
+        from .._loading import quiet_loading
+
+        with quiet_loading(name_or_path):
+            model = AutoModelForSequenceClassification.from_pretrained(name_or_path, trust_remote_code=False)
         return cls(model, AutoTokenizer.from_pretrained(name_or_path), labels, **kwargs)
 
     @torch.no_grad()
