@@ -15,15 +15,22 @@ test that runs on every wrap stays the guard of each model's numbers).
 :func:`tensor_parallel_config` builds the ``DistributedConfig`` that splits a model tensor-parallel with its
 experts: transformers 5.25 dropped the experts' rules from most MoE models' tensor-parallel plan (they kept
 only the expert-parallel one), so ``DistributedConfig(tp_size=N)`` alone copies every expert to every rank.
+
+:func:`quiet_loading` keeps transformers' "Loading weights" progress bar (carriage-return frames) out of logs:
+it turns the bar off while one model loads, only when stderr is not a terminal, and restores the setting.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import re
 import sys
+import time
 import types
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -38,6 +45,8 @@ __all__ = [
     "check_versions",
     "nnsight_tp_plan_lookup",
     "output_cache",
+    "quiet_loading",
+    "stderr_is_tty",
     "tensor_parallel_config",
 ]
 
@@ -335,3 +344,45 @@ def _has_style(name: str) -> bool:
     from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
 
     return name in ALL_PARALLEL_STYLES
+
+
+_log = logging.getLogger("expertlens")
+
+
+def stderr_is_tty() -> bool:
+    """Whether stderr is a terminal (False for a file, a pipe or a capture without ``isatty``).
+
+    Example:
+        >>> from expertlens.compat import stderr_is_tty
+        >>> isinstance(stderr_is_tty(), bool)
+        True
+    """
+    isatty = getattr(sys.stderr, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        return False
+
+
+@contextlib.contextmanager
+def quiet_loading(what: str) -> Iterator[None]:
+    """Load ``what`` without transformers' progress bar when stderr is not a TTY; log a line before and after.
+
+    Example:
+        >>> from expertlens.compat import quiet_loading
+        >>> with quiet_loading("a model"):  # doctest: +SKIP
+        ...     hf = AutoModelForCausalLM.from_pretrained(path)
+    """
+    from transformers.utils import logging as hf_logging
+
+    turn_off = not stderr_is_tty() and hf_logging.is_progress_bar_enabled()
+    if turn_off:
+        hf_logging.disable_progress_bar()
+    t0 = time.perf_counter()
+    _log.info("loading %s", what)
+    try:
+        yield
+    finally:
+        if turn_off:
+            hf_logging.enable_progress_bar()
+    _log.info("loaded %s in %.1f s", what, time.perf_counter() - t0)

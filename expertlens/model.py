@@ -44,8 +44,7 @@ from torch import Tensor, nn
 
 from . import edits as _edits
 from . import instrument as _instrument
-from ._loading import quiet_loading
-from .compat import check_versions
+from .compat import check_versions, quiet_loading
 from .edits import EditContext, EditHandle, EditRegistry, StepTracker
 from .families import FamilySpec, UnsupportedModelError, get_module, resolve_family
 from .layout import editable_paths, resolve_layout

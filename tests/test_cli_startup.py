@@ -124,18 +124,18 @@ def test_loading_writes_no_progress_frames_to_a_log():
 def test_quiet_loading_only_off_a_terminal(monkeypatch):
     from transformers.utils import logging as hf
 
-    from expertlens import _loading
+    from expertlens import compat
 
     seen = []
     for tty, expect_bar in ((True, True), (False, False)):
-        monkeypatch.setattr(_loading, "stderr_is_tty", lambda tty=tty: tty)
-        with _loading.quiet_loading("x"):
+        monkeypatch.setattr(compat, "stderr_is_tty", lambda tty=tty: tty)
+        with compat.quiet_loading("x"):
             seen.append(hf.is_progress_bar_enabled())
         assert hf.is_progress_bar_enabled()  # restored
         assert seen[-1] is expect_bar
     hf.disable_progress_bar()  # a user's own choice is kept
     try:
-        with _loading.quiet_loading("x"):
+        with compat.quiet_loading("x"):
             pass
         assert not hf.is_progress_bar_enabled()
     finally:

@@ -767,7 +767,7 @@ class ClassifierJudge:
         """Load a classifier with ``AutoModelForSequenceClassification`` (remote code off)."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from .._loading import quiet_loading
+        from ..compat import quiet_loading
 
         with quiet_loading(name_or_path):
             model = AutoModelForSequenceClassification.from_pretrained(name_or_path, trust_remote_code=False)
