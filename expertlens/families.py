@@ -867,7 +867,7 @@ def resolve_family(model_or_type: nn.Module | str) -> FamilySpec:
     if model_type in REFUSED:
         raise UnsupportedModelError(
             f"expertlens cannot address model family {model_type!r} exactly: {REFUSED[model_type]}. "
-            "See docs/architectures.md for the supported families."
+            "The documentation's Supported architectures page lists the supported families."
         )
     names = ", ".join(sorted(_REGISTRY))
     raise UnsupportedModelError(
