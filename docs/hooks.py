@@ -1,6 +1,7 @@
 """mkdocs hooks.
 
-* Regenerate the supported-architectures page from the address tables on every build.
+* Add the supported-architectures page, generated from the address tables and the installed transformers, as a
+  virtual file of the build (``architectures.md``): nothing is written into docs/.
 * Parse ``Example:`` docstring sections (the project's convention) as examples, like ``Examples:``,
   so doctest lines render as code in the API reference.
 """
@@ -31,9 +32,20 @@ def on_config(config, **kwargs):
     return config
 
 
-def on_pre_build(config, **kwargs) -> None:
+def _gen_architectures():
     path = Path(__file__).resolve().parent / "gen_architectures.py"
     spec = importlib.util.spec_from_file_location("gen_architectures", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.write()
+    return module
+
+
+def on_files(files, config, **kwargs):
+    from mkdocs.structure.files import File
+
+    # a local docs/architectures.md (python docs/gen_architectures.py) is replaced by the page of this build
+    stale = files.get_file_from_path("architectures.md")
+    if stale is not None:
+        files.remove(stale)
+    files.append(File.generated(config, "architectures.md", content=_gen_architectures().render()))
+    return files

@@ -867,7 +867,7 @@ def resolve_family(model_or_type: nn.Module | str) -> FamilySpec:
     if model_type in REFUSED:
         raise UnsupportedModelError(
             f"expertlens cannot address model family {model_type!r} exactly: {REFUSED[model_type]}. "
-            "See docs/architectures.md for the supported families."
+            "The documentation's Supported architectures page lists the supported families."
         )
     names = ", ".join(sorted(_REGISTRY))
     raise UnsupportedModelError(
@@ -881,7 +881,8 @@ def resolve_family(model_or_type: nn.Module | str) -> FamilySpec:
 _QWEN_SHARED = dict(shared="shared_expert", shared_gate="shared_expert_gate", shared_input="flat")
 _DEEPSEEK_SHARED = dict(shared="shared_experts", shared_input="3d")
 
-#: Text MoE causal-LM types of transformers 5.24 that cannot be addressed exactly, with the structural reason.
+#: MoE causal-LM types (``expertlens.testing.moe_census``) that cannot be addressed exactly, with the structural
+#: reason.
 REFUSED: dict[str, str] = {
     "deepseek_v4": "hash-routed layers choose experts from token ids (a tid2eid table), not from router logits, so "
     "router_logits edits cannot change their selection; the residual is hyper-connected",
@@ -901,6 +902,8 @@ REFUSED: dict[str, str] = {
     "doge": "Doge's MoE (CDMoE) retrieves product-key embedding experts by key scores: there is no router/experts "
     "pair; its configs with is_moe=False build a dense model",
 }
+# AutoModelForCausalLM builds the whole multimodal model for gemma4 (not its text tower's model, as for llama4)
+REFUSED["gemma4"] = f"Gemma4ForConditionalGeneration wraps the gemma4_text tower, and {REFUSED['gemma4_text']}"
 
 for _spec in [
     FamilySpec("mixtral", ("mixtral",), rule=SoftmaxTopK(renorm=True, cast_to_logits_dtype=False)),
@@ -949,6 +952,14 @@ for _spec in [
             ("solar_open", "DeepSeek-V3 routing"),
             ("kimi_linear", "linear (KDA) and MLA attention layers; DeepSeek-V3 routing; dense prefix layers"),
             ("bailing_hybrid", "linear and full attention layers; DeepSeek-V3 routing; dense prefix layers"),
+            ("glm_moe_dsa", "MLA attention with a DSA top-k key indexer; DeepSeek-V3 routing; dense prefix layers"),
+            ("axk2", "MLA attention with a DSA key indexer and a sigmoid output gate; DeepSeek-V3 routing; dense "
+             "prefix layers"),
+            ("sarvam_mla", "the DeepSeek-V3 model (DeepseekV3ForCausalLM) under its own model_type; dense prefix "
+             "layers"),
+            ("sarvam_moe", "the GLM-4-MoE model (Glm4MoeForCausalLM) under its own model_type; dense prefix layers"),
+            ("param2moe", "the GLM-4-MoE model (Glm4MoeForCausalLM) under its own model_type; dense prefix layers"),
+            ("minicpm5_moe", "gated attention (q_gate_proj); DeepSeek-V3 routing"),
         ]
     ],
     FamilySpec(
@@ -1005,11 +1016,26 @@ for _spec in [
         attn_write="post_attention_layernorm", ffn_write="post_mlp_layernorm", residual="post_norm",
         notes="sandwich norms (sublayer writes pass through a norm); expert bias on the MoE block; gated attention",
     ),
-    FamilySpec(
+    _KOLIBRI1 := FamilySpec(
         "kolibri1", ("kolibri1",),
         rule=ScoredTopK(choose_on="logits", bias="e_score_correction_bias", renorm="norm_topk_prob"),
         shared="shared_experts", shared_input="3d", attn_write="post_self_attn_layernorm",
         ffn_write="post_mlp_layernorm", residual="post_norm", notes="sandwich norms; top-k on biased logits",
+    ),
+    _KOLIBRI1.with_(
+        name="kolibri1_1", model_types=("kolibri1_1",),
+        notes="Kolibri-1 blocks with indexed sparse attention (key/value sharing across layers) and dense prefix "
+        "layers; sandwich norms; top-k on biased logits",
+    ),
+    FamilySpec(
+        "ergo", ("ergo",),
+        rule=ScoredTopK(bias="e_score_correction_bias", eps=1e-20, scale="routed_scaling_factor"),
+        router_weight="linear.weight", **_DEEPSEEK_SHARED, mid="pre_feedforward_layernorm",
+        attn_write="post_attention_layernorm", ffn_write="post_feedforward_layernorm", residual="other",
+        notes="each expert's output passes its own RMSNorm (ErgoExperts.post_expert_norm, outside the experts "
+        "implementation): expert_out is the normalised slot output; gated residual (resid = g·write + g'·resid "
+        "with learned per-dimension gates), attn_write / mlp_write are the sandwich norms' outputs before the "
+        "gates; dense prefix layers",
     ),
     FamilySpec(
         "beam", ("beam",),

@@ -240,6 +240,17 @@ def expertlens_experts_forward(
         >>> "expertlens" in moe.ALL_EXPERTS_FUNCTIONS  # doctest: +SKIP
         True
     """
+    per_slot = _grouped_per_slot(self, hidden_states, top_k_index)
+    if self.__dict__.get("_el_ep"):
+        # Under expert parallelism this runs on the rows other ranks sent to this rank's experts, under tensor
+        # parallelism on this rank's slice of every expert; the points are applied by the MoE block on the whole
+        # per-slot outputs transformers' wrapper hands back (`_ep_per_slot`).
+        return (per_slot * top_k_weights.unsqueeze(-1)).sum(dim=1).to(hidden_states.dtype)
+    return _weigh_through_points(self, per_slot, top_k_index, top_k_weights).to(hidden_states.dtype)
+
+
+def _grouped_per_slot(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor) -> Tensor:
+    """Each (token, slot)'s expert output ``[n, k, d]`` before its routing weight, grouped as ``grouped_mm`` is."""
     from transformers.integrations.moe import _grouped_linear
 
     device = hidden_states.device
@@ -283,14 +294,33 @@ def expertlens_experts_forward(
 
     inv_perm = torch.empty_like(perm)
     inv_perm[perm] = torch.arange(perm.size(0), device=device)
-    per_slot = out[inv_perm].view(n_tokens, k, hidden_dim)
+    return out[inv_perm].view(n_tokens, k, hidden_dim)
 
-    if self.__dict__.get("_el_ep"):
-        # Under expert parallelism this runs on the rows other ranks sent to this rank's experts, under tensor
-        # parallelism on this rank's slice of every expert; the points are applied by the MoE block on the whole
-        # per-slot outputs transformers' wrapper hands back (`_ep_per_slot`).
-        return (per_slot * top_k_weights.unsqueeze(-1)).sum(dim=1).to(hidden_states.dtype)
-    return _weigh_through_points(self, per_slot, top_k_index, top_k_weights).to(hidden_states.dtype)
+
+def slot_norm(experts: nn.Module) -> nn.Module | None:
+    """The per-expert norm a fused experts module applies to each slot's output *outside* its experts
+    implementation, called as ``norm(out, expert_ids)`` (Ergo: ``ErgoExperts`` runs the decorated projections on
+    top-1 rows, then ``post_expert_norm`` with per-expert weights); ``None`` for every other module (a norm the
+    decorator applies, ``has_post_expert_norm``, runs inside the implementation).
+
+    Example:
+        >>> from expertlens.instrument import slot_norm
+        >>> from expertlens.testing import tiny_model
+        >>> slot_norm(tiny_model("olmoe").model.layers[0].mlp.experts) is None
+        True
+    """
+    if not hasattr(experts, "has_gate") or experts.has_post_expert_norm:
+        return None
+    return experts._modules.get("post_expert_norm")
+
+
+def _slot_normed(experts: nn.Module, norm: nn.Module, flat: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    """The MoE sum of experts with a :func:`slot_norm`: per-slot outputs grouped as ``grouped_mm`` computes the
+    module's top-1 rows, normalised with their expert ids, passed through the expert points, weighted and summed."""
+    n, k = indices.shape
+    per_slot = _grouped_per_slot(experts, flat, indices).reshape(n * k, -1)
+    per_slot = norm(per_slot, indices.reshape(-1).clamp_max(int(experts.num_experts) - 1)).view(n, k, -1)
+    return _weigh_through_points(experts, per_slot, indices, weights)
 
 
 def _weigh_through_points(experts: nn.Module, per_slot: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
@@ -472,7 +502,7 @@ def all_experts_forward(experts: nn.Module, x: Tensor, chunk: int | None = None)
             "cannot run on this rank's rows; run it on one process or under tensor parallelism (tp_size)"
         )
     if parallel == "tp":
-        if experts.has_bias or experts.has_post_expert_norm:
+        if experts.has_bias or experts.has_post_expert_norm or slot_norm(experts) is not None:
             raise ValueError(
                 "all_experts_forward: under tensor parallelism each rank's result is a partial sum; experts with "
                 "biases or a post-expert norm are not supported there (run on one process)"
@@ -506,6 +536,8 @@ def all_experts_forward(experts: nn.Module, x: Tensor, chunk: int | None = None)
             torch.distributed.all_reduce(out, group=group)  # this rank's partial sums -> every expert's output
         if experts.has_post_expert_norm:
             out = experts.post_expert_norm(out)
+        elif (norm := slot_norm(experts)) is not None:
+            out = norm(out, ids_g)
         outs.append(out.view(e, n, -1))
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
@@ -565,6 +597,8 @@ def expert_forward(experts: torch.nn.Module, x: torch.Tensor, expert: int) -> to
     out = lin(h, experts.down_proj[expert], b_down)
     if experts.has_post_expert_norm:
         out = experts.post_expert_norm(out)
+    elif (norm := slot_norm(experts)) is not None:
+        out = norm(out, torch.full(out.shape[:1], expert, device=out.device))
     return out
 
 
@@ -707,8 +741,11 @@ def _block_forward(self: nn.Module, hidden_states: Tensor, *args, **kwargs):
     flat = hidden_states.reshape(-1, d)
     extra = [get_module(self, name) for name in spec.router_extra]
     _, weights, indices = router(hidden_states if spec.router_input == "3d" else flat, *extra)
+    norm = slot_norm(experts) if spec.experts_kind == "fused" else None
     if spec.experts_kind == "dense_input_scaled":
         out = _dense_input_scaled(experts, flat, indices, weights).to(hidden_states.dtype).reshape(b, p, d)
+    elif norm is not None:
+        out = _slot_normed(experts, norm, flat, indices, weights).to(hidden_states.dtype).reshape(b, p, d)
     elif experts.__dict__.get("_el_ep") == "tp" and all(
         _idle(experts._modules[name], count=False) for name in EXPERTS_POINTS
     ):
@@ -898,6 +935,15 @@ def install(model: nn.Module, spec: FamilySpec, editable: list[nn.Module] = ()) 
                 experts = get_module(block, spec.experts)
                 _check_experts(i, experts, block, spec)
                 parallel = _experts_parallelism(experts)
+                if parallel is not None and slot_norm(experts) is not None:
+                    from .families import UnsupportedModelError
+
+                    raise UnsupportedModelError(
+                        f"layer {i}: {type(experts).__name__} normalises each slot's output with its expert's weights "
+                        f"outside the experts implementation; expertlens computes that on one process, not under "
+                        f"{'expert' if parallel == 'ep' else 'tensor'} parallelism (load the model without a "
+                        "distributed_config)"
+                    )
                 if parallel == "ep":
                     # Keep transformers' expert-parallel wrapper as the body nnsight runs (nnsight keeps it only
                     # when a tensor-parallel mesh is present), and let the block apply the expert points.

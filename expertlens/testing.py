@@ -2,12 +2,16 @@
 
 Every family in the address table has a tiny config (hidden 64, 2 layers, 8 experts, top-2,
 vocab 256) that builds with ``from_config`` and runs on a CPU in milliseconds. Nothing is
-downloaded.
+downloaded. :func:`moe_census` lists the MoE causal-LM types of the installed transformers, which
+``tests/test_coverage.py`` requires to be exact or refused, one case per type.
 """
 
 from __future__ import annotations
 
 import copy
+import re
+from dataclasses import dataclass
+from functools import cache
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
@@ -16,7 +20,7 @@ from . import _tiny_configs
 
 __all__ = [
     "TINY_CONFIGS", "tiny_config", "tiny_model", "tiny_tokenizer", "expert_forward", "MOE_FAMILIES", "DENSE_FAMILIES",
-    "ALL_MOE_TYPES", "EXTRA_MOE_CONFIGS", "coverage_families",
+    "EXTRA_MOE_CONFIGS", "coverage_families", "CensusEntry", "moe_census", "census_status",
 ]
 
 _COMMON = dict(
@@ -74,7 +78,7 @@ DENSE_FAMILIES = ("llama", "qwen2")
 #: The families most tests run on (the original address tables).
 MOE_FAMILIES = tuple(f for f in TINY_CONFIGS if f not in DENSE_FAMILIES)
 
-# Every other text MoE causal-LM type of transformers 5.24 (tests/test_coverage.py): the same tiny shape.
+# Every other MoE causal-LM type of the census (tests/test_coverage.py): the same tiny shape.
 # Scaling factors are set away from 1 so the tests see them.
 _SCALES = dict(routed_scaling_factor=2.5)
 _COVERAGE_OVERRIDES: dict[str, dict] = {
@@ -113,18 +117,25 @@ for _name, _cfg in _tiny_configs.COVERAGE_CONFIGS.items():
     if _name not in TINY_CONFIGS:
         TINY_CONFIGS[_name] = {**_cfg, **_COVERAGE_OVERRIDES.get(_name, {})}
 
-#: Every text MoE causal-LM type with a tiny config, supported or refused (``REFUSED``).
-ALL_MOE_TYPES = tuple(sorted(_tiny_configs.COVERAGE_CONFIGS))
-
-#: MoE types outside those 54 whose tiny configs needed care (hybrid Mamba state sizes, DSA indexer, DBRX's
-#: nested configs and its broken defaults in 5.24).
+#: MoE types whose tiny configs needed care (hybrid Mamba state sizes, DSA indexers, DBRX's nested configs and
+#: its broken defaults in 5.24, Gemma-4's multimodal wrapper without vision and audio towers), or that share
+#: another family's tiny shape.
 EXTRA_MOE_CONFIGS: dict[str, dict] = {
     "granitemoehybrid": {
         **_COMMON, **_MOE, "residual_multiplier": 0.5, "shared_intermediate_size": 64,
         "layer_types": ["mamba", "attention"], "mamba_d_state": 16, "mamba_n_heads": 4, "mamba_d_head": 32,
         "mamba_n_groups": 1, "mamba_expand": 2,
     },
-    "deepseek_v32": {**TINY_CONFIGS["deepseek_v3"], "index_n_heads": 2, "index_head_dim": 16, "index_topk": 4},
+    # MLA models of DeepSeek-V3's tiny shape; the DSA indexers (2 heads of 16) keep 4 keys, so 6-token prompts are
+    # sparse
+    "sarvam_mla": TINY_CONFIGS["deepseek_v3"],
+    # DeepSeek-V3 routing with grouped attention (GLM-4-MoE's modeling, MiniCPM5-MoE)
+    **{name: {**_COMMON, **_MOE, "n_routed_experts": 8, "n_shared_experts": 1, "n_group": 2, "topk_group": 1,
+              "routed_scaling_factor": 2.5, "norm_topk_prob": True, "first_k_dense_replace": 1}
+       for name in ("param2moe", "sarvam_moe", "minicpm5_moe")},
+    **{name: {**TINY_CONFIGS["deepseek_v3"], "index_n_heads": 2, "index_head_dim": 16, "index_topk": 4}
+       for name in ("deepseek_v32", "glm_moe_dsa", "axk2")},
+    "gemma4": {"text_config": TINY_CONFIGS["gemma4_text"], "vision_config": None, "audio_config": None},
     "dbrx": {
         "d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 256, "vocab_size": 256,
         "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 8, "moe_top_k": 2},
@@ -134,26 +145,135 @@ EXTRA_MOE_CONFIGS: dict[str, dict] = {
 TINY_CONFIGS.update(EXTRA_MOE_CONFIGS)
 
 
+# Config keys that only MoE configs carry (also inside nested configs: DBRX's ffn_config, text towers).
+_MOE_KEY = re.compile(r"num_experts|n_routed_experts|num_local_experts|moe_num_experts|num_experts_per_tok|"
+                      r"experts_per_token|moe_intermediate")
+
+
+@dataclass(frozen=True)
+class CensusEntry:
+    """One MoE causal-LM type of the installed transformers (see :func:`moe_census`).
+
+    Attributes:
+        model_type: The ``config.model_type``.
+        causal_lm: The class ``AutoModelForCausalLM`` builds for it.
+        text_tower: For a multimodal config, the ``model_type`` of its text config (``None`` otherwise).
+        builds_tower: ``AutoModelForCausalLM`` builds the text tower's own model for this config (the class's
+            ``config_class`` is the tower's), so the tower's table or refusal is this type's too.
+
+    Example:
+        >>> from expertlens.testing import moe_census
+        >>> entry = next(e for e in moe_census() if e.model_type == "llama4")
+        >>> entry.text_tower, entry.builds_tower
+        ('llama4_text', True)
+    """
+
+    model_type: str
+    causal_lm: str
+    text_tower: str | None = None
+    builds_tower: bool = False
+
+
+def _has_moe_keys(obj) -> bool:
+    if isinstance(obj, dict):
+        return any(_MOE_KEY.search(str(k)) or _has_moe_keys(v) for k, v in obj.items())
+    if isinstance(obj, list):
+        return any(_has_moe_keys(v) for v in obj)
+    return False
+
+
+def _class_fields(cls) -> dict:
+    """Field names of a config class and of its concrete sub-config classes (no instance needed)."""
+    fields = dict.fromkeys(getattr(cls, "__dataclass_fields__", {}))
+    for sub in (getattr(cls, "sub_configs", None) or {}).values():
+        fields.update(dict.fromkeys(getattr(sub, "__dataclass_fields__", {})))
+    return fields
+
+
+@cache
+def moe_census() -> tuple[CensusEntry, ...]:
+    """Every MoE causal-LM type of the installed transformers, sorted by ``model_type``.
+
+    A type is one of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` whose default config (nested configs included) has
+    an MoE key (``num_experts``, ``n_routed_experts``, ``num_local_experts``, ``moe_num_experts``,
+    ``num_experts_per_tok``, ``experts_per_token``, ``moe_intermediate*``). MoE-capable types whose defaults
+    are dense (``gemma4_text``'s ``enable_moe_block``, ``doge``'s ``is_moe``) count: a checkpoint can turn
+    experts on. Where the default config does not validate (``gemma4_assistant``), its class's fields decide.
+    Multimodal-only types (image-text-to-text, not in the causal-LM mapping) are outside the census.
+
+    Example:
+        >>> from expertlens.testing import moe_census
+        >>> types = {e.model_type for e in moe_census()}
+        >>> {"mixtral", "deepseek_v3", "qwen3_moe"} <= types and "llama" not in types
+        True
+    """
+    import transformers
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    found: dict[str, object] = {}
+    for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        if model_type not in CONFIG_MAPPING:
+            continue
+        try:
+            config = CONFIG_MAPPING[model_type]()
+        except Exception:  # noqa: BLE001 (a default that fails validation: judge the class's fields)
+            if _has_moe_keys(_class_fields(CONFIG_MAPPING[model_type])):
+                found[model_type] = None
+            continue
+        if _has_moe_keys(config.to_dict()):
+            found[model_type] = config
+    entries = []
+    for model_type, config in sorted(found.items()):
+        cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+        text = config.get_text_config() if config is not None else None
+        tower = text.model_type if text is not None and text is not config else None
+        cls = getattr(transformers, cls_name, None)
+        builds = tower is not None and getattr(getattr(cls, "config_class", None), "model_type", None) == tower
+        entries.append(CensusEntry(model_type, cls_name, tower, builds))
+    return tuple(entries)
+
+
+def census_status(model_type: str) -> tuple[str, str]:
+    """How expertlens handles one census type: ``(status, detail)``.
+
+    ``("exact", family)``: an address table; ``("refused", reason)``: ``REFUSED``'s structural reason;
+    ``("text tower", tower)``: the causal LM built for it is its text tower's model (the tower's status
+    applies); ``("unknown", message)``: neither, which ``tests/test_coverage.py`` fails on.
+
+    Example:
+        >>> from expertlens.testing import census_status
+        >>> census_status("mixtral"), census_status("qwen3_5_moe")
+        (('exact', 'mixtral'), ('text tower', 'qwen3_5_moe_text'))
+        >>> census_status("jetmoe")[0]
+        'refused'
+    """
+    from .families import _REGISTRY, REFUSED
+
+    spec = next((s for s in _REGISTRY.values() if s.matches(model_type)), None)
+    if spec is not None and spec.is_moe:
+        return "exact", spec.name
+    if model_type in REFUSED:
+        return "refused", REFUSED[model_type]
+    entry = next((e for e in moe_census() if e.model_type == model_type), None)
+    if entry is not None and entry.builds_tower:
+        return "text tower", entry.text_tower
+    return "unknown", (
+        f"MoE causal-LM type {model_type!r} has neither an address table nor a structural reason: add its tiny "
+        "config to expertlens/_tiny_configs.py and a FamilySpec (or a REFUSED reason) to expertlens/families.py"
+    )
+
+
 def coverage_families() -> tuple[str, ...]:
-    """Every text MoE ``model_type`` with a tiny config that an address table supports (sorted).
+    """Every census type with a tiny config and an address table (sorted).
 
     Example:
         >>> from expertlens.testing import coverage_families
         >>> "qwen3_5_moe_text" in coverage_families() and "jetmoe" not in coverage_families()
         True
     """
-    from .families import REFUSED, resolve_family
-
-    out = []
-    for name in sorted((*ALL_MOE_TYPES, *EXTRA_MOE_CONFIGS)):
-        if name in REFUSED:
-            continue
-        try:
-            resolve_family(name)
-        except ValueError:
-            continue
-        out.append(name)
-    return tuple(out)
+    types = sorted(e.model_type for e in moe_census())
+    return tuple(t for t in types if t in TINY_CONFIGS and census_status(t)[0] == "exact")
 
 
 def tiny_config(family: str, **overrides):

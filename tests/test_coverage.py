@@ -1,7 +1,9 @@
-"""Every text MoE causal-LM type of transformers 5.24: exact points on each supported one, a reason for the rest.
+"""Every MoE causal-LM type of the installed transformers: exact points on each supported one, a reason for the rest.
 
-Parametrised over ``expertlens.testing.coverage_families()`` (every type an address table supports, the original
-15 included), one tiny model per family shared by the tests of this module.
+The types come from a census of the installed transformers (``expertlens.testing.moe_census``), so a release's new
+types each appear as a failing case of ``test_every_census_type_is_exact_or_refused`` until they get a table or a
+structural reason. The identity tests are parametrised over ``coverage_families()`` (every census type an address
+table supports), one tiny model per family shared by the tests of this module.
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ import warnings
 import nnsight
 import pytest
 import torch
+import transformers
 
-from expertlens import ExpertModel, PointError, UnsupportedModelError
+from expertlens import ExpertModel, PointError, UnsupportedModelError, resolve_family
 from expertlens.families import REFUSED
 from expertlens.testing import (
-    ALL_MOE_TYPES,
-    EXTRA_MOE_CONFIGS,
+    TINY_CONFIGS,
+    census_status,
     coverage_families,
     expert_forward,
+    moe_census,
     tiny_model,
     tiny_tokenizer,
 )
@@ -26,7 +30,7 @@ from expertlens.testing import (
 from .conftest import make_ids
 
 FAMILIES = coverage_families()
-
+CENSUS = {entry.model_type: entry for entry in moe_census()}
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +52,31 @@ def _reference_logits(family: str, ids: torch.Tensor) -> torch.Tensor:
         return tiny_model(family)(ids).logits
 
 
-def test_at_least_45_of_the_54_types_are_supported_and_the_rest_refused():
-    assert len(ALL_MOE_TYPES) == 54
-    assert len(set(FAMILIES) & set(ALL_MOE_TYPES)) >= 45
-    assert set(FAMILIES) | set(REFUSED) == set(ALL_MOE_TYPES) | set(EXTRA_MOE_CONFIGS)
-    assert not set(FAMILIES) & set(REFUSED)
+@pytest.mark.parametrize("model_type", sorted(CENSUS))
+def test_every_census_type_is_exact_or_refused(model_type):
+    """Exact: a registered table (never an inferred one) and a tiny config, so the identity tests below run on it.
+    Refused: a structural reason in REFUSED and a tiny config for the refusal test. A multimodal type whose causal
+    LM is its text tower's model takes the tower's status."""
+    status, detail = census_status(model_type)
+    where = f"transformers {transformers.__version__}: {CENSUS[model_type].causal_lm}"
+    assert status != "unknown", f"{where}: {detail}"
+    if status == "text tower":
+        assert detail in CENSUS and census_status(detail)[0] in ("exact", "refused"), f"{where}: tower {detail}"
+        return
+    assert model_type in TINY_CONFIGS, f"{where}: {model_type!r} has no tiny config in expertlens/_tiny_configs.py"
+    if status == "exact":
+        assert model_type in FAMILIES and resolve_family(model_type).inference is None
+    else:
+        assert model_type in REFUSED and not set(FAMILIES) & {model_type}
+
+
+def test_the_census_finds_moe_types_and_only_them():
+    assert len(CENSUS) >= 70  # transformers 5.25 (5.24: 66)
+    assert {"mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "jetmoe"} <= set(CENSUS)
+    assert not {"llama", "qwen2", "gemma2", "mistral"} & set(CENSUS)
+    towers = {t: e.text_tower for t, e in CENSUS.items() if e.builds_tower}
+    assert towers.get("llama4") == "llama4_text" and towers.get("qwen3_5_moe") == "qwen3_5_moe_text"
+    assert not CENSUS["gemma4"].builds_tower  # AutoModelForCausalLM builds the multimodal model: refused itself
 
 
 @pytest.mark.parametrize("family", FAMILIES)
