@@ -341,6 +341,41 @@ class ExpertModel(TransformersModel):
             f"n_experts={self.n_experts}, top_k={self.top_k}, d_model={self.d_model})"
         )
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the sizes, the layers (MoE or dense) and the points this model has, with shapes."""
+        import html
+
+        from .points import POINTS
+
+        lays = ", ".join(f"{lay.index}{'' if lay.is_moe else ' (dense)'}" for lay in self.layout)
+        head = (
+            f"<p><b>ExpertModel</b> family <code>{html.escape(self.family)}</code>: {self.n_layers} layers "
+            f"({lays}); {self.n_experts} experts, top-{self.top_k}, d_model {self.d_model}, {self.n_heads} heads "
+            f"of {self.d_head}, vocab {self.vocab_size}</p>"
+        )
+        rows = []
+        for point in POINTS.values():
+            if point.level == "model":
+                if point.needs and point.needs(self, None):
+                    continue
+                at = "model"
+            else:
+                where = [lay for lay in self.layout if point.level == "layer" or lay.is_moe]
+                ok = [lay.index for lay in where if not (point.needs and point.needs(self, lay))]
+                if not ok:  # e.g. attn.z on a family without an o_proj
+                    continue
+                at = _layer_span(ok)
+            write = "yes" if point.writable else "read-only"
+            rows.append(
+                f"<tr><td><code>{html.escape(point.attr)}</code></td><td><code>{html.escape(point.name)}</code></td>"
+                f"<td>{html.escape(point.dims)}</td><td>{html.escape(at)}</td><td>{write}</td></tr>"
+            )
+        table = (
+            "<table><thead><tr><th>point</th><th>string name</th><th>shape</th><th>layers</th><th>write</th></tr>"
+            f"</thead><tbody>{''.join(rows)}</tbody></table>"
+        )
+        return f"<div>{head}{table}</div>"
+
     # ---- points -------------------------------------------------------------------------------
     @property
     def layers(self) -> _LayerList:
@@ -443,6 +478,17 @@ class ExpertModel(TransformersModel):
 # --------------------------------------------------------------------------------------------
 # loading and wrapping
 # --------------------------------------------------------------------------------------------
+
+
+def _layer_span(layers: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"`` (short enough for a table cell)."""
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 def _load_tokenizer(name: str, trust_remote_code: bool):

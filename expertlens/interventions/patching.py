@@ -53,7 +53,7 @@ def cache_points(
     return dict(rec.values)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class Patch(Intervention):
     """Activation patching: ``x ← x_source`` at a point on selected layers / positions / rows.
 
