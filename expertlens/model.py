@@ -590,11 +590,14 @@ READ_ORDER = (
 
 def _friendly_tracer(cls: type) -> type:
     if cls not in _FRIENDLY_TRACERS:
+        from .loops import GuardedIterations, explain_never_reached
 
         def __exit__(self, exc_type, exc_value, tb):
             model = self.__dict__.get("_el_model")
+            caught: list[warnings.WarningMessage] = []
             try:
-                return cls.__exit__(self, exc_type, exc_value, tb)
+                with warnings.catch_warnings(record=True) as caught:
+                    return cls.__exit__(self, exc_type, exc_value, tb)
             except Exception as err:
                 if type(err).__name__ == "OutOfOrderError" and model is not None:
                     raise type(err)(_out_of_order_message(model, str(err))).with_traceback(err.__traceback__) from None
@@ -602,8 +605,21 @@ def _friendly_tracer(cls: type) -> type:
             finally:
                 if model is not None and model._module.__dict__.get("_el_trace_thread") is threading.current_thread():
                     model._module.__dict__.pop("_el_trace_thread", None)
+                for w in caught:  # re-issued after the run; nnsight's "never reached" told as it happened
+                    text = explain_never_reached(model, str(w.message)) if model is not None else None
+                    message = w.message if text is None else type(w.message)(text)
+                    warnings.warn_explicit(message, w.category, w.filename, w.lineno, source=w.source)
 
-        _FRIENDLY_TRACERS[cls] = type(cls.__name__, (cls,), {"__exit__": __exit__, "__module__": cls.__module__})
+        def iter(self) -> GuardedIterations:  # noqa: A001 - nnsight's name
+            """nnsight's ``tracer.iter``; an open-ended loop whose body asks nothing of the model is stopped."""
+            return GuardedIterations()
+
+        def all(self) -> GuardedIterations:  # noqa: A001 - nnsight's name
+            """nnsight's ``tracer.all()`` (``tracer.iter[:]``), guarded the same way."""
+            return GuardedIterations()[:]
+
+        body = {"__exit__": __exit__, "iter": property(iter), "all": all, "__module__": cls.__module__}
+        _FRIENDLY_TRACERS[cls] = type(cls.__name__, (cls,), body)
     return _FRIENDLY_TRACERS[cls]
 
 
