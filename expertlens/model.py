@@ -27,11 +27,12 @@ import copy
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from jaxtyping import Float, Int
 from nnsight import TransformersModel
 from torch import Tensor, nn
 
@@ -474,6 +475,46 @@ class ExpertModel(TransformersModel):
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, **kwargs)
         return {k: v.to(self.device) for k, v in enc.items()}
 
+    def to_tokens(self, prompts: str | list[str], **kwargs: Any) -> Int[Tensor, "batch pos"]:
+        """Token ids ``[b, p]`` of ``prompts``, left-padded, on the model's device (TransformerLens's name).
+
+        Unlike TransformerLens no BOS is prepended: the tokenizer's own settings apply (as in a trace), so the
+        ids are the ones ``model.trace(prompts)`` runs on. ``tokenize`` gives the attention mask as well.
+
+        Example:
+            >>> from expertlens.testing import tiny_model, tiny_tokenizer
+            >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+            >>> model.to_tokens(["hello", "hi"]).shape
+            torch.Size([2, 5])
+        """
+        return self.tokenize(prompts, **kwargs)["input_ids"]
+
+    def run_with_cache(
+        self,
+        prompts: str | list[str],
+        points: Sequence[str] | str = ("resid_pre", "attn.output", "mlp.output", "resid_post"),
+        layers: Any = None,
+        interventions: Sequence[Any] = (),
+    ) -> tuple[Float[Tensor, "batch pos vocab"], Any]:
+        """One forward of ``prompts``: ``(logits, cache)``, as TransformerLens spells it.
+
+        ``cache`` is an :class:`~expertlens.interventions.ActivationCache`: a dict keyed like
+        :func:`~expertlens.interventions.cache_points`, ``cache["resid_pre", 3]`` ``[b, p, d]``, with
+        ``cache.stack("resid_pre")`` ``[layers, b, p, d]`` and the run's ``attention_mask``. ``points`` are point
+        names (``"moe.router_logits"``, ``"attn.z"``, ...); ``layers`` a layer selector; ``interventions`` are
+        attached for the run. Inside a trace, read points directly instead (``model.layers[3].resid_pre.save()``).
+
+        Example:
+            >>> from expertlens.testing import tiny_model, tiny_tokenizer
+            >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+            >>> logits, cache = model.run_with_cache("hello", points=["resid_pre", "moe.topk_indices"])
+            >>> cache.stack("resid_pre").shape, cache["moe.topk_indices", 1].shape
+            (torch.Size([2, 1, 5, 64]), torch.Size([1, 5, 2]))
+        """
+        from .interventions.patching import run_with_cache
+
+        return run_with_cache(self, prompts, points, layers, interventions)
+
 
 # --------------------------------------------------------------------------------------------
 # loading and wrapping
@@ -590,14 +631,21 @@ READ_ORDER = (
 
 def _friendly_tracer(cls: type) -> type:
     if cls not in _FRIENDLY_TRACERS:
+        from nnsight.tracing.tracer import _local as _nnsight_local
+
         from .loops import GuardedIterations, explain_never_reached
+        from .unsaved import bind_unsaved
 
         def __exit__(self, exc_type, exc_value, tb):
             model = self.__dict__.get("_el_model")
             caught: list[warnings.WarningMessage] = []
+            frame, names, before = _block_names(self, exc_type)
             try:
                 with warnings.catch_warnings(record=True) as caught:
-                    return cls.__exit__(self, exc_type, exc_value, tb)
+                    done = cls.__exit__(self, exc_type, exc_value, tb)
+                if frame is not None and getattr(_nnsight_local, "depth", 0) == 0:  # the outermost trace ended
+                    bind_unsaved(frame, names, before)
+                return done
             except Exception as err:
                 if type(err).__name__ == "OutOfOrderError" and model is not None:
                     raise type(err)(_out_of_order_message(model, str(err))).with_traceback(err.__traceback__) from None
@@ -621,6 +669,22 @@ def _friendly_tracer(cls: type) -> type:
         body = {"__exit__": __exit__, "iter": property(iter), "all": all, "__module__": cls.__module__}
         _FRIENDLY_TRACERS[cls] = type(cls.__name__, (cls,), body)
     return _FRIENDLY_TRACERS[cls]
+
+
+def _block_names(tracer: Any, exc_type: Any) -> tuple[Any, list[str], set[str]]:
+    """``(frame, names the block assigns, names the frame had)`` for a block that is about to run, else
+    ``(None, [], set())`` (the block raised, or nnsight captured no block)."""
+    from nnsight.tracing.tracer import ExitTracingException
+
+    from .unsaved import assigned_names
+
+    info, node = getattr(tracer, "info", None), getattr(tracer, "node", None)
+    if exc_type not in (None, ExitTracingException) or info is None or info.frame is None or node is None:
+        return None, [], set()
+    try:
+        return info.frame, assigned_names(node.body), set(info.frame.f_locals)
+    except Exception:  # noqa: BLE001 - the hint is optional; never let it break a trace
+        return None, [], set()
 
 
 def _point_names(model: ExpertModel) -> dict[str, str]:
