@@ -34,11 +34,12 @@ import copy
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from jaxtyping import Float, Int
 from nnsight import TransformersModel
 from torch import Tensor, nn
 
@@ -354,6 +355,41 @@ class ExpertModel(TransformersModel):
             f"n_experts={self.n_experts}, top_k={self.top_k}, d_model={self.d_model})"
         )
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the sizes, the layers (MoE or dense) and the points this model has, with shapes."""
+        import html
+
+        from .points import POINTS
+
+        lays = ", ".join(f"{lay.index}{'' if lay.is_moe else ' (dense)'}" for lay in self.layout)
+        head = (
+            f"<p><b>ExpertModel</b> family <code>{html.escape(self.family)}</code>: {self.n_layers} layers "
+            f"({lays}); {self.n_experts} experts, top-{self.top_k}, d_model {self.d_model}, {self.n_heads} heads "
+            f"of {self.d_head}, vocab {self.vocab_size}</p>"
+        )
+        rows = []
+        for point in POINTS.values():
+            if point.level == "model":
+                if point.needs and point.needs(self, None):
+                    continue
+                at = "model"
+            else:
+                where = [lay for lay in self.layout if point.level == "layer" or lay.is_moe]
+                ok = [lay.index for lay in where if not (point.needs and point.needs(self, lay))]
+                if not ok:  # e.g. attn.z on a family without an o_proj
+                    continue
+                at = _layer_span(ok)
+            write = "yes" if point.writable else "read-only"
+            rows.append(
+                f"<tr><td><code>{html.escape(point.attr)}</code></td><td><code>{html.escape(point.name)}</code></td>"
+                f"<td>{html.escape(point.dims)}</td><td>{html.escape(at)}</td><td>{write}</td></tr>"
+            )
+        table = (
+            "<table><thead><tr><th>point</th><th>string name</th><th>shape</th><th>layers</th><th>write</th></tr>"
+            f"</thead><tbody>{''.join(rows)}</tbody></table>"
+        )
+        return f"<div>{head}{table}</div>"
+
     # ---- points -------------------------------------------------------------------------------
     @property
     def layers(self) -> _LayerList:
@@ -452,10 +488,61 @@ class ExpertModel(TransformersModel):
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, **kwargs)
         return {k: v.to(self.device) for k, v in enc.items()}
 
+    def to_tokens(self, prompts: str | list[str], **kwargs: Any) -> Int[Tensor, "batch pos"]:
+        """Token ids ``[b, p]`` of ``prompts``, left-padded, on the model's device (TransformerLens's name).
+
+        Unlike TransformerLens no BOS is prepended: the tokenizer's own settings apply (as in a trace), so the
+        ids are the ones ``model.trace(prompts)`` runs on. ``tokenize`` gives the attention mask as well.
+
+        Example:
+            >>> from expertlens.testing import tiny_model, tiny_tokenizer
+            >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+            >>> model.to_tokens(["hello", "hi"]).shape
+            torch.Size([2, 5])
+        """
+        return self.tokenize(prompts, **kwargs)["input_ids"]
+
+    def run_with_cache(
+        self,
+        prompts: str | list[str],
+        points: Sequence[str] | str = ("resid_pre", "attn.output", "mlp.output", "resid_post"),
+        layers: Any = None,
+        interventions: Sequence[Any] = (),
+    ) -> tuple[Float[Tensor, "batch pos vocab"], Any]:
+        """One forward of ``prompts``: ``(logits, cache)``, as TransformerLens spells it.
+
+        ``cache`` is an :class:`~expertlens.interventions.ActivationCache`: a dict keyed like
+        :func:`~expertlens.interventions.cache_points`, ``cache["resid_pre", 3]`` ``[b, p, d]``, with
+        ``cache.stack("resid_pre")`` ``[layers, b, p, d]`` and the run's ``attention_mask``. ``points`` are point
+        names (``"moe.router_logits"``, ``"attn.z"``, ...); ``layers`` a layer selector; ``interventions`` are
+        attached for the run. Inside a trace, read points directly instead (``model.layers[3].resid_pre.save()``).
+
+        Example:
+            >>> from expertlens.testing import tiny_model, tiny_tokenizer
+            >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+            >>> logits, cache = model.run_with_cache("hello", points=["resid_pre", "moe.topk_indices"])
+            >>> cache.stack("resid_pre").shape, cache["moe.topk_indices", 1].shape
+            (torch.Size([2, 1, 5, 64]), torch.Size([1, 5, 2]))
+        """
+        from .interventions.patching import run_with_cache
+
+        return run_with_cache(self, prompts, points, layers, interventions)
+
 
 # --------------------------------------------------------------------------------------------
 # loading and wrapping
 # --------------------------------------------------------------------------------------------
+
+
+def _layer_span(layers: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"`` (short enough for a table cell)."""
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 def _load_tokenizer(name: str, trust_remote_code: bool):
@@ -558,11 +645,21 @@ READ_ORDER = (
 
 def _friendly_tracer(cls: type) -> type:
     if cls not in _FRIENDLY_TRACERS:
+        from nnsight.tracing.tracer import _local as _nnsight_local
+
+        from .loops import GuardedIterations, explain_never_reached
+        from .unsaved import bind_unsaved
 
         def __exit__(self, exc_type, exc_value, tb):
             model = self.__dict__.get("_el_model")
+            caught: list[warnings.WarningMessage] = []
+            frame, names, before = _block_names(self, exc_type)
             try:
-                return cls.__exit__(self, exc_type, exc_value, tb)
+                with warnings.catch_warnings(record=True) as caught:
+                    done = cls.__exit__(self, exc_type, exc_value, tb)
+                if frame is not None and getattr(_nnsight_local, "depth", 0) == 0:  # the outermost trace ended
+                    bind_unsaved(frame, names, before)
+                return done
             except Exception as err:
                 if type(err).__name__ == "OutOfOrderError" and model is not None:
                     raise type(err)(_out_of_order_message(model, str(err))).with_traceback(err.__traceback__) from None
@@ -570,9 +667,38 @@ def _friendly_tracer(cls: type) -> type:
             finally:
                 if model is not None and model._module.__dict__.get("_el_trace_thread") is threading.current_thread():
                     model._module.__dict__.pop("_el_trace_thread", None)
+                for w in caught:  # re-issued after the run; nnsight's "never reached" told as it happened
+                    text = explain_never_reached(model, str(w.message)) if model is not None else None
+                    message = w.message if text is None else type(w.message)(text)
+                    warnings.warn_explicit(message, w.category, w.filename, w.lineno, source=w.source)
 
-        _FRIENDLY_TRACERS[cls] = type(cls.__name__, (cls,), {"__exit__": __exit__, "__module__": cls.__module__})
+        def iter(self) -> GuardedIterations:  # noqa: A001 - nnsight's name
+            """nnsight's ``tracer.iter``; an open-ended loop whose body asks nothing of the model is stopped."""
+            return GuardedIterations()
+
+        def all(self) -> GuardedIterations:  # noqa: A001 - nnsight's name
+            """nnsight's ``tracer.all()`` (``tracer.iter[:]``), guarded the same way."""
+            return GuardedIterations()[:]
+
+        body = {"__exit__": __exit__, "iter": property(iter), "all": all, "__module__": cls.__module__}
+        _FRIENDLY_TRACERS[cls] = type(cls.__name__, (cls,), body)
     return _FRIENDLY_TRACERS[cls]
+
+
+def _block_names(tracer: Any, exc_type: Any) -> tuple[Any, list[str], set[str]]:
+    """``(frame, names the block assigns, names the frame had)`` for a block that is about to run, else
+    ``(None, [], set())`` (the block raised, or nnsight captured no block)."""
+    from nnsight.tracing.tracer import ExitTracingException
+
+    from .unsaved import assigned_names
+
+    info, node = getattr(tracer, "info", None), getattr(tracer, "node", None)
+    if exc_type not in (None, ExitTracingException) or info is None or info.frame is None or node is None:
+        return None, [], set()
+    try:
+        return info.frame, assigned_names(node.body), set(info.frame.f_locals)
+    except Exception:  # noqa: BLE001 - the hint is optional; never let it break a trace
+        return None, [], set()
 
 
 def _point_names(model: ExpertModel) -> dict[str, str]:

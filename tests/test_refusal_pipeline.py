@@ -279,7 +279,7 @@ def test_study_round_trips_and_directions_reproduce_steering(qwen2, tmp_path):
     b = run_logits(model, prompts, [AddVector("resid_pre", r, layers=layer)])
     assert torch.equal(a, b)
     assert model.n_edits() == 0
-    assert "RefusalStudy(" in repr(study) and "claims:" in repr(study)
+    assert "RefusalStudy(" in repr(study) and "claim 1: " in repr(study)
     assert "<table" in study._repr_html_()
     assert "ASR" in study.table()
     _check_matched_control(study.result)

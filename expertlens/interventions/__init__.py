@@ -10,7 +10,7 @@ from ..compat import alias_module as _alias_module
 from .ablation import AblateDirection, OrthogonalizeWeights, WeightEditHandle
 from .activation import AddVector, MeanAblate, ZeroAblate
 from .base import Compose, Intervention, attach_all, intervene
-from .patching import Patch, cache_points
+from .patching import ActivationCache, Patch, cache_points, run_with_cache
 from .per_expert import AllExpertsSteer, ExpertSteer, ScaleExpert
 from .routing import ForceExperts, MaskExperts, RouterBias, SteerMoE, calibrate_router_bias
 from .run import generate, run_logits
@@ -32,6 +32,8 @@ __all__ = [
     "ScaleExpert",
     "Patch",
     "cache_points",
+    "run_with_cache",
+    "ActivationCache",
     "AblateDirection",
     "OrthogonalizeWeights",
     "WeightEditHandle",

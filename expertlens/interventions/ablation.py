@@ -32,7 +32,7 @@ def _unit(model: ExpertModel, direction: Direction | Tensor, what: str) -> Tenso
     return (v / n).float()
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class AblateDirection(Intervention):
     """Directional ablation: ``x ← x − r̂ r̂ᵀ x`` at every write into the residual stream.
 
@@ -175,7 +175,7 @@ def _down_linear(model: ExpertModel, module: nn.Module, what: str) -> nn.Linear:
     return out
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class OrthogonalizeWeights(Intervention):
     """The weight-space twin of :class:`AblateDirection`: every matrix writing into the residual
     stream is projected off ``r̂``, ``W_out ← W_out − r̂ r̂ᵀ W_out`` (and biases

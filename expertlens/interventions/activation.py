@@ -44,7 +44,7 @@ def _add(model: ExpertModel, point: str, layer: int | None, fn) -> EditHandle:
     return model.add_edit(point, fn, layer=layer)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class AddVector(Intervention):
     """Activation addition: ``x ← x + coeff·v`` at a point, on selected layers, positions and rows.
 
@@ -94,14 +94,14 @@ class AddVector(Intervention):
         return handles
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class ZeroAblate(Intervention):
     """Zero ablation: ``x ← 0`` at a point on selected layers / positions / rows.
 
     Example:
         >>> from expertlens.interventions import ZeroAblate
         >>> ZeroAblate("attn.output", layers=0)  # knock out layer 0's attention
-        ZeroAblate(point='attn.output', layers=0, positions=None, rows=None)
+        ZeroAblate(point='attn.output', layers=0)
     """
 
     point: str
@@ -128,7 +128,7 @@ class ZeroAblate(Intervention):
         ]
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class MeanAblate(Intervention):
     """Mean ablation: ``x ← μ`` at a point, with ``μ`` a vector (all layers), an ``[L, ...]``
     tensor indexed by layer, or a dict ``{layer: μ_l}`` (its keys are the layers when

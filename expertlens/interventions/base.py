@@ -9,19 +9,84 @@ also when attaching fails halfway. ``a + b`` and :class:`Compose` apply interven
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import html
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
 
 from ..edits import attach_all, intervene
 
 if TYPE_CHECKING:
     from ..model import EditHandle, ExpertModel
 
-__all__ = ["Intervention", "Compose", "intervene", "attach_all"]
+__all__ = ["Intervention", "Compose", "intervene", "attach_all", "summarize"]
+
+_LONG = 60  # characters: a field's repr beyond this is cut (a reader scans the line, not the values)
 
 
-@dataclass(frozen=True)
+def summarize(value: Any) -> str:
+    """A short text for a field value: tensors and directions by shape and norm, never their values.
+
+    Example:
+        >>> import torch
+        >>> from expertlens.interventions.base import summarize
+        >>> summarize(torch.ones(64))
+        'tensor[64] norm=8'
+        >>> summarize({1: torch.zeros(8), 2: torch.zeros(8)})
+        '{1: tensor[8] norm=0, 2: tensor[8] norm=0}'
+    """
+    from ..direction import Direction
+
+    if isinstance(value, Direction):
+        where = f" layer={value.layer}" if getattr(value, "layer", None) is not None else ""
+        return f"Direction{list(value.vector.shape)} norm={_norm(value.vector)}{where}"
+    if isinstance(value, Tensor):
+        shape = list(value.shape)
+        if value.dtype == torch.bool:
+            return f"mask{shape} ({int(value.sum())} True)"
+        if value.is_floating_point() or value.is_complex():
+            return f"tensor{shape} norm={_norm(value)}"
+        return f"tensor{shape} {str(value.dtype).removeprefix('torch.')}" if value.numel() > 8 else repr(value.tolist())
+    if isinstance(value, Mapping) and any(isinstance(v, Tensor) for v in value.values()):
+        items = list(value.items())
+        parts = [f"{k!r}: {summarize(v)}" for k, v in items[:3]]
+        more = f", ... ({len(items)} entries)" if len(items) > 3 else ""
+        return "{" + ", ".join(parts) + more + "}"
+    text = repr(value)
+    return text if len(text) <= _LONG else text[: _LONG - 3] + "..."
+
+
+def _norm(t: Tensor) -> str:
+    if t.is_meta:
+        return "?"
+    return f"{float(t.detach().double().norm()):.4g}"
+
+
+def _shown_fields(obj: Any) -> list[tuple[str, Any]]:
+    """Fields without a default, and those set away from their default (in declaration order)."""
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        default = f.default
+        if default is not dataclasses.MISSING and not isinstance(value, Tensor):
+            if value is default or (type(value) is type(default) and _same(value, default)):
+                continue
+        out.append((f.name, value))
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - values whose == is not a bool (arrays): shown
+        return False
+
+
+@dataclass(frozen=True, repr=False)
 class Intervention:
     """Base class. Subclasses implement :meth:`attach` (and :meth:`validate` for early checks).
 
@@ -53,6 +118,21 @@ class Intervention:
     def __add__(self, other: Intervention) -> Compose:
         return Compose((*_flatten(self), *_flatten(other)))
 
+    def __repr__(self) -> str:
+        """Class and settings on one line: point, layers, coeff, and each tensor by shape and norm."""
+        if not dataclasses.is_dataclass(self):
+            return f"{type(self).__name__}()"
+        body = ", ".join(f"{name}={summarize(value)}" for name, value in _shown_fields(self))
+        return f"{type(self).__name__}({body})"
+
+    def _repr_html_(self) -> str:
+        """A two-column table (setting, value) for Jupyter; tensors by shape and norm."""
+        rows = "".join(
+            f"<tr><td><code>{html.escape(name)}</code></td><td><code>{html.escape(summarize(value))}</code></td></tr>"
+            for name, value in (_shown_fields(self) if dataclasses.is_dataclass(self) else [])
+        )
+        return f"<table><caption><b>{html.escape(type(self).__name__)}</b></caption>{rows}</table>"
+
 
 def _flatten(item: Intervention) -> tuple[Intervention, ...]:
     if isinstance(item, Compose):
@@ -62,14 +142,19 @@ def _flatten(item: Intervention) -> tuple[Intervention, ...]:
     return (item,)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Compose(Intervention):
     """Several interventions applied in order (at a shared point, earlier ones edit first).
 
     Example:
-        >>> from expertlens.interventions import Compose
+        >>> from expertlens.interventions import Compose, ZeroAblate
         >>> Compose()  # the empty composition changes nothing
-        Compose(items=())
+        Compose()
+        >>> Compose([ZeroAblate("attn.output", layers=0), ZeroAblate("moe.output", layers=1)])
+        Compose(
+          ZeroAblate(point='attn.output', layers=0),
+          ZeroAblate(point='moe.output', layers=1),
+        )
     """
 
     items: Sequence[Intervention] = ()
@@ -83,3 +168,12 @@ class Compose(Intervention):
 
     def attach(self, model: ExpertModel) -> list[EditHandle]:
         return attach_all(model, self.items)
+
+    def __repr__(self) -> str:
+        if not self.items:
+            return "Compose()"
+        return "Compose(\n" + "".join(f"  {item!r},\n" for item in self.items) + ")"
+
+    def _repr_html_(self) -> str:
+        parts = "".join(f"<li><code>{html.escape(repr(item))}</code></li>" for item in self.items)
+        return f"<div><b>Compose</b> ({len(self.items)} parts, applied in order)<ol>{parts}</ol></div>"

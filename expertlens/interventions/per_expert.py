@@ -39,7 +39,7 @@ def _masked_add(out: Tensor, delta: Tensor, sel: Tensor | None) -> Tensor:
     return out + delta.to(out)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class ExpertSteer(Intervention):
     """Steer through one expert: ``moe.output ← moe.output + coeff · π_e(t) · d``.
 
@@ -99,7 +99,7 @@ class ExpertSteer(Intervention):
         return _after_recording(model, rec, "moe.output", steer, layer)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class AllExpertsSteer(Intervention):
     """Router-probability-weighted steering with one direction per expert:
     ``moe.output ← moe.output + coeff · Σ_e π_e(t) · d_e`` with ``π = router_probs``.
@@ -140,7 +140,7 @@ class AllExpertsSteer(Intervention):
         return _after_recording(model, rec, "moe.output", steer, layer)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class ScaleExpert(Intervention):
     """Scale one routed expert's output: ``expert_out[slot] ← α·expert_out[slot]`` wherever expert
     ``e`` of layer ``l`` is selected (routing weights untouched), so the MoE output changes by

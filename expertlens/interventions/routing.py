@@ -87,7 +87,7 @@ def _guarantee(
         raise
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class MaskExperts(Intervention):
     """Never route to some experts: their router logits become ``−inf`` before the family's router.
 
@@ -167,7 +167,7 @@ def layer_device(model: ExpertModel, layer: int) -> torch.device:
     return model.device
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class ForceExperts(Intervention):
     """Always route to some experts: their logits are raised just above the competition.
 
@@ -237,7 +237,7 @@ class ForceExperts(Intervention):
         return handles
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class RouterBias(Intervention):
     """Add a bias to the pre-softmax router logits: ``ℓ_l ← ℓ_l + β_l`` (method A).
 
@@ -380,7 +380,7 @@ def calibrate_router_bias(
     return out
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class SteerMoE(Intervention):
     """SteerMoE's router rewrite: ``s = log_softmax(ℓ)``; activated experts ``s_e ← max(s) + ε``,
     deactivated ``s_e ← min(s) − ε``; the rewritten ``s`` replaces the logits.

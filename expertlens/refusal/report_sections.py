@@ -105,7 +105,7 @@ def text_table(res: StudyResults) -> str:
     return "\n".join(lines)
 
 
-def summary_html(res: StudyResults) -> str:
+def summary_html(res: StudyResults, name: str | None = None) -> str:
     """A compact HTML summary (claims and the condition table) for Jupyter.
 
     Example:
@@ -116,7 +116,7 @@ def summary_html(res: StudyResults) -> str:
     claims = "".join(
         f"<li><b>Claim {c.number}: {html.escape(c.title)}</b> — {html.escape(c.verdict)}</li>" for c in res.claims
     )
-    name = html.escape(str(res.model.get("name") or res.model.get("family")))
+    name = html.escape(name or str(res.model.get("name") or res.model.get("family")))
     return (
         f"<div><p><b>Refusal study</b> on {name} (preset {html.escape(res.preset)}, "
         f"{html.escape(str(res.judge.get('name')))} judge)</p><ul>{claims}</ul>"

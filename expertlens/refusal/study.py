@@ -125,19 +125,54 @@ class RefusalStudy:
         return study_sections(self.result)
 
     def __repr__(self) -> str:
+        """One line: the model (an organism by its name), the preset, headline rates and each claim's verdict.
+
+        Example:
+            >>> from expertlens.refusal.results import Claim, StudyResults
+            >>> res = StudyResults(model={"family": "olmoe", "name": "/x/checkpoints/olmoe-refusal-v2"}, config={},
+            ...                    preset="organism", data={}, judge={}, selected={}, selection={},
+            ...                    claims=[Claim(1, "t", "supported", ""), Claim(2, "t", "partly supported", "")])
+            >>> RefusalStudy(res)
+            RefusalStudy(olmoe-refusal-v2, preset='organism'; claim 1: supported · claim 2: partly)
+        """
         r = self.result
-        parts = [f"RefusalStudy({r.model.get('name') or r.model.get('family')!s}, preset={r.preset!r}"]
+        parts = [f"RefusalStudy({model_label(r.model)}, preset={r.preset!r}"]
         for key in ("baseline", "actadd", "method_b"):
             c = r.condition(key)
             if c is not None and c.bypass is not None:
                 parts.append(f"{key}: refusal {c.bypass.refusal.pct()} / ASR {c.bypass.full_response.pct()}")
-        parts.append("claims: " + ", ".join(f"{c.number} {c.status}" for c in r.claims))
+        if r.claims:
+            # "claim 1: supported", not "1 supported": a bare number before a verdict reads as a count
+            parts.append(" · ".join(f"claim {c.number}: {_SHORT_STATUS.get(c.status, c.status)}" for c in r.claims))
         return "; ".join(parts) + ")"
 
     def _repr_html_(self) -> str:
         from .report_sections import summary_html
 
-        return summary_html(self.result)
+        return summary_html(self.result, name=model_label(self.result.model))
+
+
+_SHORT_STATUS = {"partly supported": "partly"}
+
+
+def model_label(model: dict) -> str:
+    """How a study names its model: a shipped organism or a local checkpoint by its folder name (the absolute
+    path says where it sat on one machine, not what it is), a hub id as it is, else the family.
+
+    Example:
+        >>> from expertlens.refusal.study import model_label
+        >>> model_label({"name": "/home/me/expertlens/organism/checkpoints/olmoe-refusal", "family": "olmoe"})
+        'olmoe-refusal'
+        >>> model_label({"name": "allenai/OLMoE-1B-7B-0924", "family": "olmoe"}), model_label({"family": "olmoe"})
+        ('allenai/OLMoE-1B-7B-0924', 'olmoe')
+    """
+    name = str(model.get("name") or "")
+    if not name:
+        return str(model.get("family") or "?")
+    path = Path(name)
+    if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
+        return path.name or name
+    return name
 
 
 # ---- checkpointing ------------------------------------------------------------------------------
