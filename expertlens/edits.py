@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from jaxtyping import Bool
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from . import instrument as _instrument
 from .compat import output_cache
 from .points import MODEL_POINTS, POINTS, PointError, check_edit, point
+from .summary import summarize
 
 if TYPE_CHECKING:
     from .model import ExpertModel
@@ -685,3 +686,81 @@ def intervene(model: ExpertModel, *interventions: Any) -> Iterator[list[Any]]:
     finally:
         for handle in reversed(handles):
             handle.remove()
+
+
+# --------------------------------------------------------------------------------------------
+# one recorded run: what run_with_cache / cache_points return
+# --------------------------------------------------------------------------------------------
+
+
+class ActivationCache(dict):
+    """What ``model.run_with_cache`` and :func:`~expertlens.interventions.cache_points` return: a dict
+    ``{(point, layer): [b, p, ...]}``
+    (model-level points have layer ``None``) with the run's ``attention_mask`` and :meth:`stack` over layers.
+
+    It is a plain dict otherwise, so :class:`~expertlens.interventions.Patch` takes it as ``source``; keys are
+    ``(point, layer)`` pairs
+    (TransformerLens's ``"blocks.1.hook_resid_pre"`` is ``("resid_pre", 1)`` here).
+
+    Attributes:
+        attention_mask: ``[b, p]`` 1 at real tokens, 0 at left padding (``None`` when not recorded).
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+        >>> logits, cache = model.run_with_cache(["hello", "hi"], points=["resid_pre"])
+        >>> cache["resid_pre", 1].shape, cache.stack("resid_pre").shape
+        (torch.Size([2, 5, 64]), torch.Size([2, 2, 5, 64]))
+    """
+
+    def __init__(self, values: Any = (), attention_mask: Int[Tensor, "batch pos"] | None = None):
+        super().__init__(values)
+        self.attention_mask = attention_mask
+
+    def __missing__(self, key: Any) -> Tensor:
+        if isinstance(key, str):
+            layers = self.layers(key)
+            hint = (f"; this cache has it at layers {layers}: cache[{key!r}, {layers[0]}], or cache.stack({key!r})"
+                    if layers else "")
+            raise KeyError(f"keys are (point, layer) pairs such as ('resid_pre', 1), got {key!r}{hint}")
+        raise KeyError(f"no {key!r} in this cache; keys are {sorted(self, key=str)}")
+
+    @property
+    def points(self) -> list[str]:
+        """The point names in the cache, in the order they were recorded."""
+        return list(dict.fromkeys(name for name, _ in self))
+
+    def layers(self, point: str) -> list[int]:
+        """The layers ``point`` was recorded at, sorted (``[]`` for an absent or model-level point)."""
+        return sorted(lay for name, lay in self if name == point and lay is not None)
+
+    def stack(self, point: str, layers: Sequence[int] | None = None) -> Float[Tensor, "layers batch pos ..."]:
+        """``point`` at every recorded layer (or at ``layers``), stacked: ``[n_layers, b, p, ...]``."""
+        have = self.layers(point)
+        if not have:
+            what = "is model-level (one value, no layer): use cache[(point, None)]" if (point, None) in self else (
+                f"is not in this cache; points are {self.points}")
+            raise KeyError(f"ActivationCache.stack({point!r}): {point!r} {what}")
+        wanted = have if layers is None else list(layers)
+        missing = [lay for lay in wanted if lay not in have]
+        if missing:
+            raise KeyError(f"ActivationCache.stack({point!r}): layers {missing} were not recorded; recorded are {have}")
+        return torch.stack([self[(point, lay)] for lay in wanted])
+
+    def __repr__(self) -> str:
+        items = ", ".join(f"{k!r}: {summarize(v)}" for k, v in list(self.items())[:4])
+        more = f", ... ({len(self)} entries)" if len(self) > 4 else ""
+        return f"ActivationCache({{{items}{more}}})"
+
+
+def record_run(
+    model: ExpertModel, prompts: str | list[str], wanted: list[PointKey], interventions: Sequence[Any] = ()
+) -> tuple[Tensor, ActivationCache]:
+    """One forward of ``prompts`` (left-padded batch) under ``interventions``: ``(logits, cache)`` with the
+    values at ``wanted`` ``(point, layer)`` keys (detached)."""
+    with model.intervene(*interventions), record(model, wanted, detach=True) as rec:
+        enc = model.tokenize(prompts if isinstance(prompts, list) else [prompts])
+        with torch.no_grad():
+            logits = model.hf_model(**enc, use_cache=False).logits
+    return logits, ActivationCache(rec.values, enc.get("attention_mask"))

@@ -95,7 +95,7 @@ _TAIL = (
 )
 
 
-def explain_never_reached(model: ExpertModel, message: str) -> str | None:
+def explain_never_reached(model: ExpertModel, message: str, point_names: dict[str, str]) -> str | None:
     """A truthful rewrite of nnsight's "'<location>.i<n>' was never reached" warning, or ``None`` to keep it.
 
     ``n`` is the occurrence (step) the parked request asked for. Compared with the forwards the run made:
@@ -107,7 +107,7 @@ def explain_never_reached(model: ExpertModel, message: str) -> str | None:
         >>> from expertlens import ExpertModel
         >>> from expertlens.testing import tiny_model, tiny_tokenizer
         >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
-        >>> print(explain_never_reached(model, "'result.i1' was never reached: ..."))  # doctest: +ELLIPSIS
+        >>> print(explain_never_reached(model, "'result.i1' was never reached: ...", {}))  # doctest: +ELLIPSIS
         tracer.result was read inside a tracer.iter loop: a run has one result, ...
     """
     match = _NEVER.search(message)
@@ -122,9 +122,7 @@ def explain_never_reached(model: ExpertModel, message: str) -> str | None:
             f"the loop's step {step} waited for a second one ({made}). Read it after a bounded loop: "
             f"`for step in tracer.iter[:N]: ...`, then `ids = tracer.result.save()`. {_TAIL}"
         )
-    from .model import _point_names
-
-    name = _point_names(model).get(re.sub(r"^model\.", "", location))
+    name = point_names.get(re.sub(r"^model\.", "", location))
     if name is None or "experts[e]" in name:
         return None
     if step >= forwards:

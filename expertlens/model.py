@@ -51,6 +51,7 @@ from .families import FamilySpec, UnsupportedModelError, get_module, resolve_fam
 from .layout import editable_paths, resolve_layout
 from .points import (
     EDITABLE_POINTS,
+    MODEL_POINTS,
     AttentionPoints,
     ExpertPoint,
     LayerPoints,
@@ -511,10 +512,11 @@ class ExpertModel(TransformersModel):
     ) -> tuple[Float[Tensor, "batch pos vocab"], Any]:
         """One forward of ``prompts``: ``(logits, cache)``, as TransformerLens spells it.
 
-        ``cache`` is an :class:`~expertlens.interventions.ActivationCache`: a dict keyed like
+        ``cache`` is an :class:`~expertlens.edits.ActivationCache`: a dict keyed like
         :func:`~expertlens.interventions.cache_points`, ``cache["resid_pre", 3]`` ``[b, p, d]``, with
         ``cache.stack("resid_pre")`` ``[layers, b, p, d]`` and the run's ``attention_mask``. ``points`` are point
-        names (``"moe.router_logits"``, ``"attn.z"``, ...); ``layers`` a layer selector; ``interventions`` are
+        names (``"moe.router_logits"``, ``"attn.z"``, ...), at every layer that has them or at ``layers`` (an int or a
+        list; :func:`~expertlens.interventions.cache_points` takes every layer selector); ``interventions`` are
         attached for the run. Inside a trace, read points directly instead (``model.layers[3].resid_pre.save()``).
 
         Example:
@@ -524,9 +526,26 @@ class ExpertModel(TransformersModel):
             >>> cache.stack("resid_pre").shape, cache["moe.topk_indices", 1].shape
             (torch.Size([2, 1, 5, 64]), torch.Size([1, 5, 2]))
         """
-        from .interventions.patching import run_with_cache
-
-        return run_with_cache(self, prompts, points, layers, interventions)
+        names = [points] if isinstance(points, str) else list(points)
+        if layers is None:
+            chosen = list(range(self.n_layers))
+        else:
+            chosen = [layers] if not isinstance(layers, (list, tuple, range)) else list(layers)
+            chosen = sorted({self.layers[i].layer for i in chosen})  # each checked: an int in range
+        wanted: list = []
+        for name in names:
+            if name not in EDITABLE_POINTS:
+                raise PointError(f"run_with_cache: unknown point {name!r}; points are {sorted(EDITABLE_POINTS)}")
+            if name in MODEL_POINTS:
+                wanted.append((name, None))
+                continue
+            at = [i for i in chosen if i in self.moe_layers] if name.startswith("moe.") else chosen
+            if layers is not None and len(at) < len(chosen):
+                dense = [i for i in chosen if i not in at]
+                raise PointError(f"run_with_cache: {name!r} is an MoE point and layers {dense} are dense; MoE "
+                                 f"layers are {self.moe_layers}")  # fmt: skip
+            wanted += [(name, i) for i in at]
+        return _edits.record_run(self, prompts, wanted, interventions)
 
 
 # --------------------------------------------------------------------------------------------
@@ -668,7 +687,8 @@ def _friendly_tracer(cls: type) -> type:
                 if model is not None and model._module.__dict__.get("_el_trace_thread") is threading.current_thread():
                     model._module.__dict__.pop("_el_trace_thread", None)
                 for w in caught:  # re-issued after the run; nnsight's "never reached" told as it happened
-                    text = explain_never_reached(model, str(w.message)) if model is not None else None
+                    names = _point_names(model) if model is not None else {}
+                    text = explain_never_reached(model, str(w.message), names) if model is not None else None
                     message = w.message if text is None else type(w.message)(text)
                     warnings.warn_explicit(message, w.category, w.filename, w.lineno, source=w.source)
 

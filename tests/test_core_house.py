@@ -446,11 +446,13 @@ def test_no_rule_class_is_dispatched_on_outside_families():
 
 #: The layers of docs/concepts/architecture.md, lowest first; a module imports only from its own layer or lower.
 LAYERS = [
-    ("families", "compat", "prompts", "direction", "plot", "report", "writes", "_tiny_configs"),
+    ("families", "compat", "prompts", "direction", "unsaved", "plot", "report", "writes", "_tiny_configs"),
+    ("summary",),
     ("instrument",),
     ("layout", "infer"),
     ("points",),
     ("edits",),
+    ("loops",),
     ("model", "checks"),
     ("interventions",),
     ("attribution", "organism"),
