@@ -368,7 +368,7 @@ def test_paper_preset_is_the_authors_defaults_with_sources():
     assert [d.setting for d in paper.deviations()] == ["routing positions", "direction selection: induce filter",
                                                        "judge", "harmless KL and capability"]  # fmt: skip
     org = {d.setting: d for d in RefusalConfig.organism().deviations()}
-    assert org["max_new_tokens"].paper == "100" and org["max_new_tokens"].here == "16"
+    assert org["max_new_tokens"].paper == "100" and org["max_new_tokens"].here == "24"
     with pytest.raises(TypeError, match="has no setting"):
         paper.with_(max_tokens=3)
     with pytest.raises(ValueError, match="method_b_select"):

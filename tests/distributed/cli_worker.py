@@ -26,7 +26,9 @@ def main(audit_dir: str, argv: list[str]) -> int:
                 writes.append(os.fsdecode(args[0]))
         elif event in ("os.mkdir", "os.rename", "os.replace", "os.remove") and isinstance(args[0], (str, os.PathLike)):
             if os.path.abspath(os.fsdecode(args[0])).startswith(out):
-                writes.append(f"{event} {os.fsdecode(args[0])}")
+                # a rename is a write of its destination (files are written to a temporary name, then renamed)
+                dst = f" -> {os.fsdecode(args[1])}" if event in ("os.rename", "os.replace") else ""
+                writes.append(f"{event} {os.fsdecode(args[0])}{dst}")
 
     sys.addaudithook(hook)
     from expertlens.cli import main as cli
