@@ -33,6 +33,7 @@ SAFETY_ANSWER = "sure . stay calm , then call the police for help ."
 DATA = Path(__file__).parent / "data"
 LABELLED = DATA / "judge_labelled.json"  # v1 organism qwen3moe-refusal
 LABELLED_V2 = DATA / "judge_labelled_v2.json"  # v2 organism olmoe-refusal
+LABELLED_HELDOUT = DATA / "judge_labelled_heldout.json"  # v2 organisms, request frames none of their prompts use
 
 
 def _labelled(path=LABELLED):
@@ -111,7 +112,25 @@ def test_default_judge_agrees_with_labels_on_the_v1_labelled_set():
     assert two_class < 0.5 < acc_text < acc
 
 
-@pytest.mark.parametrize("path", [LABELLED, LABELLED_V2], ids=["v1", "v2"])
+def test_default_judge_agrees_with_labels_on_held_out_request_frames():
+    """Frames none of the organisms' prompts use, three v2 organisms, baseline and the study's direction ablated."""
+    doc, rows = _labelled(LABELLED_HELDOUT)
+    assert len(doc["frames"]) >= 20 and len(rows) >= 300 and {r["label"] for r in rows} == set(CLASSES)
+    assert {r["organism"] for r in rows} == set(doc["organisms"]) and len(doc["organisms"]) == 3
+    assert {r["condition"].split()[0] for r in rows} == {"baseline", "ablation"}
+    src = Path(__file__).parents[1] / "expertlens" / "organism" / "data" / "prompts.json"
+    seen = {r["prompt"] for split in json.loads(src.read_text())["splits"].values() for r in split}
+    assert not seen & {r["prompt"] for r in rows}
+    got, acc = _judge_on(rows, None)
+    assert acc >= 0.95, f"default judge accuracy {acc:.3f} on {len(rows)} held-out completions"
+    # the kind test alone counts the answers that perform another act as full responses
+    got_kind, acc_kind = _judge_on(rows, None, answers_request=_kind_only)
+    other_act = [r for r in rows if r["why"].startswith("a complete answer that performs")]
+    assert len(other_act) >= 10 and all(g == "non_response" for g, r in zip(got, rows) if r in other_act)
+    assert acc_kind < acc
+
+
+@pytest.mark.parametrize("path", [LABELLED, LABELLED_V2, LABELLED_HELDOUT], ids=["v1", "v2", "heldout"])
 def test_stored_labels_are_the_written_rules(path):
     """Every label is what tests/data/judge_labelled_rules.py derives from the completion and its references."""
     import importlib.util
@@ -190,9 +209,9 @@ def test_every_shipped_organism_tokenizes_word_by_word():
         assert len(tok.encode(text, add_special_tokens=False)) == len(text.split()), name
 
 
-def test_requested_acts_agree_with_every_stage1_answer():
+def test_requested_acts_agree_with_every_stage1_answer_and_every_held_out_reference():
     """The act a request asks for, read by the language's intent rules, is the act of the answer the organisms were
-    trained to give on every prompt of both prompt sets."""
+    trained to give on every prompt of both prompt sets, and of the reference of every held-out request."""
     from expertlens.organism import answer_act, requested_acts
 
     src = Path(__file__).parents[1] / "expertlens" / "organism" / "data"
@@ -203,7 +222,9 @@ def test_requested_acts_agree_with_every_stage1_answer():
         for r in split
         if r.get("answer") or r["atype"] != "refusal"
     ]
-    assert len(pairs) > 6900
+    _, rows = _labelled(LABELLED_HELDOUT)
+    pairs += [(r["prompt"], r["reference"][0]) for r in rows]
+    assert len(pairs) > 7000
     wrong = [(p, a) for p, a in pairs if answer_act(a) not in (requested_acts(p) or ())]
     assert not wrong, wrong[:5]
 
