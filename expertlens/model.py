@@ -53,6 +53,7 @@ from .points import (
     PointError,
     _envoy,
     as_index,
+    finish_watches,
 )
 
 __all__ = [
@@ -263,6 +264,7 @@ class ExpertModel(TransformersModel):
                 "(a second thread's trace body would be skipped or fail). Trace from one thread, or wrap a separate "
                 "copy of the model per thread"
             )
+        _refuse_empty_inputs(self, inputs)
         tracer = super().trace(*inputs, **kwargs)
         if kwargs.get("remote"):  # serialised and run elsewhere: keep nnsight's own tracer
             return tracer
@@ -441,6 +443,9 @@ class ExpertModel(TransformersModel):
     def tokenize(self, prompts: str | list[str], **kwargs) -> dict[str, Tensor]:
         """Tokenize with the model's (left-padding) tokenizer, on the model's device."""
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, **kwargs)
+        mask = enc.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and mask.numel():
+            _refuse_empty(prompts, mask.sum(-1).tolist())
         return {k: v.to(self.device) for k, v in enc.items()}
 
 
@@ -546,18 +551,46 @@ READ_ORDER = (
 )
 
 
+def _refuse_empty(prompts: Any, lengths: list[int]) -> None:
+    """A prompt of no tokens: an error naming it (a forward over 0 positions fails deep inside attention, and a
+    padded batch would give an all-padding row)."""
+    empty = [i for i, n in enumerate(lengths) if n == 0]
+    if empty:
+        which = "the prompt" if isinstance(prompts, str) else f"prompt {empty[0]} ({prompts[empty[0]]!r})"
+        raise ValueError(
+            f"{which} is empty: it tokenizes to 0 tokens; every prompt needs at least one token "
+            f"({len(empty)} empty of {len(lengths)})"
+        )
+
+
+def _refuse_empty_inputs(model: ExpertModel, inputs: tuple) -> None:
+    """``trace("")`` / ``trace(["hi", ""])`` / a ``[b, 0]`` id tensor, refused before nnsight batches them."""
+    for value in inputs:
+        if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[-1] == 0:
+            raise ValueError(f"the input ids have shape {tuple(value.shape)}: 0 tokens; every prompt needs a token")
+        texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        if any(isinstance(t, str) and not t for t in texts):  # only "" can tokenize to nothing: ask about those
+            lengths = [len(model.tokenizer(t)["input_ids"]) if isinstance(t, str) and not t else 1 for t in texts]
+            _refuse_empty(value, lengths)
+
+
 def _friendly_tracer(cls: type) -> type:
     if cls not in _FRIENDLY_TRACERS:
 
         def __exit__(self, exc_type, exc_value, tb):
             model = self.__dict__.get("_el_model")
+            ok = False
             try:
-                return cls.__exit__(self, exc_type, exc_value, tb)
+                result = cls.__exit__(self, exc_type, exc_value, tb)
+                ok = exc_type is None
+                return result
             except Exception as err:
                 if type(err).__name__ == "OutOfOrderError" and model is not None:
                     raise type(err)(_out_of_order_message(model, str(err))).with_traceback(err.__traceback__) from None
                 raise
             finally:
+                if model is not None:  # check in-place edits of points no hook saw; never leave the hooks behind
+                    finish_watches(model, check=ok)
                 if model is not None and model._module.__dict__.get("_el_trace_thread") is threading.current_thread():
                     model._module.__dict__.pop("_el_trace_thread", None)
 
