@@ -54,6 +54,7 @@ from .points import (
     _envoy,
     as_index,
     finish_watches,
+    indexed_write_error,
 )
 
 __all__ = [
@@ -587,6 +588,9 @@ def _friendly_tracer(cls: type) -> type:
             except Exception as err:
                 if type(err).__name__ == "OutOfOrderError" and model is not None:
                     raise type(err)(_out_of_order_message(model, str(err))).with_traceback(err.__traceback__) from None
+                named = indexed_write_error(model, err) if model is not None else None
+                if named is not None:
+                    raise named.with_traceback(err.__traceback__) from None
                 raise
             finally:
                 if model is not None:  # check in-place edits of points no hook saw; never leave the hooks behind

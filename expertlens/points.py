@@ -338,6 +338,7 @@ def _need_trace(point: Point, layer: int | None, verb: str) -> None:
 
 
 _WATCHES = "_el_watches"  # on the HF model: {handle id: (handle, finish)} of reads not yet checked
+_LAST_READ = "_el_last_read"  # on the HF model: the point read last in this trace, for a failed indexed write
 
 
 def _unwatched(value: Any, rows: Tensor | None = None) -> Any:
@@ -392,6 +393,8 @@ def _watch_in_place(
     def watch(value: Any, rows: Tensor | None = None) -> Any:
         if isinstance(value, Tensor):
             served.update(value=value, version=value._version, rows=rows)
+            label = _point_label(point, layer).replace("experts[e]", f"experts[{expert}]")
+            model._module.__dict__[_LAST_READ] = f"model.{label}, shape {tuple(value.shape)} {point.dims}"
         return value
 
     handle = module.register_forward_hook(after)
@@ -399,8 +402,23 @@ def _watch_in_place(
     return watch
 
 
+def indexed_write_error(model: ExpertModel, err: BaseException) -> PointError | None:
+    """A torch shape error from an indexed write in a trace (``point[..., 0] = v``) names no point: this one
+    names the point read last (the one most likely written), or ``None`` when ``err`` is something else."""
+    last = model._module.__dict__.get(_LAST_READ)
+    text = str(err)
+    shape_error = "must match the existing size" in text or "shape mismatch" in text
+    if last is None or not isinstance(err, RuntimeError) or not shape_error:
+        return None
+    return PointError(
+        f"a write in the trace has the wrong shape ({text.strip()}); the point read last was {last}: an indexed "
+        "write (point[...] = v) needs a value that broadcasts to the indexed part"
+    )
+
+
 def finish_watches(model: ExpertModel, check: bool) -> None:
     """At the end of a trace: check the in-place edits whose hook never fired (``check``), drop the hooks."""
+    model._module.__dict__.pop(_LAST_READ, None)
     watches = model._module.__dict__.pop(_WATCHES, {})
     for handle, _ in list(watches.values()):
         handle.remove()
