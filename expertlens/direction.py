@@ -151,6 +151,7 @@ class Direction:
         from safetensors.torch import save_file
 
         path = Path(path)
+        _check_saved_vector(self.vector, f"Direction.save({str(path)!r})")  # what load refuses is never written
         meta = {k: getattr(self, k) for k in _FIELDS}
         meta["meta"] = self.meta
         try:
@@ -202,13 +203,7 @@ class Direction:
             raise
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
             raise ValueError(f"{where}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
-        if not vector.is_floating_point():
-            raise ValueError(f"{where}: 'vector' has dtype {vector.dtype}; a floating-point tensor is accepted")
-        if vector.dim() == 0 or vector.numel() == 0:
-            raise ValueError(f"{where}: 'vector' has shape {tuple(vector.shape)}; a non-empty 1-D (or N-D) tensor "
-                             "is accepted")
-        if not bool(torch.isfinite(vector).all()):
-            raise ValueError(f"{where}: 'vector' contains NaN or inf; only finite values are accepted")
+        _check_saved_vector(vector, where)
         try:
             meta = json.loads(header) if header else {}
         except json.JSONDecodeError as exc:
@@ -228,6 +223,17 @@ class Direction:
         if not isinstance(extra, dict):
             raise ValueError(f"{where}: metadata field 'meta' is a {type(extra).__name__}; a JSON object is accepted")
         return cls(vector, **{k: meta.get(k) for k in _FIELDS}, meta=extra)
+
+
+def _check_saved_vector(vector: Tensor, where: str) -> None:
+    """What a direction file may hold (``save`` and ``load`` share it, so a saved file always loads)."""
+    if not vector.is_floating_point():
+        raise ValueError(f"{where}: 'vector' has dtype {vector.dtype}; a floating-point tensor is accepted")
+    if vector.dim() == 0 or vector.numel() == 0:
+        raise ValueError(f"{where}: 'vector' has shape {tuple(vector.shape)}; a non-empty 1-D (or N-D) tensor "
+                         "is accepted")
+    if not bool(torch.isfinite(vector).all()):
+        raise ValueError(f"{where}: 'vector' contains NaN or inf; only finite values are accepted")
 
 
 def as_tensor(value: Direction | Tensor) -> Tensor:

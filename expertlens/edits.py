@@ -62,6 +62,8 @@ class EditContext:
             left-padded, so the last prompt token of every row sits at ``prompt_len - 1``).
         positions: ``[p]`` absolute (padded) positions of the tokens in this forward.
         attention_mask: ``[b, total_len]`` mask so far (``None`` if the call passed none).
+        generating: Whether this forward is driven by ``generate`` (later steps may reach positions
+            past this one's input), as opposed to a single forward (a trace or a plain call).
 
     Example:
         >>> from expertlens.edits import EditContext
@@ -73,6 +75,7 @@ class EditContext:
     prompt_len: int = 0
     positions: Tensor | None = None
     attention_mask: Tensor | None = None
+    generating: bool = False
 
     def token_mask(self) -> Bool[Tensor, "batch pos"] | None:
         """``[b, p]`` True at real (non-pad) tokens of this forward; ``None`` without a mask."""
@@ -410,14 +413,22 @@ def clear_edits(model: ExpertModel) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _extends_by_one(ids: Tensor, last: Tensor) -> bool:
+    """Whether ``ids`` is ``last`` plus one more position (same rows, same prefix)."""
+    return (ids.shape[0] == last.shape[0] and ids.shape[1] == last.shape[1] + 1 and ids.shape[2:] == last.shape[2:]
+            and ids.device == last.device and bool(torch.equal(ids[:, :-1], last)))
+
+
 class StepTracker:
     """Keeps an :class:`EditContext` up to date on every forward of the HF model.
 
     Prefill vs decode is decided by the KV cache *object*: a forward that receives the cache the
     previous forward returned continues that sequence (a decode step), whatever length the
     cache reports (MiniMax's linear-attention cache reports 0). A fresh cache falls back on its
-    reported length, then on the attention mask. The hooks hold the context, never the
-    ``ExpertModel``, so the HF model does not keep its wrapper alive.
+    reported length, then on the attention mask. Without a cache (``generate(use_cache=False)``),
+    a generate-driven forward whose input extends the previous one by one token is a decode step
+    over the whole sequence (``positions`` covers every token, ``prompt_len`` stays). The hooks
+    hold the context, never the ``ExpertModel``, so the HF model does not keep its wrapper alive.
 
     Example:
         >>> from expertlens import ExpertModel
@@ -432,6 +443,7 @@ class StepTracker:
         self.ctx = ctx
         self._last_cache: Any = None
         self._last_total = 0
+        self._last_ids: Tensor | None = None  # the input of the last generate(use_cache=False) forward
         self._handles = [
             module.register_forward_pre_hook(self.pre, with_kwargs=True),
             module.register_forward_hook(self.post),
@@ -440,7 +452,7 @@ class StepTracker:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
-        self._last_cache = None
+        self._last_cache = self._last_ids = None
 
     def pre(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -462,13 +474,21 @@ class StepTracker:
                 past = 0
         if past == 0 and mask is not None and mask.shape[-1] > p:
             past = mask.shape[-1] - p
+        # generate(use_cache=False) runs the whole sequence every step: no cache tells a step from a new
+        # prompt, so a generate-driven forward (it passes logits_to_keep) whose input is the previous one
+        # plus one token continues it, over all its positions.
+        uncached = cache is None and kwargs.get("use_cache") is False and "logits_to_keep" in kwargs
+        last, self._last_ids = self._last_ids, (ids if uncached else None)
         total = past + p
         ctx = self.ctx
-        if past == 0:  # a fresh sequence: trace, or generation's prefill
+        if uncached and last is not None and _extends_by_one(ids, last):
+            ctx.step += 1
+        elif past == 0:  # a fresh sequence: trace, or generation's prefill
             ctx.step, ctx.prompt_len = 0, p
         else:
             ctx.step += 1
         ctx.positions = torch.arange(total - p, total, device=ids.device)
+        ctx.generating = "logits_to_keep" in kwargs  # generate passes it; a trace or plain call does not
         ctx.attention_mask = mask if mask is not None and mask.shape[-1] == total else None
         self._pending_total = total
         return None
@@ -603,10 +623,22 @@ def record(
 # --------------------------------------------------------------------------------------------
 
 
-def _refuse_conflicting_routing(model: ExpertModel, items: Sequence[Any]) -> None:
+_CLAIMS = "_el_routing_claims"  # on the HF model: [(handles, claims)] of attached interventions' routing claims
+
+
+def _live_claims(model: ExpertModel) -> list[tuple[int, int, str, str]]:
+    """Routing claims of interventions still attached (an outer ``intervene``, ``attach_all`` handles kept)."""
+    held = [(hs, cs) for hs, cs in model._module.__dict__.get(_CLAIMS, []) if any(h.active for h in hs)]
+    model._module.__dict__[_CLAIMS] = held
+    return [claim for _, cs in held for claim in cs]
+
+
+def _refuse_conflicting_routing(model: ExpertModel, items: Sequence[Any]) -> list[tuple[int, int, str, str]]:
     """One expert both kept out (MaskExperts, SteerMoE deactivation) and forced in (ForceExperts,
     SteerMoE activation) at one layer: whichever edit runs last would silently win. Interventions
-    declare what they do through ``routing_claims(model) -> [(layer, expert, "in" | "out")]``."""
+    declare what they do through ``routing_claims(model) -> [(layer, expert, "in" | "out")]``; the
+    claims of interventions attached earlier and still live (nested ``intervene`` calls) count too.
+    Returns the new items' claims ``(layer, expert, side, label)``."""
     flat: list[Any] = []
 
     def walk(seq):
@@ -615,13 +647,17 @@ def _refuse_conflicting_routing(model: ExpertModel, items: Sequence[Any]) -> Non
             walk(inner) if isinstance(inner, (list, tuple)) else flat.append(item)
 
     walk(items)
+    new = [
+        (layer, expert, side, f"{type(item).__name__} (#{i + 1})")
+        for i, item in enumerate(flat)
+        if getattr(item, "routing_claims", None) is not None
+        for layer, expert, side in item.routing_claims(model)
+    ]
     claims: dict[str, dict[tuple[int, int], str]] = {"in": {}, "out": {}}
-    for i, item in enumerate(flat):
-        fn = getattr(item, "routing_claims", None)
-        if fn is None:
-            continue
-        for layer, expert, side in fn(model):
-            claims[side].setdefault((layer, expert), f"{type(item).__name__} (#{i + 1})")
+    for layer, expert, side, label in _live_claims(model):
+        claims[side].setdefault((layer, expert), f"{label[:-1]}, attached earlier)")
+    for layer, expert, side, label in new:
+        claims[side].setdefault((layer, expert), label)
     clash = sorted(set(claims["in"]) & set(claims["out"]))
     if clash:
         layer, e = clash[0]
@@ -630,6 +666,7 @@ def _refuse_conflicting_routing(model: ExpertModel, items: Sequence[Any]) -> Non
             f"forced in by {claims['in'][(layer, e)]}; the later edit would silently override the earlier. Drop one "
             f"of them ({len(clash)} conflicting (layer, expert) pair(s): {clash[:5]})"
         )
+    return new
 
 
 def attach_all(model: ExpertModel, items: Sequence[Any]) -> list[Any]:
@@ -652,7 +689,7 @@ def attach_all(model: ExpertModel, items: Sequence[Any]) -> list[Any]:
         if not (callable(getattr(item, "attach", None)) and callable(getattr(item, "validate", None))):
             raise TypeError(f"expected Intervention objects, got {type(item).__name__}")
         item.validate(model)
-    _refuse_conflicting_routing(model, items)
+    claims = _refuse_conflicting_routing(model, items)
     handles: list[Any] = []
     try:
         for item in items:
@@ -662,6 +699,8 @@ def attach_all(model: ExpertModel, items: Sequence[Any]) -> list[Any]:
         for handle in reversed(handles):
             handle.remove()
         raise
+    if claims and handles:
+        model._module.__dict__.setdefault(_CLAIMS, []).append((handles, claims))
     return handles
 
 

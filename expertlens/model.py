@@ -61,6 +61,8 @@ from .points import (
     PointError,
     _envoy,
     as_index,
+    finish_watches,
+    indexed_write_error,
 )
 
 __all__ = [
@@ -274,6 +276,7 @@ class ExpertModel(TransformersModel):
                 "(a second thread's trace body would be skipped or fail). Trace from one thread, or wrap a separate "
                 "copy of the model per thread"
             )
+        _refuse_empty_inputs(self, inputs)
         tracer = super().trace(*inputs, **kwargs)
         if kwargs.get("remote"):  # serialised and run elsewhere: keep nnsight's own tracer
             return tracer
@@ -487,6 +490,9 @@ class ExpertModel(TransformersModel):
     def tokenize(self, prompts: str | list[str], **kwargs) -> dict[str, Tensor]:
         """Tokenize with the model's (left-padding) tokenizer, on the model's device."""
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, **kwargs)
+        mask = enc.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and mask.numel():
+            _refuse_empty(prompts, mask.sum(-1).tolist())
         return {k: v.to(self.device) for k, v in enc.items()}
 
     def to_tokens(self, prompts: str | list[str], **kwargs: Any) -> Int[Tensor, "batch pos"]:
@@ -662,6 +668,29 @@ READ_ORDER = (
 )
 
 
+def _refuse_empty(prompts: Any, lengths: list[int]) -> None:
+    """A prompt of no tokens: an error naming it (a forward over 0 positions fails deep inside attention, and a
+    padded batch would give an all-padding row)."""
+    empty = [i for i, n in enumerate(lengths) if n == 0]
+    if empty:
+        which = "the prompt" if isinstance(prompts, str) else f"prompt {empty[0]} ({prompts[empty[0]]!r})"
+        raise ValueError(
+            f"{which} is empty: it tokenizes to 0 tokens; every prompt needs at least one token "
+            f"({len(empty)} empty of {len(lengths)})"
+        )
+
+
+def _refuse_empty_inputs(model: ExpertModel, inputs: tuple) -> None:
+    """``trace("")`` / ``trace(["hi", ""])`` / a ``[b, 0]`` id tensor, refused before nnsight batches them."""
+    for value in inputs:
+        if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[-1] == 0:
+            raise ValueError(f"the input ids have shape {tuple(value.shape)}: 0 tokens; every prompt needs a token")
+        texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        if any(isinstance(t, str) and not t for t in texts):  # only "" can tokenize to nothing: ask about those
+            lengths = [len(model.tokenizer(t)["input_ids"]) if isinstance(t, str) and not t else 1 for t in texts]
+            _refuse_empty(value, lengths)
+
+
 def _friendly_tracer(cls: type) -> type:
     if cls not in _FRIENDLY_TRACERS:
         from nnsight.tracing.tracer import _local as _nnsight_local
@@ -673,22 +702,29 @@ def _friendly_tracer(cls: type) -> type:
             model = self.__dict__.get("_el_model")
             caught: list[warnings.WarningMessage] = []
             frame, names, before = _block_names(self, exc_type)
+            ok = False
             try:
                 with warnings.catch_warnings(record=True) as caught:
                     done = cls.__exit__(self, exc_type, exc_value, tb)
+                ok = exc_type is None
                 if frame is not None and getattr(_nnsight_local, "depth", 0) == 0:  # the outermost trace ended
                     bind_unsaved(frame, names, before)
                 return done
             except Exception as err:
                 if type(err).__name__ == "OutOfOrderError" and model is not None:
                     raise type(err)(_out_of_order_message(model, str(err))).with_traceback(err.__traceback__) from None
+                named = indexed_write_error(model, err) if model is not None else None
+                if named is not None:
+                    raise named.with_traceback(err.__traceback__) from None
                 raise
             finally:
+                if model is not None:  # check in-place edits of points no hook saw; never leave the hooks behind
+                    finish_watches(model, check=ok)
                 if model is not None and model._module.__dict__.get("_el_trace_thread") is threading.current_thread():
                     model._module.__dict__.pop("_el_trace_thread", None)
                 for w in caught:  # re-issued after the run; nnsight's "never reached" told as it happened
-                    names = _point_names(model) if model is not None else {}
-                    text = explain_never_reached(model, str(w.message), names) if model is not None else None
+                    point_names = _point_names(model) if model is not None else {}
+                    text = explain_never_reached(model, str(w.message), point_names) if model is not None else None
                     message = w.message if text is None else type(w.message)(text)
                     warnings.warn_explicit(message, w.category, w.filename, w.lineno, source=w.source)
 

@@ -31,6 +31,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from greenlet import getcurrent
 from jaxtyping import Float
 from torch import Tensor
 
@@ -159,34 +160,43 @@ class Point:
         return self.where(model, lay)
 
     def read(self, model: ExpertModel, layer: int | None, expert: int | None = None) -> Any:
-        """The value, inside a trace (an nnsight value)."""
-        site = self.site(model, layer)
+        """The value, inside a trace (an nnsight value).
+
+        A value read here may then be edited in place (``router_logits[..., 0] = v``, the README's
+        idiom): :func:`_watch_in_place` runs the same checks as an assignment on it before the model
+        goes on with it.
+        """
+        site = self.site(model, layer)  # a point this model lacks says so first, in a trace or not
+        _need_trace(self, layer, "read")
         lay = model.layout[layer] if layer is not None else None
+        watch = _watch_in_place(self, model, layer, lay, site, expert)
         if site.kind == "heads":
             z = _point_read("attn.z", model, layer)
             w = get_module(model._module, site.path).weight
             w = w.view(w.shape[0], lay.n_heads, lay.d_head)
-            return torch.einsum("bphk,dhk->bphd", z, w.to(z.dtype))
+            return watch(torch.einsum("bphk,dhk->bphd", z, w.to(z.dtype)))
         env = _site_envoy(model, site)
         if site.kind == "returned_logits":
-            return env.output.logits
+            return watch(env.output.logits)
         if site.kind == "derived":  # the per-expert masks, from the selected ids
             slot = env.output[0] == expert
             return slot if self.name == "moe.experts.slot_mask" else slot.any(-1)
         if site.kind == "expert_slots":
             indices, out = env.output
-            return out.reshape(-1, out.shape[-1])[model._moe_points(layer)._expert_rows(indices, expert)]
+            rows = model._moe_points(layer)._expert_rows(indices, expert)
+            return watch(out.reshape(-1, out.shape[-1])[rows], rows)
         if site.kind in ("input", "input_in_place"):
             x = env.input
-            return _view(self.name, x, lay)
+            return watch(_view(self.name, x, lay))
         out = env.output
-        return out[0] if isinstance(out, tuple) else out
+        return watch(out[0] if isinstance(out, tuple) else out)
 
     def write(self, model: ExpertModel, layer: int | None, value: Tensor, expert: int | None = None) -> None:
         """Write the value, inside a trace."""
         if self.not_writable is not None:
             raise PointError(f"point {self.name!r} cannot be written: {self.not_writable}")
         site = self.site(model, layer)
+        _need_trace(self, layer, "written")
         lay = model.layout[layer] if layer is not None else None
         value = check_write(self, value, model, lay, lambda: self.read(model, layer, expert))
         if site.kind == "heads":
@@ -311,6 +321,110 @@ def _unview(name: str, value: Tensor, lay: LayerLayout | None) -> Tensor:
 
 def _point_read(name: str, model: ExpertModel, layer: int | None) -> Any:
     return POINTS[name].read(model, layer)
+
+
+def _point_label(point: Point, layer: int | None) -> str:
+    return point.attr.replace("[i]", f"[{layer}]") if layer is not None else point.attr
+
+
+def _need_trace(point: Point, layer: int | None, verb: str) -> None:
+    """A clear error for a point used outside a trace (nnsight's own names its internal module path)."""
+    if getattr(getcurrent(), "mediator", None) is None:  # nnsight runs trace bodies in a greenlet with a mediator
+        raise PointError(
+            f"model.{_point_label(point, layer)} can only be {verb} inside `with model.trace(...)` or "
+            "`with model.generate(...)` (values exist only while the model runs); outside one use "
+            "model.add_edit(...) or expertlens.edits.record(...)"
+        )
+
+
+_WATCHES = "_el_watches"  # on the HF model: {handle id: (handle, finish)} of reads not yet checked
+_LAST_READ = "_el_last_read"  # on the HF model: the point read last in this trace, for a failed indexed write
+
+
+def _unwatched(value: Any, rows: Tensor | None = None) -> Any:
+    return value
+
+
+def _watch_in_place(
+    point: Point, model: ExpertModel, layer: int | None, lay: LayerLayout | None, site: Site, expert: int | None
+) -> Callable[..., Any]:
+    """Make an in-place edit of a read value (``x[..., 0] = v``, ``x.clamp_(...)``) pass :func:`check_write`.
+
+    Returns ``watch(value, rows=None) -> value``, to call on the value served. A one-shot forward hook on
+    the point's module runs, once the trace body has let the model go on, the checks an assignment runs
+    (finite values, expert ids in range) — only if the value was modified (its version counter moved), so
+    plain reads cost no device sync. In-place edits that could not reach the model (``attn.head_out`` is
+    computed for the reader) are refused; ``experts[e].output`` (a gathered copy) is written back. Reads
+    whose hook cannot fire (the module was already running) are checked when the trace ends.
+    """
+    if not point.writable or (site.kind in ("hook", "expert_slots") and not _instrument.is_installed(model._module)):
+        return _unwatched  # (after model.restore() the read itself raises the clear error)
+    module = get_module(model._module, site.path) if site.path else model._module
+    served: dict[str, Any] = {}
+    watches = model._module.__dict__.setdefault(_WATCHES, {})
+
+    def finish(output: Any = None) -> None:
+        handle.remove()
+        watches.pop(id(handle), None)
+        value = served["value"]
+        if value._version == served["version"]:
+            return
+        label = _point_label(point, layer).replace("experts[e]", f"experts[{expert}]")
+        if site.kind == "heads":
+            raise PointError(
+                f"model.{label} was edited in place, which cannot reach the model (head_out is computed from "
+                "attn.z for reading); assign the point instead: `head_out = new_value` (the sum replaces the "
+                "projection's output)"
+            )
+        checked = check_write(point, value, model, lay, lambda: value)
+        if site.kind == "expert_slots":  # a gathered copy: put the edited rows back
+            if output is None:
+                raise PointError(
+                    f"model.{label} was edited in place after the model had used it (the layer was already "
+                    "running when it was read); assign it instead: `experts[e].output = new_value`"
+                )
+            out = output[1]
+            out.view(-1, out.shape[-1])[served["rows"]] = checked.to(out.dtype)
+
+    def after(mod: Any, args: Any, output: Any) -> None:
+        if "value" in served:  # else an earlier visit (generation step) than the one read
+            finish(output)
+
+    def watch(value: Any, rows: Tensor | None = None) -> Any:
+        if isinstance(value, Tensor):
+            served.update(value=value, version=value._version, rows=rows)
+            label = _point_label(point, layer).replace("experts[e]", f"experts[{expert}]")
+            model._module.__dict__[_LAST_READ] = f"model.{label}, shape {tuple(value.shape)} {point.dims}"
+        return value
+
+    handle = module.register_forward_hook(after)
+    watches[id(handle)] = (handle, lambda: "value" in served and finish())
+    return watch
+
+
+def indexed_write_error(model: ExpertModel, err: BaseException) -> PointError | None:
+    """A torch shape error from an indexed write in a trace (``point[..., 0] = v``) names no point: this one
+    names the point read last (the one most likely written), or ``None`` when ``err`` is something else."""
+    last = model._module.__dict__.get(_LAST_READ)
+    text = str(err)
+    shape_error = "must match the existing size" in text or "shape mismatch" in text
+    if last is None or not isinstance(err, RuntimeError) or not shape_error:
+        return None
+    return PointError(
+        f"a write in the trace has the wrong shape ({text.strip()}); the point read last was {last}: an indexed "
+        "write (point[...] = v) needs a value that broadcasts to the indexed part"
+    )
+
+
+def finish_watches(model: ExpertModel, check: bool) -> None:
+    """At the end of a trace: check the in-place edits whose hook never fired (``check``), drop the hooks."""
+    model._module.__dict__.pop(_LAST_READ, None)
+    watches = model._module.__dict__.pop(_WATCHES, {})
+    for handle, _ in list(watches.values()):
+        handle.remove()
+    if check:
+        for _, finish in watches.values():
+            finish()
 
 
 def check_write(

@@ -80,8 +80,9 @@ def check_write(
     to write (on ``current``'s device and dtype).
 
     Checks, in order: a tensor (``TypeError``); the exact shape of ``current``; a dtype the point
-    holds (integers for expert ids, floating point otherwise; ``TypeError``); finite values
-    (also after the cast to the model's dtype); expert ids in ``0..n_experts-1``.
+    holds (integers for expert ids, real floating point otherwise; ``TypeError``); finite values
+    (also after the cast to the model's dtype; router logits may be ``-inf``, which masks an
+    expert, as long as each token keeps a finite one); expert ids in ``0..n_experts-1``.
 
     Raises:
         PointError: wrong shape, non-finite values or expert ids out of range.
@@ -138,13 +139,22 @@ def check_write(
                 f"{name}: expert ids must be in 0..{n - 1} (this layer has {n} routed experts), got {bad}"
             )
         return value
-    if not (value.is_floating_point() or value.is_complex()):
+    if value.is_complex():  # the cast to the point's real dtype would drop the imaginary part
+        raise TypeError(f"{name}: the point holds real floating-point values; got complex dtype {value.dtype}")
+    if not value.is_floating_point():
         raise TypeError(f"{name}: the point holds floating-point values; got dtype {value.dtype} (cast it first)")
     if value.device.type == "meta":
         raise PointError(f"{name}: the written value is on the meta device (it has no data)")
     cast = value.to(device=current.device, dtype=current.dtype)
     # One check (one host sync): a value that is finite after the cast was finite before it.
     if cast.numel() and not bool(torch.isfinite(cast).all()):
+        if point == "moe.router_logits" and _masked_logits_ok(value, cast):
+            return cast
+        if point == "moe.router_logits":
+            raise PointError(
+                f"{name}: the written logits contain NaN or +inf, or a token with every logit at -inf; accepted "
+                "are finite logits, with -inf for experts a token must never use"
+            )
         if not bool(torch.isfinite(value).all()):
             raise PointError(f"{name}: the written value contains NaN or inf; only finite values are accepted")
         raise PointError(
@@ -152,6 +162,15 @@ def check_write(
             "rescale it"
         )
     return cast
+
+
+def _masked_logits_ok(value: Tensor, cast: Tensor) -> bool:
+    """Router logits at -inf mask experts (``MaskExperts`` writes them): accepted where no value is NaN or +inf
+    (before or after the cast) and every token keeps a finite logit."""
+    for v in (value, cast):
+        if bool((torch.isnan(v) | (v == float("inf"))).any()) or not bool(torch.isfinite(v).any(-1).all()):
+            return False
+    return True
 
 
 def check_edit_output(point: str, layer: int | None, new: Any, old: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from expertlens import Direction, ExpertModel, PointError, UnsupportedModelError, resolve_family
+from expertlens.attribution import LogitDiff
 from expertlens.checks import ValidationError, check_truth
 from expertlens.interventions import (
     AblateDirection,
@@ -460,7 +461,70 @@ CASES: list[Case] = [
          ("[batch, pos] integer tensor",), lambda m, t: check_truth(m, torch.ones(2, 3))),
     Case("logit-diff-softcap", "direct_attribution(LogitDiff) on a soft-capped model", ValueError, ("c = 30.0",),
          ("attribute a direction instead",), lambda m, t: _softcap_attribution(m), fresh=lambda: _softcapped()),
+    # ---- silent until issue 24 (tests/test_silent_cases.py checks the values) ----
+    Case("inplace-nan-logits", "moe.router_logits[..., 0] = NaN (in place)", PointError,
+         ("layers[1].moe.router_logits", "NaN or +inf"), ("-inf for experts a token must never use",),
+         _trace(lambda m: _moe(m).router_logits.__setitem__((..., 0), float("nan")))),
+    Case("inplace-ids", "moe.topk_indices[..., 0] = 99 (in place)", PointError, ("[99]",),
+         ("expert ids must be in 0..7",), _trace(lambda m: _moe(m).topk_indices.__setitem__((..., 0), 99))),
+    Case("inplace-shape", "resid_post[..., 0] = <[7] tensor> (in place)", PointError,
+         ("model.layers[1].resid_post, shape (1, 4, 64)",), ("broadcasts to the indexed part",),
+         _trace(lambda m: m.layers[1].resid_post.__setitem__((..., 0), torch.zeros(7)))),
+    Case("read-outside-trace", "model.layers[1].moe.router_logits outside a trace", PointError,
+         ("model.layers[1].moe.router_logits",), ("inside `with model.trace(...)`",),
+         lambda m, t: m.layers[1].moe.router_logits),
+    Case("write-complex", "resid_post = <complex tensor>", TypeError, ("complex dtype torch.complex64",),
+         ("real floating-point",),
+         _trace(lambda m: setattr(m.layers[1], "resid_post", torch.ones(1, 4, 64, dtype=torch.complex64)))),
+    Case("trace-empty", 'model.trace("")', ValueError, ("the prompt is empty",), ("at least one token",),
+         lambda m, t: m.trace("")),
+    Case("run-logits-empty", 'run_logits(model, ["hi", ""])', ValueError, ("prompt 1 ('')",), ("at least one token",),
+         lambda m, t: run_logits(m, ["hi", ""])),
+    Case("rows-bools", "AddVector(..., rows=[True, False])", TypeError, ("rows=[True, False]",),
+         ("torch.tensor([True, False])",), lambda m, t: run_logits(m, ["hi", "hello"],
+                                                                   AddVector("resid_pre", V, layers=1,
+                                                                             rows=[True, False]))),
+    Case("rows-float", "AddVector(..., rows=[0.9])", TypeError, ("element 0.9",), ("a list of row numbers",),
+         _intervene(AddVector("resid_pre", V, layers=1, rows=[0.9]))),
+    Case("indices-float-pos", "Positions.indices([1.7])", TypeError, ("element 1.7",), ("accepted are ints",),
+         lambda m, t: Positions.indices([1.7])),
+    Case("last-bool", "Positions.last(True)", ValueError, ("got True",), ("positive int",),
+         lambda m, t: Positions.last(True)),
+    Case("position-past-end", "AddVector(..., positions=[50]) on a 4-token prompt", ValueError,
+         ("position 50", "4-token"), ("accepted are 0..3 or -4..-1",),
+         _intervene(AddVector("resid_pre", V, layers=1, positions=[50]))),
+    Case("position-before-start", "AddVector(..., positions=[-100]) on a 4-token prompt", ValueError,
+         ("position -100",), ("accepted are -4..-1",),
+         _intervene(AddVector("resid_pre", V, layers=1, positions=[-100]))),
+    Case("mask-rows", "Positions.mask(<[3, 4] mask>) on a batch of 2", ValueError, ("3 rows", "batch has 2"),
+         ("[2, total]",), lambda m, t: run_logits(m, ["hiya", "hola"], AddVector(
+             "resid_pre", V, layers=1, positions=Positions.mask(torch.ones(3, 4, dtype=torch.bool))))),
+    Case("layers-empty-slice", "AddVector(..., layers=slice(5, 9)) on 2 layers", PointError,
+         ("layers=slice(5, 9, None) selects no layer",), ("2 layers (0..1)",),
+         _intervene(AddVector("resid_pre", V, layers=slice(5, 9)))),
+    Case("bias-keys", "RouterBias({1: b, -1: b})", ValueError, ("keys 1 and -1",), ("give each layer once",),
+         _intervene(RouterBias({1: torch.zeros(8), -1: torch.zeros(8)}))),
+    Case("nested-mask-force", "intervene(MaskExperts({1: [3]})) around intervene(ForceExperts({1: [3]}))",
+         ValueError, ("expert 3 at layer 1", "attached earlier"), ("Drop one",),
+         lambda m, t: _nested_conflict(m)),
+    Case("vector-complex", "AddVector(..., vector=<complex>)", TypeError, ("complex dtype",), ("accepted are real",),
+         _intervene(AddVector("resid_pre", V.to(torch.complex64), layers=1))),
+    Case("coeff-overflow", "AddVector(coeff=1e5) on an fp16 model", ValueError, ("coeff 100000", "torch.float16"),
+         ("lower coeff",), lambda m, t: _intervene(AddVector("resid_pre", V, coeff=1e5, layers=1))(m, t),
+         fresh=lambda: tiny_model("olmoe").half(), wrap_fresh=True),
+    Case("direction-family", "AddVector(Direction(..., family='qwen3_moe')) on olmoe", ValueError,
+         ("'qwen3_moe'", "'olmoe'"), ("direction.vector",),
+         _intervene(AddVector("resid_pre", Direction(V, family="qwen3_moe"), layers=1))),
+    Case("save-nan-direction", "Direction(NaN).save(path)", ValueError, ("NaN or inf",), ("only finite",),
+         lambda m, t: Direction(NAN).save(t / "nan.safetensors")),
+    Case("logit-diff-bools", "LogitDiff([True], [False])", TypeError, ("True is a bool",),
+         ("token ids (ints) and token strings",), lambda m, t: LogitDiff([True], [False])),
 ]
+
+
+def _nested_conflict(model):
+    with model.intervene(MaskExperts({1: [3]})), model.intervene(ForceExperts({1: [3]})):
+        pass
 
 
 def setattr_return(obj, name, value):

@@ -32,7 +32,8 @@ as a steering vector; ~0 on an unedited model), so rows always sum to the measur
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -84,9 +85,20 @@ class LogitDiff:
     negative: Sequence[int | str] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "positive", tuple(self.positive))
-        if self.negative is not None:
-            object.__setattr__(self, "negative", tuple(self.negative))
+        for name in ("positive", "negative"):
+            toks = getattr(self, name)
+            if toks is None:
+                continue
+            if isinstance(toks, (str, int)) or not isinstance(toks, Iterable):
+                raise TypeError(f"LogitDiff: {name}={toks!r} must be a list of token ids or token strings, e.g. "
+                                f"[{toks!r}]")
+            toks = tuple(toks)
+            for t in toks:
+                # bool is an int to Python: [True] would be token id 1; a float would be truncated
+                if isinstance(t, bool) or not isinstance(t, (str, numbers.Integral)):
+                    raise TypeError(f"LogitDiff: {name} token {t!r} is a {type(t).__name__}; accepted are token "
+                                    "ids (ints) and token strings")
+            object.__setattr__(self, name, tuple(t if isinstance(t, str) else int(t) for t in toks))
         if not self.positive:
             raise ValueError("LogitDiff needs at least one positive token")
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ..direction import Direction
 from ..edits import track
 from ..families import get_module
+from ..points import PointError
 from .base import Intervention
 from .selectors import LayerSpec, Positions, apply_masked, check_vector, resolve_layers, token_selection
 
@@ -94,8 +95,30 @@ class AblateDirection(Intervention):
         for layer in resolve_layers(model, self.layers):
             for w in ("resid_pre", "attn", "mlp"):
                 if w in writes:
-                    handles.append(model.add_edit(WRITES[w], edit, layer=layer))
+                    for point in _write_points(model, layer, w):
+                        handles.append(model.add_edit(point, edit, layer=layer))
         return handles
+
+
+def _write_points(model: ExpertModel, layer: int, write: str) -> list[str]:
+    """The points carrying one of ``AblateDirection``'s writes on ``layer``.
+
+    A hybrid stack's recurrent / convolution layer has no attention write: its mixer's write is removed at
+    ``resid_mid`` (the stream right after it; the stream before it is already ablated, so the two are equal). A
+    layer-level shared MLP (granitemoeshared / granitemoehybrid) writes beside the MoE block, outside
+    ``mlp_write``: its ``moe.shared_out`` is edited too.
+    """
+    lay = model.layout[layer]
+    if write == "attn" and lay.attn_write is None and lay.attn is None:
+        if lay.mid is None:
+            raise PointError(
+                f"AblateDirection: layer {layer} ({lay.layer_type}) has no attention and no resid_mid, so its "
+                "mixer's write cannot be ablated; pass writes=('resid_pre', 'mlp') or choose other layers"
+            )
+        return ["resid_mid"]
+    if write == "mlp" and lay.has_shared and model.spec.shared_level == "layer":
+        return [WRITES[write], "moe.shared_out"]
+    return [WRITES[write]]
 
 
 class WeightEditHandle:
@@ -175,6 +198,37 @@ def _down_linear(model: ExpertModel, module: nn.Module, what: str) -> nn.Linear:
     return out
 
 
+def _shared_linear(model: ExpertModel, module: nn.Module, what: str) -> nn.Linear:
+    """A shared expert's output projection: ``FamilySpec.mlp_out``, else (granite's ``input_linear`` /
+    ``output_linear`` MLP) its one direct Linear child writing ``d_model``."""
+    if model.spec.mlp_out_linear(module) is None:
+        writes = [c for n, c in module.named_children() if isinstance(c, nn.Linear) and n != "input_linear"
+                  and c.out_features == model.d_model]
+        if len(writes) == 1:
+            return writes[0]
+    return _down_linear(model, module, what)
+
+
+def _mixer_out(model: ExpertModel, row: Any) -> nn.Linear:
+    """The Linear through which a layer's mixer writes the residual stream: attention's output projection, or
+    (hybrid stacks) the recurrent / convolution mixer's ``out_proj``."""
+    hf = model.hf_model
+    if row.o_proj is not None:
+        return hf.get_submodule(row.o_proj)
+    if row.attn is None:
+        layer = hf.get_submodule(row.path)
+        found = [(n, c.out_proj) for n, c in layer.named_children()
+                 if isinstance(getattr(c, "out_proj", None), nn.Linear) and c.out_proj.out_features == model.d_model]
+        if len(found) == 1:
+            return found[0][1]
+        raise ValueError(
+            f"OrthogonalizeWeights: layer {row.index} is a {row.layer_type} with no attention (a recurrent or "
+            f"convolution mixer), and its mixer has no single Linear out_proj writing d_model={model.d_model} "
+            f"(found {[n for n, _ in found]}); use AblateDirection"
+        )
+    raise ValueError(f"OrthogonalizeWeights: layer {row.index}'s attention has no linear output projection")
+
+
 @dataclass(frozen=True, eq=False, repr=False)
 class OrthogonalizeWeights(Intervention):
     """The weight-space twin of :class:`AblateDirection`: every matrix writing into the residual
@@ -236,11 +290,7 @@ class OrthogonalizeWeights(Intervention):
                 out.append((mod.bias, "rows"))
 
         for i, row in enumerate(model.layout):
-            if row.o_proj is None:
-                raise ValueError(
-                    f"OrthogonalizeWeights: layer {i}'s attention has no linear output projection"
-                )
-            linear(hf.get_submodule(row.o_proj))
+            linear(_mixer_out(model, row))
             if row.block is None:
                 linear(_down_linear(model, hf.get_submodule(row.mlp), f"layer {i}'s MLP"))
                 continue
@@ -252,9 +302,11 @@ class OrthogonalizeWeights(Intervention):
             if getattr(experts, "has_bias", False) and getattr(experts, "down_proj_bias", None) is not None:
                 out.append((experts.down_proj_bias, "rows"))
             if spec.shared is not None:
-                shared = get_module(block, spec.shared)
+                # a layer-level shared MLP (granitemoeshared) sits beside the block, in the decoder layer
+                owner = hf.get_submodule(row.path) if spec.shared_level == "layer" else block
+                shared = get_module(owner, spec.shared)
                 if shared is not None:
-                    linear(_down_linear(model, shared, f"layer {i}'s shared expert"))
+                    linear(_shared_linear(model, shared, f"layer {i}'s shared expert"))
         d = model.d_model
         names = {id(p): n for n, p in hf.named_parameters()}
         for param, how in out:

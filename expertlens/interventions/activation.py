@@ -19,6 +19,7 @@ from .selectors import (
     check_point,
     check_scalar,
     check_vector,
+    layer_keys,
     point_shape,
     resolve_layers,
     token_selection,
@@ -78,7 +79,8 @@ class AddVector(Intervention):
         for layer in point_layers(model, self.point, self.layers, what):
             if self.point == "moe.topk_indices":
                 raise PointError(f"{what}: 'moe.topk_indices' holds integers; add to a float point instead")
-            check_vector(model, self.vector, point_shape(model, self.point, layer), f"{what} at {self.point}")
+            check_vector(model, self.vector, point_shape(model, self.point, layer), f"{what} at {self.point}",
+                         scale=float(self.coeff))
 
     def attach(self, model: ExpertModel) -> list[EditHandle]:
         pos, coeff, rows = Positions.coerce(self.positions), float(self.coeff), self.rows
@@ -148,8 +150,9 @@ class MeanAblate(Intervention):
 
     def _table(self, model: ExpertModel) -> dict[int | None, Tensor]:
         layers = self.layers
-        if isinstance(self.means, dict) and layers is None and self.point not in MODEL_POINTS:
-            layers = sorted(int(k) for k in self.means)
+        if isinstance(self.means, dict) and self.point not in MODEL_POINTS:
+            keyed = layer_keys(model, self.means, "MeanAblate", moe_only=self.point.startswith("moe."))
+            layers = sorted(keyed) if layers is None else layers
         out = {}
         for layer in point_layers(model, self.point, layers, "MeanAblate"):
             shape = point_shape(model, self.point, layer)

@@ -21,6 +21,7 @@ from .selectors import (
     Positions,
     apply_masked,
     check_scalar,
+    layer_keys,
     resolve_experts,
     resolve_layers,
     token_selection,
@@ -283,10 +284,8 @@ class RouterBias(Intervention):
     def _table(self, model: ExpertModel) -> dict[int, Tensor]:
         E, moe = model.n_experts, model.moe_layers
         if isinstance(self.bias, dict):
-            rows = {}
-            for layer, b in self.bias.items():
-                (lay,) = resolve_layers(model, int(layer), moe_only=True, what="RouterBias: ")
-                rows[lay] = torch.as_tensor(b)
+            lays = layer_keys(model, self.bias, "RouterBias")
+            rows = {lay: torch.as_tensor(b) for lay, b in zip(lays, self.bias.values())}
         elif isinstance(self.bias, Tensor):
             b = self.bias
             if b.dim() != 2 or b.shape[1] != E or b.shape[0] not in (model.n_layers, len(moe)):

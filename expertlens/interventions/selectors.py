@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ..edits import EditContext
     from ..model import ExpertModel
 
-__all__ = ["Positions", "LayerSpec", "resolve_layers", "point_shape"]
+__all__ = ["Positions", "LayerSpec", "resolve_layers", "layer_keys", "point_shape"]
 
 LayerSpec = int | Sequence[int] | slice | str | None
 
@@ -52,6 +52,8 @@ def resolve_layers(
     accepted = "accepted are an int (or numpy/torch integer), a list of them, a slice or 'all'"
     if isinstance(layers, slice):
         out = list(range(n))[layers]
+        if not out:  # a slice past the end selects nothing: a silent no-op otherwise
+            raise PointError(f"{what}layers={layers!r} selects no layer: the model has {n} layers (0..{n - 1})")
     elif isinstance(layers, Tensor) and layers.dim() == 0 or _is_int(layers):
         out = [_as_int(layers, f"{what}layers={layers!r}", accepted)]
     elif isinstance(layers, Sequence) or isinstance(layers, Tensor):
@@ -80,17 +82,8 @@ def resolve_experts(
     if not isinstance(table, dict):
         raise TypeError(f"{what}: expected a dict {{layer: [experts]}}, got {type(table).__name__}")
     out: dict[int, list[int]] = {}
-    keys: dict[int, Any] = {}
     accepted = "accepted are ints (or numpy/torch integers)"
-    for layer, experts in table.items():
-        (lay,) = resolve_layers(model, _as_int(layer, f"{what}: layer key {layer!r}", accepted), moe_only=True,
-                                what=f"{what}: ")
-        if lay in keys:
-            raise ValueError(
-                f"{what}: keys {keys[lay]!r} and {layer!r} both name layer {lay} (negative keys count from the end); "
-                "give each layer once"
-            )
-        keys[lay] = layer
+    for lay, (layer, experts) in zip(layer_keys(model, table, what), table.items()):
         if _is_int(experts) or isinstance(experts, Tensor) and experts.dim() == 0:
             experts = [experts]
         elif not isinstance(experts, (Sequence, Tensor)) or isinstance(experts, str):
@@ -102,6 +95,30 @@ def resolve_experts(
                 raise PointError(f"{what}: expert {e!r} out of range at layer {lay}: experts are 0..{n - 1}")
         out[lay] = sorted(set(ex))
     return out
+
+
+def layer_keys(model: ExpertModel, table: dict, what: str, *, moe_only: bool = True) -> list[int]:
+    """The layers a ``{layer: ...}`` table's keys name, in key order: ints (negative from the end), in range,
+    each layer named once (keys 1 and -1 of a 2-layer model are the same layer: one would silently win).
+
+    Example:
+        >>> from expertlens import ExpertModel
+        >>> from expertlens.testing import tiny_model, tiny_tokenizer
+        >>> layer_keys(ExpertModel(tiny_model("olmoe"), tiny_tokenizer()), {-1: 0, 0: 0}, "RouterBias")
+        [1, 0]
+    """
+    accepted = "accepted are ints (or numpy/torch integers)"
+    keys: dict[int, Any] = {}
+    for layer in table:
+        (lay,) = resolve_layers(model, _as_int(layer, f"{what}: layer key {layer!r}", accepted), moe_only=moe_only,
+                                what=f"{what}: ")
+        if lay in keys:
+            raise ValueError(
+                f"{what}: keys {keys[lay]!r} and {layer!r} both name layer {lay} (negative keys count from the end); "
+                "give each layer once"
+            )
+        keys[lay] = layer
+    return list(keys)
 
 
 def _is_int(value: Any) -> bool:
@@ -170,14 +187,21 @@ class Positions:
     @staticmethod
     def last(n: int = 1) -> Positions:
         """The last ``n`` prompt tokens (positions ``prompt_len-n .. prompt_len-1``)."""
-        if not isinstance(n, int) or n < 1:
+        if not _is_int(n) or n < 1:  # (a bool is an int to Python: last(True) would mean last(1))
             raise ValueError(f"Positions.last(n): n must be a positive int, got {n!r}")
+        n = int(n)
         return Positions("last", n)
 
     @staticmethod
     def indices(idx: Sequence[int] | int) -> Positions:
         """Explicit absolute padded positions; negative ones count from the end of the prompt."""
-        idx = [idx] if isinstance(idx, int) else [int(i) for i in idx]
+        accepted = "accepted are ints (or numpy/torch integers)"
+        if _is_int(idx) or isinstance(idx, Tensor) and idx.dim() == 0:
+            idx = [_as_int(idx, f"Positions.indices({idx!r})", accepted)]
+        elif isinstance(idx, (Sequence, Tensor)) and not isinstance(idx, str):
+            idx = [_as_int(i, f"Positions.indices: element {i!r}", accepted) for i in idx]
+        else:
+            raise TypeError(f"Positions.indices({idx!r}): {accepted}, or a list of them")
         return Positions("indices", tuple(idx))
 
     @staticmethod
@@ -226,8 +250,9 @@ class Positions:
         if self.kind == "last":
             return (pos >= plen - self.arg) & (pos < plen)
         if self.kind == "indices":
-            idx = torch.tensor([i + plen if i < 0 else i for i in self.arg], device=device)
-            return torch.isin(pos, idx)
+            idx = [i + plen if i < 0 else i for i in self.arg]
+            _check_indices(self.arg, idx, ctx, plen, pos)
+            return torch.isin(pos, torch.tensor(idx, device=device))
         if self.kind == "mask":
             m = self.arg.to(device)
             total = m.shape[-1]
@@ -235,6 +260,29 @@ class Positions:
             picked = m[..., pos.clamp(max=total - 1)]
             return picked & inside
         raise ValueError(f"unknown Positions kind {self.kind!r}")
+
+
+def _check_indices(given: tuple[int, ...], idx: list[int], ctx: EditContext, plen: int, pos: Tensor) -> None:
+    """Positions that no token of this forward can have: an error, not a silent no-op."""
+    for i, j in zip(given, idx):
+        if j < 0:
+            raise ValueError(
+                f"Positions.indices: position {i} is before the start of the {plen}-token (padded) prompt; "
+                f"accepted are -{plen}..-1 (from the end of the prompt) and 0 or more"
+            )
+    # In a generation a later step may reach a position past the prompt; a single fresh forward (positions
+    # 0..p-1, known without reading the device) never will.
+    total = len(pos)
+    if not ctx.generating and ctx.step == 0:
+        for i, j in zip(given, idx):
+            if j >= total:
+                raise ValueError(
+                    f"Positions.indices: position {i} is past the end of this {total}-token (padded) input; "
+                    f"accepted are 0..{total - 1} or -{plen}..-1 (positions past the prompt exist only in generate)"
+                )
+
+
+_ROWS = "accepted are None (every row), a row number, a list of row numbers or a [batch] boolean tensor"
 
 
 def rows_mask(rows: Any, b: int, device: torch.device) -> Tensor | None:
@@ -245,7 +293,15 @@ def rows_mask(rows: Any, b: int, device: torch.device) -> Tensor | None:
         if rows.shape != (b,):
             raise ValueError(f"rows mask has shape {tuple(rows.shape)}, the batch has {b} rows")
         return rows.to(device)
-    idx = [rows] if isinstance(rows, int) else [int(r) for r in rows]
+    if isinstance(rows, bool) or isinstance(rows, (list, tuple)) and any(isinstance(r, bool) for r in rows):
+        # int(True) is 1: [True, False] would select rows 1 and 0, i.e. every row
+        raise TypeError(f"rows={rows!r}: bools are not row numbers; for a mask pass torch.tensor({rows!r}). {_ROWS}")
+    if _is_int(rows) or isinstance(rows, Tensor) and rows.dim() == 0:
+        idx = [_as_int(rows, f"rows={rows!r}", _ROWS)]
+    elif isinstance(rows, (Sequence, Tensor)) and not isinstance(rows, str):
+        idx = [_as_int(r, f"rows={rows!r}: element {r!r}", _ROWS) for r in rows]
+    else:
+        raise TypeError(f"rows={rows!r} ({type(rows).__name__}): {_ROWS}")
     for r in idx:
         if not -b <= r < b:
             raise ValueError(f"row {r} out of range for a batch of {b}")
@@ -263,6 +319,11 @@ def token_selection(positions: Positions, rows: Any, ctx: EditContext, x: Tensor
         return None
     m = torch.ones(b, p, dtype=torch.bool, device=x.device)
     if pm is not None:
+        if pm.dim() == 2 and pm.shape[0] != b:
+            raise ValueError(
+                f"Positions.mask has {pm.shape[0]} rows but the batch has {b}; accepted are a [total] mask "
+                f"(every row) or a [{b}, total] one"
+            )
         m = m & (pm if pm.dim() == 2 else pm.unsqueeze(0))
     if rm is not None:
         m = m & rm.unsqueeze(1)
@@ -296,17 +357,27 @@ def check_vector(
     what: str,
     *,
     allow_last: bool = True,
+    scale: float = 1.0,
 ) -> Tensor:
     """Validate a vector for a point: size (error), finiteness (error); dtype/device converted.
 
     ``shape`` is the point's trailing shape; a vector of the full trailing shape or (with
-    ``allow_last``) of its last dimension (broadcast) is accepted.
+    ``allow_last``) of its last dimension (broadcast) is accepted. ``scale`` (a coefficient the
+    vector will be multiplied by) must keep it finite in the model's dtype.
     """
     try:
         v = as_tensor(vector)
     except TypeError as exc:
         raise TypeError(f"{what}: {exc}") from None
-    if not v.is_floating_point() and not v.is_complex():
+    family = getattr(vector, "family", None) if isinstance(vector, Direction) else None
+    if family is not None and family != model.family:
+        raise ValueError(
+            f"{what}: the Direction was computed on a {family!r} model; this model is {model.family!r}. Directions "
+            "carry no meaning across models; to apply it anyway pass its tensor (direction.vector)"
+        )
+    if v.is_complex():  # the cast to the model's real dtype would drop the imaginary part
+        raise TypeError(f"{what}: vector has complex dtype {v.dtype}; accepted are real (floating-point) vectors")
+    if not v.is_floating_point():
         v = v.float()
     accepted = [tuple(shape)] + ([tuple(shape[-1:])] if allow_last and len(shape) > 1 else [])
     if tuple(v.shape) not in accepted:
@@ -322,6 +393,12 @@ def check_vector(
         raise ValueError(
             f"{what}: vector is finite in {v.dtype} but overflows to inf in the model's {model.dtype} "
             f"(max |value| {big:.3g} > {torch.finfo(model.dtype).max:.3g}); rescale it"
+        )
+    if scale != 1.0 and cast.numel() and not bool(torch.isfinite(cast * scale).all()):
+        big = float(v.detach().abs().max()) * abs(scale)
+        raise ValueError(
+            f"{what}: coeff {scale:g} × vector overflows the model's {model.dtype} (max |coeff·value| {big:.3g} > "
+            f"{torch.finfo(model.dtype).max:.3g}): the edit would write inf; lower coeff or rescale the vector"
         )
     return cast
 
