@@ -126,6 +126,8 @@ def test_quiet_loading_only_off_a_terminal(monkeypatch):
 
     from expertlens import compat
 
+    if not hf.is_progress_bar_enabled():  # another test (the CLI in a non-TTY run) turned bars off for the process
+        hf.enable_progress_bar()
     seen = []
     for tty, expect_bar in ((True, True), (False, False)):
         monkeypatch.setattr(compat, "stderr_is_tty", lambda tty=tty: tty)

@@ -150,7 +150,7 @@ class ScaleExpert(Intervention):
     Example:
         >>> from expertlens.interventions import ScaleExpert
         >>> ScaleExpert(layer=1, expert=3, alpha=0.0)
-        ScaleExpert(layer=1, expert=3, alpha=0.0, positions=None, rows=None)
+        ScaleExpert(layer=1, expert=3, alpha=0.0)
     """
 
     layer: int

@@ -103,7 +103,7 @@ class MaskExperts(Intervention):
     Example:
         >>> from expertlens.interventions import MaskExperts
         >>> MaskExperts({1: [0, 3]})
-        MaskExperts(experts={1: [0, 3]}, positions=None, rows=None)
+        MaskExperts(experts={1: [0, 3]})
     """
 
     experts: dict[int, Sequence[int]]
@@ -185,7 +185,7 @@ class ForceExperts(Intervention):
     Example:
         >>> from expertlens.interventions import ForceExperts
         >>> ForceExperts({0: [5]})
-        ForceExperts(experts={0: [5]}, margin=1.0, positions=None, rows=None)
+        ForceExperts(experts={0: [5]})
     """
 
     experts: dict[int, Sequence[int]]
@@ -390,7 +390,7 @@ class SteerMoE(Intervention):
     Example:
         >>> from expertlens.interventions import SteerMoE
         >>> SteerMoE(activate={1: [2]}, deactivate={1: [5, 6]})
-        SteerMoE(activate={1: [2]}, deactivate={1: [5, 6]}, eps=0.01, positions=None, rows=None)
+        SteerMoE(activate={1: [2]}, deactivate={1: [5, 6]})
     """
 
     activate: dict[int, Sequence[int]] | None = None
