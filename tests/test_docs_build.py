@@ -68,18 +68,22 @@ def test_roles_translate(crossrefs, pkg, text, scope, expected):
 RAW_ROLE = re.compile(r":(?:py:)?(?:class|func|meth|attr|mod|data|exc|obj|const):`?")
 
 
+def _docs_files() -> dict:
+    return {p: p.read_bytes() for p in (ROOT / "docs").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("mkdocs") is None and importlib.util.find_spec("mkdocs") is None, reason="no mkdocs")
 def test_built_site_has_no_raw_roles(tmp_path):
     site = tmp_path / "site"
-    docs_before = {p: p.read_bytes() for p in (ROOT / "docs").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    docs_before = _docs_files()
     proc = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the build writes nothing into docs/ (the architectures page is a virtual file of the build)
-    docs_after = {p: p.read_bytes() for p in (ROOT / "docs").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    docs_after = _docs_files()
     assert docs_after == docs_before, sorted(set(docs_after) ^ set(docs_before)) or "a docs file changed"
     assert (site / "architectures" / "index.html").exists()
     raw = {}
