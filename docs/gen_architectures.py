@@ -64,6 +64,7 @@ def rows() -> list[dict[str, str]]:
                 "routing": spec.rule.describe() if spec.rule is not None else "—",
                 "shared": shared if spec.is_moe else "—",
                 "residual": spec.residual,
+                "identity": f"`{spec.output_identity}`" if spec.is_moe else "—",
                 "notes": spec.notes or "",
                 "layers": _code(spec.layers),
                 "attn": ", ".join(_code(a) for a in spec.attn),
@@ -97,6 +98,7 @@ def render() -> str:
             ("routing", "routing rule"),
             ("shared", "shared expert"),
             ("residual", "residual"),
+            ("identity", "`moe.output` ="),
             ("notes", "notes"),
         ],
         data,
@@ -124,6 +126,9 @@ def render() -> str:
         "layer (attention, MoE block) and to the MoE block (router, experts). The first attention path that "
         "exists on a layer wins (hybrid families list their linear-attention module too).\n\n"
         + paths
+        + "\n## The MoE output identity\n\nThe *`moe.output` =* column is `FamilySpec.output_identity` (the tests compute "
+        "it with `FamilySpec.moe_output_from`). On every family `Σ_k expert_contrib` is the routed part of `moe.output`; "
+        "see [Points](concepts/points.md#identities-that-hold-exactly).\n"
         + "\n## Residual wiring\n\n"
         "* `pre_norm`: `x + f(norm(x))`; `resid_mid == resid_pre + attn.output` and "
         "`resid_post == resid_mid + mlp.output`.\n"

@@ -36,7 +36,7 @@ def capture_moe(model: ExpertModel, input_ids: torch.Tensor) -> list[dict[str, t
         >>> from expertlens.checks import capture_moe
         >>> rows = capture_moe(model, torch.tensor([[5, 6, 7]]))
         >>> sorted(rows[0])[:3]
-        ['expert_out', 'output', 'router_logits']
+        ['expert_contrib', 'expert_out', 'output']
     """
     rows = []
     with torch.no_grad(), model.trace(input_ids):
@@ -48,6 +48,7 @@ def capture_moe(model: ExpertModel, input_ids: torch.Tensor) -> list[dict[str, t
                 "topk_indices": moe.topk_indices,
                 "topk_weights": moe.topk_weights,
                 "expert_out": moe.expert_out,
+                "expert_contrib": moe.expert_contrib,
             }
             # a layer-level shared MLP (FamilySpec.shared_level) runs after the MoE block
             layer_shared = model.spec.shared_level == "layer"
@@ -81,19 +82,22 @@ def check_model(model: ExpertModel, n_tokens: int = 6, atol: float = 1e-4) -> No
     rows = capture_moe(model, ids)
     for layer, row in zip(model.moe_layers, rows):
         w, idx = row["topk_weights"], row["topk_indices"]
-        w_eff = torch.ones_like(w) if model.spec.weights_on_input else w  # Llama-4: weights inside expert_out
-        recon = (row["expert_out"].float() * w_eff.float().unsqueeze(-1)).sum(dim=-2)
-        recon = recon * model.spec.routed_factor(model._module.get_submodule(model.layout[layer].block))
-        if "shared_out" in row and model.spec.shared_level == "block":
-            recon = recon + row["shared_out"].float()
-        err = (recon - row["output"].float()).abs().max().item()
-        scale = row["output"].float().abs().max().item() + 1.0
-        # the MoE output's precision, not the model's first parameter's (Ergo keeps its embedding in fp32)
-        if err > atol * scale * (1 if row["output"].dtype == torch.float32 else 100):
-            raise ValidationError(
-                f"layer {layer}: Σ_k topk_weights·expert_out (+ shared_out) differs from the MoE output by {err:.3g}; "
-                f"the {model.family!r} address table does not match this model's MoE block"
-            )
+        block = model._module.get_submodule(model.layout[layer].block)
+        shared = row["shared_out"].float() if "shared_out" in row else None
+        # the family's identity, and the one every family has: the routed part is Σ_k expert_contrib
+        routed = row["expert_contrib"].float().sum(-2)
+        with_shared = routed + shared if shared is not None and model.spec.shared_level == "block" else routed
+        for what, recon in ((model.spec.output_identity, model.spec.moe_output_from(row["expert_out"].float(), w,
+                                                                                     shared, block)),
+                            ("Σ_k expert_contrib (+ block-level shared_out)", with_shared)):
+            err = (recon - row["output"].float()).abs().max().item()
+            scale = row["output"].float().abs().max().item() + 1.0
+            # the MoE output's precision, not the model's first parameter's (Ergo keeps its embedding in fp32)
+            if err > atol * scale * (1 if row["output"].dtype == torch.float32 else 100):
+                raise ValidationError(
+                    f"layer {layer}: {what} differs from the MoE output by {err:.3g}; "
+                    f"the {model.family!r} address table does not match this model's MoE block"
+                )
         router = model._module.get_submodule(model.layout[layer].router)
         logits = row["router_logits"].reshape(-1, row["router_logits"].shape[-1])
         w_ref, idx_ref = model.spec.rule.route(logits, router)

@@ -630,7 +630,8 @@ class FamilySpec:
             (``("e_score_correction_bias",)`` for MiniMax-M2 / HY-V3, ``("expert_bias",)`` for AFMoE and
             LFM2-MoE); routing rules find them on the router too.
         routed_scale: MoE-block attribute multiplying the routed output *outside* the router (Beam,
-            Laguna); ``topk_weights`` are the router's and ``expert_out`` includes the factor.
+            Laguna); ``topk_weights`` are the router's and ``expert_out`` the experts' (neither includes the factor),
+            ``expert_contrib`` does: see :attr:`output_identity`.
         shared_level: ``"block"`` (the shared expert is a child of the MoE block) or ``"layer"`` (a
             child of the decoder layer that the layer adds to the block's output, Granite-MoE-Shared);
             for ``"layer"`` the ``moe.output`` point is the routed output and ``shared_out`` the shared
@@ -775,6 +776,52 @@ class FamilySpec:
         if self.routed_scale is None:
             return 1.0
         return float(getattr(block, self.routed_scale))
+
+    @property
+    def output_identity(self) -> str:
+        """What ``moe.output`` equals in terms of the points on this family (the architectures page's column).
+
+        Read with :meth:`moe_output_from`, which computes it, so the text and the check cannot drift apart. Whatever
+        the family, ``Σ_k expert_contrib`` is the routed part: ``moe.output == Σ_k expert_contrib + shared_out`` with
+        the shared expert in the block, ``== Σ_k expert_contrib`` where the decoder layer adds it (``shared_level``).
+
+        Example:
+            >>> from expertlens import resolve_family
+            >>> resolve_family("beam").output_identity
+            'routed_scaling_factor·Σ_k topk_weights·expert_out'
+            >>> resolve_family("llama4_text").output_identity
+            'Σ_k expert_out + shared_out'
+        """
+        if not self.is_moe:
+            return "—"
+        routed = "Σ_k expert_out" if self.weights_on_input else "Σ_k topk_weights·expert_out"
+        if self.routed_scale is not None:
+            routed = f"{self.routed_scale}·{routed}"
+        if self.shared is None:
+            return routed
+        if self.shared_level == "layer":
+            return f"{routed} (the decoder layer adds shared_out)"
+        return f"{routed} + shared_out" + (" (where the layer has one)" if self.shared_optional else "")
+
+    def moe_output_from(self, expert_out: Tensor, topk_weights: Tensor, shared_out: Tensor | None,
+                        block: nn.Module) -> Tensor:
+        """``moe.output`` computed from ``expert_out`` ``[..., k, d]``, ``topk_weights`` ``[..., k]`` and ``shared_out``
+        by :attr:`output_identity` (in ``expert_out``'s dtype; ``block``: the MoE block, for its routed scale).
+
+        Example:
+            >>> import torch
+            >>> from expertlens import resolve_family
+            >>> spec = resolve_family("olmoe")
+            >>> eo, w = torch.ones(1, 2, 2, 4), torch.full((1, 2, 2), 0.5)
+            >>> spec.moe_output_from(eo, w, None, block=None).tolist()[0][0]
+            [1.0, 1.0, 1.0, 1.0]
+        """
+        weights = topk_weights.to(expert_out.dtype)
+        routed = expert_out.sum(-2) if self.weights_on_input else (expert_out * weights.unsqueeze(-1)).sum(-2)
+        routed = routed * self.routed_factor(block)
+        if shared_out is not None and self.shared_level == "block":
+            routed = routed + shared_out.to(routed.dtype)
+        return routed
 
     @property
     def additive_residual(self) -> bool:

@@ -53,7 +53,7 @@ EXPERTS_IMPLEMENTATION = "expertlens"
 
 #: Names of the hook-point submodules, by owner.
 ROUTER_POINTS = ("el_router_logits", "el_router_probs", "el_topk_indices", "el_topk_weights")
-EXPERTS_POINTS = ("el_expert_view", "el_expert_out")
+EXPERTS_POINTS = ("el_expert_view", "el_expert_out", "el_expert_contrib")
 BLOCK_POINTS = ("el_shared_out", "el_output")
 
 
@@ -339,7 +339,34 @@ def _weigh_through_points(experts: nn.Module, per_slot: Tensor, top_k_index: Ten
         per_slot = per_slot.reshape(n_tokens, k, hidden_dim)
 
     weighted = per_slot * top_k_weights.unsqueeze(-1)
-    return weighted.sum(dim=1)
+    contrib_point = experts._modules.get("el_expert_contrib")
+    if contrib_point is None or _idle(contrib_point):
+        return weighted.sum(dim=1)
+    return _through_contributions(experts, contrib_point, weighted)
+
+
+def _through_contributions(experts: nn.Module, point: nn.Module, weighted: Tensor) -> Tensor:
+    """The weighted slots through the ``expert_contrib`` point ``[b, p, k, d]``, summed over slots.
+
+    A family that scales the routed sum outside the router (``FamilySpec.routed_scale``) gets the factor inside each
+    contribution, so ``Σ_k expert_contrib`` is the routed part of ``moe.output``. The block multiplies the *sum*
+    (as transformers does), and ``(Σ_k w·x)·s`` and ``Σ_k (w·x·s)`` differ in the last bits: a value only read keeps
+    the block's order (reading never changes the model's result); an edited one is summed as given and the block
+    is told not to scale it again (``_el_prescaled``).
+    """
+    n_tokens, k, hidden_dim = weighted.shape
+    b, p = _bp(experts.__dict__.get("_el_shape"), n_tokens)
+    owner = experts.__dict__.get("_el_scale_owner")
+    if owner is None:
+        return point(weighted.view(b, p, k, hidden_dim)).reshape(n_tokens, k, hidden_dim).sum(dim=1)
+    block, attr = owner
+    contrib = weighted * getattr(block, attr)
+    version = contrib._version
+    served = point(contrib.view(b, p, k, hidden_dim))
+    if served._base is contrib and served._version == version:  # read, not edited: the block's own order
+        return weighted.sum(dim=1)
+    experts.__dict__["_el_prescaled"] = True
+    return served.reshape(n_tokens, k, hidden_dim).sum(dim=1)
 
 
 def global_num_experts(experts: nn.Module) -> int:
@@ -738,6 +765,7 @@ def _block_forward(self: nn.Module, hidden_states: Tensor, *args, **kwargs):
     router, experts = st.router, st.experts
     _state(router).shape = (b, p)
     experts.__dict__["_el_shape"] = (b, p)
+    experts.__dict__.pop("_el_prescaled", None)  # a forward stopped mid-block must not leave it for the next
     flat = hidden_states.reshape(-1, d)
     extra = [get_module(self, name) for name in spec.router_extra]
     _, weights, indices = router(hidden_states if spec.router_input == "3d" else flat, *extra)
@@ -760,7 +788,8 @@ def _block_forward(self: nn.Module, hidden_states: Tensor, *args, **kwargs):
         out = _weigh_through_points(experts, per_slot, indices, weights).to(hidden_states.dtype).reshape(b, p, d)
     else:
         out = experts(flat, indices, weights).reshape(b, p, d)
-    if spec.routed_scale is not None:
+    # the routed scale, unless edited expert contributions already hold it (`_through_contributions`)
+    if spec.routed_scale is not None and not experts.__dict__.pop("_el_prescaled", False):
         out = out * getattr(self, spec.routed_scale)
     shared_mod = get_module(self, spec.shared) if spec.shared is not None and spec.shared_level == "block" else None
     if shared_mod is not None:
@@ -971,6 +1000,8 @@ def install(model: nn.Module, spec: FamilySpec, editable: list[nn.Module] = ()) 
                         _swap_class(shared_mod, "shared", _shared_forward)
                         inst.shared[i] = shared_mod
                 block.__dict__["_el_state"] = _State(type(block), spec, i, router=router, experts=experts)
+                if spec.routed_scale is not None:  # the factor `expert_contrib` carries (read on every call)
+                    experts.__dict__["_el_scale_owner"] = (block, spec.routed_scale)
                 _swap_class(router, "router", _router_forward)
                 _swap_class(block, "block", _block_forward)
                 inst.blocks[i], inst.routers[i], inst.experts[i] = block, router, experts
@@ -1005,6 +1036,8 @@ def _undo(model: nn.Module, inst: Instrumentation) -> None:
             module._modules.pop(name, None)
         module.__dict__.pop("_el_shape", None)
         module.__dict__.pop("_el_ep", None)
+        module.__dict__.pop("_el_scale_owner", None)
+        module.__dict__.pop("_el_prescaled", None)
     # Modules that got hook points but no state yet (an error mid-layer) are cleaned too.
     for module in model.modules():
         for name in ROUTER_POINTS + EXPERTS_POINTS + BLOCK_POINTS:

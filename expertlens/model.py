@@ -663,8 +663,8 @@ _FRIENDLY_TRACERS: dict[type, type] = {}
 #: The order points must be read in within one invoke (nnsight's rule), for error messages.
 READ_ORDER = (
     "embed, then layer by layer: resid_pre, attn.z / attn.head_out, attn.output, resid_mid, moe.router_logits, "
-    "moe.router_probs, moe.topk_indices, moe.topk_weights, moe.experts[e], moe.expert_out, moe.shared_out, "
-    "moe.output / mlp.output, resid_post; then logits"
+    "moe.router_probs, moe.topk_indices, moe.topk_weights, moe.experts[e], moe.expert_out, moe.expert_contrib, "
+    "moe.shared_out, moe.output / mlp.output, resid_post; then logits"
 )
 
 
@@ -776,6 +776,7 @@ def _point_names(model: ExpertModel) -> dict[str, str]:
                 names[f"{row['router']}.el_{point}.output"] = f"{at}.moe.{point}"
             names[f"{row['experts']}.el_expert_out.output"] = f"{at}.moe.expert_out"
             names[f"{row['experts']}.el_expert_view.output"] = f"{at}.moe.experts[e]"
+            names[f"{row['experts']}.el_expert_contrib.output"] = f"{at}.moe.expert_contrib"
             names[f"{row['block']}.el_shared_out.output"] = f"{at}.moe.shared_out"
             names[f"{row['block']}.el_output.output"] = f"{at}.moe.output"
     return names

@@ -621,6 +621,13 @@ POINTS: dict[str, Point] = {
         Point("moe.expert_out", "layers[i].moe.expert_out", "moe", _hook("experts", "el_expert_out"),
               lambda m, lay: (lay.top_k, m.d_model), "[b, p, k, d]", "float",
               "each selected expert's output, before its weight"),
+        Point("moe.expert_contrib", "layers[i].moe.expert_contrib", "moe", _hook("experts", "el_expert_contrib"),
+              lambda m, lay: (lay.top_k, m.d_model), "[b, p, k, d]", "float",
+              "what each selected slot adds to `moe.output`: its weight times `expert_out`, times the family's "
+              "routed scale where the block applies one (Llama-4: `expert_out`, the weight is inside); "
+              "`Σ_k expert_contrib` is the routed part of `moe.output` on every family",
+              on_write="yes — their sum replaces the routed part of `moe.output` (weights and scale are not "
+              "re-applied)"),
         Point("moe.shared_out", "layers[i].moe.shared_out", "moe", lambda m, lay: Site(lay.shared_point, "hook"), _d,
               "[b, p, d]", "float", "shared expert's contribution after its gate (`None` without one)",
               needs=_needs_shared),
@@ -873,6 +880,7 @@ class MoEPoints(_NamedPoints):
     topk_indices = PointAttr("moe.topk_indices")
     topk_weights = PointAttr("moe.topk_weights")
     expert_out = PointAttr("moe.expert_out")
+    expert_contrib = PointAttr("moe.expert_contrib")
     output = PointAttr("moe.output")
 
     def __init__(self, model: ExpertModel, layer: int):

@@ -83,7 +83,8 @@ MOE_FAMILIES = tuple(f for f in TINY_CONFIGS if f not in DENSE_FAMILIES)
 _SCALES = dict(routed_scaling_factor=2.5)
 _COVERAGE_OVERRIDES: dict[str, dict] = {
     "beam": {**_SCALES, "norm_topk_prob": True},
-    "laguna": {**_SCALES, "router_logit_softcapping": 3.0},
+    # laguna's config calls it moe_routed_scaling_factor (routed_scaling_factor left the block's factor at 1.0)
+    "laguna": {"moe_routed_scaling_factor": 2.5, "router_logit_softcapping": 3.0},
     "minimax_m3_vl_text": _SCALES,
     "hy_v3": {"router_scaling_factor": 2.5},
     "afmoe": {"route_scale": 2.5},

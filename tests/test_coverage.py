@@ -105,7 +105,7 @@ def _moe_rows(model: ExpertModel, ids: torch.Tensor) -> list[dict]:
         for i in model.moe_layers:
             moe = model.layers[i].moe
             row = dict(x=moe.input, logits=moe.router_logits, probs=moe.router_probs, idx=moe.topk_indices,
-                       w=moe.topk_weights, eo=moe.expert_out)
+                       w=moe.topk_weights, eo=moe.expert_out, contrib=moe.expert_contrib)
             if moe.has_shared and not layer_shared:
                 row["shared"] = moe.shared_out
             row["out"] = moe.output
@@ -129,12 +129,15 @@ def test_reconstruction_and_routing_recomputation(family, cov):
         k, e = model.layout[layer].top_k, model.layout[layer].n_experts
         assert row["idx"].shape == row["w"].shape == (b, p, k)
         assert row["eo"].shape == (b, p, k, model.d_model)
-        factor = model.spec.routed_factor(_module(model, layer, "block"))
-        w_eff = torch.ones_like(row["w"]) if model.spec.weights_on_input else row["w"]  # llama4: weights on input
-        recon = (row["eo"] * w_eff.unsqueeze(-1).to(row["eo"].dtype)).sum(-2) * factor
-        if "shared" in row and model.spec.shared_level == "block":
-            recon = recon + row["shared"]
-        torch.testing.assert_close(recon, row["out"], atol=1e-5, rtol=0)
+        assert row["contrib"].shape == row["eo"].shape
+        # the family's identity, as the family table states it (FamilySpec.output_identity)
+        recon = model.spec.moe_output_from(row["eo"], row["w"], row.get("shared"), _module(model, layer, "block"))
+        torch.testing.assert_close(recon, row["out"], atol=1e-5, rtol=0, msg=model.spec.output_identity)
+        # every family's: Σ_k expert_contrib is the routed part of moe.output
+        block_shared = row["shared"] if "shared" in row and model.spec.shared_level == "block" else 0
+        torch.testing.assert_close(row["contrib"].sum(-2) + block_shared, row["out"], atol=1e-5, rtol=0)
+        if model.spec.routed_scale is None:  # the block sums these very tensors
+            assert torch.equal(row["contrib"].sum(-2) + block_shared, row["out"])
         router = _module(model, layer, "router")
         w_ref, idx_ref = model.spec.rule.route(row["logits"].reshape(-1, e), router)
         idx, w = row["idx"].reshape(-1, k), row["w"].reshape(-1, k)
@@ -142,6 +145,30 @@ def test_reconstruction_and_routing_recomputation(family, cov):
         assert torch.equal(idx.gather(-1, order), idx_ref.gather(-1, order_ref))
         torch.testing.assert_close(w.gather(-1, order).float(), w_ref.gather(-1, order_ref).float(), atol=1e-6, rtol=0)
         torch.testing.assert_close(row["probs"], model.spec.rule.probs(row["logits"], router))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_expert_contrib_reads_change_nothing_and_writes_replace_the_routed_part(family, cov):
+    """Reading expert_contrib leaves the logits bit-identical (scaled families keep the block's order of the
+    routed scale); a write is summed as given (the weights and the scale are not applied again)."""
+    model = cov(family)
+    layer, ids = model.moe_layers[0], make_ids(2, 5)
+    read_shared = model.spec.shared_level == "block" and model.layers[layer].moe.has_shared
+    with torch.no_grad(), model.trace(ids):
+        plain = model.logits.save()
+    with torch.no_grad(), model.trace(ids):
+        contrib = model.layers[layer].moe.expert_contrib.save()
+        read = model.logits.save()
+    assert torch.equal(read, plain)
+    new = contrib.flip(-2) * torch.linspace(-1.0, 2.0, contrib.shape[-2]).view(-1, 1)
+    shared = None
+    with torch.no_grad(), model.trace(ids):
+        moe = model.layers[layer].moe
+        moe.expert_contrib = new
+        if read_shared:
+            shared = moe.shared_out.save()
+        out = moe.output.save()
+    torch.testing.assert_close(out, new.sum(-2) + (0 if shared is None else shared), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -74,8 +74,10 @@ def test_architectures_page_lists_every_census_type_and_family_with_its_status()
         assert status != "unknown", detail
         label = {"exact": f"exact: `{detail}` table", "refused": "refused", "text tower": f"text tower `{detail}`"}
         assert f"| `{entry.model_type}` | `{entry.causal_lm}` | {label[status]}" in page, entry.model_type
-    for name in expertlens.supported_families():
+    for name, spec in expertlens.supported_families().items():
         assert f"| `{name}` |" in page
+        if spec.is_moe:  # the identity column, from the family table
+            assert f"`{spec.output_identity}`" in page, name
 
 
 def test_the_docs_build_adds_the_architectures_page_without_writing_into_docs(tmp_path):
