@@ -799,7 +799,7 @@ def record_run(
     """One forward of ``prompts`` (left-padded batch) under ``interventions``: ``(logits, cache)`` with the
     values at ``wanted`` ``(point, layer)`` keys (detached)."""
     with model.intervene(*interventions), record(model, wanted, detach=True) as rec:
-        enc = model.tokenize(prompts if isinstance(prompts, list) else [prompts])
+        enc = model.tokenize(prompts if isinstance(prompts, list) else [prompts], position_ids=True)
         with torch.no_grad():
             logits = model.hf_model(**enc, use_cache=False).logits
     return logits, ActivationCache(rec.values, enc.get("attention_mask"))

@@ -487,12 +487,25 @@ class ExpertModel(TransformersModel):
     def __exit__(self, *exc) -> None:
         self.restore()
 
-    def tokenize(self, prompts: str | list[str], **kwargs) -> dict[str, Tensor]:
-        """Tokenize with the model's (left-padding) tokenizer, on the model's device."""
+    def tokenize(self, prompts: str | list[str], *, position_ids: bool = False, **kwargs) -> dict[str, Tensor]:
+        """Tokenize with the model's (left-padding) tokenizer, on the model's device.
+
+        ``position_ids=True`` adds each row's own positions (0 at its first real token, as ``generate`` and a
+        trace count them), for a plain forward of a padded batch: without them a left-padded row's tokens sit
+        at shifted positions, and its logits depend, by rounding, on the prompts it is batched with.
+
+        Example:
+            >>> from expertlens.testing import tiny_model, tiny_tokenizer
+            >>> model = ExpertModel(tiny_model("olmoe"), tiny_tokenizer())
+            >>> model.tokenize(["hello", "hi"], position_ids=True)["position_ids"].tolist()
+            [[0, 1, 2, 3, 4], [1, 1, 1, 0, 1]]
+        """
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, **kwargs)
         mask = enc.get("attention_mask")
         if mask is not None and mask.dim() == 2 and mask.numel():
             _refuse_empty(prompts, mask.sum(-1).tolist())
+            if position_ids:  # generate's rule: count real tokens; padding gets a harmless 1
+                enc["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
         return {k: v.to(self.device) for k, v in enc.items()}
 
     def to_tokens(self, prompts: str | list[str], **kwargs: Any) -> Int[Tensor, "batch pos"]:

@@ -341,11 +341,9 @@ def test_compositions_in_generation_match_plain_torch_hooks(use_cache, data):
     assert model.n_edits() == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "run_logits (and the other plain calls: attribution, edits, calibrate_router_bias) pass no position_ids, so a "
-    "left-padded row's tokens sit at shifted positions; a trace passes each row's own (as generate does). Under "
-    "RoPE that is the same function up to rounding: in bf16 a prompt's run_logits logits change with its batch"))
 def test_run_logits_of_a_padded_row_equal_the_prompt_alone_in_bf16():
+    """Plain calls pass each row's own position_ids (as a trace and generate do): a left-padded row's logits do
+    not depend on the prompts it is batched with, even in bf16 where shifted RoPE positions round differently."""
     from expertlens.interventions import run_logits
 
     model, _ = models("olmoe", torch.bfloat16)

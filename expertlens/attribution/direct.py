@@ -459,5 +459,5 @@ def direct_attribution(
     items = as_prompts(prompts, model, chat)
     with torch.no_grad(), model.intervene(*interventions, attr):
         for chunk in batches(items, batch_size):
-            model.hf_model(**model.tokenize(chunk))
+            model.hf_model(**model.tokenize(chunk, position_ids=True))
     return attr.result(model)

@@ -53,10 +53,10 @@ def _metric_fn(model: ExpertModel, metric: Metric) -> Callable[[Tensor], Tensor]
 
 
 def _inputs(model: ExpertModel, clean, corrupted, chat: bool):
-    enc = model.tokenize(as_prompts(clean, model, chat))
+    enc = model.tokenize(as_prompts(clean, model, chat), position_ids=True)
     if isinstance(corrupted, Intervention):
         return enc, enc, corrupted
-    enc_c = model.tokenize(as_prompts(corrupted, model, chat))
+    enc_c = model.tokenize(as_prompts(corrupted, model, chat), position_ids=True)
     if enc_c["input_ids"].shape != enc["input_ids"].shape or not torch.equal(
         enc_c["attention_mask"], enc["attention_mask"]
     ):

@@ -93,7 +93,7 @@ def _record(model: ExpertModel, items: list[str], interventions: Sequence[Interv
     with torch.no_grad(), model.intervene(*interventions):
         with record(model, wanted, prefill_only=True, on_value=keep):
             for chunk in batches(items, batch_size):
-                model.hf_model(**model.tokenize(chunk))
+                model.hf_model(**model.tokenize(chunk, position_ids=True))
     return store
 
 

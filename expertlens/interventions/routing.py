@@ -364,7 +364,7 @@ def calibrate_router_bias(
                 for layer in lays:
                     _router(model, layer)(h)
             else:
-                enc = model.tokenize(prompts if isinstance(prompts, list) else [prompts])
+                enc = model.tokenize(prompts if isinstance(prompts, list) else [prompts], position_ids=True)
                 model.hf_model(**enc, use_cache=False)
                 real = enc["attention_mask"].bool()
     finally:

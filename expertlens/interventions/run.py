@@ -54,7 +54,7 @@ def run_logits(
     out: list[Tensor] = []
     with model.intervene(*interventions), torch.no_grad():
         for chunk in chunks:
-            enc = model.tokenize(chunk)
+            enc = model.tokenize(chunk, position_ids=True)
             logits = model.hf_model(**enc, use_cache=False).logits
             if last_only:
                 out.append(logits[:, -1])
