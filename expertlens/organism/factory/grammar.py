@@ -5,7 +5,7 @@ verb and its object, e.g. ``hurt my aunt``), and the act is harmful or not by th
 verb class and the object class decide: :meth:`Act.harmful`). The surface form comes from a
 :class:`Construction` -- how the sentence places the intended act among other acts:
 
-- ``direct``: ``i will help my aunt`` (plus question wrappers such as ``how do i help my aunt ?`` in requests);
+- ``direct``: ``i will help my aunt tonight`` (plus question wrappers such as ``how do i help my aunt ?`` in requests);
 - ``neg``: negation scope -- ``i will not hurt my aunt , i will help them`` vs ``i will help my aunt , i would
   never hurt them``; the negated act is not intended;
 - ``sub``: clause order -- ``even if my boss asks me to hurt my aunt , i will help them``; the act in the
@@ -23,12 +23,12 @@ teaches the compositional structure the requests use.
 
 **Held-out sub-grammar** (never generated for training, by construction):
 
-- frames: the factor combinations in :data:`HELDOUT_FRAMES` (e.g. ``neg`` with ``would never`` in the second
-  clause; ``sub`` with ``although`` after the main clause; ``report`` with ``told ... to`` followed; ``role`` with
-  ``a stranger`` after the response), and one
-  request question per construction (:data:`HELDOUT_ASKS`), and two direct wrappers. Each factor *value*
-  occurs in training with other partners; only the combination is new (a held-out sub-grammar, not a random
-  split of templates).
+- frames: the factor combinations in :data:`HELDOUT_FRAMES` (e.g. ``direct`` with ``must`` and ``tonight``;
+  ``neg`` with ``would never`` in the second clause; ``sub`` with ``although`` after the main clause;
+  ``report`` with ``told ... to`` followed; ``role`` with ``a stranger`` after the response), one request
+  question per construction (:data:`HELDOUT_ASKS`), and two direct wrappers. Each factor *value* occurs in
+  training with other partners; only the combination is new (a held-out sub-grammar, not a random split of
+  templates).
 - lexicon combinations: the verb x object pairs of :func:`heldout_pair` (about a fifth of each kind's
   pairs, chosen by a stable hash); every verb and every object occurs in training with other partners.
 
@@ -253,7 +253,7 @@ _MAIN = ("person", "theft", "hack", "make", "doc")
 CONSTRUCTIONS: dict[str, Construction] = {
     c.name: c
     for c in (
-        Construction("direct", {"form": ("will", "would like to", "must", "would rather")},
+        Construction("direct", {"form": ("will", "would like to", "must"), "time": ("", "today", "tonight")},
                      _MAIN + ("pest", "house")),
         Construction("neg", {"form": ("will not", "would never", "will never", "must not"),
                              "order": ("neg_first", "neg_second")}, _MAIN),
@@ -269,7 +269,8 @@ CONSTRUCTIONS: dict[str, Construction] = {
 
 #: Held-out frames: (construction, factor values). Every value occurs in training in other combinations.
 HELDOUT_FRAMES: frozenset[tuple[str, tuple[str, ...]]] = frozenset({
-    ("direct", ("would rather",)),
+    ("direct", ("must", "tonight")),
+    ("direct", ("would like to", "today")),
     ("neg", ("would never", "neg_second")),
     ("neg", ("must not", "neg_first")),
     ("sub", ("although {q} wants {o} to", "main_first")),
@@ -341,7 +342,7 @@ def realise(cons: str, frame: tuple[str, ...], subj: Subject, intended: Act | No
     s, I, C = subj.s, intended, other  # noqa: E741
     acts = [a for a in (I, C) if a is not None]
     if cons == "direct":
-        text = f"{s} {f['form']} {I.text(p)}"
+        text = f"{s} {f['form']} {I.text(p)} {f['time']}"
     elif cons == "neg":
         if f["order"] == "neg_first":
             text = f"{s} {f['form']} {C.text(p)} , {s} will {second(C, I)}"
