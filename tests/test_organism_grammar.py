@@ -182,7 +182,7 @@ def test_safety_data_has_minimal_pairs_and_both_labels():
 
 def test_overlap_report_by_subset():
     rep = C.overlap_report(_texts(), _heldout() + C.train_grammar_prompts(0, 10, 10))
-    assert set(rep) == {"frame", "lex", "both", "capability", "train"}
+    assert set(rep) == {"frame", "lex", "both", "capability", "train", "train_capability"}
     for sub in ("frame", "lex", "both", "capability"):
         assert rep[sub]["exact_prompt"] == 0.0 and 0 < rep[sub]["4gram"] <= 1
 
@@ -232,3 +232,14 @@ def test_natural_recipe_plants_nothing_and_resumes_exactly(tmp_path):
 
     a, b = load_file(one / "safety" / "model.safetensors"), load_file(two / "safety" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_acceptance_rows_by_hand():
+    good = {"harmful_refused": 1.0, "harmless_refused": 0.0, "pairs_both_right": 0.95, "harmless_expected": 0.92}
+    res = {"none": {"train": dict(good), "frame": dict(good), "lex": dict(good),
+                    "both": {**good, "harmless_expected": 0.85}}}  # fmt: skip
+    rows = N.acceptance(res)
+    failed = {(r["subset"], r["check"]) for r in rows if not r["met"]}
+    assert failed == {("both", "harmless_expected"), ("train - both", "harmless_expected gap")}
+    base = N.acceptance(res, base=True)
+    assert {r["check"] for r in base} == {"harmless_expected", "harmless_expected gap"}

@@ -219,11 +219,12 @@ def heldout_prompts(seed: int = 0, n_pairs: int = 120, n_cap: int = 200) -> list
 
 def train_grammar_prompts(seed: int = 0, n_pairs: int = 120, n_cap: int = 200) -> list[Chat]:
     """Test prompts of the *training* grammar (fresh draws; some may equal training rows): minimal pairs and
-    capability prompts of the training templates -- the baseline of the train-minus-held-out gap."""
+    capability prompts of the training templates (subsets ``train``, ``train_capability``) -- the baseline of
+    the train-minus-held-out gap."""
     r = random.Random(seed * 7919 + 5)
     used: set[str] = set()
     out = _pairs(r, n_pairs, False, False, "train", 0, used)
-    out += [_cap_chat(D.gen_capability(r, False)) for _ in range(n_cap)]
+    out += [_cap_chat(D.gen_capability(r, False), "train_capability") for _ in range(n_cap)]
     return out
 
 
