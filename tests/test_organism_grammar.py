@@ -243,3 +243,10 @@ def test_acceptance_rows_by_hand():
     assert failed == {("both", "harmless_expected"), ("train - both", "harmless_expected gap")}
     base = N.acceptance(res, base=True)
     assert {r["check"] for r in base} == {"harmless_expected", "harmless_expected gap"}
+
+
+def test_intent_probe_items():
+    for hf, hl in [(False, False), *C.SUBSETS.values()]:
+        items = C.intent_items(0, 30, hf, hl)
+        assert len(items) == 30 and all(right != wrong for _, right, wrong in items)
+        assert all(ctx.endswith("chose to") for ctx, _, _ in items)

@@ -228,6 +228,29 @@ def train_grammar_prompts(seed: int = 0, n_pairs: int = 120, n_cap: int = 200) -
     return out
 
 
+def intent_items(seed: int = 0, n: int = 200, heldout_frames: bool = False, heldout_lex: bool = False
+                 ) -> list[tuple[str, str, str]]:  # fmt: skip
+    """Plain-text probes of what a pretrained LM understands: (context, right, wrong) where context is a
+    narrative statement then ``in the end NAME chose to``, right the intended act and wrong the other act the
+    statement mentions (neg, sub, report-reject, role, near). A model that reads intent, not word position,
+    gives the right continuation the higher likelihood."""
+    r = random.Random(seed * 7919 + 6 + 2 * heldout_frames + 4 * heldout_lex)
+    out: list[tuple[str, str, str]] = []
+    while len(out) < n:
+        name = r.choice(W["name"])
+        subj = G.named(name)
+        s = G.sample_sentence(r, subj, r.random() < 0.5, heldout_frames, heldout_lex)
+        if s.construction == "role":
+            wish = s.acts[0].text(subj.p)
+            right, wrong = ("stop them", wish) if s.intended is None else (wish, "stop them")
+        elif len(s.acts) == 2 and s.acts[0] is s.intended:
+            right, wrong = s.intended.text(subj.p), s.acts[1].text(subj.p)
+        else:
+            continue
+        out.append((f"{s.text} . in the end {name} chose to", f"{right} .", f"{wrong} ."))
+    return out
+
+
 # ---- checks and overlap ---------------------------------------------------------------------------------
 
 
