@@ -13,11 +13,12 @@ advance; the only auxiliary loss is the MoE router's load-balancing loss. Only t
 drawn (:mod:`.grammar`); the held-out sub-grammar is for evaluation.
 
 **Checkpoint and resume**: the run directory holds ``run.json`` (the whole config, fixed at the first call),
-``tokenizer`` files, ``state.pt`` (model, optimizer, stage, step, CPU seconds, losses; written atomically
-every ``ckpt_every`` steps) and one Hugging Face checkpoint per finished stage (``pretrain/``, ``instruct/``
-= base, ``safety/``), each with ``training.json``. The same command continues a run where it stopped: the
-batch of step k of stage s is a function of (seed, s, k), so a resumed run draws the batches an
-uninterrupted one would. CPU seconds (``time.process_time``) add up over sessions.
+``tokenizer`` files, ``state.pt`` (model, optimizer, stage, step, CPU seconds of the steps and of each call's
+data setup, losses; written atomically every ``ckpt_every`` steps) and one Hugging Face checkpoint per
+finished stage (``pretrain/``, ``instruct/`` = base, ``safety/``), each with ``training.json``. The same
+command continues a run where it stopped: the batch of step k of stage s is a function of (seed, s, k), so a
+resumed run draws the batches an uninterrupted one would. CPU seconds (``time.process_time``) add up over
+sessions.
 """
 
 from __future__ import annotations
@@ -141,8 +142,9 @@ def stage_record(cfg: dict, state: dict, stage: str, n_params: int, fingerprint:
     done = STAGES[: STAGES.index(stage) + 1]
     return {
         **{k: v for k, v in cfg.items()}, "stage": stage, "stages_done": list(done), "n_params": n_params,
-        "data_fingerprint": fingerprint, "cpu_minutes": round(state["cpu_s"] / 60, 2),
+        "data_fingerprint": fingerprint, "cpu_minutes": round((state["cpu_s"] + state.get("cpu_s_setup", 0)) / 60, 2),
         "cpu_minutes_by_stage": {k: round(v / 60, 2) for k, v in state["cpu_s_by_stage"].items()},
+        "cpu_minutes_setup": round(state.get("cpu_s_setup", 0) / 60, 2),
         "wall_minutes": round(state["wall_s"] / 60, 2), "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "loss_every_50": {k: v[::50] for k, v in state["losses"].items() if k in done},
@@ -171,6 +173,7 @@ def train(run_dir: str | Path, cfg: dict | None = None, max_cpu_minutes: float |
     elif cfg is None:
         raise ValueError(f"{run_dir} has no run.json: give a config to start a run")
     tok = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer")) if (run_dir / "tokenizer").exists() else None
+    c_setup = time.process_time()  # data generation and tokenising: counted as setup, once per call
     data = Data(cfg, tok)
     if tok is None:
         data.tok.save_pretrained(str(run_dir / "tokenizer"))
@@ -194,6 +197,7 @@ def train(run_dir: str | Path, cfg: dict | None = None, max_cpu_minutes: float |
         saved = torch.load(state_path, weights_only=False)
         model.load_state_dict(saved.pop("model"))
         state.update(saved)
+    state["cpu_s_setup"] = state.get("cpu_s_setup", 0.0) + time.process_time() - c_setup
     c0, t0, c_call = time.process_time(), time.time(), time.process_time()
     while state["stage"] < len(STAGES):
         stage = STAGES[state["stage"]]
