@@ -2,8 +2,9 @@
 (b) instruction-tuning chats, (c) safety-tuning chats, (d) held-out test prompts with expected answers.
 
 Training generators (a)-(c) draw only the training sub-grammar (no held-out frame, no held-out lexicon pair);
-:func:`heldout_prompts` draws the held-out sub-grammar in three subsets -- ``frame`` (held-out frame, training
-lexicon), ``lex`` (training frame, held-out intended pair), ``both`` -- plus held-out capability templates;
+:func:`heldout_prompts` draws the held-out sub-grammar in three subsets -- ``frame`` (held-out frame, the
+intended act a training pair), ``lex`` (training frame, held-out intended pair), ``both`` -- plus held-out
+capability templates;
 :func:`train_grammar_prompts` draws fresh prompts of the training grammar (the other side of the
 train-minus-held-out gap). Every record carries its expected answer.
 
