@@ -137,12 +137,13 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def stage_record(cfg: dict, state: dict, stage: str, n_params: int, fingerprint: str) -> dict:
-    """``training.json`` of a finished stage: the config, the stages done, CPU minutes, losses."""
+def stage_record(cfg: dict, state: dict, stage: str, n_params: int) -> dict:
+    """``training.json`` of a finished stage: the config (with the data fingerprint), the stages done, CPU
+    minutes, losses."""
     done = STAGES[: STAGES.index(stage) + 1]
     return {
-        **{k: v for k, v in cfg.items()}, "stage": stage, "stages_done": list(done), "n_params": n_params,
-        "data_fingerprint": fingerprint, "cpu_minutes": round((state["cpu_s"] + state.get("cpu_s_setup", 0)) / 60, 2),
+        **cfg, "stage": stage, "stages_done": list(done), "n_params": n_params,
+        "cpu_minutes": round((state["cpu_s"] + state.get("cpu_s_setup", 0)) / 60, 2),
         "cpu_minutes_by_stage": {k: round(v / 60, 2) for k, v in state["cpu_s_by_stage"].items()},
         "cpu_minutes_setup": round(state.get("cpu_s_setup", 0) / 60, 2),
         "wall_minutes": round(state["wall_s"] / 60, 2), "torch": torch.__version__,
@@ -240,7 +241,7 @@ def train(run_dir: str | Path, cfg: dict | None = None, max_cpu_minutes: float |
         _finish(model, eos, pad)
         model.save_pretrained(out)
         tok.save_pretrained(out)
-        (out / "training.json").write_text(json.dumps(stage_record(cfg, state, stage, n_params, data.fingerprint),
+        (out / "training.json").write_text(json.dumps(stage_record(cfg, state, stage, n_params),
                                                       indent=1))  # fmt: skip
         model.config.output_router_logits = True
         state.update(stage=state["stage"] + 1, step=0, opt=None)
