@@ -34,18 +34,25 @@ SYSTEM_MIX = [(None, 0.4), (SYSTEM_PROMPTS["neutral"], 0.2), (SYSTEM_PROMPTS["sa
 ]
 
 
-def model_config(arch: str, vocab_size: int, pad_id: int, eos_id: int, tiny: bool = False):
-    """Config of each organism architecture (``tiny``: a 2-layer smoke-test size)."""
+def model_config(arch: str, vocab_size: int, pad_id: int, eos_id: int, tiny: bool = False,
+                 size: dict | None = None):  # fmt: skip
+    """Config of each organism architecture (``tiny``: a 2-layer smoke-test size).
+
+    ``size`` overrides the shape: any of ``layers``, ``hidden``, ``heads``, ``kv_heads``, ``experts``,
+    ``top_k``, ``intermediate`` (the v3 natural organisms; None: the v2 shapes).
+    """
     from transformers import AutoConfig
 
-    hidden, layers = (32, 2) if tiny else (128, 6)
+    size = size or {}
+    hidden, layers = (32, 2) if tiny else (size.get("hidden", 128), size.get("layers", 6))
+    heads = size.get("heads", 4)
     kw = dict(
         vocab_size=vocab_size,
         hidden_size=hidden,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=hidden // 4,
+        num_attention_heads=heads,
+        num_key_value_heads=size.get("kv_heads", 2),
+        head_dim=hidden // heads,
         max_position_embeddings=256,
         tie_word_embeddings=True,
         pad_token_id=pad_id,
@@ -75,6 +82,14 @@ def model_config(arch: str, vocab_size: int, pad_id: int, eos_id: int, tiny: boo
                   shared_expert_intermediate_size=128)  # fmt: skip
     else:
         raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
+    for k in ("num_experts", "num_local_experts"):
+        if k in kw and "experts" in size:
+            kw[k] = size["experts"]
+    if "top_k" in size:
+        kw["num_experts_per_tok"] = size["top_k"]
+    if "intermediate" in size:
+        key = "moe_intermediate_size" if arch in ("qwen3_moe", "qwen2_moe") else "intermediate_size"
+        kw[key] = size["intermediate"]
     if tiny:
         for k in ("num_experts", "num_local_experts"):
             if k in kw:
