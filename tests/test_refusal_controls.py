@@ -26,7 +26,7 @@ def test_match_kl_brackets_then_bisects_by_hand():
     assert m.tolerance == pytest.approx(KL_RTOL * 4.0)
     # from above: halves until below, then bisects
     down = match_kl(lambda c: (c / 10) ** 2, target=4.0, start=1000.0)
-    assert down.matched and abs(down.kl - 4.0) <= 0.4 and down.tries[0] == (1000.0, 10000.0)
+    assert down.matched and abs(down.kl - 4.0) <= 0.4 and down.tries[0] == [1000.0, 10000.0]
     assert all(c < 1000 for c, _ in down.tries[1:])
     # a first guess within tolerance costs one evaluation
     assert len(match_kl(lambda c: c, target=2.0, start=2.1).tries) == 1

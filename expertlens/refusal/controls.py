@@ -1,5 +1,7 @@
-"""Controls and the attention question: pathway ablations of the refusal direction, and the KL-matched
-coefficient of the random-expert control (:func:`match_kl`).
+"""Controls and the attention question: pathway ablations of the refusal direction, and the like-for-like
+random-expert controls (:func:`sample_like_for_like` draws experts from a method's own layers,
+:func:`like_for_like_control` matches each draw's coefficients on the method's KL, edit by edit, with
+:func:`match_kl`).
 
 Example:
     >>> from expertlens.refusal.controls import pathway_shares
@@ -10,15 +12,20 @@ Example:
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 from torch import Tensor
 
 from ..interventions import AblateDirection
-from .evaluate import mean_refusal_score, refusal_rate
-from .scores import Judge
+from ..interventions.base import Intervention
+from .evaluate import last_logits, refusal_rate
+from .results import ControlDraw, ExpertControl, KLMatch
+from .scores import Judge, refusal_score
+from .stats import LEVEL, N_BOOT, ratio_interval
 
 if TYPE_CHECKING:
     from ..model import ExpertModel
@@ -30,6 +37,8 @@ __all__ = [
     "pathway_ablation",
     "KLMatch",
     "match_kl",
+    "sample_like_for_like",
+    "like_for_like_control",
     "KL_RTOL",
     "KL_ATOL",
 ]
@@ -76,6 +85,8 @@ class PathwayResult:
     scores: dict[str, float]
     rates: dict[str, float]
     shares: dict[str, float] = field(default_factory=dict)
+    share_intervals: dict[str, list[float]] = field(default_factory=dict)
+    drop_interval: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -84,6 +95,8 @@ class PathwayResult:
             "refusal_score": self.scores,
             "harmful_refusal": self.rates,
             "shares": self.shares,
+            "share_intervals": self.share_intervals,
+            "drop_interval": self.drop_interval,
         }
 
 
@@ -103,7 +116,9 @@ def pathway_ablation(
     """Ablate ``direction`` from attention writes only, MoE/MLP writes only, and everything.
 
     Shares are computed on the refusal score: how much of the full ablation's drop each pathway
-    alone achieves (shares need not sum to 1: the pathways interact through later layers).
+    alone achieves (shares need not sum to 1: the pathways interact through later layers). ``share_intervals``
+    are 95% bootstrap intervals over the prompts (:func:`~expertlens.refusal.stats.ratio_interval`), and
+    ``drop_interval`` the interval of the full ablation's mean drop (the shares mean nothing unless it is > 0).
     ``known_rates``: refusal rates of pathways already measured on the same prompts with the same judge,
     token budget and batch size (the study passes its directional-ablation condition as ``"both"``, which is
     the same computation); those are not generated again.
@@ -115,45 +130,32 @@ def pathway_ablation(
         >>> result = pathway_ablation(model, r, harmful_test, refusal_token_ids(model.tokenizer))  # doctest: +SKIP
         >>> result.shares   # how much of the full ablation's effect each pathway carries  # doctest: +SKIP
     """
-    base = mean_refusal_score(model, harmful, refusal_ids, (), temperature, batch_size)
+    def per_prompt(edits) -> np.ndarray:
+        return refusal_score(last_logits(model, harmful, edits, batch_size), refusal_ids, temperature).double().numpy()
+
+    base_pp = per_prompt(())
+    base = float(base_pp.mean())
     if base_rate is None:
         base_rate, _ = refusal_rate(model, harmful, (), max_new_tokens, judge, batch_size)
     known = dict(known_rates or {})
     if set(known) - set(PATHWAYS):
         raise ValueError(f"pathway_ablation: unknown pathways {sorted(set(known) - set(PATHWAYS))} in known_rates; "
                          f"accepted are {list(PATHWAYS)}")  # fmt: skip
-    scores, rates = {}, {}
+    scores, rates, drops = {}, {}, {}
     for name, writes in PATHWAYS.items():
         ablate = [AblateDirection(direction, writes=writes)]
-        scores[name] = mean_refusal_score(model, harmful, refusal_ids, ablate, temperature, batch_size)
+        pp = per_prompt(ablate)
+        scores[name], drops[name] = float(pp.mean()), base_pp - pp
         if name in known:
             rates[name] = float(known[name])
         else:
             rates[name], _ = refusal_rate(model, harmful, ablate, max_new_tokens, judge, batch_size)
-    return PathwayResult(base, base_rate, scores, rates, pathway_shares(base, scores))
-
-
-@dataclass
-class KLMatch:
-    """The coefficient :func:`match_kl` found: its KL, the target, whether it is within tolerance, every try.
-
-    Example:
-        >>> from expertlens.refusal.controls import match_kl
-        >>> m = match_kl(lambda c: (c / 10) ** 2, target=4.0, start=1.0)
-        >>> m.matched, abs(m.kl - 4.0) <= 0.4
-        (True, True)
-    """
-
-    coeff: float
-    kl: float
-    target: float
-    matched: bool
-    tolerance: float
-    tries: list[tuple[float, float]] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {"coeff": self.coeff, "kl": self.kl, "target": self.target, "matched": self.matched,
-                "tolerance": self.tolerance, "tries": [list(t) for t in self.tries]}  # fmt: skip
+    intervals = {k: list(ratio_interval(v, drops["both"])) for k, v in drops.items()}
+    both = drops["both"]
+    rng = np.random.default_rng(0)
+    boot = both[rng.integers(0, both.size, size=(N_BOOT, both.size))].mean(1)
+    drop_iv = [float(x) for x in np.quantile(boot, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])]
+    return PathwayResult(base, base_rate, scores, rates, pathway_shares(base, scores), intervals, drop_iv)
 
 
 def match_kl(
@@ -195,7 +197,7 @@ def match_kl(
 
     def f(c: float) -> float:
         kl = float(kl_of(c))
-        tries.append((float(c), kl))
+        tries.append([float(c), kl])
         return kl
 
     def done() -> KLMatch:
@@ -241,3 +243,115 @@ def match_kl(
         else:
             hi = mid
     return done()
+
+
+#: An expert of a method or of a control: ``(layer, expert, Δ)``; Δ (pp) gives its role in a routing edit.
+Expert = tuple[int, int, float]
+
+
+def sample_like_for_like(
+    template: Sequence[Expert],
+    candidates: dict[int, Sequence[Expert]],
+    n_draws: int,
+    seed: int = 42,
+) -> list[list[Expert]]:
+    """``n_draws`` random stand-ins for ``template``: the same layers, the same number of experts per layer.
+
+    Each stand-in takes the Δ of the expert it replaces (so a routing edit forces or suppresses it in the same
+    role); ``candidates[layer]`` are the experts it may be drawn from (the caller leaves out the method's own and
+    every routing-linked one). Within a layer the candidates are shuffled once (seeded) and dealt out in turn, so
+    draws share no expert until the layer's pool is used up; a layer with fewer candidates than the template needs
+    gives no draws.
+
+    Example:
+        >>> from expertlens.refusal.controls import sample_like_for_like
+        >>> pool = {5: [(5, e, 0.0) for e in range(8) if e != 4]}
+        >>> draws = sample_like_for_like([(5, 4, 12.0)], pool, n_draws=3)
+        >>> [[(lay, e != 4, d) for lay, e, d in draw] for draw in draws]
+        [[(5, True, 12.0)], [(5, True, 12.0)], [(5, True, 12.0)]]
+        >>> len({draw[0][1] for draw in draws})   # three different experts
+        3
+    """
+    rng = random.Random(seed)
+    need: dict[int, list[float]] = {}
+    for layer, _, delta in template:
+        need.setdefault(int(layer), []).append(float(delta))
+    pools: dict[int, list[Expert]] = {}
+    for layer, deltas in need.items():
+        pool = list(candidates.get(layer, []))
+        if len(pool) < len(deltas):
+            return []
+        rng.shuffle(pool)
+        pools[layer] = pool
+    draws, cursor = [], {layer: 0 for layer in need}
+    for _ in range(n_draws):
+        draw: list[Expert] = []
+        for layer, deltas in need.items():
+            pool, k = pools[layer], len(deltas)
+            if cursor[layer] + k > len(pool):  # pool used up: deal again from a fresh shuffle
+                rng.shuffle(pool)
+                cursor[layer] = 0
+            picked = pool[cursor[layer] : cursor[layer] + k]
+            cursor[layer] += k
+            draw += [(layer, int(e), d) for (_, e, _), d in zip(picked, deltas)]
+        draws.append(draw)
+    return draws
+
+
+def like_for_like_control(
+    method: str,
+    draws: Sequence[Sequence[Expert]],
+    edits_of: Callable[[Sequence[Expert], float, str], list[Intervention] | None],
+    kl_of: Callable[[list[Intervention]], float],
+    targets: dict[str, float],
+    start: Callable[[Sequence[Expert]], float],
+    rule: str,
+    position: int | None = None,
+    c_max: float | None = None,
+) -> tuple[ExpertControl, list[tuple[list[Intervention], list[Intervention]]]]:
+    """Match each draw's coefficient on the method's harmless KL, separately for the bypass and the induce edit.
+
+    ``edits_of(experts, c, side)`` builds the control's edit at coefficient (or scale) ``c > 0`` for ``side``
+    (``"bypass"`` / ``"induce"``), or None when the draw cannot be steered (a zero or non-finite direction: the
+    draw is skipped and the note says so); ``kl_of(edits)`` is the harmless KL the method's own number was measured
+    with; ``targets[side]`` is the method's KL under that edit. ``start(experts)`` is the first bypass coefficient
+    tried (a good guess saves evaluations, e.g. the method's coefficient scaled by the ratio of direction norms); the
+    induce match starts from the matched bypass coefficient (the methods use one coefficient for both edits).
+    ``c_max`` caps the coefficient (e.g. a router-bias scale past which routing is saturated).
+    Returns the typed control (its draws keyed ``<method>_control_<i>``) and, per draw, the bypass and induce edits
+    at the matched coefficients, for the caller to evaluate. No harmful prompt and no judged outcome enters the
+    match.
+
+    Example:
+        >>> from expertlens.refusal.controls import like_for_like_control
+        >>> ctrl, edits = like_for_like_control(
+        ...     "method_b", [[(5, 7, 0.0)]], lambda ex, c, side: [c], lambda e: e[0] / 100,
+        ...     targets={"bypass": 0.5, "induce": 1.0}, start=lambda experts: 10.0, rule="...")
+        >>> [round(d.bypass.kl, 1) for d in ctrl.draws], [round(d.induce.kl, 1) for d in ctrl.draws]
+        ([0.5], [1.0])
+    """
+    out, edits, skipped = [], [], []
+    for i, draw in enumerate(draws):
+        first = float(start(draw))
+        if edits_of(draw, first, "bypass") is None:
+            skipped.append(_experts_name(draw))
+            continue
+        match = {}
+        for side in ("bypass", "induce"):
+
+            def kl_at(c: float, side: str = side, draw: Sequence[Expert] = draw) -> float:
+                return kl_of(edits_of(draw, c, side))
+
+            at = first if side == "bypass" else match["bypass"].coeff
+            match[side] = match_kl(kl_at, targets[side], at, c_max=c_max)
+        key = f"{method}_control_{i + 1}"
+        out.append(ControlDraw(key, [[int(a), int(e)] for a, e, _ in draw], position, match["bypass"], match["induce"]))
+        edits.append((edits_of(draw, match["bypass"].coeff, "bypass"), edits_of(draw, match["induce"].coeff, "induce")))
+    note = f"skipped (zero or non-finite direction): {', '.join(skipped)}" if skipped else ""
+    if not draws:
+        note = "no experts to draw from: the layer has too few experts below the threshold"
+    return ExpertControl(method, rule, out, note), edits
+
+
+def _experts_name(experts: Sequence[Expert]) -> str:
+    return ", ".join(f"L{a} E{e}" for a, e, _ in experts)
