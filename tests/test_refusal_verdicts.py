@@ -159,3 +159,16 @@ def test_positive_control_reads_recovered_and_a_model_that_does_not_refuse_is_no
     claims = claim_verdicts(res)
     assert [c.status for c in claims] == ["not testable"] * 3
     assert all("refuses only 30.0% of harmful test prompts" in c.verdict for c in claims)
+
+
+def test_positive_control_flag_comes_from_the_model_card(tmp_path, monkeypatch):
+    import expertlens.organism as organism
+    from expertlens.refusal.study import card_kind
+
+    (tmp_path / "README.md").write_text("---\nlicense: mit\nkind: positive_control\n---\n# a planted organism\n")
+    monkeypatch.setattr(organism, "list_organisms", lambda: ["planted"])
+    monkeypatch.setattr(organism, "organism_path", lambda name: tmp_path)
+    assert card_kind("organism:planted") == "positive_control"
+    assert card_kind("organism:other") is None and card_kind("lists") is None
+    (tmp_path / "README.md").write_text("# no front matter\nkind: positive_control\n")
+    assert card_kind("organism:planted") is None  # only the card's front matter counts

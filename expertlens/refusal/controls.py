@@ -166,82 +166,75 @@ def match_kl(
     rtol: float = KL_RTOL,
     atol: float = KL_ATOL,
     max_evals: int = 16,
-    grow: float = 2.0,
+    grow: float = 16.0,
     c_min: float | None = None,
     c_max: float | None = None,
 ) -> KLMatch:
-    """The coefficient ``c > 0`` whose ``kl_of(c)`` matches ``target`` (KL grows with ``c``): bracket, then bisect.
+    """The coefficient ``c > 0`` whose ``kl_of(c)`` matches ``target`` (KL grows with ``c``): bracket, then
+    interpolate.
 
-    Starting at ``start``, the coefficient is multiplied (or divided) by ``grow`` until the KL crosses
-    ``target``, then bisected geometrically until ``|kl - target| <= max(rtol * target, atol)`` or ``max_evals``
-    evaluations are spent. Bounds default to ``start / 2^10`` and ``start * 2^10``. When no coefficient within the
-    bounds reaches the target (the KL saturates, e.g. an expert that rarely fires), the closest try is returned
-    with ``matched=False`` — the caller must say so.
+    Small pushes give a KL quadratic in the coefficient, so each step assumes ``KL ∝ c^p`` locally: while only one
+    side of the target is known, the next coefficient is ``c · 1.1·sqrt(target / kl)`` (p = 2, aiming a little past
+    the target so that it gets bracketed), by a factor between 1.1 and ``grow``; once bracketed, the log-log line
+    through the two nearest tries gives the next (kept inside the bracket's middle 80% in log space, so every step
+    shrinks it). It stops when ``|kl - target| <= max(rtol * target, atol)`` or ``max_evals`` evaluations are spent.
+    Bounds default to ``start / 2^10`` and ``start * 2^10``. When no coefficient within the bounds reaches the target
+    (the KL saturates, e.g. an expert that rarely fires), the closest try is returned with ``matched=False`` — the
+    caller must say so.
 
     Example:
         >>> from expertlens.refusal.controls import match_kl
         >>> m = match_kl(lambda c: 1 - 2 ** -c, target=2.0, start=1.0, max_evals=8)   # KL never exceeds 1
         >>> m.matched, m.kl <= 1
         (False, True)
+        >>> [round(c, 3) for c, _ in match_kl(lambda c: (c / 10) ** 2, target=4.0, start=1.0).tries]
+        [1.0, 16.0, 22.0, 20.0]
     """
     if not (target >= 0 and math.isfinite(target)):
         raise ValueError(f"match_kl: target KL must be finite and >= 0, got {target!r}")
     if not (start > 0 and math.isfinite(start)):
         raise ValueError(f"match_kl: start coefficient must be a positive number, got {start!r}")
-    if grow <= 1:
-        raise ValueError(f"match_kl: grow must be > 1, got {grow!r}")
+    if grow <= 1.1:
+        raise ValueError(f"match_kl: grow must be > 1.1, got {grow!r}")
     lo_bound = start / 2**10 if c_min is None else c_min
     hi_bound = start * 2**10 if c_max is None else c_max
     tol = max(rtol * target, atol)
-    tries: list[tuple[float, float]] = []
-
-    def f(c: float) -> float:
-        kl = float(kl_of(c))
-        tries.append([float(c), kl])
-        return kl
+    tries: list[list[float]] = []
 
     def done() -> KLMatch:
         c, kl = min(tries, key=lambda t: (abs(t[1] - target), t[0]))
         return KLMatch(c, kl, float(target), abs(kl - target) <= tol, tol, tries)
 
-    k = f(start)
-    if abs(k - target) <= tol:
-        return done()
-    lo = hi = None
+    lo: tuple[float, float] | None = None  # the largest (c, kl) below the target
+    hi: tuple[float, float] | None = None  # the smallest above it
     c = start
-    if k < target:  # grow until the KL passes the target
-        lo = c
-        while len(tries) < max_evals and c < hi_bound:
-            c = min(c * grow, hi_bound)
-            k = f(c)
-            if abs(k - target) <= tol:
-                return done()
-            if k > target:
-                hi = c
-                break
-            lo = c
-    else:  # shrink until the KL falls below it
-        hi = c
-        while len(tries) < max_evals and c > lo_bound:
-            c = max(c / grow, lo_bound)
-            k = f(c)
-            if abs(k - target) <= tol:
-                return done()
-            if k < target:
-                lo = c
-                break
-            hi = c
-    if lo is None or hi is None:
-        return done()  # the target lies outside what the bounds reach
     while len(tries) < max_evals:
-        mid = math.sqrt(lo * hi)
-        k = f(mid)
+        k = float(kl_of(c))
+        tries.append([float(c), k])
         if abs(k - target) <= tol:
             break
         if k < target:
-            lo = mid
+            lo = (c, k) if lo is None or c > lo[0] else lo
         else:
-            hi = mid
+            hi = (c, k) if hi is None or c < hi[0] else hi
+        if lo is not None and hi is not None:
+            (c0, k0), (c1, k1) = lo, hi
+            span = math.log(c1 / c0)
+            if k0 > 0 and k1 > k0:  # the log-log line through the bracket, kept inside its middle 80%
+                x = (math.log(target) - math.log(k0)) / (math.log(k1) - math.log(k0))
+            else:
+                x = 0.5
+            c = c0 * math.exp(span * min(max(x, 0.1), 0.9))
+        elif hi is None:  # still below: grow
+            if c >= hi_bound:
+                break
+            factor = 1.1 * math.sqrt(target / k) if k > 0 else grow
+            c = min(c * min(max(factor, 1.1), grow), hi_bound)
+        else:  # still above: shrink
+            if c <= lo_bound:
+                break
+            factor = 1.1 * math.sqrt(k / target) if target > 0 else grow
+            c = max(c / min(max(factor, 1.1), grow), lo_bound)
     return done()
 
 

@@ -1,8 +1,9 @@
 """The whole study of "Expert-Aware Refusal Steering" as one function and one result object.
 
 prompts → chat format → baseline (judge calibrated) → directions → selection → ActAdd (coefficient chosen by
-ASR) / ablation → routing statistics → method A → method B → random-expert control → causal map and
-pathways → paired tests and claim verdicts → :class:`RefusalStudy` → results.json, safetensors, report.
+ASR) / ablation → routing statistics → method A and its like-for-like control → method B and its like-for-like
+control (:class:`~expertlens.refusal.control_stage.ControlStage`) → causal map and pathways → claim verdicts with
+their margins (:mod:`~expertlens.refusal.claims`) → :class:`RefusalStudy` → results.json, safetensors, report.
 
 Example:
     >>> from expertlens import load_organism
@@ -30,6 +31,7 @@ from ..interventions import AblateDirection, AddVector, ZeroAblate
 from ..interventions.run import generate
 from . import methods
 from .config import RefusalConfig
+from .control_stage import ControlStage
 from .controls import pathway_ablation
 from .data import RefusalData, format_chat, post_instruction_len
 from .directions import candidate_directions
@@ -48,7 +50,6 @@ from .results import (
     Capability,
     CausalMap,
     Condition,
-    ControlDraw,
     ExpertControl,
     Outcome,
     Rate,
@@ -333,8 +334,8 @@ def _run_study(model, data, config, judge, log, checkpoint, resume, capability, 
     run.actadd()  # coefficient 1, the coefficient chosen by ASR, directional ablation
     if model.moe_layers:
         run.routing()  # routing statistics and routing-linked experts
-        run.method_a()  # routing edits
-        run.method_b()  # single-expert steering, its all-experts variant, the random-expert control
+        run.method_a()  # routing edits, then random experts of the same layers in the same roles
+        run.method_b()  # single-expert steering, its all-experts variant, random experts of its own layer
     else:
         run.skip_experts()
     run.causal_map()  # zero-ablate each layer's attention / MoE output
@@ -491,6 +492,7 @@ class _Run:
         return Rate.of(sum(ok), len(ok), seed=self.cfg.seed)
 
     def harmless_kl(self, edits) -> float:
+        """Mean KL on the harmless test prompts under ``edits`` (what every condition reports)."""
         if not edits:
             return 0.0
         if self.base_harmless is None:
@@ -777,104 +779,21 @@ class _Run:
         self.control_b()
         self.tick("control_b")
 
-    # -- like-for-like controls ------------------------------------------------------------------------
-
-    def _below(self, layer: int, exclude: set[tuple[int, int]]) -> list[tuple[int, int, float]]:
-        """Experts of ``layer`` with |Δ| below the threshold, leaving out ``exclude``."""
-        rt, thr = self.rt, self.cfg.expert_threshold
-        row = rt["delta_pp"][rt["layers"].index(layer)]
-        return [(layer, e, float(d)) for e, d in enumerate(row) if abs(d) < thr and (layer, e) not in exclude]
-
-    def _run_control(self, method: str, label: str, template, edits_of, start, rule: str,
-                     position: int | None = None, c_max: float | None = None) -> None:  # fmt: skip
-        """Draw, match and evaluate the like-for-like control of ``method`` (one condition per draw)."""
-        from .controls import like_for_like_control, sample_like_for_like
-
-        cond = self.condition_by(method)
-        cached = self.stages.get(f"control_{method}", ExpertControl)
-        if cached is not None and all(self.stages.get(f"condition_{d.key}", Condition) for d in cached.draws):
-            for d in cached.draws:
-                self.condition(d.key, "")  # read back
-            self.controls.append(cached)
-            return
-        exclude = {(x["layer"], x["expert"]) for x in self.rt["method_b_experts"] + self.rt["selected"]}
-        layers = sorted({a for a, _, _ in template})
-        pool = {lay: self._below(lay, exclude) for lay in layers}
-        draws = sample_like_for_like(template, pool, self.cfg.n_control_draws, self.cfg.seed)
-        targets = {"bypass": float(cond.harmless_kl), "induce": float(cond.induce_kl)}
-        ctrl, edits = like_for_like_control(method, draws, edits_of, self.harmless_kl, targets, start, rule, position,
-                                            c_max)  # fmt: skip
-        for i, (d, (byp, ind)) in enumerate(zip(ctrl.draws, edits)):
-            experts = ", ".join(f"L{a} E{e}" for a, e in d.experts)
-            params = dict(experts=experts, bypass_coefficient=d.bypass.coeff, induce_coefficient=d.induce.coeff,
-                          kl_matched=_matched_text(d))  # fmt: skip
-            if position is not None:
-                params["position"] = position
-            kls = (d.bypass.kl, d.induce.kl)  # measured at exactly these coefficients by the match
-            self.condition(d.key, f"{label}, draw {i + 1}", byp, ind, params, kls=kls, capability=False)
-        self.controls.append(self.stages.put(f"control_{method}", ctrl))
-
-    def _kl_rule(self, what: str) -> str:
-        from .controls import KL_ATOL, KL_RTOL
-
-        return (f"{what}; {self.cfg.n_control_draws} draws (seed {self.cfg.seed}); each draw's coefficient chosen "
-                f"separately for the bypass and the induce edit so that the harmless KL on the test prompts under that "
-                f"edit matches the method's under the same edit to within {100 * KL_RTOL:.0f}% (at least "
-                f"{KL_ATOL:g} nats)")  # fmt: skip
+    def _control_stage(self) -> ControlStage:
+        return ControlStage(self.model, self.cfg, self.rt, self.stages, self.condition, self.harmless_kl,
+                            self._layer_directions, self.positions)  # fmt: skip
 
     def control_b(self) -> None:
-        """Method B's control: random experts of method B's own layer, at its position, the same kind of edit."""
-        from ..interventions import ExpertSteer
-
-        b, best = self.condition_by("method_b"), (self.search_b or {}).get("best")
-        if b is None or b.bypass is None or best is None:
-            return
-        lay, pos, coeff = best["layer"], best["position"], float(best["coeff"])
-        dirs = self._layer_directions(lay)[self.positions.index(pos)]
-
-        def edits_of(experts, c, side):
-            (_, e, _), d = experts[0], dirs[experts[0][1]].float()
-            if not bool(d.isfinite().all()) or float(d.norm()) == 0.0:
-                return None
-            return [ExpertSteer(lay, e, d, coeff=-c if side == "bypass" else c, weighting="router_prob")]
-
-        thr = self.cfg.expert_threshold
-        what = (f"one random expert of method B's layer {lay} (|Δ| < {thr:g} pp, none that method B searched), its "
-                f"direction at method B's position {pos}, steered the same way")  # fmt: skip
-        rule = self._kl_rule(what)
-        template = [(lay, best["expert"], 0.0)]
-        norm_b = float(dirs[best["expert"]].norm())
-
-        def start(experts):  # the same push in norm: method B's coefficient times the ratio of direction norms
-            n = float(dirs[experts[0][1]].norm())
-            return coeff * norm_b / n if n > 0 and math.isfinite(n) and norm_b > 0 else coeff
-
-        self._run_control("method_b", "control for method B: random expert of its layer", template, edits_of, start,
-                          rule, pos)  # fmt: skip
+        """Method B's like-for-like control (:meth:`ControlStage.method_b`)."""
+        ctrl = self._control_stage().method_b(self.condition_by("method_b"), (self.search_b or {}).get("best"))
+        if ctrl is not None:
+            self.controls.append(ctrl)
 
     def control_a(self) -> None:
-        """Method A's control: as many random experts per layer as method A edits there, in the same roles."""
-        from ..interventions import calibrate_router_bias
-
-        a = self.condition_by("method_a")
-        if a is None or a.bypass is None:
-            return
-        sel = [(x["layer"], x["expert"], x["delta"]) for x in self.rt["selected"]]
-        kind = self.cfg.method_a_kind
-        magnitudes = calibrate_router_bias(self.model, eps=0.01) if kind == "router_bias" else None
-
-        def edits_of(experts, c, side):
-            scaled = None if magnitudes is None else {k: c * v for k, v in magnitudes.items()}
-            return [methods.method_a_intervention(self.model, experts, side, kind, magnitudes=scaled)]
-
-        counts = ", ".join(f"{sum(x[0] == lay for x in sel)} in layer {lay}" for lay in sorted({x[0] for x in sel}))
-        what = (f"random below-threshold experts of method A's layers, as many per layer ({counts}), each forced or "
-                "suppressed in the role of the routing-linked expert it replaces, the same routing edit"
-                + ("; the calibrated router-bias magnitudes scaled by one factor per edit" if magnitudes else
-                   "; SteerMoE's rewrite has no coefficient, so KL is reported, not matched"))  # fmt: skip
-        # past 16 times the calibrated logit range an edited expert is always (never) chosen: the KL saturates
-        self._run_control("method_a", "control for method A: random experts of its layers", sel, edits_of,
-                          lambda experts: 1.0, self._kl_rule(what), c_max=16.0)  # fmt: skip
+        """Method A's like-for-like control (:meth:`ControlStage.method_a`)."""
+        ctrl = self._control_stage().method_a(self.condition_by("method_a"))
+        if ctrl is not None:
+            self.controls.append(ctrl)
 
     def skip_experts(self) -> None:
         self.log("model has no MoE layers: routing statistics, methods A/B and the expert control are skipped")
@@ -969,11 +888,6 @@ class _Raw:
 
     def __call__(self, prompt: str, completion: str) -> str:
         return self.judge_batch([prompt], [completion])[0]
-
-
-def _matched_text(d: ControlDraw) -> str:
-    return ", ".join(f"{side} {'yes' if m.matched else 'no (closest)'}" for side, m in (("bypass", d.bypass),
-                                                                                     ("induce", d.induce)))
 
 
 def _experts_text(experts) -> str:
