@@ -173,8 +173,8 @@ class RefusalConfig:
 
     @classmethod
     def organism(cls) -> RefusalConfig:
-        """Sized for the bundled organisms: the main job takes under 2 minutes on one core (study 107 s, the whole
-        CLI run 113 s on olmoe-refusal; per-stage times in ``results.json["timing"]``)."""
+        """Sized for the bundled organisms: the main job takes a few minutes on one core (measured in
+        docs/refusal.md; per-stage times in ``results.json["timing"]``)."""
         return cls(
             system_prompt=None,
             actadd_sweep=(0.25, 0.5, 0.75, 1.0),
