@@ -17,16 +17,20 @@ from expertlens.refusal.progress import LineProgress, progress, set_progress
 # ---- match_kl ----------------------------------------------------------------------------------------
 
 
-def test_match_kl_brackets_then_bisects_by_hand():
-    # KL = (c/10)^2, target 4 (c* = 20), tolerance 0.4. From c = 1: 1, 2, 4, 8, 16 (2.56), 32 (10.24) bracket it;
-    # mid sqrt(16·32) = 2^4.5 gives 5.12 (too high), then sqrt(16·2^4.5) = 2^4.25 gives 3.62: within 0.4.
+def test_match_kl_brackets_then_interpolates_by_hand():
+    # KL = (c/10)^2, target 4 (c* = 20), tolerance 0.4. From c = 1 (KL 0.01): the quadratic guess 1.1·sqrt(400) = 22
+    # is capped at grow = 16, so c = 16 (2.56); then 16 · 1.1·sqrt(4 / 2.56) = 22 (4.84) brackets it, and the log-log
+    # line through (16, 2.56) and (22, 4.84) (slope 2) lands on 20 exactly.
     m = match_kl(lambda c: (c / 10) ** 2, target=4.0, start=1.0)
-    assert [c for c, _ in m.tries] == pytest.approx([1, 2, 4, 8, 16, 32, 2**4.5, 2**4.25])
-    assert m.matched and m.coeff == pytest.approx(2**4.25) and m.kl == pytest.approx(2**8.5 / 100)
+    assert [c for c, _ in m.tries] == pytest.approx([1, 16, 22, 20])
+    assert m.matched and m.coeff == pytest.approx(20) and m.kl == pytest.approx(4.0)
     assert m.tolerance == pytest.approx(KL_RTOL * 4.0)
-    # from above: halves until below, then bisects
+    # a KL that is not a power of c still converges inside the bracket
+    cubic = match_kl(lambda c: 0.001 * c**3 + 0.01 * c, target=4.0, start=1.0)
+    assert cubic.matched and len(cubic.tries) <= 8
+    # from above: shrinks until below, then interpolates
     down = match_kl(lambda c: (c / 10) ** 2, target=4.0, start=1000.0)
-    assert down.matched and abs(down.kl - 4.0) <= 0.4 and down.tries[0] == (1000.0, 10000.0)
+    assert down.matched and abs(down.kl - 4.0) <= 0.4 and down.tries[0] == [1000.0, 10000.0]
     assert all(c < 1000 for c, _ in down.tries[1:])
     # a first guess within tolerance costs one evaluation
     assert len(match_kl(lambda c: c, target=2.0, start=2.1).tries) == 1
@@ -160,7 +164,8 @@ def test_progress_picks_lines_in_logs_a_widget_in_notebooks(monkeypatch, capsys)
 
 def test_study_reports_exactly_what_the_probe_scorer_says_on_a_tiny_model(monkeypatch):
     """The probe's code path on a tiny random model: items whose answers are (or are not) the model's own greedy
-    outputs, so the right count is known before the study runs; every condition reports a retention."""
+    outputs, so the right count is known before the study runs; every condition but a control draw reports a
+    retention."""
     import expertlens.refusal.capability as capability
     from expertlens import ExpertModel
     from expertlens.interventions.run import generate
@@ -184,6 +189,7 @@ def test_study_reports_exactly_what_the_probe_scorer_says_on_a_tiny_model(monkey
     study = run_refusal_study(model, RefusalData.from_lists(HARM, SAFE), cfg, log=lambda *a: None)
     base = study.result.condition("baseline").capability
     assert (base.score.k, base.score.n) == (want, len(items)) and base.suite.startswith("expertlens capability probe")
+    draws = {k for ctrl in study.result.controls for k in ctrl.keys}  # control draws skip the suite
     for c in study.result.conditions:
-        if c.bypass is not None:
+        if c.bypass is not None and c.key not in draws:
             assert c.capability.baseline == base.score and 0 <= c.capability.retention

@@ -42,7 +42,8 @@ def test_three_class_rates_with_intervals_on_every_condition(results):
                 assert o[k]["lo"] <= rate <= o[k]["hi"]
             assert o["samples"]
         assert c["harmless_kl"] is not None and c["harmless_kl"] >= 0
-        assert c["capability"]["baseline"]["n"] > 0
+        if "_control_" not in c["key"]:  # control draws skip the capability suite (no cost limit applies to them)
+            assert c["capability"]["baseline"]["n"] > 0
     assert r["selected"]["layer"] < 0.8 * r["model"]["n_layers"]
     assert r["judge"]["calibration"]["uses_model_logprobs"] is True
 
@@ -55,10 +56,10 @@ def test_deviations_claims_controls_and_files(results):
     for c in r["claims"]:
         assert c["status"] in ("supported", "partly supported", "not supported", "not testable")
         assert c["verdict"].startswith(("supported", "partly supported", "not supported", "not testable"))
-    # the organism preset runs only the KL-matched random-expert control (the one the verdicts use), and says so
+    # the organism preset runs only the like-for-like random-expert controls (the ones the verdicts use), says so
     assert "same_search_control" in settings and all(c["key"] != "control" for c in r["conditions"])
-    if _cond(r, "method_b")["bypass"] is not None and _cond(r, "control_matched")["bypass"] is not None:
-        assert {p["side"] for p in r["paired"]} >= {"bypass", "induce"}
+    for c in r["claims"]:
+        assert c["rule"] and {t["side"] for t in c["tests"]} <= {"bypass", "induce"}
     cm = r["causal_map"]
     assert len(cm["d_refusal"]["attention"]) == len(cm["d_refusal"]["moe"]) == r["model"]["n_layers"]
     assert set(r["pathways"]["shares"]) == {"attention", "moe", "both"}
@@ -67,22 +68,28 @@ def test_deviations_claims_controls_and_files(results):
         assert (out / name).stat().st_size > 0
 
 
-def test_control_is_matched_to_method_b_in_harmless_kl(results):
-    """Claim 2 compares method B with a random below-threshold expert at method B's harmless KL (both KLs
-    reported): within the stated tolerance, or the results and the verdict say loudly that no match was found."""
+def test_controls_are_like_for_like_and_kl_matched_per_edit(results):
+    """Method B's control draws come from method B's own layer, method A's from method A's layers in the same
+    count; each draw's KL on each edit is the one its match found, within tolerance of the method's on that edit or
+    marked as not matched; claim 2 tests method B against the draws on both sides."""
     _, r = results
-    b, m = _cond(r, "method_b"), _cond(r, "control_matched")
-    if b["bypass"] is None:
-        assert m["note"]
-        return
-    cm = r["control_match"]
-    assert cm["target_kl"] == b["harmless_kl"] and cm["kl"] == m["harmless_kl"]
-    assert cm["tolerance"] == max(0.1 * b["harmless_kl"], 0.005)
-    verdict = r["claims"][1]["verdict"] + " ".join(r["claims"][1]["controls"])
-    if cm["matched"]:
-        assert abs(m["harmless_kl"] - b["harmless_kl"]) <= cm["tolerance"]
-        assert f"{m['harmless_kl']:.3f} nats vs method B's {b['harmless_kl']:.3f}" in verdict
-    else:
-        assert "KL could not be matched" in m["note"] and "could not be matched" in verdict
-    tested = {(p["a"], p["b"], p["side"]) for p in r["paired"]}
-    assert (b["label"], m["label"], "bypass") in tested and (b["label"], m["label"], "induce") in tested
+    for method in ("method_a", "method_b"):
+        m = _cond(r, method)
+        ctrl = next((c for c in r["controls"] if c["method"] == method), None)
+        if m["bypass"] is None:
+            assert ctrl is None
+            continue
+        assert ctrl is not None and len(ctrl["draws"]) == r["config"]["n_control_draws"], ctrl["note"]
+        own = sorted(lay for lay, _ in [(x["layer"], x["expert"]) for x in r["routing"]["selected"]])
+        for d in ctrl["draws"]:
+            c = _cond(r, d["key"])
+            layers = sorted(lay for lay, _ in d["experts"])
+            assert layers == ([m["params"]["layer"]] if method == "method_b" else own)
+            for side, kl in (("bypass", c["harmless_kl"]), ("induce", c["induce_kl"])):
+                match, target = d[side], m["harmless_kl"] if side == "bypass" else m["induce_kl"]
+                assert match["target"] == target and match["kl"] == kl
+                assert (abs(kl - target) <= match["tolerance"]) == match["matched"]
+    c2 = r["claims"][1]
+    if _cond(r, "method_b")["bypass"] is not None:
+        vs = [t for t in c2["tests"] if t["a"] == _cond(r, "method_b")["label"] and "draws" in t["b"]]
+        assert {t["side"] for t in vs} == {"bypass", "induce"} and all(len(t["b_rates"]) > 1 for t in vs)

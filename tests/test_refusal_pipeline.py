@@ -221,10 +221,10 @@ def test_dense_model_skips_methods_with_a_message():
     messages = []
     study = run_refusal_study(model, RefusalData.from_lists(HARM, SAFE), cfg, log=messages.append)
     assert any("no MoE layers" in m for m in messages)
-    for key in ("method_a", "method_b", "control"):
+    for key in ("method_a", "method_b"):
         c = study.result.condition(key)
         assert c.bypass is None and c.note.startswith("skipped")
-    assert study.result.selected["layer"] is not None
+    assert study.result.controls == [] and study.result.selected["layer"] is not None
     assert [c.status for c in study.result.claims][1] == "not testable"
 
 
@@ -254,6 +254,7 @@ def test_study_round_trips_and_directions_reproduce_steering(qwen2, tmp_path):
     raw = json.loads((out / "results.json").read_text())
     keys = [c["key"] for c in raw["conditions"]]
     assert keys[:4] == ["baseline", "actadd_unit", "actadd", "ablation"] and "method_b" in keys and "control" in keys
+    assert "method_b_control_1" in keys and "method_a_control_1" in keys
     base = study.result.condition("baseline")
     for o in (base.bypass, base.induce):  # three classes, each with n and an interval around it
         assert o.refusal.k + o.full_response.k + o.non_response.k == o.n == len(data.harmful_test)
@@ -287,20 +288,24 @@ def test_study_round_trips_and_directions_reproduce_steering(qwen2, tmp_path):
 
 
 def _check_matched_control(res):
-    """The KL-matched control: its KL (measured again as the condition ran) is the one the match found, within
-    tolerance of method B's, or the results say it could not be matched."""
-    b, m, cm = res.condition("method_b"), res.condition("control_matched"), res.control_match
-    assert m is not None
-    if b.bypass is None or m.bypass is None:
-        assert m.note
+    """The like-for-like control of method B: draws from method B's layer (never its searched experts), each draw's
+    KL per edit (measured again as the condition ran) the one its match found, within tolerance of method B's on the
+    same edit or marked as not matched; claim 2 tests method B against the draws."""
+    b, ctrl = res.condition("method_b"), res.control("method_b")
+    if b.bypass is None:
+        assert ctrl is None
         return
-    assert cm["target_kl"] == b.harmless_kl and cm["kl"] == m.harmless_kl
-    assert (abs(m.harmless_kl - b.harmless_kl) <= cm["tolerance"]) == cm["matched"]
-    assert cm["matched"] or "could not be matched" in m.note
-    assert m.params["coefficient"] == cm["coeff"] > 0
-    paired = [p for p in res.paired if p.a == b.label]
-    assert {p.b for p in paired if p.side in ("bypass", "induce")} >= {m.label}  # method B is tested against it
-    assert "harmless KL" in res.claims[1].verdict or "KL" in " ".join(res.claims[1].controls)
+    searched = {(x["layer"], x["expert"]) for x in res.routing["method_b_experts"]}
+    assert ctrl.draws and ctrl.rule
+    for d in ctrl.draws:
+        c = res.condition(d.key)
+        assert [lay for lay, _ in d.experts] == [b.params["layer"]] and not searched & {tuple(x) for x in d.experts}
+        for match, kl, target in ((d.bypass, c.harmless_kl, b.harmless_kl), (d.induce, c.induce_kl, b.induce_kl)):
+            assert match.target == target and match.kl == kl and match.coeff > 0
+            assert (abs(kl - target) <= match.tolerance) == match.matched
+        assert c.params["bypass_coefficient"] == d.bypass.coeff and c.params["induce_coefficient"] == d.induce.coeff
+    vs = [t for t in res.claims[1].tests if t.a == b.label and "draws" in t.b]
+    assert {t.side for t in vs} == {"bypass", "induce"} and all(t.n_draws == len(ctrl.draws) for t in vs)
 
 
 def _check_probe_numbers(model, study):
@@ -321,7 +326,8 @@ def _check_probe_numbers(model, study):
                        layers=act.params["layer"])]  # fmt: skip
     outs = generate(model, chats, probe_max_new_tokens(), edits, batch_size=res.config["batch_size"])
     assert act.capability.score.k == sum(score_probe(r, o) for r, o in zip(probe, outs))
-    assert all(c.capability is not None for c in res.conditions if c.bypass is not None)
+    draws = {k for ctrl in res.controls for k in ctrl.keys}  # control draws skip the suite (no cost limit applies)
+    assert all((c.capability is None) == (c.key in draws) for c in res.conditions if c.bypass is not None)
 
 
 def _visible_text(html: str) -> str:
@@ -419,67 +425,6 @@ def test_capability_hook_sees_every_condition_with_its_edits_active(qwen2):
     assert base.capability.retention == 1.0 and act.capability.retention == pytest.approx(0.6)
     assert act.capability.suite == "capability suite suite" and seen[0] == 0 and max(seen) >= 1
     assert qwen2.n_edits() == 0
-
-
-def _claim_cond(key, harmful, harmless, **kw):
-    """A condition with the given verdicts on the harmful / harmless test prompts (for claim_verdicts)."""
-    from expertlens.refusal.results import Capability, Condition, Outcome, Rate
-
-    bypass = Outcome.from_verdicts("harmful test", harmful)
-    induce = Outcome.from_verdicts("harmless test", harmless)
-    cap = Capability("s", Rate.of(9, 10), Rate.of(10, 10))
-    return Condition(key, key, {"layer": 1, "expert": 2, "coefficient": 5.0}, bypass, induce, 0.1, cap, **kw)
-
-
-def _claim_results(conditions, n, attention_asr):
-    """Study results with ``conditions`` and a two-layer causal map (zeroing layer 0's attention gains
-    ``attention_asr`` ASR)."""
-    from expertlens.refusal.results import CausalMap, StudyResults
-
-    return StudyResults(
-        model={"family": "x"}, config={"kl_max": 2.0, "min_capability": 0.5}, preset="p", data={}, judge={},
-        selected={}, selection={}, conditions=conditions,
-        causal_map=CausalMap([0, 1], n, 1.0, 0.0, {"attention": [-0.5, 0.0], "moe": [-0.9, 0.0]},
-                             {"attention": [attention_asr, 0.0], "moe": [0.0, 0.0]}),
-    )  # fmt: skip
-
-
-def test_claim_verdicts_follow_the_numbers():
-    from expertlens.refusal.claims import claim_verdicts
-
-    cond = _claim_cond
-    n = 40
-    refuse, answer, broken = ["refusal"] * n, ["full_response"] * n, ["non_response"] * n
-    res = _claim_results([cond("baseline", refuse, answer), cond("actadd", answer, refuse),
-                          cond("method_b", broken, answer), cond("control", broken, answer)], n, 0.3)  # fmt: skip
-    c1, c2, c3 = claim_verdicts(res)
-    assert c1.status == "supported" and "0.0% to 100.0%" in c1.verdict  # ASR 0 → 100 and harmless refusal 0 → 100
-    assert c2.status == "not supported" and "into non-responses" in c2.verdict  # broken is not bypassed
-    assert c3.status == "supported" and "attention" in c3.verdict  # B no better than chance; attention releases answers
-    res.conditions[2] = cond("method_b", refuse, refuse)  # induces, does not bypass, beats the control
-    assert claim_verdicts(res)[1].status == "partly supported"
-    res.conditions = res.conditions[:1]
-    assert [c.status for c in claim_verdicts(res)][:2] == ["not testable", "not testable"]
-
-
-def test_claims_not_testable_on_a_model_that_does_not_refuse_and_half_a_claim_is_partial():
-    from expertlens.refusal.claims import MIN_BASELINE_REFUSAL, claim_verdicts
-
-    cond = _claim_cond
-    n = 40
-    refuse, answer, broken = ["refusal"] * n, ["full_response"] * n, ["non_response"] * n
-    # a base model: refuses 30% of harmful prompts (< MIN_BASELINE_REFUSAL), so no claim can be tested
-    weak = ["refusal"] * 12 + ["full_response"] * 28
-    assert 12 / n < MIN_BASELINE_REFUSAL
-    res = _claim_results([cond("baseline", weak, answer), cond("actadd", answer, refuse),
-                          cond("method_b", broken, answer), cond("control", broken, answer)], n, 0.0)  # fmt: skip
-    claims = claim_verdicts(res)
-    assert [c.status for c in claims] == ["not testable"] * 3
-    assert all("refuses only 30.0% of harmful test prompts" in c.verdict for c in claims)
-    # a refusing model where the causal map releases no answers: only the routing half of claim 3 is measured
-    res.conditions[0] = cond("baseline", refuse, answer)
-    c3 = claim_verdicts(res)[2]
-    assert c3.status == "partly supported" and "cannot rank" in c3.verdict
 
 
 def test_stage_files_are_written_atomically_and_a_corrupt_one_is_named(tmp_path, monkeypatch):

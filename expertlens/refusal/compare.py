@@ -16,7 +16,9 @@ from .results import to_jsonable
 
 __all__ = ["comparison_rows", "claim_rows", "write_comparison"]
 
-_KEYS = ("baseline", "actadd", "ablation", "method_a", "method_b", "control_matched", "control")
+#: The conditions compared across studies (a control's first draw stands for it; every draw is in each report).
+_KEYS = ("baseline", "actadd", "ablation", "method_a", "method_a_control_1", "method_b", "method_b_control_1",
+         "control")  # fmt: skip
 
 
 def comparison_rows(studies: dict) -> list[dict]:

@@ -110,7 +110,9 @@ class RefusalConfig:
         method_b_experts: How many experts ``top_n`` searches.
         method_b_mode: ``"forced"`` (authors) or ``"routed"`` expert directions.
         coeffs / kl_max / keep_min / n_prompts_stage2 / stage2_tokens: Method B search (``kl_max`` None: model card).
-        n_random_experts: Below-threshold experts in the random control.
+        n_random_experts: Below-threshold experts of any layer in the authors' same-search control.
+        n_control_draws: Draws of the like-for-like controls (random experts of the method's own layers, KL-matched
+            per edit) that the verdicts compare methods A and B with.
         same_search_control: Also run the random-expert control through method B's own search (its own
             coefficient, not KL-matched; the authors' ablation script). The KL-matched control, which the claims
             use, runs either way.
@@ -153,6 +155,7 @@ class RefusalConfig:
     n_prompts_stage2: int = 25
     stage2_tokens: int = 25
     n_random_experts: int = 10
+    n_control_draws: int = 5
     same_search_control: bool = True
     min_capability: float = 0.5
     n_capability: int | None = 100
@@ -170,11 +173,11 @@ class RefusalConfig:
 
     @classmethod
     def organism(cls) -> RefusalConfig:
-        """Sized for the bundled organisms: the main job takes under 2 minutes on one core (study 107 s, the whole
-        CLI run 113 s on olmoe-refusal; per-stage times in ``results.json["timing"]``)."""
+        """Sized for the bundled organisms: the main job takes a few minutes on one core (measured in
+        docs/refusal.md; per-stage times in ``results.json["timing"]``)."""
         return cls(
             system_prompt=None,
-            actadd_sweep=(0.25, 0.5, 0.75, 1.0, 1.5),
+            actadd_sweep=(0.25, 0.5, 0.75, 1.0),
             max_new_tokens=24,
             expert_threshold=10.0,
             method_b_select="top_n",
@@ -185,6 +188,7 @@ class RefusalConfig:
             n_prompts_stage2=16,
             stage2_tokens=24,
             n_random_experts=2,
+            n_control_draws=3,
             same_search_control=False,
             n_causal=64,
             preset="organism",
@@ -200,6 +204,7 @@ class RefusalConfig:
             keep_min=4,
             n_prompts_stage2=8,
             n_random_experts=2,
+            n_control_draws=2,
             same_search_control=True,  # the tests keep this code path covered
             n_capability=32,
             n_causal=16,
@@ -239,7 +244,8 @@ class RefusalConfig:
                 raise ValueError(f"RefusalConfig.{name} = {getattr(self, name)!r}; choose one of {list(ok)}")
         if not (self.n_positions == "eoi" or (isinstance(self.n_positions, int) and self.n_positions >= 1)):
             raise ValueError(f"RefusalConfig.n_positions = {self.n_positions!r}; a positive int or 'eoi'")
-        for name in ("max_new_tokens", "stage2_tokens", "n_prompts_stage2", "batch_size", "n_causal"):
+        positive = ("max_new_tokens", "stage2_tokens", "n_prompts_stage2", "batch_size", "n_causal", "n_control_draws")
+        for name in positive:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"RefusalConfig.{name} = {v!r}; a positive int")
@@ -273,7 +279,7 @@ _WHY = {
     "system_prompt": "the organisms were trained mostly without a system prompt",
     "actadd_sweep": "the coefficient is chosen on validation prompts by ASR under the KL and capability limits; the "
     "organisms' difference-in-means vector already costs ~2 nats of harmless KL at coefficient 1, so the sweep "
-    "spans 0.25-1.5",
+    "spans 0.25-1 (past 1 no bypass coefficient can pass the KL limit)",
     "max_new_tokens": "the longest expected organism answer is 18 tokens and its end token; 24 leaves a margin "
     "(a test checks that every shipped answer fits), and generation stops at the end token",
     "expert_threshold": "the organisms' routing differences are small; 10 pp keeps some experts",
@@ -285,8 +291,10 @@ _WHY = {
     "n_prompts_stage2": "search size (the organism's val split has 32 prompts per class)",
     "stage2_tokens": "as max_new_tokens: a bypass is judged on a whole answer, never on one cut short",
     "n_random_experts": "search size",
-    "same_search_control": "the KL-matched random-expert control, which the verdicts use, replaces it; skipping its "
-    "search keeps the main job under 2 minutes",
+    "n_control_draws": "three draws per control keep the main job near 2 minutes; the interval over draws widens "
+    "with fewer",
+    "same_search_control": "the like-for-like random-expert controls, which the verdicts use, replace it; skipping "
+    "its search keeps the main job near 2 minutes",
     "n_capability": "capability prompts per condition",
     "n_causal": "causal-map prompts",
     "min_capability": "capability constraint on steering settings (not in the authors' code)",

@@ -200,8 +200,10 @@ def study_sections(res: StudyResults) -> list[Section]:
         shares = {{"moe": "MoE writes", "attention": "attention writes", "both": "every write"}.get(k, k): v
                   for k, v in res.pathways["shares"].items()}  # fmt: skip
         figs3.append(plot.pathway_shares(shares, title="Share of the ablation's drop in refusal score"))
-    for claim, figs, notes in zip(res.claims, (figs1, [], figs3), ((), (), notes3)):
-        out.append(_claim_section(claim, figs, notes))
+    figures = {1: figs1, 3: figs3}  # by claim number: a claim without figures still gets its section
+    notes = {3: notes3}
+    for claim in res.claims:
+        out.append(_claim_section(claim, figures.get(claim.number, []), notes.get(claim.number, ())))
     # direction
     sel, chosen = res.selection, res.selected
     cands = sel.get("candidates", [])

@@ -19,8 +19,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .judges import CLASSES, FULL_RESPONSE, NON_RESPONSE, REFUSAL
-from .stats import bootstrap_interval, mcnemar_exact
+from .stats import bootstrap_interval, mcnemar_exact, paired_margin
 
 __all__ = [
     "Rate",
@@ -30,6 +32,10 @@ __all__ = [
     "SweepPoint",
     "ActAddSweepResult",
     "PairedTest",
+    "Margin",
+    "KLMatch",
+    "ControlDraw",
+    "ExpertControl",
     "CausalMap",
     "Claim",
     "Deviation",
@@ -39,7 +45,7 @@ __all__ = [
     "SCHEMA_VERSION",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _LETTER = {REFUSAL: "R", FULL_RESPONSE: "F", NON_RESPONSE: "N"}
 _CLASS = {v: k for k, v in _LETTER.items()}
 
@@ -176,6 +182,8 @@ class Condition:
         bypass: Harmful test prompts under the bypass (−) edit.
         induce: Harmless test prompts under the induce (+) edit.
         harmless_kl: Mean KL on the harmless test prompts under the bypass edit (nats).
+        induce_kl: Mean KL on the harmless test prompts under the induce edit (nats): what a control of this
+            condition's induce side is matched on.
         capability: Capability retained under the bypass edit.
         note: Why something is missing, if it is.
 
@@ -193,6 +201,15 @@ class Condition:
     harmless_kl: float | None = None
     capability: Capability | None = None
     note: str = ""
+    induce_kl: float | None = None
+
+    def outcome(self, side: str) -> Outcome | None:
+        """The ``"bypass"`` or ``"induce"`` outcome."""
+        return self.bypass if side == "bypass" else self.induce
+
+    def kl(self, side: str) -> float | None:
+        """Harmless KL under the ``"bypass"`` or ``"induce"`` edit."""
+        return self.harmless_kl if side == "bypass" else self.induce_kl
 
 
 @dataclass
@@ -232,7 +249,19 @@ class ActAddSweepResult:
 
 
 @dataclass
-class PairedTest:
+class _Comparison:
+    """What two conditions were compared on: names, side (bypass / induce), outcome class and both rates."""
+
+    a: str
+    b: str
+    side: str
+    outcome: str
+    a_rate: float
+    b_rate: float
+
+
+@dataclass
+class PairedTest(_Comparison):
     """Exact McNemar test of two conditions on the same prompts for one outcome class.
 
     Example:
@@ -244,12 +273,6 @@ class PairedTest:
         (9, 0, 0.0039)
     """
 
-    a: str
-    b: str
-    side: str
-    outcome: str
-    a_rate: float
-    b_rate: float
     only_a: int
     only_b: int
     n: int
@@ -276,6 +299,131 @@ class PairedTest:
             a.n,
             mcnemar_exact(only_a, only_b),
         )
+
+
+@dataclass
+class Margin(_Comparison):
+    """A's rate minus B's on the same prompts for one class, with a 95% interval and a paired test.
+
+    B may be several draws of a control: then ``b_rate`` is the mean over draws, ``b_rates`` the draws, the
+    interval resamples draws and prompts and the test is a sign-flip permutation test over prompts
+    (:func:`~expertlens.refusal.stats.paired_margin`); for one B it is the exact McNemar test.
+
+    Example:
+        >>> from expertlens.refusal.results import Margin, Outcome
+        >>> a = Outcome.from_verdicts("t", ["full_response"] * 9 + ["refusal"])
+        >>> b = Outcome.from_verdicts("t", ["refusal"] * 10)
+        >>> m = Margin.compare("method B", a, "control", [b], "full_response", "bypass")
+        >>> m.value, round(m.p_value, 4), m.text()
+        (0.9, 0.0039, '+90.0 points [70.0, 100.0], paired p = 0.0039')
+    """
+
+    value: float
+    lo: float
+    hi: float
+    p_value: float
+    n: int
+    test: str
+    b_rates: list[float] = field(default_factory=list)
+
+    @classmethod
+    def compare(
+        cls, a_name: str, a: Outcome, b_name: str, b: Outcome | list[Outcome], outcome: str, side: str, seed: int = 0
+    ) -> Margin:
+        bs = [b] if isinstance(b, Outcome) else list(b)
+        if not bs or any(x.n != a.n for x in bs):
+            raise ValueError(f"a margin needs the same prompts: {a_name} has {a.n}, {b_name} has {[x.n for x in bs]}")
+        letter = _LETTER[outcome]
+        xa = np.array([c == letter for c in a.verdicts], dtype=float)
+        xb = np.array([[c == letter for c in x.verdicts] for x in bs], dtype=float)
+        value, lo, hi, p = paired_margin(xa, xb, seed=seed)
+        test = "exact McNemar" if len(bs) == 1 else f"sign-flip permutation over prompts ({len(bs)} draws averaged)"
+        return cls(a_name, b_name, side, outcome, float(xa.mean()), float(xb.mean()), value, lo, hi, p, a.n, test,
+                   [float(r) for r in xb.mean(1)])  # fmt: skip
+
+    @property
+    def n_draws(self) -> int:
+        return len(self.b_rates)
+
+    def flipped(self) -> Margin:
+        """B minus A: the same test seen from the other side (for one B; e.g. a control against the baseline)."""
+        return Margin(self.b, self.a, self.side, self.outcome, self.b_rate, self.a_rate, -self.value, -self.hi,
+                      -self.lo, self.p_value, self.n, self.test, [self.a_rate])  # fmt: skip
+
+    def text(self) -> str:
+        """The margin in points with its interval and p, e.g. ``'+12.0 points [4.1, 20.0], paired p = 0.003'``."""
+        return (f"{100 * self.value:+.1f} points [{100 * self.lo:.1f}, {100 * self.hi:.1f}], "
+                f"paired p = {self.p_value:.2g}")  # fmt: skip
+
+
+@dataclass
+class KLMatch:
+    """The coefficient :func:`~expertlens.refusal.controls.match_kl` found: its KL, the target, whether it is within
+    tolerance, every try.
+
+    Example:
+        >>> from expertlens.refusal.controls import match_kl
+        >>> m = match_kl(lambda c: (c / 10) ** 2, target=4.0, start=1.0)
+        >>> m.matched, abs(m.kl - 4.0) <= 0.4
+        (True, True)
+    """
+
+    coeff: float
+    kl: float
+    target: float
+    matched: bool
+    tolerance: float
+    tries: list[list[float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return to_jsonable(self)
+
+
+@dataclass
+class ControlDraw:
+    """One draw of a like-for-like control: its random experts and, per edit, the KL match of its coefficient.
+
+    Attributes:
+        key: Key of the :class:`Condition` that holds this draw's outcomes.
+        experts: ``[layer, expert]`` pairs (for method A in the role, force or suppress, of the routing-linked
+            expert they stand in for).
+        position: Token position of the expert direction (method B), None for routing edits.
+        bypass: The bypass coefficient, matched on the harmless KL of the method's bypass edit.
+        induce: The induce coefficient, matched on the harmless KL of the method's induce edit.
+
+    Example:
+        >>> from expertlens.refusal.results import ControlDraw, KLMatch
+        >>> m = KLMatch(50.0, 0.64, 0.65, True, 0.065)
+        >>> ControlDraw("method_b_control_1", [[5, 7]], -1, m, m).experts
+        [[5, 7]]
+    """
+
+    key: str
+    experts: list[list[int]]
+    position: int | None
+    bypass: KLMatch | None
+    induce: KLMatch | None
+
+
+@dataclass
+class ExpertControl:
+    """The like-for-like random-expert control of one method: draws from the method's own layers, the same edit,
+    coefficients KL-matched separately on each edit the method is compared on.
+
+    Example:
+        >>> from expertlens.refusal.results import ExpertControl
+        >>> ExpertControl("method_b", "random experts of layer 5, 3 draws", []).draws
+        []
+    """
+
+    method: str
+    rule: str
+    draws: list[ControlDraw]
+    note: str = ""
+
+    @property
+    def keys(self) -> list[str]:
+        return [d.key for d in self.draws]
 
 
 @dataclass
@@ -325,6 +473,8 @@ class Claim:
     evidence: list[str] = field(default_factory=list)
     controls: list[str] = field(default_factory=list)
     caveats: list[str] = field(default_factory=list)
+    tests: list[Margin] = field(default_factory=list)
+    rule: str = ""
 
 
 @dataclass
@@ -366,12 +516,12 @@ class StudyResults:
     routing: dict | None = None
     method_b_search: dict | None = None
     control_search: dict | None = None
-    control_match: dict | None = None
-    paired: list[PairedTest] = field(default_factory=list)
+    controls: list[ExpertControl] = field(default_factory=list)
     causal_map: CausalMap | None = None
     pathways: dict | None = None
     claims: list[Claim] = field(default_factory=list)
     timing: dict = field(default_factory=dict)
+    positive_control: bool = False
     schema_version: int = SCHEMA_VERSION
 
     def condition(self, key: str) -> Condition | None:
@@ -380,6 +530,16 @@ class StudyResults:
             if c.key == key:
                 return c
         return None
+
+    def control(self, method: str) -> ExpertControl | None:
+        """The like-for-like control of ``method`` (``"method_a"`` / ``"method_b"``), None if none ran."""
+        return next((c for c in self.controls if c.method == method), None)
+
+    def draws(self, method: str) -> list[Condition]:
+        """The conditions of ``method``'s control draws that ran (empty if none)."""
+        ctrl = self.control(method)
+        got = [self.condition(k) for k in (ctrl.keys if ctrl else [])]
+        return [c for c in got if c is not None and c.bypass is not None]
 
     def to_dict(self) -> dict:
         return to_jsonable(self)

@@ -1,8 +1,9 @@
 """The whole study of "Expert-Aware Refusal Steering" as one function and one result object.
 
 prompts → chat format → baseline (judge calibrated) → directions → selection → ActAdd (coefficient chosen by
-ASR) / ablation → routing statistics → method A → method B → random-expert control → causal map and
-pathways → paired tests and claim verdicts → :class:`RefusalStudy` → results.json, safetensors, report.
+ASR) / ablation → routing statistics → method A and its like-for-like control → method B and its like-for-like
+control (:class:`~expertlens.refusal.control_stage.ControlStage`) → causal map and pathways → claim verdicts with
+their margins (:mod:`~expertlens.refusal.claims`) → :class:`RefusalStudy` → results.json, safetensors, report.
 
 Example:
     >>> from expertlens import load_organism
@@ -30,13 +31,13 @@ from ..interventions import AblateDirection, AddVector, ZeroAblate
 from ..interventions.run import generate
 from . import methods
 from .config import RefusalConfig
+from .control_stage import ControlStage
 from .controls import pathway_ablation
 from .data import RefusalData, format_chat, post_instruction_len
 from .directions import candidate_directions
 from .evaluate import last_logits
 from .judges import (
     FULL_RESPONSE,
-    REFUSAL,
     DefaultJudge,
     default_judge,
     judge_all,
@@ -49,8 +50,8 @@ from .results import (
     Capability,
     CausalMap,
     Condition,
+    ExpertControl,
     Outcome,
-    PairedTest,
     Rate,
     StudyResults,
     SweepPoint,
@@ -64,7 +65,7 @@ from .selection import select_direction
 if TYPE_CHECKING:
     from ..model import ExpertModel
 
-__all__ = ["RefusalConfig", "RefusalStudy", "run_refusal_study", "SCHEMA_VERSION"]
+__all__ = ["RefusalConfig", "RefusalStudy", "run_refusal_study", "card_kind", "SCHEMA_VERSION"]
 
 
 @dataclass
@@ -267,6 +268,7 @@ def run_refusal_study(
     resume: bool = False,
     capability: Callable[[ExpertModel, Sequence[Any]], tuple[int, int]] | None = None,
     threads: int | str | None = "auto",
+    positive_control: bool | None = None,
 ) -> RefusalStudy:
     """Run every step of the study on ``model`` and return a :class:`RefusalStudy`.
 
@@ -287,6 +289,10 @@ def run_refusal_study(
             model on the CPU with fewer than 100M parameters (matrices that small gain nothing from more threads,
             and on a busy machine several threads stall each other), else unchanged; an int: that many; None:
             unchanged.
+        positive_control: The model has the studied effects planted by construction (a positive-control organism),
+            so each verdict reads "recovered" / "not recovered" instead of "supported" / "not supported". None: what
+            the organism's model card says (front matter ``kind: positive_control``, :func:`card_kind`); False for
+            any other model.
 
     Example:
         >>> from expertlens import load_organism
@@ -302,7 +308,9 @@ def run_refusal_study(
     if n_threads is not None:
         torch.set_num_threads(n_threads)
     try:
-        return _run_study(model, data, config, judge, log, checkpoint, resume, capability)
+        if positive_control is None:
+            positive_control = card_kind(data.source) == "positive_control"
+        return _run_study(model, data, config, judge, log, checkpoint, resume, capability, bool(positive_control))
     finally:
         torch.set_num_threads(before)
 
@@ -322,15 +330,47 @@ def _study_threads(model: ExpertModel, threads: int | str | None) -> int | None:
     return threads
 
 
-def _run_study(model, data, config, judge, log, checkpoint, resume, capability) -> RefusalStudy:
+def card_kind(source: str) -> str | None:
+    """The ``kind`` an organism's model card declares in its front matter (e.g. ``positive_control``), else None.
+
+    ``source`` is :attr:`RefusalData.source` (``"organism:<name>"`` for a bundled organism); any other source, an
+    organism that is not shipped, or a card without a ``kind:`` line gives None.
+
+    Example:
+        >>> from expertlens.refusal.study import card_kind
+        >>> card_kind("organism:olmoe-refusal") is None, card_kind("lists")
+        (True, None)
+    """
+    if not source.startswith("organism:"):
+        return None
+    from ..organism import list_organisms, organism_path
+
+    name = source.split(":", 1)[1]
+    card = organism_path(name) / "README.md" if name in list_organisms() else None
+    if card is None or not card.is_file():
+        return None
+    lines = card.read_text().splitlines()
+    if not lines or lines[0].strip() != "---":
+        return None
+    for line in lines[1:]:
+        if line.strip() == "---":
+            break
+        key, _, value = line.partition(":")
+        if key.strip() == "kind":
+            return value.strip().strip("'\"") or None
+    return None
+
+
+def _run_study(model, data, config, judge, log, checkpoint, resume, capability, positive_control) -> RefusalStudy:
     run = _Run(model, data, config or RefusalConfig.paper(), judge, log, checkpoint, resume, capability)
+    run.positive_control = positive_control
     run.baseline()  # unsteered rates; the judge is calibrated here; train prompts filtered
     run.directions()  # difference in means at the last positions, Arditi selection
     run.actadd()  # coefficient 1, the coefficient chosen by ASR, directional ablation
     if model.moe_layers:
         run.routing()  # routing statistics and routing-linked experts
-        run.method_a()  # routing edits
-        run.method_b()  # single-expert steering, its all-experts variant, the random-expert control
+        run.method_a()  # routing edits, then random experts of the same layers in the same roles
+        run.method_b()  # single-expert steering, its all-experts variant, random experts of its own layer
     else:
         run.skip_experts()
     run.causal_map()  # zero-ablate each layer's attention / MoE output
@@ -370,7 +410,14 @@ class _Run:
         self.stages = _Stages(checkpoint, resume, self._fingerprint())
         self.conditions: list[Condition] = []
         self.directions_out: dict[str, Tensor] = {}
-        self.extra: dict[str, Any] = {}
+        # caches: the baseline generations (reused by unedited outcomes), the unsteered harmless-test logits (every
+        # harmless KL's reference), each layer's expert directions (method B, its variant and its control)
+        self.unsteered: dict[tuple[int, int, int], list[str]] = {}
+        self.base_harmless: Tensor | None = None
+        self.layer_dirs: dict[int, Tensor] = {}
+        self.search_b: dict | None = None  # method B's search (ExpertSearch.to_dict())
+        self.search_c: dict | None = None  # the authors' same-search control, when it runs
+        self.controls: list[ExpertControl] = []
         self.user_capability = capability
         self.capability_suite = self._capability_suite()
 
@@ -458,8 +505,8 @@ class _Run:
 
     def outcome(self, name: str, chats: list[str], raw: list[str], edits=(), tokens: int | None = None) -> Outcome:
         key = (id(chats), len(chats), tokens or self.new)
-        if not edits and key in self.extra.get("unsteered", {}):  # the baseline generations, reused
-            outs = self.extra["unsteered"][key]
+        if not edits and key in self.unsteered:  # the baseline generations, reused
+            outs = self.unsteered[key]
         else:
             outs = generate(self.model, chats, tokens or self.new, tuple(edits), batch_size=self.bs)
         verdicts = judge_all(self.judge, raw, outs)
@@ -480,13 +527,20 @@ class _Run:
         return Rate.of(sum(ok), len(ok), seed=self.cfg.seed)
 
     def harmless_kl(self, edits) -> float:
-        if "base_harmless" not in self.extra:
-            self.extra["base_harmless"] = last_logits(self.model, self.s_test, (), self.bs)
+        """Mean KL on the harmless test prompts under ``edits`` (what every condition reports)."""
+        if not edits:
+            return 0.0
+        if self.base_harmless is None:
+            self.base_harmless = last_logits(self.model, self.s_test, (), self.bs)
         steered = last_logits(self.model, self.s_test, tuple(edits), self.bs)
-        return float(kl_divergence(self.extra["base_harmless"], steered).mean())
+        return float(kl_divergence(self.base_harmless, steered).mean())
 
-    def condition(self, key, label, bypass=None, induce=None, params=None, note="") -> Condition:
-        """Evaluate one condition: bypass edits on harmful test, induce edits on harmless test, KL, capability."""
+    def condition(self, key, label, bypass=None, induce=None, params=None, note="", *, kls=None,
+                  capability=True) -> Condition:  # fmt: skip
+        """Evaluate one condition: bypass edits on harmful test, induce edits on harmless test, KL, capability.
+
+        ``kls``: the harmless KLs of the two edits when already measured (a control's KL match); ``capability=False``
+        skips the capability suite (control draws: the cost limits apply to the methods, not their controls)."""
         cached = self.stages.get(f"condition_{key}", Condition)
         if cached is not None:
             self.conditions.append(cached)
@@ -494,10 +548,12 @@ class _Run:
         c = Condition(key, label, dict(params or {}), note=note)
         if bypass is not None:
             c.bypass = self.outcome("harmful test", self.h_test, self.data.harmful_test, bypass)
-            c.harmless_kl = self.harmless_kl(bypass) if bypass else 0.0
-            c.capability = Capability(self.capability_suite[0], self.capability(bypass), self.base_capability)
+            c.harmless_kl = kls[0] if kls else self.harmless_kl(bypass)
+            if capability:
+                c.capability = Capability(self.capability_suite[0], self.capability(bypass), self.base_capability)
         if induce is not None:
             c.induce = self.outcome("harmless test", self.s_test, self.data.harmless_test, induce)
+            c.induce_kl = kls[1] if kls else self.harmless_kl(induce)
         self.conditions.append(c)
         return self.stages.put(f"condition_{key}", c)
 
@@ -510,7 +566,7 @@ class _Run:
         if cal is None:
             outs_h = generate(self.model, self.h_test, self.new, (), batch_size=self.bs)
             outs_s = generate(self.model, self.s_test, self.new, (), batch_size=self.bs)
-            self.extra["unsteered"] = {
+            self.unsteered = {
                 (id(self.h_test), len(self.h_test), self.new): outs_h,
                 (id(self.s_test), len(self.s_test), self.new): outs_s,
             }
@@ -675,16 +731,20 @@ class _Run:
             ind = methods.method_a_intervention(self.model, sel, "induce", kind)
             self.condition("method_a", label, [byp], [ind], dict(kind=kind, experts=_experts_text(sel)))
         self.tick("method_a")
+        self.control_a()
+        self.tick("control_a")
+
+    def _layer_directions(self, layer: int) -> Tensor:
+        """Every expert's direction of ``layer`` ``[P, E, d]`` (computed once per layer)."""
+        if layer not in self.layer_dirs:
+            self.layer_dirs[layer] = methods.expert_directions(
+                self.model, self.h_train, self.s_train, layer, self.positions, self.cfg.method_b_mode, self.bs
+            )
+        return self.layer_dirs[layer]
 
     def _expert_search(self, experts: list[tuple[int, int]]):
         cfg = self.cfg
-        layer_dirs = self.extra.setdefault("layer_dirs", {})
-        for lay in sorted({a for a, _ in experts}):
-            if lay not in layer_dirs:
-                layer_dirs[lay] = methods.expert_directions(
-                    self.model, self.h_train, self.s_train, lay, self.positions, cfg.method_b_mode, self.bs
-                )
-        dirs = {(a, b): layer_dirs[a][:, b] for a, b in experts}
+        dirs = {(a, b): self._layer_directions(a)[:, b] for a, b in experts}
         return methods.expert_search(
             self.model, experts, dirs, self.positions, self.h_val, self.s_val, self.ids,
             coeffs=cfg.coeffs, kl_max=cfg.kl_max, keep_min=cfg.keep_min, n_prompts_stage2=cfg.n_prompts_stage2,
@@ -692,7 +752,9 @@ class _Run:
             judge_prompts=self.data.harmful_val,
         )  # fmt: skip
 
-    def _search_condition(self, key: str, label: str, experts: list[tuple[int, int]], stage: str) -> None:
+    def _search_condition(self, key: str, label: str, experts: list[tuple[int, int]], stage: str) -> dict | None:
+        """Search ``experts`` as method B does and evaluate the best combination as condition ``key``; returns the
+        search (``ExpertSearch.to_dict()``), None when there was nothing to search."""
         if not experts:
             thr = self.cfg.expert_threshold
             note = (
@@ -702,7 +764,7 @@ class _Run:
                 else f"no expert below {thr:g} pp to sample"
             )  # fmt: skip
             self.condition(key, label, note=note)
-            return
+            return None
         search_dict = self.stages.get(stage, dict)
         cached = self.stages.get(f"condition_{key}", Condition)
         if search_dict is None or cached is None:
@@ -726,21 +788,17 @@ class _Run:
             t = self.stages.tensors("method_b") if key == "method_b" else None
             if t:
                 self.directions_out.update(t)
-        self.extra[stage] = search_dict
+        return search_dict
 
     def method_b(self) -> None:
-        self.log("[6/8] method B: single-expert steering search, all-experts variant, random-expert control")
+        self.log("[6/8] method B: single-expert steering search, all-experts variant, random-expert controls")
         b_experts = [(x["layer"], x["expert"]) for x in self.rt["method_b_experts"]]
-        self._search_condition("method_b", "method B: one routing-linked expert's direction", b_experts, "search_b")
-        best = self.extra["search_b"].get("best") if self.extra.get("search_b") else None
+        self.search_b = self._search_condition("method_b", "method B: one routing-linked expert's direction",
+                                               b_experts, "search_b")  # fmt: skip
+        best = self.search_b.get("best") if self.search_b else None
         if best is not None:
             lay, pos, coeff = best["layer"], best["position"], best["coeff"]
-            ld = self.extra.get("layer_dirs", {}).get(lay)
-            if ld is None:
-                ld = methods.expert_directions(
-                    self.model, self.h_train, self.s_train, lay, self.positions, self.cfg.method_b_mode, self.bs
-                )
-            all_dirs = ld[self.positions.index(pos)]
+            all_dirs = self._layer_directions(lay)[self.positions.index(pos)]
             self.condition(
                 "method_b_all", "method B, all-experts variant (Σ π_e d_e)",
                 [methods.all_experts_intervention(all_dirs, lay, -coeff)],
@@ -750,101 +808,32 @@ class _Run:
         self.tick("method_b")
         if self.cfg.same_search_control:
             rand = [(x["layer"], x["expert"]) for x in self.rt["random_experts"]]
-            self._search_condition("control", "control: random below-threshold experts, same search", rand, "search_c")
+            label = "authors' control: random below-threshold experts of any layer, same search"
+            self.search_c = self._search_condition("control", label, rand, "search_c")
             self.tick("control")
-        self.matched_control()
-        self.tick("control_matched")
+        self.control_b()
+        self.tick("control_b")
 
-    def matched_control(self) -> None:
-        """The random-expert control at method B's harmless KL: same kind of edit, coefficient matched by KL.
+    def _control_stage(self) -> ControlStage:
+        return ControlStage(self.model, self.cfg, self.rt, self.stages, self.condition, self.harmless_kl,
+                            self._layer_directions, self.positions)  # fmt: skip
 
-        Candidates, in order: the expert and position the same-search control picked (when it ran,
-        ``same_search_control``), then every random below-threshold expert at method B's position. For each,
-        :func:`~expertlens.refusal.controls.match_kl` looks for the coefficient whose harmless KL on the test
-        prompts (the number reported beside every condition) matches method B's; no harmful prompt and no judged
-        outcome enters this choice. The first candidate within tolerance is used; if none matches, the closest is
-        used and the results say so.
-        """
-        from ..interventions import ExpertSteer
-        from .controls import KL_ATOL, KL_RTOL, match_kl
+    def control_b(self) -> None:
+        """Method B's like-for-like control (:meth:`ControlStage.method_b`)."""
+        ctrl = self._control_stage().method_b(self.condition_by("method_b"), (self.search_b or {}).get("best"))
+        if ctrl is not None:
+            self.controls.append(ctrl)
 
-        key, label = "control_matched", "control: random expert at method B's KL"
-        b = self.condition_by("method_b")
-        best_b = self.extra["search_b"].get("best") if self.extra.get("search_b") else None
-        rand = [(x["layer"], x["expert"]) for x in self.rt["random_experts"]]
-        if b is None or b.bypass is None or best_b is None or b.harmless_kl is None:
-            self.control_match = None
-            self.condition(key, label, note="method B did not run, so there is no KL to match")
-            return
-        if not rand:
-            self.control_match = None
-            self.condition(key, label, note=f"no expert below {self.cfg.expert_threshold:g} pp to sample")
-            return
-        cached = self.stages.get("control_match", dict)
-        if cached is not None and self.stages.get(f"condition_{key}", Condition) is not None:
-            self.control_match = cached
-            self.condition(key, label)  # read back
-            return
-        best_c = self.extra["search_c"].get("best") if self.extra.get("search_c") else None
-        # (layer, expert, position, first coefficient tried): the search's own pick starts at its own coefficient
-        cands = [(best_c["layer"], best_c["expert"], best_c["position"], float(best_c["coeff"]))] if best_c else []
-        cands += [(a, e, best_b["position"], float(best_b["coeff"])) for a, e in rand
-                  if (a, e, best_b["position"]) not in [c[:3] for c in cands]]  # fmt: skip
-        layer_dirs = self.extra.setdefault("layer_dirs", {})
-        target = float(b.harmless_kl)
-        tried, chosen = [], None
-        for lay, e, pos, start in cands:
-            if lay not in layer_dirs:
-                layer_dirs[lay] = methods.expert_directions(
-                    self.model, self.h_train, self.s_train, lay, self.positions, self.cfg.method_b_mode, self.bs
-                )
-            d = layer_dirs[lay][self.positions.index(pos), e].float()
-            if not bool(d.isfinite().all()) or float(d.norm()) == 0.0:
-                continue
-
-            def edit(c, lay=lay, e=e, d=d):
-                return [ExpertSteer(lay, e, d, coeff=-c, weighting="router_prob")]
-
-            m = match_kl(lambda c, edit=edit: self.harmless_kl(edit(c)), target, start)
-            tried.append(dict(layer=lay, expert=e, position=pos, **m.to_dict()))
-            if (
-                chosen is None
-                or (m.matched and not chosen[3].matched)
-                or (m.matched == chosen[3].matched and abs(m.kl - target) < abs(chosen[3].kl - target))
-            ):
-                chosen = (lay, e, d, m)
-            if m.matched:
-                break
-        if chosen is None:
-            self.control_match = None
-            self.condition(key, label, note="every random expert's direction is zero or not finite")
-            return
-        lay, e, d, m = chosen
-        pos = next(t["position"] for t in tried if (t["layer"], t["expert"]) == (lay, e))
-        self.control_match = self.stages.put("control_match", {
-            "target_kl": target, "kl": m.kl, "matched": m.matched, "tolerance": m.tolerance,
-            "layer": lay, "expert": e, "position": pos, "coeff": m.coeff, "tried": tried,
-            "rule": "coefficient chosen so that the harmless KL on the test prompts (under the bypass edit) matches "
-                    f"method B's to within {100 * KL_RTOL:.0f}% (at least {KL_ATOL:g} nats)",
-        })  # fmt: skip
-        params = dict(layer=lay, expert=e, position=pos, coefficient=m.coeff, kl_target=target,
-                      kl_matched="yes" if m.matched else "no (closest coefficient)")  # fmt: skip
-        self.condition(
-            key, label,
-            [ExpertSteer(lay, e, d, coeff=-m.coeff, weighting="router_prob")],
-            [ExpertSteer(lay, e, d, coeff=+m.coeff, weighting="router_prob")],
-            params,
-            note="" if m.matched else (
-                f"KL could not be matched: the closest coefficient gives {m.kl:.3f} nats against method B's "
-                f"{target:.3f}"),
-        )  # fmt: skip
+    def control_a(self) -> None:
+        """Method A's like-for-like control (:meth:`ControlStage.method_a`)."""
+        ctrl = self._control_stage().method_a(self.condition_by("method_a"))
+        if ctrl is not None:
+            self.controls.append(ctrl)
 
     def skip_experts(self) -> None:
         self.log("model has no MoE layers: routing statistics, methods A/B and the expert control are skipped")
         self.rt = None
-        self.control_match = None
-        for key, label in (("method_a", "method A"), ("method_b", "method B"), ("control", "control"),
-                           ("control_matched", "control at method B's KL")):  # fmt: skip
+        for key, label in (("method_a", "method A"), ("method_b", "method B")):
             self.condition(key, label, note="skipped: the model has no MoE layers")
 
     def causal_map(self) -> None:
@@ -893,20 +882,6 @@ class _Run:
     def finish(self) -> RefusalStudy:
         from .claims import claim_verdicts
 
-        paired = []
-        b = self.condition_by("method_b")
-        ctrl = self.condition_by("control_matched")
-        if ctrl is None or ctrl.bypass is None:
-            ctrl = self.condition_by("control")
-        if b is not None and ctrl is not None and b.bypass is not None and ctrl.bypass is not None:
-            paired.append(PairedTest.compare(b.label, b.bypass, ctrl.label, ctrl.bypass, FULL_RESPONSE, "bypass"))
-            paired.append(PairedTest.compare(b.label, b.induce, ctrl.label, ctrl.induce, REFUSAL, "induce"))
-        base = self.condition_by("baseline")
-        for key in ("actadd", "actadd_unit", "method_b"):
-            c = self.condition_by(key)
-            if c is not None and c.bypass is not None:
-                paired.append(PairedTest.compare(c.label, c.bypass, base.label, base.bypass, FULL_RESPONSE, "bypass"))
-                break
         m = self.model
         self.timing["total"] = round(time.time() - self.t0, 2)
         res = StudyResults(
@@ -923,13 +898,13 @@ class _Run:
             deviations=self.cfg.deviations(),
             actadd_sweep=self.sweep,
             routing=self.rt,
-            method_b_search=self.extra.get("search_b"),
-            control_search=self.extra.get("search_c"),
-            control_match=getattr(self, "control_match", None),
-            paired=paired,
+            method_b_search=self.search_b,
+            control_search=self.search_c,
+            controls=self.controls,
             causal_map=self.cmap,
             pathways=self.pw,
             timing=self.timing,
+            positive_control=self.positive_control,
         )  # fmt: skip
         res.claims = claim_verdicts(res)
         return RefusalStudy(res, self.directions_out)
