@@ -54,7 +54,7 @@ __all__ = [
 #: ``package -> (lowest tested, first untested)`` release: the bounds pyproject.toml pins and README explains.
 #: Widen a bound only after the suite has passed on the new release.
 TESTED_VERSIONS: dict[str, tuple[str, str]] = {
-    "transformers": ("5.24", "5.26"),
+    "transformers": ("5.25", "5.26"),
     "nnsight": ("0.8.1", "0.9"),
 }
 
@@ -78,7 +78,7 @@ def untested_versions(installed: dict[str, str] | None = None) -> list[str]:
         >>> untested_versions({"transformers": "5.25.0", "nnsight": "0.8.1"})
         []
         >>> untested_versions({"transformers": "5.31.0", "nnsight": "0.8.1"})
-        ['transformers 5.31.0 (tested: >=5.24, <5.26)']
+        ['transformers 5.31.0 (tested: >=5.25, <5.26)']
     """
     if installed is None:
         from importlib.metadata import PackageNotFoundError, version

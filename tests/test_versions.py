@@ -47,12 +47,13 @@ def test_dev_tools_are_pinned_exactly():
 @pytest.mark.parametrize(
     ("installed", "expected"),
     [
-        ({"transformers": "5.24.0", "nnsight": "0.8.1"}, []),
+        ({"transformers": "5.25.0", "nnsight": "0.8.1"}, []),
+        ({"transformers": "5.24.0", "nnsight": "0.8.1"}, ["transformers 5.24.0 (tested: >=5.25, <5.26)"]),
         ({"transformers": "5.25.3", "nnsight": "0.8.9"}, []),
-        ({"transformers": "5.26.0", "nnsight": "0.8.1"}, ["transformers 5.26.0 (tested: >=5.24, <5.26)"]),
-        ({"transformers": "5.26.0.dev0", "nnsight": "0.8.1"}, ["transformers 5.26.0.dev0 (tested: >=5.24, <5.26)"]),
+        ({"transformers": "5.26.0", "nnsight": "0.8.1"}, ["transformers 5.26.0 (tested: >=5.25, <5.26)"]),
+        ({"transformers": "5.26.0.dev0", "nnsight": "0.8.1"}, ["transformers 5.26.0.dev0 (tested: >=5.25, <5.26)"]),
         ({"transformers": "5.23.1", "nnsight": "0.9.0"},
-         ["transformers 5.23.1 (tested: >=5.24, <5.26)", "nnsight 0.9.0 (tested: >=0.8.1, <0.9)"]),
+         ["transformers 5.23.1 (tested: >=5.25, <5.26)", "nnsight 0.9.0 (tested: >=0.8.1, <0.9)"]),
         ({"transformers": "5.25.0"}, []),  # a package that is not installed is not reported
     ],
 )
@@ -67,14 +68,14 @@ def test_the_installed_versions_are_tested():
 
 def test_an_untested_release_warns_once_in_one_line(monkeypatch):
     monkeypatch.setattr(compat, "_VERSIONS_CHECKED", False)
-    monkeypatch.setattr(compat, "untested_versions", lambda: ["transformers 5.31.0 (tested: >=5.24, <5.26)"])
+    monkeypatch.setattr(compat, "untested_versions", lambda: ["transformers 5.31.0 (tested: >=5.25, <5.26)"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert compat.check_versions() == ["transformers 5.31.0 (tested: >=5.24, <5.26)"]
+        assert compat.check_versions() == ["transformers 5.31.0 (tested: >=5.25, <5.26)"]
         assert compat.check_versions() == []
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and "\n" not in messages[0]
-    assert "transformers 5.31.0 (tested: >=5.24, <5.26)" in messages[0] and "truth test" in messages[0]
+    assert "transformers 5.31.0 (tested: >=5.25, <5.26)" in messages[0] and "truth test" in messages[0]
 
 
 def test_wrapping_a_model_checks_the_versions(monkeypatch):
