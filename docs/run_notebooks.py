@@ -4,6 +4,7 @@ Usage::
 
     python docs/run_notebooks.py                   # every tutorials/*.ipynb
     python docs/run_notebooks.py tutorials/01_tracing_moe_internals.ipynb
+    python docs/run_notebooks.py --check           # execute only, write nothing back (CI)
 
 Run it to refresh the committed outputs after changing a tutorial (figures are embedded as PNG when
 kaleido and Chromium are available). CI runs it with ``CI=true``, where the tutorials skip the PNG
@@ -25,7 +26,7 @@ from nbclient.exceptions import CellExecutionError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(path: Path, timeout: int, kernel: str) -> float:
+def run(path: Path, timeout: int, kernel: str, write: bool = True) -> float:
     # The kernel starts in the notebook's folder; put this checkout first on its path so the tutorials import
     # the expertlens next to them (a git worktree), not another installed copy.
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
@@ -34,7 +35,8 @@ def run(path: Path, timeout: int, kernel: str) -> float:
     start = time.perf_counter()
     client = NotebookClient(nb, timeout=timeout, kernel_name=kernel, resources={"metadata": {"path": str(path.parent)}})
     client.execute()
-    nbformat.write(nb, path)
+    if write:
+        nbformat.write(nb, path)
     return time.perf_counter() - start
 
 
@@ -43,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("notebooks", nargs="*", type=Path)
     parser.add_argument("--timeout", type=int, default=300, help="seconds per cell")
     parser.add_argument("--kernel", default="python3")
+    parser.add_argument("--check", action="store_true",
+                        help="execute only (fail on any cell error); leave the committed notebooks as they are (CI)")
     args = parser.parse_args(argv)
     paths = args.notebooks or sorted((ROOT / "tutorials").glob("*.ipynb"))
     if not paths:
@@ -51,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     total = 0.0
     for path in paths:
         try:
-            seconds = run(path, args.timeout, args.kernel)
+            seconds = run(path, args.timeout, args.kernel, write=not args.check)
         except CellExecutionError as err:
             print(f"FAILED {path}:\n{err}", file=sys.stderr)
             return 1
