@@ -165,14 +165,21 @@ def _save(model, name: str, layer: int | None):
     return p.read(model, layer).save()
 
 
-def point_variants(bare, model, floor, ids, mask, kept: list) -> dict[str, Callable[[], Any]]:
-    """``{variant: fn}``: see the module docstring. ``floor``: plain nnsight over a copy sharing the weights."""
+#: The single points timed with ``groups_only`` (the costliest one; every other alone is within noise of none).
+GROUP_POINTS = ("attn.head_out",)
+
+
+def point_variants(bare, model, floor, ids, mask, kept: list, *, groups_only: bool = False
+                   ) -> dict[str, Callable[[], Any]]:
+    """``{variant: fn}``: see the module docstring. ``floor``: plain nnsight over a copy sharing the weights.
+    ``groups_only``: of the single points only :data:`GROUP_POINTS` (fewer variants for slow machines)."""
     from expertlens.points import POINTS
 
     names = [n for n in POINTS if _available(model, n)]
     moe = [n for n in names if n.startswith("moe.") and POINTS[n].level == "moe"]
+    single = [n for n in names if not groups_only or n in GROUP_POINTS]
     groups = {
-        **{f"point:{n}": _reads(model, [n]) for n in names},
+        **{f"point:{n}": _reads(model, [n]) for n in single},
         "all_moe": _reads(model, moe),
         "every_but_heads": _reads(model, [n for n in names if n != "attn.head_out"]),
         "every": _reads(model, names),
@@ -254,12 +261,30 @@ def nnsight_variants(model, floor, ids, mask, kept: list) -> dict[str, Callable[
             saved.append(_walk(floor, lay.path).output.save())
         saved.append(floor.output.logits.save())
 
-    return {"nnsight_nothing": run(lambda saved: None), "nnsight_moe": run(moe_saves),
-            "nnsight_every": run(every_saves)}  # fmt: skip
+    def capture_saves(saved):  # what trace_capture saves, as plain nnsight can: router and experts outputs
+        for lay in moe_layers:
+            saved.append(_walk(floor, lay.router).output.save())
+            saved.append(_walk(floor, lay.experts).output.save())
+
+    return {"nnsight_nothing": run(lambda saved: None), "nnsight_capture": run(capture_saves),
+            "nnsight_moe": run(moe_saves), "nnsight_every": run(every_saves)}  # fmt: skip
+
+
+def nnsight_addvector(model, floor, ids, mask, layer: int, vector: torch.Tensor) -> Callable[[], Any]:
+    """Plain nnsight adding ``vector`` to decoder layer ``layer``'s input (what ``trace_addvector`` does)."""
+    path = model.layout[layer].path
+
+    def fn():
+        with floor.trace(ids, attention_mask=mask, use_cache=False):
+            env = _walk(floor, path)
+            env.input = env.input + vector.to(env.input.dtype)
+
+    return fn
 
 
 #: expertlens variant -> the plain nnsight variant doing the same saves (the ÷ nnsight column).
-NNSIGHT_TWIN = {"trace_nothing": "nnsight_nothing", "all_moe": "nnsight_moe", "every": "nnsight_every",
+NNSIGHT_TWIN = {"trace_nothing": "nnsight_nothing", "trace_capture": "nnsight_capture",
+                "trace_addvector": "nnsight_addvector", "all_moe": "nnsight_moe", "every": "nnsight_every",
                 "every_but_heads": "nnsight_every"}  # fmt: skip
 
 
@@ -317,7 +342,8 @@ def measure(fns: dict, rounds: int, device: torch.device) -> dict[str, dict]:
 
 
 def bench_points(name: str, device: torch.device, *, tiny: bool, layers: int = 2, batch: int = 1,
-                 tokens: int = 16, rounds: int = 3, max_experts: int | None = None, log=print) -> dict:
+                 tokens: int = 16, rounds: int = 3, max_experts: int | None = None, groups_only: bool = False,
+                 log=print) -> dict:
     """One config's per-point rows: timings, ratios (÷ bare, ÷ nnsight's twin) and the saved bytes."""
     import time
 
@@ -333,7 +359,7 @@ def bench_points(name: str, device: torch.device, *, tiny: bool, layers: int = 2
     ids = torch.randint(4, 99, (b, p), generator=torch.Generator().manual_seed(0)).to(device)
     mask = torch.ones_like(ids)
     kept: list = []
-    fns = point_variants(bare, model, floor, ids, mask, kept)
+    fns = point_variants(bare, model, floor, ids, mask, kept, groups_only=groups_only)
     saved_bytes = {}
     with torch.no_grad():
         for k in ("all_moe", "every", "nnsight_moe", "nnsight_every"):
@@ -382,6 +408,7 @@ def run(argv: list[str] | None = None, log=print) -> dict:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-experts", type=int, default=None,
                     help="cap the routed experts (CPU memory); default: 32 on a CPU, none on a GPU")
+    ap.add_argument("--groups-only", action="store_true", help=f"single points: only {', '.join(GROUP_POINTS)}")
     ap.add_argument("--out", help="JSON path (default bench/results-points[-tiny].json)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -394,7 +421,8 @@ def run(argv: list[str] | None = None, log=print) -> dict:
     results = []
     for name in [n.strip() for n in args.only.split(",") if n.strip()]:
         results.append(bench_points(name, device, tiny=args.tiny, layers=args.layers, batch=args.batch,
-                                    tokens=args.tokens, rounds=args.rounds, max_experts=cap, log=log))
+                                    tokens=args.tokens, rounds=args.rounds, max_experts=cap,
+                                    groups_only=args.groups_only, log=log))
     meta["load_average_end"] = load_average()
     meta["total_wall_s"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out) if args.out else REPO / "bench" / ("results-points-tiny.json" if args.tiny
