@@ -271,3 +271,12 @@ def test_generate_reads_the_host_once_per_batch():
         assert "aten::nonzero" not in ops, ops
         counts.append(n)
     assert counts[0] == counts[1], counts
+
+
+def test_mean_activations_copy_back_once():
+    """Difference-in-means input: summed where the activations are, one copy to the host per call."""
+    from expertlens.refusal.directions import mean_activations
+
+    _, model = _pair("olmoe")
+    n, ops = _syncs(lambda: mean_activations(model, ["hello there", "hi", "a b c d", "one two"], batch_size=2))
+    assert ops.get("Tensor.cpu", 0) == 1, ops
