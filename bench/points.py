@@ -418,17 +418,17 @@ def run(argv: list[str] | None = None, log=print) -> dict:
     meta = machine_info()
     meta.update(device=str(device), tiny=args.tiny, max_experts=cap, load_average_start=load_average())
     t0 = time.perf_counter()
-    results = []
+    out = Path(args.out) if args.out else REPO / "bench" / ("results-points-tiny.json" if args.tiny
+                                                           else "results-points.json")
+    results: list[dict] = []
+    result = {"meta": meta, "configs": results}
     for name in [n.strip() for n in args.only.split(",") if n.strip()]:
         results.append(bench_points(name, device, tiny=args.tiny, layers=args.layers, batch=args.batch,
                                     tokens=args.tokens, rounds=args.rounds, max_experts=cap,
                                     groups_only=args.groups_only, log=log))
-    meta["load_average_end"] = load_average()
-    meta["total_wall_s"] = round(time.perf_counter() - t0, 1)
-    out = Path(args.out) if args.out else REPO / "bench" / ("results-points-tiny.json" if args.tiny
-                                                           else "results-points.json")
-    result = {"meta": meta, "configs": results}
-    out.write_text(json.dumps(result, indent=1) + "\n")
+        meta["load_average_end"] = load_average()
+        meta["total_wall_s"] = round(time.perf_counter() - t0, 1)
+        out.write_text(json.dumps(result, indent=1) + "\n")  # after every config: a slow run keeps what it did
     log(table(results))
     log(f"wrote {out} ({meta['total_wall_s']} s)")
     return result
