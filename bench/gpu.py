@@ -4,15 +4,18 @@
     python bench/gpu.py --device cpu --tiny      # smoke test: the same code on tiny configs (seconds)
     python bench/gpu.py --only olmoe --rounds 30
 
-Configs (random weights, built on the device in bf16; shapes from the published configs):
+Configs (random weights, built on the device in bf16; shapes from the published configs, ``bench.points``):
   * ``olmoe-1b-7b``        OLMoE-1B-7B at full depth (16 layers, 64 experts, top-8, d 2048)
-  * ``qwen3-30b-a3b``      Qwen3-30B-A3B shape (128 experts, top-8, d 2048), a few layers
-  * ``gpt-oss-20b``        GPT-OSS-20B shape (32 experts, top-4, d 2880, alternating sliding attention), a few layers
+  * ``qwen3-30b-a3b``      Qwen3-30B-A3B shape (128 experts, top-8, d 2048), 4 layers
+  * ``gpt-oss-20b``        GPT-OSS-20B shape (32 experts, top-4, d 2880, alternating sliding attention), 4 layers
+  * ``deepseek-v3``        DeepSeek-V3 shape (MLA, 256 experts, top-8, d 7168, a shared expert), 2 layers
 
 For each: the forward ratios of ``bench/run.py`` (ExpertModel trace with nothing saved / full capture of
-router_logits + expert_out / one AddVector, each over the bare grouped_mm forward) and generation:
-bare ``generate`` vs expertlens ``generate`` under an AddVector vs the same-token reference (a plain torch
-pre-hook adding the same vector inside bare ``generate``), as ratios and tokens/s.
+router_logits + expert_out / one AddVector, each over the bare grouped_mm forward and over plain nnsight doing
+the same saves or edit), the per-point groups of ``bench/points.py`` (``attn.head_out`` alone, all MoE points,
+every point with and without ``head_out``, each ÷ bare and ÷ plain nnsight) and generation: bare ``generate``
+vs expertlens ``generate`` under an AddVector vs the same-token reference (a plain torch pre-hook adding the
+same vector inside bare ``generate``), as ratios and tokens/s. Prints the table, writes the JSON.
 
 Timing: variants interleaved in one process, order rotated every round, ``torch.cuda.synchronize()``
 before the clock stops (wall-time medians are the ratios on a GPU; host CPU time is stored too, it is what
@@ -41,76 +44,21 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from bench.harness import REPO, load_average, machine_info  # noqa: E402
+from bench.points import build_pair, nnsight_addvector, point_variants, ratios, table  # noqa: E402
 from bench.sections import forward_variants  # noqa: E402
 
-#: True-width shapes (from the models' published config.json files); ``layers`` is the default depth here.
+#: The configs and their depth here (shapes: ``bench.points.TRUE_WIDTH``, from the published config.json files).
 CONFIGS: dict[str, dict] = {
-    "olmoe-1b-7b": dict(
-        family="olmoe", layers=16,
-        kw=dict(
-            hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
-            num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, vocab_size=50304,
-            max_position_embeddings=4096, norm_topk_prob=False,
-        ),
-    ),
-    "qwen3-30b-a3b": dict(
-        family="qwen3_moe", layers=4,
-        kw=dict(
-            hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=4,
-            num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
-            vocab_size=151936, max_position_embeddings=4096, norm_topk_prob=True, decoder_sparse_step=1,
-            mlp_only_layers=[],
-        ),
-    ),
-    "gpt-oss-20b": dict(
-        family="gpt_oss", layers=4,
-        kw=dict(
-            hidden_size=2880, intermediate_size=2880, num_hidden_layers=4, num_attention_heads=64,
-            num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4, vocab_size=201088,
-            sliding_window=128, layer_types=["sliding_attention", "full_attention"] * 2,
-            max_position_embeddings=4096,
-        ),
-    ),
+    "olmoe-1b-7b": dict(layers=16),  # full depth
+    "qwen3-30b-a3b": dict(layers=4),
+    "gpt-oss-20b": dict(layers=4),  # alternating sliding / full attention
+    "deepseek-v3": dict(layers=2),  # one dense layer, one MoE layer of 256 experts (~27 GB in bf16)
 }
-TINY_FAMILY = {"olmoe-1b-7b": "olmoe", "qwen3-30b-a3b": "qwen3_moe", "gpt-oss-20b": "gpt_oss"}
 
 
 def build(name: str, device: torch.device, dtype: torch.dtype, tiny: bool, layers: int | None):
-    """(bare model, ExpertModel, tokenizer) sharing one set of weights on ``device``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from expertlens import ExpertModel
-    from expertlens.testing import tiny_config, tiny_tokenizer
-
-    spec = CONFIGS[name]
-    if tiny:
-        cfg = tiny_config(TINY_FAMILY[name], max_position_embeddings=512)
-    else:
-        kw = dict(spec["kw"])
-        n = layers or spec["layers"]
-        kw["num_hidden_layers"] = n
-        if "layer_types" in kw:
-            kw["layer_types"] = (kw["layer_types"] * n)[:n]
-        cfg = AutoConfig.for_model(spec["family"], **kw)
-    torch.manual_seed(0)
-    with torch.device(device):
-        hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    hf.eval()
-    # Router weights with a larger scale so routing is not near-uniform (as expertlens.testing does).
-    with torch.no_grad():
-        for pname, p in hf.named_parameters():
-            if "router" in pname or pname.endswith("mlp.gate.weight"):
-                p.normal_(0.0, 0.2)
-    # The bare model shares every parameter and buffer with `hf` (deepcopy with them pre-memoised).
-    memo = {id(t): t for t in [*hf.parameters(), *hf.buffers()]}
-    bare = copy.deepcopy(hf, memo)
-    bare.set_experts_implementation("grouped_mm")
-    tok = tiny_tokenizer()
-    wrapped = ExpertModel(hf, tok)
-    for m in (bare, wrapped.hf_model):
-        m.generation_config.eos_token_id = None
-    n_params = sum(p.numel() for p in hf.parameters())
-    return bare, wrapped, tok, {"family": cfg.model_type, "layers": cfg.num_hidden_layers, "params": n_params}
+    """(bare model, ExpertModel, tokenizer, info) sharing one set of weights on ``device``."""
+    return build_pair(name, device, dtype, tiny=tiny, layers=layers or CONFIGS[name]["layers"])
 
 
 def timed(fns: dict, rounds: int, device: torch.device) -> dict[str, dict]:
@@ -181,14 +129,23 @@ def bench_config(name: str, args, device: torch.device, log) -> dict:
     kept: list = []
     variants = forward_variants(bare, model, ids, mask, steer, kept)
     bare_fwd = variants["bare"]
+    # plain nnsight over a third tree sharing the weights: the ÷ nnsight column; and the per-point groups
+    from nnsight.modeling.transformers import TransformersModel
+
+    memo = {id(t): t for t in [*bare.parameters(), *bare.buffers()]}
+    floor = TransformersModel(copy.deepcopy(bare, memo), tokenizer=tok)
+    points = point_variants(bare, model, floor, ids, mask, kept, groups_only=True)
+    fns = {k: variants[k] for k in ("bare", "trace_nothing", "trace_capture", "trace_addvector")}
+    fns.update({k: f for k, f in points.items() if k not in fns})
+    fns["nnsight_addvector"] = nnsight_addvector(model, floor, ids, mask, layer, v)
 
     rounds = 1 if args.tiny else args.rounds
     with torch.no_grad():
         same = float((bare_fwd().float() - model.hf_model(input_ids=ids, attention_mask=mask).logits.float())
                      .abs().max())
-        fwd = timed({k: variants[k] for k in ("bare", "trace_nothing", "trace_capture", "trace_addvector")},
-                    rounds, device)
+        fwd = timed(fns, rounds, device)
     kept.clear()
+    del floor
     # generation: prompts as text for expertlens' generate; the same ids for the bare variants
     prompts = ["".join(chr(32 + (i * 7 + j * 13) % 90) for j in range(n_tok)) for i in range(batch)]
     enc = {k: t.to(device) for k, t in tok(prompts, return_tensors="pt", padding=True).items()}
@@ -210,8 +167,11 @@ def bench_config(name: str, args, device: torch.device, log) -> dict:
     res = {"name": name, **info, "batch": batch, "tokens": n_tok, "new_tokens": new, "dtype": str(dtype),
            "max_abs_diff_bare_vs_wrapped": same, "forward": fwd, "generate": gen}
     b = fwd["bare"]
+    key = "wall_s" if device.type == "cuda" else "cpu_s"
+    res["points"] = ratios(fwd, key)  # every variant ÷ bare and ÷ its plain-nnsight twin
     res["ratios"] = {
-        k: {"wall": fwd[k]["wall_s"] / b["wall_s"], "cpu": fwd[k]["cpu_s"] / max(b["cpu_s"], 1e-9)}
+        k: {"wall": fwd[k]["wall_s"] / b["wall_s"], "cpu": fwd[k]["cpu_s"] / max(b["cpu_s"], 1e-9),
+            "vs_nnsight": res["points"][k]["vs_nnsight"]}
         for k in ("trace_nothing", "trace_capture", "trace_addvector")
     }
     for k in ("hooks_steered", "expertlens_steered"):
@@ -281,6 +241,9 @@ def run(argv: list[str] | None = None, log=print) -> dict:
     out = Path(args.out) if args.out else REPO / "bench" / default
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
+    ok = [r for r in results if "error" not in r]
+    if ok:
+        log(table([{"name": r["name"], "ratios": r["points"]} for r in ok]))
     log(f"wrote {out} ({meta['total_wall_s']} s)")
     return result
 

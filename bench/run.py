@@ -42,6 +42,7 @@ from bench.memory import MemoryRun, memory_specs  # noqa: E402
 
 FORWARD_KEYS = (
     "bare", "wrapped_call", "trace_nothing", "trace_capture", "trace_addvector", "nnsight_nothing", "nnsight_capture",
+    "nnsight_addvector",
 )
 GENERATE_KEYS = ("bare", "expertlens_plain", "expertlens_steered", "hooks_nocache", "hooks_cached")
 EXTRACT_KEYS = ("plain_hooks", "expertlens")
@@ -337,19 +338,21 @@ def markdown(result: dict) -> str:
     for note in result.get("notes", []):
         out.append(f"\nNote: {note}.")
     timed = [r for r in rows if r["section"] in ("forward", "generate", "extract", "startup")]
-    out.append("\n| row | setting | wall (median) | CPU (median) | rounds | ratio (CPU) | ratio (wall) | target | |")
-    out.append("|---|---|---:|---:|---:|---:|---:|---|---|")
+    out.append("\n| row | setting | wall (median) | CPU (median) | rounds | ratio (CPU) | ratio (wall) "
+               "| ÷ nnsight (CPU) | target | |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---|---|")
     for r in timed:
         if "skipped" in r or "error" in r:
             why = f"skipped: {r['skipped']}" if "skipped" in r else "error: " + r["error"].strip().splitlines()[-1][:99]
-            out.append(f"| `{r['id']}` | {r['setting']} | {why} | | | | | | |")
+            out.append(f"| `{r['id']}` | {r['setting']} | {why} | | | | | | | |")
             continue
         extra = ""
         if r["section"] == "extract":
             extra = f" ({r['prompts_per_s']:.0f} prompts/s)"
         out.append(
             f"| {r['name']} | {r['setting']} | {_ms(r['wall_s'])} | {_ms(r['cpu_s'])}{extra} | {r['rounds']} | "
-            f"{_x(r.get('ratio'))} | {_x(r.get('ratio_wall'))} | {r.get('target', r.get('ratio_of', ''))} | {_met(r)} |"
+            f"{_x(r.get('ratio'))} | {_x(r.get('ratio_wall'))} | {_x(r.get('ratio_vs_nnsight'))} | "
+            f"{r.get('target', r.get('ratio_of', ''))} | {_met(r)} |"
         )
     mem = [r for r in rows if r["section"] == "memory"]
     out.append(

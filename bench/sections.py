@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from expertlens.families import get_module as fl_get
 from expertlens.families import resolve_family
 from expertlens.interventions import AddVector, generate
 from expertlens.refusal.directions import candidate_directions
@@ -115,32 +114,15 @@ def forward_rows(bare, model, tok, s: Setting) -> list[dict]:
     variants = forward_variants(bare, model, ids, mask, steer, kept)
     bare_fwd, wrapped_call, trace_capture = variants["bare"], variants["wrapped_call"], variants["trace_capture"]
 
-    fl = resolve_family(floor._module)
-    floor_layers = fl.layer_list(floor._module)
-    floor_paths = []
-    for i in moe_layers:
-        block = fl.moe_block(floor_layers[i])
-        floor_paths.append((_module_path(floor._module, fl_get(block, fl.router)),
-                            _module_path(floor._module, fl_get(block, fl.experts))))
+    from .points import nnsight_addvector, nnsight_variants
 
-    def nnsight_nothing():
-        with floor.trace(ids, attention_mask=mask, use_cache=False):
-            pass
-
-    def nnsight_capture():
-        # the same amount of saving through plain nnsight: the router's and the experts' outputs per MoE layer
-        kept.clear()
-        saved = []
-        with floor.trace(ids, attention_mask=mask, use_cache=False):
-            for router_path, experts_path in floor_paths:
-                saved.append(_walk(floor, router_path).output.save())
-                saved.append(_walk(floor, experts_path).output.save())
-        kept.extend(saved)
-
+    # plain nnsight doing the same saves / the same edit: the ÷ nnsight column of every trace variant
+    plain = nnsight_variants(model, floor, ids, mask, kept)
     fns = {
         **variants,
-        "nnsight_nothing": nnsight_nothing,
-        "nnsight_capture": nnsight_capture,
+        "nnsight_nothing": plain["nnsight_nothing"],
+        "nnsight_capture": plain["nnsight_capture"],
+        "nnsight_addvector": nnsight_addvector(model, floor, ids, mask, model.n_layers // 2, v),
     }
     with torch.no_grad():
         # Sanity: the two copies compute the same logits, and capture has the documented shapes.
@@ -158,6 +140,7 @@ def forward_rows(bare, model, tok, s: Setting) -> list[dict]:
         "trace_addvector": "trace with one AddVector (resid_pre)",
         "nnsight_nothing": "nnsight's floor: plain nnsight trace, nothing saved",
         "nnsight_capture": "nnsight's floor: plain nnsight trace saving router + experts outputs",
+        "nnsight_addvector": "nnsight's floor: plain nnsight trace adding the vector to the layer input",
     }
     rows = [_row("forward", s.name, k, names[k], timing[k]) for k in fns]
     by = {r["id"].rsplit("/", 1)[1]: r for r in rows}
@@ -166,27 +149,16 @@ def forward_rows(bare, model, tok, s: Setting) -> list[dict]:
         _ratios(r, base)
     rows[0]["max_abs_diff_vs_wrapped"] = same
     goals = TARGETS.get(s.name, TARGETS["organism"])
-    for key, floor_key in (("trace_nothing", "nnsight_nothing"), ("trace_capture", "nnsight_capture")):
-        _target(by[key], "<=", goals[key], "time / bare")
+    for key, floor_key in (("trace_nothing", "nnsight_nothing"), ("trace_capture", "nnsight_capture"),
+                           ("trace_addvector", "nnsight_addvector")):
+        if key in goals:
+            _target(by[key], "<=", goals[key], "time / bare")
         # what expertlens adds on top of nnsight itself, and nnsight's own ratio (the floor)
         by[key]["ratio_vs_nnsight"] = ratio(by[key]["cpu_s"], by[floor_key]["cpu_s"])
         by[key]["nnsight_floor"] = by[floor_key]["ratio"]
     rows[0]["shape"] = list(ids.shape)
     del layers
     return rows
-
-
-def _walk(envoy, path: str):
-    for part in path.split("."):
-        envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
-    return envoy
-
-
-def _module_path(root, module) -> str:
-    for name, m in root.named_modules():
-        if m is module:
-            return name
-    raise KeyError(type(module).__name__)
 
 
 # --------------------------------------------------------------------------------------------

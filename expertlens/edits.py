@@ -18,6 +18,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -685,23 +686,54 @@ def attach_all(model: ExpertModel, items: Sequence[Any]) -> list[Any]:
         >>> model.n_edits()
         0
     """
-    for item in items:
-        if not (callable(getattr(item, "attach", None)) and callable(getattr(item, "validate", None))):
-            raise TypeError(f"expected Intervention objects, got {type(item).__name__}")
-        item.validate(model)
-    claims = _refuse_conflicting_routing(model, items)
-    handles: list[Any] = []
-    try:
+    with _checks_once():  # validate and attach check each vector once between them (see checked_once)
         for item in items:
-            for handle in item.attach(model):
-                handles.append(track(model, handle))
-    except BaseException:
-        for handle in reversed(handles):
-            handle.remove()
-        raise
+            if not (callable(getattr(item, "attach", None)) and callable(getattr(item, "validate", None))):
+                raise TypeError(f"expected Intervention objects, got {type(item).__name__}")
+            item.validate(model)
+        claims = _refuse_conflicting_routing(model, items)
+        handles: list[Any] = []
+        try:
+            for item in items:
+                for handle in item.attach(model):
+                    handles.append(track(model, handle))
+        except BaseException:
+            for handle in reversed(handles):
+                handle.remove()
+            raise
     if claims and handles:
         model._module.__dict__.setdefault(_CLAIMS, []).append((handles, claims))
     return handles
+
+
+#: Within one ``attach_all`` (nested ones included): value checks already run, by key. ``validate`` and ``attach``
+#: both check an intervention's vector; a finiteness check reads a flag back to the host, so it runs once.
+_CHECKED: ContextVar[dict | None] = ContextVar("expertlens_checked_values", default=None)
+
+
+@contextmanager
+def _checks_once() -> Iterator[None]:
+    if _CHECKED.get() is not None:  # an outer attach_all (a Compose) already keeps the results
+        yield
+        return
+    token = _CHECKED.set({})
+    try:
+        yield
+    finally:
+        _CHECKED.reset(token)
+
+
+def checked_once(key: tuple, keep: Any, check: Callable[[], Any]) -> Any:
+    """``check()``, run once per ``key`` within one :func:`attach_all` (every call outside one runs it).
+
+    ``keep`` (the checked object) is held with the result so that an ``id`` in ``key`` cannot be reused.
+    """
+    memo = _CHECKED.get()
+    if memo is None:
+        return check()
+    if key not in memo:
+        memo[key] = (keep, check())
+    return memo[key][1]
 
 
 @contextmanager

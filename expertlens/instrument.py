@@ -470,10 +470,21 @@ def expertlens_fp8_experts_forward(
     k = top_k_index.size(-1)
     per_slot = hidden_states.new_zeros(n_tokens, k, hidden_dim)
     static = getattr(self, "activation_scheme", "dynamic") == "static"
-    for expert in torch.unique(top_k_index).tolist():
-        if expert >= self.num_experts:
-            continue  # sentinel / expert-parallel slots produce nothing
-        tok, slot = torch.where(top_k_index == expert)
+    # One host read per layer (the slot count of every expert, which sizes the per-expert GEMMs), not one
+    # ``unique`` plus one ``where`` per hit expert: a stable sort groups the flat (token, slot) rows by expert in
+    # the order ``where`` gave. Sentinel / expert-parallel ids (>= num_experts) sort last and produce nothing.
+    flat = top_k_index.reshape(-1)
+    order = torch.sort(flat, stable=True).indices
+    ids = flat.clamp(max=self.num_experts)
+    counts = torch.zeros(self.num_experts + 1, dtype=torch.long, device=flat.device)
+    counts = counts.scatter_add_(0, ids, torch.ones_like(ids)).tolist()[: self.num_experts]
+    per_row = per_slot.view(n_tokens * k, hidden_dim)
+    start = 0
+    for expert, count in enumerate(counts):
+        rows, start = order[start : start + count], start + count
+        if not count:
+            continue
+        tok = rows // k
         if self.has_gate:
             w_up, s_up = self.gate_up_proj[expert], self.gate_up_proj_scale_inv[expert]
         else:
@@ -482,8 +493,8 @@ def expertlens_fp8_experts_forward(
         h = self.linear(hidden_states[tok], w_up, s_up, activation_scale=act)
         h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
         act = self.down_proj_activation_scale[expert] if static else None
-        per_slot[tok, slot] = self.linear(h, self.down_proj[expert], self.down_proj_scale_inv[expert],
-                                          activation_scale=act).to(per_slot.dtype)
+        per_row[rows] = self.linear(h, self.down_proj[expert], self.down_proj_scale_inv[expert],
+                                    activation_scale=act).to(per_slot.dtype)
     weights = top_k_weights.to(per_slot.dtype)
     return _weigh_through_points(self, per_slot, top_k_index, weights).to(hidden_states.dtype)
 

@@ -88,18 +88,39 @@ def test_docs_block_rewritten(quick):
     assert "| row | setting |" in docs and "capture memory" in docs
 
 
-def test_gpu_bench_runs_on_cpu_tiny(tmp_path):
-    """``bench/gpu.py --device cpu --tiny`` runs the GPU benchmark's code end to end on tiny configs."""
-    gpu = pytest.importorskip("bench.gpu")
-    out = tmp_path / "gpu.json"
-    result = gpu.run(["--device", "cpu", "--tiny", "--out", str(out)], log=lambda *a: None)
+def _run_json(module: str, argv: list[str], tmp_path):
+    """``module.run(argv + --out)``: the JSON it wrote (checked equal to what it returned)."""
+    mod = pytest.importorskip(module)
+    out = tmp_path / "out.json"
+    result = mod.run([*argv, "--out", str(out)], log=lambda *a: None)
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(result))
+    return mod, data
+
+
+def test_gpu_bench_runs_on_cpu_tiny(tmp_path):
+    """``bench/gpu.py --device cpu --tiny`` runs the GPU benchmark's code end to end on tiny configs."""
+    gpu, data = _run_json("bench.gpu", ["--device", "cpu", "--tiny"], tmp_path)
     assert [c["name"] for c in data["configs"]] == list(gpu.CONFIGS)
     for c in data["configs"]:
         assert "error" not in c, c.get("error")
         assert c["max_abs_diff_bare_vs_wrapped"] == 0.0  # shared weights, bit-identical experts function
         assert set(c["ratios"]) >= {"trace_nothing", "trace_capture", "generate_steered_vs_hooks"}
+        for key in ("trace_nothing", "trace_capture", "trace_addvector", "all_moe", "every"):  # ÷ plain nnsight
+            assert math.isfinite(c["points"][key]["vs_nnsight"]), (key, c["points"][key])
         assert all(math.isfinite(v) and v > 0 for v in c["tokens_per_s"].values())
         # expertlens' steering and the plain pre-hook reference produce the same tokens
         assert c["token_agreement_steered_vs_hooks"] == 1.0
+
+
+def test_points_bench_runs_on_cpu_tiny(tmp_path):
+    """``python -m bench.points --tiny``: every point's variant, the groups and their plain-nnsight twins run."""
+    points, data = _run_json("bench.points", ["--tiny", "--only", "olmoe-1b-7b,deepseek-v3"], tmp_path)
+    for c in data["configs"]:
+        r = c["ratios"]
+        assert {"trace_nothing", "all_moe", "every", "every_but_heads", "point:attn.head_out"} <= set(r)
+        for key in ("trace_nothing", "all_moe", "every"):
+            assert math.isfinite(r[key]["vs_bare"]) and math.isfinite(r[key]["vs_nnsight"]), (key, r[key])
+        assert c["saved_bytes"]["every"] > c["saved_bytes"]["all_moe"] > 0
+    assert "point:moe.shared_out" in data["configs"][1]["ratios"]  # DeepSeek-V3 has a shared expert
+    assert "| `every` |" in points.table(data["configs"])

@@ -26,11 +26,8 @@ WRITES = {"embed": "embed", "resid_pre": "resid_pre", "attn": "attn_write", "mlp
 
 
 def _unit(model: ExpertModel, direction: Direction | Tensor, what: str) -> Tensor:
-    v = check_vector(model, direction, (model.d_model,), what).double()  # float64: a tiny norm does not underflow
-    n = v.norm()
-    if not bool(v.ne(0).any()):
-        raise ValueError(f"{what}: the direction is the zero vector; a non-zero [d_model] vector is accepted")
-    return (v / n).float()
+    v = check_vector(model, direction, (model.d_model,), what, nonzero=True).double()  # float64: no underflow
+    return (v / v.norm()).float()
 
 
 @dataclass(frozen=True, eq=False, repr=False)

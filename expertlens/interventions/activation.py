@@ -86,7 +86,7 @@ class AddVector(Intervention):
         pos, coeff, rows = Positions.coerce(self.positions), float(self.coeff), self.rows
         handles = []
         for layer in point_layers(model, self.point, self.layers, "AddVector"):
-            v = check_vector(model, self.vector, point_shape(model, self.point, layer), "AddVector")
+            v = check_vector(model, self.vector, point_shape(model, self.point, layer), "AddVector", scale=coeff)
             delta = coeff * v
 
             def edit(x, ctx, delta=delta):

@@ -113,11 +113,15 @@ def generate(
                 top_k=None,
             )
             new = ids[:, enc["input_ids"].shape[1] :]
-            for row in new:
-                if return_ids:
-                    eos = tok.eos_token_id
-                    stop = (row == eos).nonzero()
-                    results.append(row[: int(stop[0]) + 1] if eos is not None and len(stop) else row)
-                else:
-                    results.append(tok.decode(row, skip_special_tokens=True))
+            # One host read per batch (each row's length, or its tokens to decode), not one per row.
+            if not return_ids:
+                results.extend(tok.decode(row, skip_special_tokens=True) for row in new.tolist())
+                continue
+            eos = tok.eos_token_id
+            if eos is None:
+                results.extend(new.unbind(0))
+                continue
+            hit = new == eos
+            ends = torch.where(hit.any(1), hit.int().argmax(1) + 1, new.shape[1]).tolist()  # up to the first EOS
+            results.extend(row[:end] for row, end in zip(new.unbind(0), ends, strict=True))
     return results

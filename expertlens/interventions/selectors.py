@@ -18,6 +18,7 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from ..direction import Direction, as_tensor
+from ..edits import checked_once
 from ..points import EDITABLE_POINTS, PointError, point_shape
 
 if TYPE_CHECKING:
@@ -358,12 +359,14 @@ def check_vector(
     *,
     allow_last: bool = True,
     scale: float = 1.0,
+    nonzero: bool = False,
 ) -> Tensor:
     """Validate a vector for a point: size (error), finiteness (error); dtype/device converted.
 
     ``shape`` is the point's trailing shape; a vector of the full trailing shape or (with
     ``allow_last``) of its last dimension (broadcast) is accepted. ``scale`` (a coefficient the
-    vector will be multiplied by) must keep it finite in the model's dtype.
+    vector will be multiplied by) must keep it finite in the model's dtype; ``nonzero`` refuses the zero
+    vector (in the model's dtype). Within one ``attach_all`` the same values are checked once.
     """
     try:
         v = as_tensor(vector)
@@ -385,22 +388,44 @@ def check_vector(
             f"{what}: vector has shape {tuple(v.shape)}; accepted shapes are "
             f"{' or '.join(str(s) for s in accepted)} for this {model.family} model"
         )
-    if not bool(torch.isfinite(v).all()):
-        raise ValueError(f"{what}: vector contains NaN or inf values; only finite vectors are accepted")
-    cast = v.detach().to(device=model.device, dtype=model.dtype)
-    if not bool(torch.isfinite(cast).all()):
-        big = float(v.detach().abs().max())
+    src = v.detach()
+    # The same values (a view taken again, as MeanAblate's per-layer table is) give the same key; the memo keeps
+    # ``src`` alive, so its address cannot be reused by another tensor while the key is held.
+    key = (src.data_ptr(), src.shape, src.stride(), src.dtype, src.device, src._version,
+           model.dtype, model.device, float(scale), nonzero)
+    return checked_once(key, src, lambda: _finite_cast(model, src, what, scale, nonzero))
+
+
+def _finite_cast(model: ExpertModel, v: Tensor, what: str, scale: float, nonzero: bool) -> Tensor:
+    """``v`` in the model's dtype on its device, refused unless finite there (also times ``scale``) and, with
+    ``nonzero``, unless some entry is non-zero there.
+
+    The cast and the check run where ``v`` lives, before the move: an intervention's vector is usually on the
+    CPU, where reading the flag is no device sync; a vector on the device costs one read (the conditions are
+    combined into one flag; the message is worked out only on failure).
+    """
+    cast = v.to(dtype=model.dtype)
+    scaled = cast * scale if scale != 1.0 else cast
+    ok = torch.isfinite(scaled).all()
+    if nonzero:
+        ok = ok & cast.ne(0).any()
+    if (cast.numel() or nonzero) and not bool(ok):
+        if nonzero and bool(torch.isfinite(scaled).all()):
+            raise ValueError(f"{what}: the direction is the zero vector; a non-zero [d_model] vector is accepted")
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{what}: vector contains NaN or inf values; only finite vectors are accepted")
+        big = float(v.abs().max())
+        if not bool(torch.isfinite(cast).all()):
+            raise ValueError(
+                f"{what}: vector is finite in {v.dtype} but overflows to inf in the model's {model.dtype} "
+                f"(max |value| {big:.3g} > {torch.finfo(model.dtype).max:.3g}); rescale it"
+            )
         raise ValueError(
-            f"{what}: vector is finite in {v.dtype} but overflows to inf in the model's {model.dtype} "
-            f"(max |value| {big:.3g} > {torch.finfo(model.dtype).max:.3g}); rescale it"
+            f"{what}: coeff {scale:g} × vector overflows the model's {model.dtype} (max |coeff·value| "
+            f"{big * abs(scale):.3g} > {torch.finfo(model.dtype).max:.3g}): the edit would write inf; lower coeff or "
+            "rescale the vector"
         )
-    if scale != 1.0 and cast.numel() and not bool(torch.isfinite(cast * scale).all()):
-        big = float(v.detach().abs().max()) * abs(scale)
-        raise ValueError(
-            f"{what}: coeff {scale:g} × vector overflows the model's {model.dtype} (max |coeff·value| {big:.3g} > "
-            f"{torch.finfo(model.dtype).max:.3g}): the edit would write inf; lower coeff or rescale the vector"
-        )
-    return cast
+    return cast.to(device=model.device)
 
 
 def check_scalar(value: Any, what: str) -> float:

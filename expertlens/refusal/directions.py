@@ -74,10 +74,12 @@ def mean_activations(
                 acts = nnsight.save(
                     torch.stack([getattr(model.layers[i], point)[:, positions] for i in layers], dim=2)
                 )  # [b, P, L, d]
-            acts = acts.double().cpu() * mask[..., None, None].cpu()
+            # summed where the activations are, read back once at the end (not two copies per batch)
+            total, count = total.to(acts.device), count.to(acts.device)
+            acts = acts.double() * mask.to(acts.device)[..., None, None]
             total += acts.sum(0)
-            count += mask.sum(0).cpu()[:, None, None]
-    return total / count.clamp_min(1)
+            count += mask.to(acts.device).sum(0)[:, None, None]
+    return (total / count.clamp_min(1)).cpu()
 
 
 def candidate_directions(

@@ -142,8 +142,12 @@ def routing_counts(
         raise ValueError(f"count must be 'top1' or 'topk', got {count!r}")
     if not model.moe_layers:
         raise ValueError(f"{model.family} model has no MoE layers: no routing statistics")
-    counts = torch.zeros(len(model.moe_layers), model.n_experts, dtype=torch.float64)
-    n_tokens = 0
+    # Counted where the model runs and read back once at the end: a read per MoE layer per batch (as .cpu()
+    # calls, boolean masks and bincount make) would stall an accelerator after every batch.
+    n_layers, n_experts = len(model.moe_layers), model.n_experts
+    counts = torch.zeros(n_layers * n_experts, dtype=torch.long, device=model.device)
+    n_tokens = torch.zeros((), dtype=torch.long, device=model.device)
+    offsets = torch.arange(n_layers, device=model.device).view(n_layers, 1, 1, 1) * n_experts
     with model.intervene(*interventions):
         for batch in progress(list(iter_batches(prompts, batch_size)), desc="routing statistics"):
             enc = model.tokenize(batch)
@@ -156,17 +160,18 @@ def routing_counts(
                 rows = nnsight.save(
                     [(model.layers[i].moe.topk_indices, model.layers[i].moe.topk_weights) for i in model.moe_layers]
                 )
-            mask = mask.cpu()
-            n_tokens += int(mask.sum())
-            for li, (idx, w) in enumerate(rows):
-                idx, w = idx.cpu(), w.cpu()
-                if count == "top1":
-                    chosen = idx.gather(-1, w.float().argmax(-1, keepdim=True))  # [b, p, 1]
-                else:
-                    chosen = idx
-                sel = chosen[mask]  # [n, 1 or k]
-                counts[li] += torch.bincount(sel.reshape(-1), minlength=model.n_experts).double()
-    return counts, n_tokens
+            dev = counts.device  # a model split over devices gives each layer's ids where that layer ran
+            idx = torch.stack([i.to(dev) for i, _ in rows])  # [L, b, p, k]
+            if count == "top1":
+                w = torch.stack([w.to(dev, torch.float32) for _, w in rows])
+                idx = idx.gather(-1, w.argmax(-1, keepdim=True))  # [L, b, p, 1]
+            mask = mask.to(dev)
+            n_tokens += mask.sum()
+            # pad (and not analysed) tokens add 0: a sized selection would need the host to know how many
+            weight = mask.view(1, *mask.shape, 1).expand(idx.shape).long()
+            counts.scatter_add_(0, (idx + offsets).reshape(-1), weight.reshape(-1))
+    counts_cpu, n = torch.cat([counts, n_tokens.view(1)]).cpu().split([n_layers * n_experts, 1])
+    return counts_cpu.view(n_layers, n_experts).double(), int(n)
 
 
 def routing_statistics(
