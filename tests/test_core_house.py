@@ -549,3 +549,14 @@ def test_write_validation_hooks_see_every_write_and_edit_result(wrap, monkeypatc
     h.remove()
     assert bool((rec[("moe.output", 1)] == 0).all())  # what the check returned is what flows on
     assert ("write", "resid_post", 0, (1, 3, 64)) in seen and ("edit", "moe.output", 1, (1, 3, 64)) in seen
+
+
+def test_no_module_unpickles_tensors():
+    """Files that load tensors use safetensors, never pickle (a pickle can run code when loaded)."""
+    offenders = []
+    for path in sorted((ROOT / "expertlens").rglob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if re.search(r"\btorch\.load\(|\bpickle\.loads?\(|weights_only\s*=\s*False", code):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)

@@ -13,7 +13,7 @@ advance; the only auxiliary loss is the MoE router's load-balancing loss. Only t
 drawn (:mod:`.grammar`); the held-out sub-grammar is for evaluation.
 
 **Checkpoint and resume**: the run directory holds ``run.json`` (the whole config, fixed at the first call),
-``tokenizer`` files, ``state.pt`` (model, optimizer, stage, step, CPU seconds of the steps and of each call's
+``tokenizer`` files, ``state.safetensors`` (model, optimizer, stage, step, CPU seconds of the steps and of each call's
 data setup, losses; written atomically every ``ckpt_every`` steps) and one Hugging Face checkpoint per
 finished stage (``pretrain/``, ``instruct/`` = base, ``safety/``), each with ``training.json``. The same
 command continues a run where it stopped: the batch of step k of stage s is a function of (seed, s, k), so a
@@ -131,10 +131,53 @@ def collate(rows, pad_id: int):
 # ---- run state -------------------------------------------------------------------------------------
 
 
-def _atomic_save(obj, path: Path) -> None:
+def _atomic_save(obj: dict, path: Path) -> None:
+    """The run state as one safetensors file (never pickle): the model's and the optimizer's tensors, and the
+    rest (counters, losses, the optimizer's param groups) as JSON in the header; written to a temporary name,
+    then renamed into place."""
+    from safetensors.torch import save_file
+
+    obj = dict(obj)
+    # cloned: tied weights (embedding / head) share memory, which safetensors refuses to write twice
+    tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in obj.pop("model").items()}
+    opt = obj.pop("opt")
+    meta = {"groups": None, "scalars": {}}
+    if opt is not None:
+        meta["groups"] = opt["param_groups"]
+        for idx, entry in opt["state"].items():
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"opt.{idx}.{key}"] = value.detach().contiguous().cpu()
+                else:
+                    meta["scalars"][f"{idx}.{key}"] = value
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
+    save_file(tensors, str(tmp), metadata={"state": json.dumps(obj), "opt": json.dumps(meta)})
     os.replace(tmp, path)
+
+
+def _load_state(path: Path) -> dict:
+    """What :func:`_atomic_save` wrote: ``{**run state, "model": state_dict, "opt": optimizer state or None}``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    state = json.loads(header["state"])
+    state["model"] = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    meta = json.loads(header["opt"])
+    if meta["groups"] is None:
+        state["opt"] = None
+        return state
+    per: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, idx, key = k.split(".", 2)
+            per.setdefault(int(idx), {})[key] = v
+    for k, v in meta["scalars"].items():
+        idx, key = k.split(".", 1)
+        per.setdefault(int(idx), {})[key] = v
+    state["opt"] = {"state": per, "param_groups": meta["groups"]}
+    return state
 
 
 def stage_record(cfg: dict, state: dict, stage: str, n_params: int) -> dict:
@@ -191,11 +234,11 @@ def train(run_dir: str | Path, cfg: dict | None = None, max_cpu_minutes: float |
     mcfg.output_router_logits = True
     model = AutoModelForCausalLM.from_config(mcfg)
     n_params = sum(p.numel() for p in model.parameters())
-    state_path = run_dir / "state.pt"
+    state_path = run_dir / "state.safetensors"
     state = {"stage": 0, "step": 0, "cpu_s": 0.0, "wall_s": 0.0, "cpu_s_by_stage": {}, "losses": {}, "ema": {},
              "opt": None}  # fmt: skip
     if state_path.exists():
-        saved = torch.load(state_path, weights_only=False)
+        saved = _load_state(state_path)
         model.load_state_dict(saved.pop("model"))
         state.update(saved)
     state["cpu_s_setup"] = state.get("cpu_s_setup", 0.0) + time.process_time() - c_setup
@@ -292,7 +335,7 @@ def quick_eval(path: str | Path, n_pairs: int = 24, n_cap: int = 40, systems: di
 
 
 def load_run_model(run_dir: str | Path):
-    """The model and tokenizer of ``run_dir``'s latest ``state.pt`` (mid-stage included), in eval mode."""
+    """The model and tokenizer of ``run_dir``'s latest ``state.safetensors`` (mid-stage included), in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run_dir = Path(run_dir)
@@ -300,7 +343,7 @@ def load_run_model(run_dir: str | Path):
     tok = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
     model = AutoModelForCausalLM.from_config(model_config(cfg["arch"], len(tok), tok.pad_token_id,
                                                           tok.eos_token_id, size=cfg["size"]))  # fmt: skip
-    st = torch.load(run_dir / "state.pt", weights_only=False)
+    st = _load_state(run_dir / "state.safetensors")
     model.load_state_dict(st["model"])
     model.config.output_router_logits = False
     model.eval()
