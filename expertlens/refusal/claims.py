@@ -69,7 +69,15 @@ def wins(m: Margin) -> bool:
 
 
 def no_better(m: Margin) -> bool:
-    """A is no better than B: the margin's 95% interval stays below ``MIN_GAIN``."""
+    """A is no better than B: the margin's 95% interval stays below ``MIN_GAIN``.
+
+    Example:
+        >>> from expertlens.refusal.claims import no_better
+        >>> from expertlens.refusal.results import Margin, Outcome
+        >>> same = Outcome.from_verdicts("t", ["refusal"] * 40)
+        >>> no_better(Margin.compare("a", same, "b", same, "full_response", "bypass"))
+        True
+    """
     return m.hi < MIN_GAIN
 
 

@@ -180,7 +180,8 @@ def match_kl(
     shrinks it). It stops when ``|kl - target| <= max(rtol * target, atol)`` or ``max_evals`` evaluations are spent.
     Bounds default to ``start / 2^10`` and ``start * 2^10``. When no coefficient within the bounds reaches the target
     (the KL saturates, e.g. an expert that rarely fires), the closest try is returned with ``matched=False`` — the
-    caller must say so.
+    caller must say so; tries within numerical noise (1e-4 relative) of the closest count as tied, and the smallest
+    coefficient wins, so the pick does not depend on rounding.
 
     Example:
         >>> from expertlens.refusal.controls import match_kl
@@ -189,6 +190,9 @@ def match_kl(
         (False, True)
         >>> [round(c, 3) for c, _ in match_kl(lambda c: (c / 10) ** 2, target=4.0, start=1.0).tries]
         [1.0, 16.0, 22.0, 20.0]
+        >>> flat = match_kl(lambda c: 0.2650 + 1e-7 * (c > 15), target=2.0, start=4.0, c_max=16.0)  # saturated
+        >>> flat.matched, flat.coeff < 16
+        (False, True)
     """
     if not (target >= 0 and math.isfinite(target)):
         raise ValueError(f"match_kl: target KL must be finite and >= 0, got {target!r}")
@@ -202,7 +206,12 @@ def match_kl(
     tries: list[list[float]] = []
 
     def done() -> KLMatch:
-        c, kl = min(tries, key=lambda t: (abs(t[1] - target), t[0]))
+        # the closest try; tries within numerical noise of it (a saturated KL is flat, and a sharded or
+        # differently batched run moves it in the 6th digit) count as equally close, and the gentlest wins, so
+        # the pick does not flip with rounding
+        best = min(abs(k - target) for _, k in tries)
+        noise = max(1e-4 * max(target, best), 1e-6)
+        c, kl = min((t for t in tries if abs(t[1] - target) <= best + noise), key=lambda t: t[0])
         return KLMatch(c, kl, float(target), abs(kl - target) <= tol, tol, tries)
 
     lo: tuple[float, float] | None = None  # the largest (c, kl) below the target
