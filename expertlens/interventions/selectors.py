@@ -128,6 +128,16 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _int_list(value: Any, one: str, element: str, otherwise: str, accepted: str) -> list[int]:
+    """One int (numpy / torch integer scalars included) or a sequence of them, as a list; a TypeError naming
+    ``one`` (the whole value), ``element`` (prefix for a bad item) or ``otherwise`` (neither form)."""
+    if _is_int(value) or isinstance(value, Tensor) and value.dim() == 0:
+        return [_as_int(value, one, accepted)]
+    if isinstance(value, (Sequence, Tensor)) and not isinstance(value, str):
+        return [_as_int(v, f"{element} {v!r}", accepted) for v in value]
+    raise TypeError(otherwise)
+
+
 def _as_int(value: Any, what: str, accepted: str) -> int:
     """An int from an int / numpy or torch integer scalar; TypeError naming the type otherwise."""
     from ..model import as_index
@@ -197,12 +207,8 @@ class Positions:
     def indices(idx: Sequence[int] | int) -> Positions:
         """Explicit absolute padded positions; negative ones count from the end of the prompt."""
         accepted = "accepted are ints (or numpy/torch integers)"
-        if _is_int(idx) or isinstance(idx, Tensor) and idx.dim() == 0:
-            idx = [_as_int(idx, f"Positions.indices({idx!r})", accepted)]
-        elif isinstance(idx, (Sequence, Tensor)) and not isinstance(idx, str):
-            idx = [_as_int(i, f"Positions.indices: element {i!r}", accepted) for i in idx]
-        else:
-            raise TypeError(f"Positions.indices({idx!r}): {accepted}, or a list of them")
+        idx = _int_list(idx, f"Positions.indices({idx!r})", "Positions.indices: element",
+                        f"Positions.indices({idx!r}): {accepted}, or a list of them", accepted)  # fmt: skip
         return Positions("indices", tuple(idx))
 
     @staticmethod
@@ -297,12 +303,8 @@ def rows_mask(rows: Any, b: int, device: torch.device) -> Tensor | None:
     if isinstance(rows, bool) or isinstance(rows, (list, tuple)) and any(isinstance(r, bool) for r in rows):
         # int(True) is 1: [True, False] would select rows 1 and 0, i.e. every row
         raise TypeError(f"rows={rows!r}: bools are not row numbers; for a mask pass torch.tensor({rows!r}). {_ROWS}")
-    if _is_int(rows) or isinstance(rows, Tensor) and rows.dim() == 0:
-        idx = [_as_int(rows, f"rows={rows!r}", _ROWS)]
-    elif isinstance(rows, (Sequence, Tensor)) and not isinstance(rows, str):
-        idx = [_as_int(r, f"rows={rows!r}: element {r!r}", _ROWS) for r in rows]
-    else:
-        raise TypeError(f"rows={rows!r} ({type(rows).__name__}): {_ROWS}")
+    otherwise = f"rows={rows!r} ({type(rows).__name__}): {_ROWS}"
+    idx = _int_list(rows, f"rows={rows!r}", f"rows={rows!r}: element", otherwise, _ROWS)
     for r in idx:
         if not -b <= r < b:
             raise ValueError(f"row {r} out of range for a batch of {b}")
